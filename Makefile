@@ -1,0 +1,40 @@
+# Two commands: `make run` serves the vault on 127.0.0.1:50051 (SQLite + SoftHSM under ./data),
+# `make test` runs the whole test suite. Both install what is missing first.
+PYTHON ?= python3.11
+VENV := .venv
+DATA_DIR ?= ./data
+LISTEN ?= 127.0.0.1:50051
+
+.PHONY: setup run test demo bench proto lint clean
+
+$(VENV)/.installed: pyproject.toml
+	bash hsm/install-system-deps.sh
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test,bench]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	$(VENV)/bin/vault serve --data-dir $(DATA_DIR) --listen $(LISTEN)
+
+test: setup
+	$(VENV)/bin/python -m pytest -q
+
+demo: setup
+	$(VENV)/bin/vault demo --target $(LISTEN)
+
+bench: setup
+	$(VENV)/bin/python bench/match_latency.py
+
+# Regenerate the committed gRPC code after editing proto/ (needs the dev extra).
+proto:
+	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	$(VENV)/bin/python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. proto/vault/v1/vault.proto
+
+lint:
+	$(VENV)/bin/ruff check vault tests bench
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,56 @@
+"""Errors the vault raises on purpose, each tied to one gRPC status.
+
+Messages are written for the caller and must never contain biometric data, subject ids,
+scores or key material: they name the field or the condition, nothing more.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class VaultError(Exception):
+    """Base class: a failure with a precise gRPC status and a safe message."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r})"
+
+
+class InvalidArgument(VaultError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(VaultError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(VaultError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(VaultError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ResourceExhausted(VaultError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(VaultError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class HsmUnavailable(Unavailable):
+    """The PKCS#11 token cannot be reached (module, token, PIN or session)."""
+
+
+class DataLoss(VaultError):
+    """Stored data failed an integrity check (MAC mismatch, tampered or replayed row)."""
+
+    code = grpc.StatusCode.DATA_LOSS

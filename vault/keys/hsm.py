@@ -1,0 +1,271 @@
+"""The PKCS#11 client: every key of the vault lives in the token, found by label.
+
+Low-level layer. python-pkcs11 with SoftHSM is not thread safe (a session per thread
+crashed or hung on these machines), so every call goes through one lock and one session,
+logged in once per process. Any PKCS#11 failure that means "the token is not usable"
+becomes :class:`HsmUnavailable`; the session is dropped and reopened on the next call, so
+service resumes by itself when the token comes back.
+
+Keys (labels, ``vN`` is the version):
+
+- ``vault/kek/vN``: AES-256, non-extractable, sensitive. Wraps data keys (AES-GCM inside
+  the token; SoftHSM cannot wrap with GCM, and we wrap bytes, not token objects).
+- ``vault/mac/v1``: HMAC-SHA256, non-extractable. Record MACs (integrity of stored rows).
+- ``vault/index/v1``: HMAC-SHA256, non-extractable. Blind index of subject and request ids.
+- ``vault/transform/v1``: HMAC-SHA256, non-extractable. Master key from which each
+  collection's cancellable-transform seed is derived, per key version.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import pkcs11
+from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
+from pkcs11.exceptions import PKCS11Error
+from pkcs11.mechanisms import GCMParams
+
+from vault.errors import DataLoss, HsmUnavailable
+
+T = TypeVar("T")
+
+KEK = "kek"
+MAC = "mac"
+INDEX = "index"
+TRANSFORM = "transform"
+_HMAC_KEYS = (MAC, INDEX, TRANSFORM)
+_LABEL = re.compile(r"^vault/(?P<name>[a-z]+)/v(?P<version>[0-9]+)$")
+
+# Wrapped-blob layout: magic, KEK version, 12-byte nonce, AES-GCM ciphertext and tag.
+# The KEK version in every blob is what lets rotation rewrap and retire old versions.
+_WRAP_MAGIC = b"VW1"
+_WRAP_HEADER = struct.Struct(">3sI12s")
+
+
+@dataclass(frozen=True)
+class HsmConfig:
+    """Where the token is: module path, token label and user PIN."""
+
+    module: str
+    token_label: str
+    pin: str
+
+    def __repr__(self) -> str:  # the PIN never appears in logs or tracebacks
+        return f"HsmConfig(module={self.module!r}, token_label={self.token_label!r}, pin=***)"
+
+
+def label(name: str, version: int) -> str:
+    """Token label of a key: ``vault/<name>/v<version>``."""
+    return f"vault/{name}/v{version}"
+
+
+class Hsm:
+    """Serialised access to the vault's keys in a PKCS#11 token."""
+
+    def __init__(self, config: HsmConfig) -> None:
+        self._config = config
+        self._lock = threading.RLock()
+        self._session: pkcs11.Session | None = None
+        self._pid = os.getpid()
+        self._keys: dict[str, pkcs11.SecretKey] = {}
+        self._lib: object | None = None
+
+    # -- session management ---------------------------------------------------------
+
+    def _open(self) -> pkcs11.Session:
+        if self._session is not None and self._pid == os.getpid():
+            return self._session
+        # After a fork the inherited session belongs to the parent: start afresh.
+        self._pid = os.getpid()
+        self._session = None
+        self._keys.clear()
+        if not os.path.exists(self._config.module):
+            raise HsmUnavailable("HSM unavailable: PKCS#11 module not found")
+        try:
+            if self._lib is None:
+                self._lib = pkcs11.lib(self._config.module)
+            else:
+                # Re-read the token store: the token may have been restored meanwhile.
+                self._lib.reinitialize()
+            lib = self._lib
+            token = lib.get_token(token_label=self._config.token_label)
+            self._session = token.open(rw=True, user_pin=self._config.pin)
+        except pkcs11.exceptions.PinIncorrect as exc:
+            raise HsmUnavailable("HSM unavailable: the token rejected the PIN") from exc
+        except pkcs11.exceptions.NoSuchToken as exc:
+            raise HsmUnavailable("HSM unavailable: token not found") from exc
+        except (PKCS11Error, OSError, RuntimeError) as exc:
+            raise HsmUnavailable(f"HSM unavailable: {type(exc).__name__}") from exc
+        return self._session
+
+    def _call(self, fn: Callable[[pkcs11.Session], T]) -> T:
+        """Run ``fn`` with the session under the lock; token failures drop the session."""
+        with self._lock:
+            session = self._open()
+            try:
+                return fn(session)
+            except HsmUnavailable:
+                raise
+            except (PKCS11Error, OSError, RuntimeError) as exc:
+                self._drop()
+                raise HsmUnavailable(f"HSM unavailable: {type(exc).__name__}") from exc
+
+    def _drop(self) -> None:
+        session, self._session = self._session, None
+        self._keys.clear()
+        if session is not None:
+            try:
+                session.close()
+            except Exception:  # noqa: BLE001 - the session is already broken
+                pass
+
+    def close(self) -> None:
+        """Close the session (the next call reopens it)."""
+        with self._lock:
+            self._drop()
+
+    def ping(self) -> None:
+        """Raise :class:`HsmUnavailable` unless the token answers."""
+        self._call(lambda s: s.generate_random(64))
+
+    # -- key lookup and provisioning ---------------------------------------------------
+
+    def _key(self, session: pkcs11.Session, key_label: str) -> pkcs11.SecretKey:
+        key = self._keys.get(key_label)
+        if key is None:
+            try:
+                key = session.get_key(label=key_label, object_class=ObjectClass.SECRET_KEY)
+            except pkcs11.exceptions.NoSuchKey as exc:
+                raise HsmUnavailable(f"HSM key missing: {key_label}") from exc
+            self._keys[key_label] = key
+        return key
+
+    def versions(self, name: str) -> list[int]:
+        """Versions of key ``name`` present in the token, ascending."""
+
+        def run(session: pkcs11.Session) -> list[int]:
+            found = []
+            for obj in session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}):
+                m = _LABEL.match(obj.label or "")
+                if m and m.group("name") == name:
+                    found.append(int(m.group("version")))
+            return sorted(found)
+
+        return self._call(run)
+
+    def ensure_keys(self) -> list[str]:
+        """Key ceremony: create every missing key. Returns the labels it created."""
+
+        def run(session: pkcs11.Session) -> list[str]:
+            created = []
+            present = {obj.label for obj in session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY})}
+            if not any(_LABEL.match(lbl or "") and lbl.startswith("vault/kek/") for lbl in present):
+                self._generate(session, KEK, 1)
+                created.append(label(KEK, 1))
+            for name in _HMAC_KEYS:
+                if label(name, 1) not in present:
+                    self._generate(session, name, 1)
+                    created.append(label(name, 1))
+            return created
+
+        return self._call(run)
+
+    @staticmethod
+    def _generate(session: pkcs11.Session, name: str, version: int) -> None:
+        # Non-extractable and sensitive: the key's value can never leave the token.
+        template = {Attribute.EXTRACTABLE: False, Attribute.SENSITIVE: True}
+        if name == KEK:
+            session.generate_key(
+                KeyType.AES, 256, label=label(name, version), store=True, template=template,
+                capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
+            )
+        else:
+            session.generate_key(
+                KeyType.GENERIC_SECRET, 256, label=label(name, version), store=True,
+                template=template, capabilities=MechanismFlag.SIGN | MechanismFlag.VERIFY,
+            )
+
+    def key_attributes(self, key_label: str) -> dict[str, bool]:
+        """The protection attributes of a key (for tests and `vault keys` listings)."""
+
+        def run(session: pkcs11.Session) -> dict[str, bool]:
+            key = self._key(session, key_label)
+            return {
+                "extractable": bool(key[Attribute.EXTRACTABLE]),
+                "sensitive": bool(key[Attribute.SENSITIVE]),
+                "token": bool(key[Attribute.TOKEN]),
+            }
+
+        return self._call(run)
+
+    # -- operations ----------------------------------------------------------------------
+
+    def random(self, nbytes: int) -> bytes:
+        """Random bytes from the token's generator."""
+        return self._call(lambda s: s.generate_random(nbytes * 8))
+
+    def hmac(self, name: str, data: bytes, version: int = 1) -> bytes:
+        """HMAC-SHA256 of ``data`` under HMAC key ``name`` (computed inside the token)."""
+        key_label = label(name, version)
+        return self._call(lambda s: self._key(s, key_label).sign(data, mechanism=Mechanism.SHA256_HMAC))
+
+    def current_kek_version(self) -> int:
+        versions = self.versions(KEK)
+        if not versions:
+            raise HsmUnavailable("HSM key missing: no key-encryption key")
+        return versions[-1]
+
+    def wrap(self, secret: bytes, aad: bytes, kek_version: int | None = None) -> bytes:
+        """Encrypt key material under the key-encryption key (AES-GCM in the token).
+
+        ``aad`` binds the blob to its purpose, so a wrapped key cannot be moved to
+        another slot of the database and unwrapped there.
+        """
+        version = kek_version or self.current_kek_version()
+
+        def run(session: pkcs11.Session) -> bytes:
+            nonce = session.generate_random(96)
+            kek = self._key(session, label(KEK, version))
+            body = kek.encrypt(secret, mechanism=Mechanism.AES_GCM,
+                               mechanism_param=GCMParams(nonce, aad))
+            return _WRAP_HEADER.pack(_WRAP_MAGIC, version, nonce) + body
+
+        return self._call(run)
+
+    @staticmethod
+    def wrapped_version(blob: bytes) -> int:
+        """KEK version named in a wrapped blob's header."""
+        if len(blob) < _WRAP_HEADER.size:
+            raise DataLoss("wrapped key is truncated")
+        magic, version, _ = _WRAP_HEADER.unpack_from(blob)
+        if magic != _WRAP_MAGIC:
+            raise DataLoss("wrapped key has an unknown format")
+        return version
+
+    def unwrap(self, blob: bytes, aad: bytes) -> bytes:
+        """Inverse of :meth:`wrap`. A modified blob or wrong ``aad`` raises DataLoss."""
+        version = self.wrapped_version(blob)
+        _, _, nonce = _WRAP_HEADER.unpack_from(blob)
+        body = blob[_WRAP_HEADER.size:]
+
+        def run(session: pkcs11.Session) -> bytes | None:
+            kek = self._key(session, label(KEK, version))
+            try:
+                return kek.decrypt(body, mechanism=Mechanism.AES_GCM,
+                                   mechanism_param=GCMParams(nonce, aad))
+            except PKCS11Error:
+                # SoftHSM reports a failed GCM tag as a general error: tell a bad blob
+                # from a broken token by asking the token something harmless.
+                session.generate_random(64)
+                return None
+
+        result = self._call(run)
+        if result is None:
+            raise DataLoss("wrapped key failed authentication")
+        return result

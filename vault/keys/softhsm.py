@@ -1,0 +1,87 @@
+"""Embedded default: a SoftHSM token provisioned under the data directory.
+
+SoftHSM reads its configuration from ``SOFTHSM2_CONF`` once per process (at
+``C_Initialize``), so this module writes the configuration, points the variable at it and
+initialises the token with ``softhsm2-util`` on first start. The user PIN is generated once
+and kept in a 0600 file next to the token. Whoever holds the token directory and the PIN
+holds the keys: keep ``hsm/`` out of database backups, or use a real HSM (``--hsm-module``).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+from pathlib import Path
+
+from vault.errors import HsmUnavailable
+from vault.keys.hsm import HsmConfig
+
+DEFAULT_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+DEFAULT_TOKEN_LABEL = "vault"
+
+CONF_TEMPLATE = """\
+# SoftHSM configuration written by the vault for the embedded default.
+directories.tokendir = {tokendir}
+objectstore.backend = file
+log.level = ERROR
+slots.removable = false
+slots.mechanisms = ALL
+library.reset_on_fork = true
+"""
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def configure(hsm_dir: Path) -> Path:
+    """Write ``softhsm2.conf`` for a token store under ``hsm_dir`` and select it."""
+    tokendir = hsm_dir / "tokens"
+    tokendir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    conf = hsm_dir / "softhsm2.conf"
+    if not conf.exists():
+        _write_private(conf, CONF_TEMPLATE.format(tokendir=tokendir.resolve()))
+    os.environ["SOFTHSM2_CONF"] = str(conf.resolve())
+    return conf
+
+
+def _token_exists(token_label: str) -> bool:
+    out = subprocess.run(
+        ["softhsm2-util", "--show-slots"], capture_output=True, text=True, check=False
+    ).stdout
+    return any(line.split(":", 1)[-1].strip() == token_label
+               for line in out.splitlines() if line.strip().startswith("Label:"))
+
+
+def provision(hsm_dir: Path, token_label: str = DEFAULT_TOKEN_LABEL,
+              module: str = DEFAULT_MODULE) -> HsmConfig:
+    """Make sure a SoftHSM token exists under ``hsm_dir``; return how to reach it.
+
+    Idempotent: a second call finds the token and the PIN file and changes nothing.
+    """
+    if shutil.which("softhsm2-util") is None or not os.path.exists(module):
+        raise HsmUnavailable(
+            "SoftHSM is not installed (apt-get install softhsm2), or pass --hsm-module"
+        )
+    hsm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    configure(hsm_dir)
+    pin_file = hsm_dir / "pin"
+    pin = os.environ.get("VAULT_HSM_PIN")
+    if pin is None:
+        if not pin_file.exists():
+            _write_private(pin_file, secrets.token_hex(16))
+        pin = pin_file.read_text().strip()
+    if not _token_exists(token_label):
+        so_pin = secrets.token_hex(16)  # not kept: token administration is re-provisioning
+        result = subprocess.run(
+            ["softhsm2-util", "--init-token", "--free", "--label", token_label,
+             "--pin", pin, "--so-pin", so_pin],
+            capture_output=True, text=True, check=False,
+        )
+        if result.returncode != 0:
+            raise HsmUnavailable("could not initialise the SoftHSM token")
+    return HsmConfig(module=module, token_label=token_label, pin=pin)

@@ -1,0 +1,101 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class CreateCollectionRequest(_message.Message):
+    __slots__ = ("collection_id", "dimension", "threshold")
+    COLLECTION_ID_FIELD_NUMBER: _ClassVar[int]
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    collection_id: str
+    dimension: int
+    threshold: float
+    def __init__(self, collection_id: _Optional[str] = ..., dimension: _Optional[int] = ..., threshold: _Optional[float] = ...) -> None: ...
+
+class GetCollectionRequest(_message.Message):
+    __slots__ = ("collection_id",)
+    COLLECTION_ID_FIELD_NUMBER: _ClassVar[int]
+    collection_id: str
+    def __init__(self, collection_id: _Optional[str] = ...) -> None: ...
+
+class Collection(_message.Message):
+    __slots__ = ("collection_id", "dimension", "threshold", "key_version", "template_count")
+    COLLECTION_ID_FIELD_NUMBER: _ClassVar[int]
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    KEY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    collection_id: str
+    dimension: int
+    threshold: float
+    key_version: int
+    template_count: int
+    def __init__(self, collection_id: _Optional[str] = ..., dimension: _Optional[int] = ..., threshold: _Optional[float] = ..., key_version: _Optional[int] = ..., template_count: _Optional[int] = ...) -> None: ...
+
+class EnrollRequest(_message.Message):
+    __slots__ = ("collection_id", "subject_id", "embedding", "request_id")
+    COLLECTION_ID_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    collection_id: str
+    subject_id: str
+    embedding: _containers.RepeatedScalarFieldContainer[float]
+    request_id: str
+    def __init__(self, collection_id: _Optional[str] = ..., subject_id: _Optional[str] = ..., embedding: _Optional[_Iterable[float]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class EnrollResponse(_message.Message):
+    __slots__ = ("template_id", "key_version")
+    TEMPLATE_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    template_id: str
+    key_version: int
+    def __init__(self, template_id: _Optional[str] = ..., key_version: _Optional[int] = ...) -> None: ...
+
+class MatchRequest(_message.Message):
+    __slots__ = ("collection_id", "embedding", "subject_id", "top_k", "threshold")
+    COLLECTION_ID_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    collection_id: str
+    embedding: _containers.RepeatedScalarFieldContainer[float]
+    subject_id: str
+    top_k: int
+    threshold: float
+    def __init__(self, collection_id: _Optional[str] = ..., embedding: _Optional[_Iterable[float]] = ..., subject_id: _Optional[str] = ..., top_k: _Optional[int] = ..., threshold: _Optional[float] = ...) -> None: ...
+
+class Candidate(_message.Message):
+    __slots__ = ("subject_id", "score")
+    SUBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    subject_id: str
+    score: float
+    def __init__(self, subject_id: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+
+class MatchResponse(_message.Message):
+    __slots__ = ("matched", "candidates")
+    MATCHED_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    matched: bool
+    candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
+    def __init__(self, matched: _Optional[bool] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ...) -> None: ...
+
+class DeleteSubjectRequest(_message.Message):
+    __slots__ = ("collection_id", "subject_id")
+    COLLECTION_ID_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    collection_id: str
+    subject_id: str
+    def __init__(self, collection_id: _Optional[str] = ..., subject_id: _Optional[str] = ...) -> None: ...
+
+class DeleteSubjectResponse(_message.Message):
+    __slots__ = ("deleted_templates",)
+    DELETED_TEMPLATES_FIELD_NUMBER: _ClassVar[int]
+    deleted_templates: int
+    def __init__(self, deleted_templates: _Optional[int] = ...) -> None: ...
