@@ -7,7 +7,7 @@ Templates sit in dimension-major blocks (see :mod:`vault.he`): ciphertext ``j`` 
 Enrolling into a block adds, to each of its D ciphertexts, a fresh encryption of zero and
 the plaintext that puts one value in the template's slot. The fresh zero is what makes the
 new ciphertext unrelated to the old one for someone who diffs two copies of the database;
-zeros are encrypted ahead of time by a background thread (each used once), so the request
+zeros are encrypted ahead of time by a child process (each used once), so the request
 path only encodes and adds.
 
 The gallery never holds the CKKS secret key and never sees a subject id, only its HMAC.
@@ -16,8 +16,10 @@ The gallery never holds the CKKS secret key and never sees a subject id, only it
 from __future__ import annotations
 
 import hashlib
+import multiprocessing as mp
+import os
+import queue
 import threading
-from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -70,46 +72,77 @@ class LiveTemplate:
     slot: int
 
 
-class ZeroPool:
-    """Fresh encryptions of the zero vector, made ahead by a daemon thread, each used once."""
+def _zero_worker(public_context: bytes, slots: int, out: mp.Queue, stop: mp.Event,
+                 parent: int) -> None:
+    """Child process: encrypt zeros ahead of time (TenSEAL holds the GIL, so a thread would
+    slow every request of the server down). Exits when told to or when its parent is gone."""
+    ctx = ts.context_from(public_context)
+    while not stop.is_set() and os.getppid() == parent:
+        data = ts.ckks_vector(ctx, [0.0] * slots).serialize()
+        while not stop.is_set() and os.getppid() == parent:
+            try:
+                out.put(data, timeout=0.5)
+                break
+            except queue.Full:
+                continue
 
-    def __init__(self, ctx: ts.Context, slots: int, target: int) -> None:
+
+class ZeroPool:
+    """Fresh encryptions of the zero vector, made ahead by a child process, each used once.
+
+    The pool lives in memory only and is refilled after a restart: a zero that was handed
+    out is never handed out again. When the pool runs dry, zeros are encrypted on the spot.
+    """
+
+    def __init__(self, ctx: ts.Context, public_context: bytes, slots: int, target: int) -> None:
         self._ctx = ctx
+        self._public_context = public_context
         self._slots = slots
         self._target = target
-        self._pool: deque[ts.CKKSVector] = deque()
-        self._wake = threading.Event()
-        self._closed = False
-        self._thread = threading.Thread(target=self._refill, name="zero-pool", daemon=True)
-        self._thread.start()
+        self._lock = threading.Lock()
+        self._process: mp.process.BaseProcess | None = None
+        self._queue: mp.Queue | None = None
+        self._stop: mp.Event | None = None
+
+    def start(self) -> None:
+        """Start the child process (idempotent)."""
+        with self._lock:
+            if self._process is not None:
+                return
+            spawn = mp.get_context("spawn")  # never fork a process that holds gRPC and PKCS#11 state
+            self._queue = spawn.Queue(maxsize=self._target)
+            self._stop = spawn.Event()
+            self._process = spawn.Process(
+                target=_zero_worker, name="vault-zero-pool", daemon=True,
+                args=(self._public_context, self._slots, self._queue, self._stop, os.getpid()))
+            self._process.start()
 
     def _encrypt_zero(self) -> ts.CKKSVector:
         return ts.ckks_vector(self._ctx, [0.0] * self._slots)
 
-    def _refill(self) -> None:
-        while not self._closed:
-            while len(self._pool) < self._target and not self._closed:
-                self._pool.append(self._encrypt_zero())
-            self._wake.wait(timeout=1.0)
-            self._wake.clear()
-
     def take(self, n: int) -> list[ts.CKKSVector]:
         """``n`` fresh zeros; encrypts on the spot what the pool lacks."""
+        self.start()
         out = []
         for _ in range(n):
             try:
-                out.append(self._pool.popleft())
-            except IndexError:
-                out.append(self._encrypt_zero())
-        self._wake.set()
+                data = self._queue.get_nowait() if self._queue is not None else None
+            except queue.Empty:
+                data = None
+            out.append(self._encrypt_zero() if data is None else ts.ckks_vector_from(self._ctx, data))
         return out
 
-    def __len__(self) -> int:
-        return len(self._pool)
-
     def close(self) -> None:
-        self._closed = True
-        self._wake.set()
+        with self._lock:
+            if self._process is None:
+                return
+            self._stop.set()
+            self._process.join(timeout=2)
+            if self._process.is_alive():
+                self._process.kill()
+            self._queue.close()
+            self._queue.cancel_join_thread()
+            self._process = None
 
 
 class CollectionGallery:
@@ -128,7 +161,8 @@ class CollectionGallery:
         self._state_lock = threading.Lock()
         # Held by the service across compute, store and apply of one enrollment.
         self.write_lock = threading.Lock()
-        self._zeros = ZeroPool(self._ctx, params.slots, zero_pool_target or 2 * dimension)
+        self._zeros = ZeroPool(self._ctx, public_context, params.slots,
+                               zero_pool_target or 4 * dimension)
 
     @property
     def context(self) -> ts.Context:
@@ -193,7 +227,7 @@ class CollectionGallery:
                 ct = zeros[j]
                 if base_cts is not None:
                     ct.add_(base_cts[j])
-                ct.add_(plain[j].tolist())
+                ct.data.add_plain_(plain[j].tolist())  # skips TenSEAL's slow list wrapper
                 new_cts.append(ct)
             ct_bytes = [ct.serialize() for ct in new_cts]
             write = BlockWrite(block_no, slot_ids, generation + 1, used + take,

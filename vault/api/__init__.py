@@ -1,0 +1,1 @@
+"""API role: gRPC servicer, interceptors and server assembly."""

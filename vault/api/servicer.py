@@ -1,0 +1,104 @@
+"""``vault.v1.TemplateVault`` servicer: protobuf in, service call, protobuf out.
+
+Every method runs through :func:`_guard`: a :class:`VaultError` becomes its precise status
+and safe message; anything unexpected becomes INTERNAL with an opaque reference (logged
+by exception type only), never UNKNOWN and never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from vault import logs
+from vault.errors import InvalidArgument, VaultError
+from vault.service import CollectionInfo, MatchResult, Vault
+from vault.v1 import vault_pb2, vault_pb2_grpc
+
+log = logs.get("vault.api")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _guard(method: F) -> F:
+    name = method.__name__
+
+    @functools.wraps(method)
+    def wrapper(self: TemplateVaultServicer, request: Any, context: grpc.ServicerContext) -> Any:
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            return method(self, request, context)
+        except VaultError as exc:
+            code = exc.code
+            context.abort(exc.code, exc.message)
+        except Exception as exc:  # noqa: BLE001 - the last line of defence
+            if isinstance(exc, grpc.RpcError) or context.code() is not None:
+                raise  # context.abort() itself, already carrying a status
+            code = grpc.StatusCode.INTERNAL
+            ref = secrets.token_hex(6)
+            log.error("internal error", method=name, error_type=type(exc).__name__, ref=ref)
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref})")
+        finally:
+            log.info("rpc", method=name, code=code.name,
+                     duration_ms=round((time.perf_counter() - start) * 1e3, 2))
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _collection(info: CollectionInfo) -> vault_pb2.Collection:
+    return vault_pb2.Collection(collection_id=info.collection_id, dimension=info.dimension,
+                                threshold=info.threshold, key_version=info.key_version,
+                                template_count=info.template_count)
+
+
+def _match(result: MatchResult) -> vault_pb2.MatchResponse:
+    return vault_pb2.MatchResponse(
+        matched=result.matched,
+        candidates=[vault_pb2.Candidate(subject_id=c.subject_id, score=c.score)
+                    for c in result.candidates])
+
+
+class TemplateVaultServicer(vault_pb2_grpc.TemplateVaultServicer):
+    def __init__(self, vault: Vault) -> None:
+        self._vault = vault
+
+    @_guard
+    def CreateCollection(self, request: vault_pb2.CreateCollectionRequest,
+                         context: grpc.ServicerContext) -> vault_pb2.Collection:
+        return _collection(self._vault.create_collection(
+            request.collection_id, request.dimension, request.threshold))
+
+    @_guard
+    def GetCollection(self, request: vault_pb2.GetCollectionRequest,
+                      context: grpc.ServicerContext) -> vault_pb2.Collection:
+        return _collection(self._vault.get_collection(request.collection_id))
+
+    @_guard
+    def Enroll(self, request: vault_pb2.EnrollRequest,
+               context: grpc.ServicerContext) -> vault_pb2.EnrollResponse:
+        template_id, key_version = self._vault.enroll(
+            request.collection_id, request.subject_id, request.embedding, request.request_id)
+        return vault_pb2.EnrollResponse(template_id=template_id, key_version=key_version)
+
+    @_guard
+    def Match(self, request: vault_pb2.MatchRequest,
+              context: grpc.ServicerContext) -> vault_pb2.MatchResponse:
+        threshold = request.threshold if request.HasField("threshold") else None
+        if request.subject_id:
+            if request.top_k > 1:
+                raise InvalidArgument("top_k applies to 1:N identification only (subject_id is set)")
+            return _match(self._vault.verify(request.collection_id, request.subject_id,
+                                             request.embedding, threshold))
+        return _match(self._vault.identify(request.collection_id, request.embedding,
+                                           request.top_k, threshold))
+
+    @_guard
+    def DeleteSubject(self, request: vault_pb2.DeleteSubjectRequest,
+                      context: grpc.ServicerContext) -> vault_pb2.DeleteSubjectResponse:
+        deleted = self._vault.delete_subject(request.collection_id, request.subject_id)
+        return vault_pb2.DeleteSubjectResponse(deleted_templates=deleted)
