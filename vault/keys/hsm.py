@@ -95,7 +95,11 @@ class Hsm:
                 self._lib.reinitialize()
             lib = self._lib
             token = lib.get_token(token_label=self._config.token_label)
-            self._session = token.open(rw=True, user_pin=self._config.pin)
+            try:
+                self._session = token.open(rw=True, user_pin=self._config.pin)
+            except pkcs11.exceptions.UserAlreadyLoggedIn:
+                # Login state is per process: another client here already logged in.
+                self._session = token.open(rw=True)
         except pkcs11.exceptions.PinIncorrect as exc:
             raise HsmUnavailable("HSM unavailable: the token rejected the PIN") from exc
         except pkcs11.exceptions.NoSuchToken as exc:

@@ -1,0 +1,62 @@
+"""Shared fixtures: one real SoftHSM token store for in-process tests, real servers."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# SoftHSM reads SOFTHSM2_CONF once per process: point it at a test token store before
+# anything loads the PKCS#11 module.
+_HSM_ROOT = Path(tempfile.mkdtemp(prefix="vault-test-hsm-"))
+
+from vault import logs  # noqa: E402
+from vault.keys import softhsm  # noqa: E402
+from vault.keys.hsm import Hsm, HsmConfig  # noqa: E402
+from vault.service import Vault  # noqa: E402
+from vault.testing import ServerProcess  # noqa: E402
+
+DATA = Path(__file__).parent / "data" / "lfw-dlib128.npz"
+
+
+@pytest.fixture(scope="session")
+def hsm_config() -> HsmConfig:
+    return softhsm.provision(_HSM_ROOT, token_label="vault-test")
+
+
+@pytest.fixture(scope="session")
+def hsm(hsm_config: HsmConfig) -> Iterator[Hsm]:
+    h = Hsm(hsm_config)
+    h.ensure_keys()
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def vault(tmp_path: Path, hsm_config: HsmConfig) -> Iterator[Vault]:
+    logs.configure()
+    v = Vault.open(tmp_path / "data", hsm_config)
+    yield v
+    v.close()
+
+
+@pytest.fixture(scope="session")
+def lfw() -> dict[str, np.ndarray]:
+    with np.load(DATA) as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One real server shared by the API tests (each test uses its own collection)."""
+    root = tmp_path_factory.mktemp("server")
+    with ServerProcess(root / "data") as s:
+        yield s
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    os.environ.pop("SOFTHSM2_CONF", None)
