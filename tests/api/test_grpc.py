@@ -1,0 +1,220 @@
+"""The gRPC contract, against a real `vault serve` process on 127.0.0.1."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from vault.testing import ServerProcess
+from vault.v1 import vault_pb2 as pb
+from vault.v1 import vault_pb2_grpc
+
+DIM = 32
+Code = grpc.StatusCode
+
+
+@pytest.fixture(scope="module")
+def stub(server: ServerProcess) -> Iterator[vault_pb2_grpc.TemplateVaultStub]:
+    with server.channel() as channel:
+        yield vault_pb2_grpc.TemplateVaultStub(channel)
+
+
+@pytest.fixture
+def collection(stub: vault_pb2_grpc.TemplateVaultStub) -> str:
+    cid = f"c-{uuid.uuid4().hex[:12]}"
+    stub.CreateCollection(pb.CreateCollectionRequest(collection_id=cid, dimension=DIM, threshold=0.8))
+    return cid
+
+
+def _face(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(DIM)
+
+
+def _capture(seed: int, noise_seed: int, noise: float = 0.3) -> list[float]:
+    n = np.random.default_rng(10_000 + noise_seed).standard_normal(DIM)
+    return (_face(seed) + noise * n).astype(np.float32).tolist()
+
+
+def _cos(a: list[float], b: list[float]) -> float:
+    a_, b_ = np.asarray(a, float), np.asarray(b, float)
+    return float(a_ @ b_ / np.linalg.norm(a_) / np.linalg.norm(b_))
+
+
+def _status(call, request) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as err:
+        call(request, timeout=30)
+    return err.value.code(), err.value.details()
+
+
+def test_collection_lifecycle(stub, collection: str) -> None:
+    got = stub.GetCollection(pb.GetCollectionRequest(collection_id=collection))
+    assert (got.dimension, got.key_version, got.template_count) == (DIM, 1, 0)
+    assert got.threshold == pytest.approx(0.8)
+    code, msg = _status(stub.CreateCollection, pb.CreateCollectionRequest(
+        collection_id=collection, dimension=DIM, threshold=0.5))
+    assert code == Code.ALREADY_EXISTS and "exists" in msg
+    code, msg = _status(stub.GetCollection, pb.GetCollectionRequest(collection_id="nope"))
+    assert code == Code.NOT_FOUND and "collection" in msg
+
+
+def test_enroll_verify_identify_delete(stub, collection: str) -> None:
+    for subject in range(6):
+        for sample in range(2):  # a subject may hold several templates
+            r = stub.Enroll(pb.EnrollRequest(collection_id=collection, subject_id=f"s{subject}",
+                                             embedding=_capture(subject, subject * 10 + sample)))
+            assert r.key_version == 1 and len(r.template_id) == 32
+    assert stub.GetCollection(pb.GetCollectionRequest(collection_id=collection)).template_count == 12
+
+    probe = _capture(3, 99)
+    expected = max(_cos(probe, _capture(3, 30)), _cos(probe, _capture(3, 31)))
+    genuine = stub.Match(pb.MatchRequest(collection_id=collection, subject_id="s3", embedding=probe))
+    assert genuine.matched
+    assert [c.subject_id for c in genuine.candidates] == ["s3"]
+    assert abs(genuine.candidates[0].score - expected) < 1e-3
+    assert round(genuine.candidates[0].score, 3) == pytest.approx(genuine.candidates[0].score, abs=1e-6)
+
+    impostor = stub.Match(pb.MatchRequest(collection_id=collection, subject_id="s4", embedding=probe))
+    assert not impostor.matched and not impostor.candidates  # no score for a rejection
+
+    ident = stub.Match(pb.MatchRequest(collection_id=collection, embedding=probe, top_k=3))
+    assert ident.matched and ident.candidates[0].subject_id == "s3"
+    assert all(c.score >= 0.8 - 1e-6 for c in ident.candidates)
+
+    # A lower threshold admits more subjects, best first, at most top_k.
+    loose = stub.Match(pb.MatchRequest(collection_id=collection, embedding=probe, top_k=4,
+                                       threshold=-1.0))
+    scores = [c.score for c in loose.candidates]
+    assert len(scores) == 4 and scores == sorted(scores, reverse=True)
+    assert len({c.subject_id for c in loose.candidates}) == 4
+
+    deleted = stub.DeleteSubject(pb.DeleteSubjectRequest(collection_id=collection, subject_id="s3"))
+    assert deleted.deleted_templates == 2
+    after = stub.Match(pb.MatchRequest(collection_id=collection, embedding=probe, top_k=100,
+                                       threshold=-1.0))
+    assert "s3" not in {c.subject_id for c in after.candidates}
+    code, _ = _status(stub.Match, pb.MatchRequest(collection_id=collection, subject_id="s3",
+                                                  embedding=probe))
+    assert code == Code.NOT_FOUND
+    code, _ = _status(stub.DeleteSubject, pb.DeleteSubjectRequest(collection_id=collection,
+                                                                  subject_id="s3"))
+    assert code == Code.NOT_FOUND
+    assert stub.GetCollection(pb.GetCollectionRequest(collection_id=collection)).template_count == 10
+
+
+def test_request_id_makes_enroll_idempotent(stub, collection: str) -> None:
+    req = pb.EnrollRequest(collection_id=collection, subject_id="a", embedding=_capture(1, 1),
+                           request_id="req-1")
+    first = stub.Enroll(req)
+    again = stub.Enroll(req)
+    assert first == again
+    assert stub.GetCollection(pb.GetCollectionRequest(collection_id=collection)).template_count == 1
+    code, msg = _status(stub.Enroll, pb.EnrollRequest(
+        collection_id=collection, subject_id="b", embedding=_capture(1, 1), request_id="req-1"))
+    assert code == Code.ALREADY_EXISTS and "request_id" in msg
+
+
+def test_identify_on_empty_collection(stub, collection: str) -> None:
+    r = stub.Match(pb.MatchRequest(collection_id=collection, embedding=_capture(1, 1)))
+    assert not r.matched and not r.candidates
+
+
+GOOD = [1.0] * DIM
+
+
+@pytest.mark.parametrize("make, field", [
+    (lambda c: pb.CreateCollectionRequest(collection_id="", dimension=8, threshold=0.5), "collection_id"),
+    (lambda c: pb.CreateCollectionRequest(collection_id="bad id!", dimension=8, threshold=0.5), "collection_id"),
+    (lambda c: pb.CreateCollectionRequest(collection_id="x" * 65, dimension=8, threshold=0.5), "collection_id"),
+    (lambda c: pb.CreateCollectionRequest(collection_id="ok", dimension=0, threshold=0.5), "dimension"),
+    (lambda c: pb.CreateCollectionRequest(collection_id="ok", dimension=5000, threshold=0.5), "dimension"),
+    (lambda c: pb.CreateCollectionRequest(collection_id="ok", dimension=8, threshold=1.5), "threshold"),
+    (lambda c: pb.CreateCollectionRequest(collection_id="ok", dimension=8, threshold=math.nan), "threshold"),
+    (lambda c: pb.EnrollRequest(collection_id=c, subject_id="s", embedding=[1.0] * (DIM - 1)), "embedding"),
+    (lambda c: pb.EnrollRequest(collection_id=c, subject_id="s", embedding=[math.nan] + GOOD[1:]), "embedding"),
+    (lambda c: pb.EnrollRequest(collection_id=c, subject_id="s", embedding=[math.inf] + GOOD[1:]), "embedding"),
+    (lambda c: pb.EnrollRequest(collection_id=c, subject_id="s", embedding=[0.0] * DIM), "embedding"),
+    (lambda c: pb.EnrollRequest(collection_id=c, subject_id="", embedding=GOOD), "subject_id"),
+    (lambda c: pb.EnrollRequest(collection_id=c, subject_id="s" * 257, embedding=GOOD), "subject_id"),
+    (lambda c: pb.EnrollRequest(collection_id=c, subject_id="a\x00b", embedding=GOOD), "subject_id"),
+    (lambda c: pb.EnrollRequest(collection_id=c, subject_id="s", embedding=GOOD, request_id="r" * 129), "request_id"),
+    (lambda c: pb.MatchRequest(collection_id=c, embedding=GOOD, top_k=101), "top_k"),
+    (lambda c: pb.MatchRequest(collection_id=c, embedding=GOOD, threshold=-1.01), "threshold"),
+    (lambda c: pb.MatchRequest(collection_id=c, embedding=GOOD, threshold=math.inf), "threshold"),
+    (lambda c: pb.MatchRequest(collection_id=c, subject_id="s", embedding=GOOD, top_k=5), "top_k"),
+    (lambda c: pb.MatchRequest(collection_id=c, embedding=[0.0] * DIM), "embedding"),
+    (lambda c: pb.DeleteSubjectRequest(collection_id=c, subject_id=""), "subject_id"),
+])
+def test_invalid_arguments_name_the_field_and_change_nothing(stub, collection: str, make, field: str) -> None:
+    request = make(collection)
+    method = {pb.CreateCollectionRequest: stub.CreateCollection, pb.EnrollRequest: stub.Enroll,
+              pb.MatchRequest: stub.Match, pb.DeleteSubjectRequest: stub.DeleteSubject}[type(request)]
+    code, msg = _status(method, request)
+    assert code == Code.INVALID_ARGUMENT
+    assert field in msg
+    assert stub.GetCollection(pb.GetCollectionRequest(collection_id=collection)).template_count == 0
+    if isinstance(request, pb.CreateCollectionRequest) and request.collection_id == "ok":
+        code, _ = _status(stub.GetCollection, pb.GetCollectionRequest(collection_id="ok"))
+        assert code == Code.NOT_FOUND
+
+
+def test_unknown_collection_and_subject(stub, collection: str) -> None:
+    for request, method in [
+        (pb.EnrollRequest(collection_id="missing", subject_id="s", embedding=GOOD), stub.Enroll),
+        (pb.MatchRequest(collection_id="missing", embedding=GOOD), stub.Match),
+        (pb.DeleteSubjectRequest(collection_id="missing", subject_id="s"), stub.DeleteSubject),
+        (pb.MatchRequest(collection_id=collection, subject_id="nobody", embedding=GOOD), stub.Match),
+    ]:
+        code, msg = _status(method, request)
+        assert code == Code.NOT_FOUND
+        assert "nobody" not in msg
+
+
+def test_oversize_message_is_resource_exhausted(stub, collection: str) -> None:
+    code, _ = _status(stub.Enroll, pb.EnrollRequest(collection_id=collection, subject_id="s",
+                                                    embedding=[1.0] * 400_000))
+    assert code == Code.RESOURCE_EXHAUSTED
+
+
+def test_garbage_bytes_are_rejected_without_unknown(server: ServerProcess) -> None:
+    with server.channel() as channel:
+        raw = channel.unary_unary("/vault.v1.TemplateVault/Enroll",
+                                  request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as err:
+            raw(b"\xff\xff\xff\xff garbage", timeout=10)
+        assert err.value.code() in (Code.INTERNAL, Code.INVALID_ARGUMENT)
+
+
+def test_health_and_reflection(server: ServerProcess) -> None:
+    with server.channel() as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "vault.v1.TemplateVault"):
+            status = health.Check(health_pb2.HealthCheckRequest(service=service)).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+        (resp,) = refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        names = {s.name for s in resp.list_services_response.service}
+        assert {"vault.v1.TemplateVault", "grpc.health.v1.Health"} <= names
+
+
+def test_sigterm_shuts_down_cleanly_and_data_survives(tmp_path) -> None:
+    s = ServerProcess(tmp_path / "data").start()
+    with s.channel() as channel:
+        stub = vault_pb2_grpc.TemplateVaultStub(channel)
+        stub.CreateCollection(pb.CreateCollectionRequest(collection_id="c", dimension=DIM, threshold=0.8))
+        stub.Enroll(pb.EnrollRequest(collection_id="c", subject_id="a", embedding=_capture(1, 1)))
+    assert s.stop() == 0
+    s.start()
+    try:
+        with s.channel() as channel:
+            stub = vault_pb2_grpc.TemplateVaultStub(channel)
+            r = stub.Match(pb.MatchRequest(collection_id="c", subject_id="a", embedding=_capture(1, 2)))
+            assert r.matched
+    finally:
+        assert s.stop() == 0
