@@ -186,6 +186,7 @@ class Vault:
         gallery = CollectionGallery(cid, row.key_version, row.dimension, params,
                                     key.public_context, self._zero_pool_target)
         bad_blocks: set[int] = set()
+        used: dict[int, int] = {}
         for block in self.store.blocks(cid, row.key_version):
             cts = self.store.block_ciphertexts(cid, row.key_version, block.block_no)
             ok = (len(cts) == row.dimension
@@ -196,12 +197,14 @@ class Vault:
                 bad_blocks.add(block.block_no)
                 continue
             gallery.load_block(block.block_no, cts, block.generation, block.used)
+            used[block.block_no] = block.used
         bad_templates = 0
         seen_slots: set[tuple[int, int]] = set()
         for t in self.store.live_templates(cid, row.key_version):
             place = (t.block_no, t.slot)
+            # A slot beyond the block's fill level means an old block state was replayed.
             if (t.block_no in bad_blocks or place in seen_slots
-                    or not self._template_ok(t)):
+                    or t.slot >= used.get(t.block_no, 0) or not self._template_ok(t)):
                 bad_templates += 1
                 continue
             seen_slots.add(place)
