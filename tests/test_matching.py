@@ -97,3 +97,23 @@ def test_decider_releases_only_requested_slots_flooded_and_rounded(keys: tuple[b
         assert "0.99" not in repr(out[0])
     finally:
         gallery.close()
+
+
+def test_score_error_stays_bounded_in_a_block_filled_one_enrollment_at_a_time(keys) -> None:
+    """Each single enrollment adds a fresh zero to every ciphertext of the block: the noise
+    grows with the number of updates. A full block must still score within 5e-4."""
+    secret, public = keys
+    rng = np.random.default_rng(11)
+    d = 4
+    slots = he.DEFAULT_PARAMS.slots
+    templates = _unit(rng, slots, d)
+    gallery = CollectionGallery("c", 1, d, he.DEFAULT_PARAMS, public, zero_pool_target=4096)
+    try:
+        for t in templates:
+            gallery.apply(gallery.prepare(t), [])
+        ctx = he.load_secret(secret, he.DEFAULT_PARAMS)
+        for probe in _unit(rng, 3, d):
+            got = np.asarray(ts.ckks_vector_from(ctx, gallery.score(probe, [0])[0]).decrypt())
+            assert np.abs(got - templates @ probe).max() < 5e-4
+    finally:
+        gallery.close()

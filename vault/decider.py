@@ -22,10 +22,10 @@ from vault import he
 from vault.errors import FailedPrecondition
 
 SCORE_DECIMALS = 3
-# Flooding noise, uniform in [-bound, bound], added before rounding. Bounded so that a
-# returned score stays within 1e-3 of the plaintext cosine: 5e-4 (rounding) + 2.5e-4
-# (noise) + about 1e-4 (CKKS error).
-NOISE_BOUND = 2.5e-4
+# Flooding noise, uniform in [-bound, bound], added to released scores before rounding.
+# Bounded so that a returned score stays within 1e-3 of the plaintext cosine: 5e-4
+# (rounding) + 1e-4 (noise) + at most 4.6e-4 (CKKS error of a full block, see vault.he).
+NOISE_BOUND = 1e-4
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,13 @@ class Decider:
         with self._lock:
             noise = self._rng.uniform(-NOISE_BOUND, NOISE_BOUND, size=len(values))
         released = np.clip(np.round(values + noise, SCORE_DECIMALS), -1.0, 1.0)
-        keep = released >= threshold
-        order = np.lexsort((group_ids[keep], -released[keep]))[:top_k]
+        # Decide and rank on the decrypted value: the decision is one bit whatever noise
+        # is added, and rounding would otherwise flip decisions near the threshold and
+        # break ranking ties by group number.
+        keep = values >= threshold
+        # An accepted score is never shown below the threshold it passed.
+        floor = np.ceil(threshold * 10**SCORE_DECIMALS - 1e-9) / 10**SCORE_DECIMALS
+        released = np.where(keep, np.maximum(released, floor), released)
+        order = np.argsort(-values[keep], kind="stable")[:top_k]
         return [GroupScore(int(g), float(v)) for g, v in
                 zip(group_ids[keep][order], released[keep][order])]

@@ -28,9 +28,9 @@ import tenseal as ts
 
 from vault import he
 
-# Probe values whose encoding at scale 2^25 would round to the zero polynomial: SEAL refuses
-# to multiply by it ("transparent" result) and its contribution is below 1e-7 anyway.
-_NEGLIGIBLE = 2.0 ** -24
+# Probe values whose encoding at scale 2^29 would round to the zero polynomial: SEAL refuses
+# to multiply by it ("transparent" result); skipping them is the same rounding.
+_NEGLIGIBLE = 2.0 ** -29
 
 
 def block_digest(ct_bytes: Iterable[bytes]) -> bytes:
