@@ -47,7 +47,7 @@ def test_encrypted_decisions_and_scores_agree_with_plaintext(server: ServerProce
 
         verify_agree = ident_agree = ident_wrong_subject = 0
         score_errors = []
-        for i, claimed, _genuine in probes:
+        for k, (i, claimed, _genuine) in enumerate(probes):
             x = emb[i].tolist()
             plain_scores = gallery @ unit[i]
             # 1:1 against the claimed identity, at the collection threshold.
@@ -57,16 +57,24 @@ def test_encrypted_decisions_and_scores_agree_with_plaintext(server: ServerProce
             verify_agree += r.matched == (plain >= THRESHOLD)
             if r.matched:
                 score_errors.append(abs(r.candidates[0].score - plain))
-            # 1:N, best candidate whatever its score.
-            r = stub.Match(pb.MatchRequest(collection_id="lfw", embedding=x, top_k=1,
-                                           threshold=-1.0), timeout=60)
-            (best,) = r.candidates
-            got = int(best.subject_id.removeprefix("person-"))
-            got_plain = float(plain_scores[np.searchsorted(gallery_people, got)])
-            score_errors.append(abs(best.score - got_plain))
-            # Same subject, or one whose plaintext score ties the best within rounding.
-            same = got_plain >= plain_scores.max() - 1e-3
-            decision_agree = (best.score >= THRESHOLD) == (plain_scores.max() >= THRESHOLD)
+            # 1:N at the collection threshold: the vault's own decision.
+            r = stub.Match(pb.MatchRequest(collection_id="lfw", embedding=x, top_k=1), timeout=60)
+            plain_best = float(plain_scores.max())
+            decision_agree = r.matched == (plain_best >= THRESHOLD)
+            same = True
+            if r.matched:
+                got = int(r.candidates[0].subject_id.removeprefix("person-"))
+                got_plain = float(plain_scores[np.searchsorted(gallery_people, got)])
+                score_errors.append(abs(r.candidates[0].score - got_plain))
+                # The same subject, or one whose plaintext score ties the best.
+                same = got_plain >= plain_best - 1e-3
+            if k % 5 == 0:  # and, for a sample, the best candidate whatever its score
+                r = stub.Match(pb.MatchRequest(collection_id="lfw", embedding=x, top_k=1,
+                                               threshold=-1.0), timeout=60)
+                got = int(r.candidates[0].subject_id.removeprefix("person-"))
+                got_plain = float(plain_scores[np.searchsorted(gallery_people, got)])
+                score_errors.append(abs(r.candidates[0].score - got_plain))
+                same = same and got_plain >= plain_best - 1e-3
             ident_agree += same and decision_agree
             ident_wrong_subject += not same
 

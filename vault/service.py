@@ -19,8 +19,7 @@ from pathlib import Path
 
 from vault import he, logs
 from vault.decider import Decider, SlotRef
-from vault.errors import (AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument,
-                          NotFound)
+from vault.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from vault.gallery import CollectionGallery, LiveTemplate, block_digest
 from vault.keys import envelope
 from vault.keys.hsm import Hsm, HsmConfig
