@@ -99,6 +99,23 @@ def test_decider_releases_only_requested_slots_flooded_and_rounded(keys: tuple[b
         gallery.close()
 
 
+def test_accepted_score_floor_does_not_round_a_float32_threshold_up(keys: tuple[bytes, bytes]) -> None:
+    # Regression: a float32 threshold (0.9200000167) once lifted accepted scores of 0.920 to
+    # 0.921, one thousandth away from the plaintext cosine.
+    secret, _public = keys
+    decider = Decider()
+    decider.load("c", 1, secret, he.DEFAULT_PARAMS)
+    ctx = he.load_secret(secret, he.DEFAULT_PARAMS)
+    threshold = float(np.float32(0.92))
+    value = 0.92002
+    scores = {0: ts.ckks_vector(ctx, [value, 0.5]).serialize()}
+    for _ in range(20):  # the flooding noise is random: try it several times
+        out = decider.decide("c", 1, scores, [SlotRef(0, 0, 0), SlotRef(0, 1, 1)], threshold, 5)
+        assert [g.group for g in out] == [0]
+        assert out[0].score == 0.92
+        assert abs(out[0].score - value) <= 5e-4 + NOISE_BOUND
+
+
 def test_score_error_stays_bounded_in_a_block_filled_one_enrollment_at_a_time(keys) -> None:
     """Each single enrollment adds a fresh zero to every ciphertext of the block: the noise
     grows with the number of updates. A full block must still score within 5e-4."""

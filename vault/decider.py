@@ -97,8 +97,9 @@ class Decider:
         # is added, and rounding would otherwise flip decisions near the threshold and
         # break ranking ties by group number.
         keep = values >= threshold
-        # An accepted score is never shown below the threshold it passed.
-        floor = np.ceil(threshold * 10**SCORE_DECIMALS - 1e-9) / 10**SCORE_DECIMALS
+        # An accepted score is never shown below its threshold rounded like a score. (Not
+        # rounded up: a float32 threshold such as 0.9200000167 would lift 0.920 to 0.921.)
+        floor = round(threshold, SCORE_DECIMALS)
         released = np.where(keep, np.maximum(released, floor), released)
         order = np.argsort(-values[keep], kind="stable")[:top_k]
         return [GroupScore(int(g), float(v)) for g, v in
