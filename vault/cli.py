@@ -11,7 +11,6 @@ import threading
 from pathlib import Path
 
 from vault import logs
-from vault.errors import VaultError
 
 log = logs.get("vault.cli")
 
@@ -27,6 +26,7 @@ def _is_loopback(listen: str) -> bool:
 
 
 def serve(args: argparse.Namespace) -> int:
+    from vault.api.lifecycle import VaultHolder
     from vault.api.server import build_server
     from vault.keys import softhsm
     from vault.keys.hsm import HsmConfig
@@ -37,21 +37,29 @@ def serve(args: argparse.Namespace) -> int:
     if not _is_loopback(args.listen) and not args.allow_insecure_remote:
         log.error("refusing to serve without TLS on a non-loopback address", listen=args.listen)
         return 2
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    pin = os.environ.get("VAULT_HSM_PIN")
+    if args.hsm_module and not pin:
+        log.error("VAULT_HSM_PIN must be set with --hsm-module")
+        return 2
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def open_vault() -> Vault:
         if args.hsm_module:
-            pin = os.environ.get("VAULT_HSM_PIN")
-            if not pin:
-                log.error("VAULT_HSM_PIN must be set with --hsm-module")
-                return 2
             hsm_config = HsmConfig(args.hsm_module, args.hsm_token, pin)
         else:
-            hsm_config = softhsm.provision(data_dir / "hsm", args.hsm_token)
-        vault = Vault.open(data_dir, hsm_config)
-    except VaultError as exc:
-        log.error("cannot start: " + exc.message, error_type=type(exc).__name__)
+            # A database without its token must not get a fresh, empty token.
+            first_start = not (data_dir / "vault.db").exists()
+            hsm_config = softhsm.provision(data_dir / "hsm", args.hsm_token, create=first_start)
+        return Vault.open(data_dir, hsm_config)
+
+    # The server starts even when the HSM is out: NOT_SERVING until the watcher opens it.
+    holder = VaultHolder(open_vault, interval=args.hsm_check_interval)
+    try:
+        server, port, _health = build_server(holder, args.listen)
+    except OSError as exc:
+        log.error("cannot listen", listen=args.listen, error_type=type(exc).__name__)
         return 1
-    server, port, _health = build_server(vault, args.listen)
+    holder.start()
     server.start()
     log.warning("serving without TLS: loopback only (embedded default)", listen=args.listen)
     log.info("serving", listen=args.listen, data_dir=str(data_dir), tls=False)
@@ -62,7 +70,7 @@ def serve(args: argparse.Namespace) -> int:
     stop.wait()
     log.info("shutting down")
     server.stop(grace=5).wait()
-    vault.close()
+    holder.close()
     log.info("stopped")
     return 0
 
@@ -81,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
                         "default: SoftHSM token under DATA_DIR/hsm")
     p.add_argument("--hsm-token", default=os.environ.get("VAULT_HSM_TOKEN", "vault"),
                    help="token label")
+    p.add_argument("--hsm-check-interval", type=float,
+                   default=float(os.environ.get("VAULT_HSM_CHECK_INTERVAL", "1.0")),
+                   help="seconds between HSM health checks (env VAULT_HSM_CHECK_INTERVAL)")
     p.add_argument("--allow-insecure-remote", action="store_true",
                    help="serve plaintext gRPC on a non-loopback address (containers behind a "
                         "private network only)")

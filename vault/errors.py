@@ -50,6 +50,16 @@ class HsmUnavailable(Unavailable):
     """The PKCS#11 token cannot be reached (module, token, PIN or session)."""
 
 
+class HsmPinRejected(HsmUnavailable):
+    """The token refused the PIN. Not retried by itself: real HSMs lock after a few tries."""
+
+
+class Cancelled(VaultError):
+    """The caller went away (deadline or cancellation): the work was abandoned."""
+
+    code = grpc.StatusCode.CANCELLED
+
+
 class DataLoss(VaultError):
     """Stored data failed an integrity check (MAC mismatch, tampered or replayed row)."""
 

@@ -20,17 +20,22 @@ import multiprocessing as mp
 import os
 import queue
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 import tenseal as ts
 
-from vault import he
+from vault import he, logs
+from vault.errors import Cancelled
 
 # Probe values whose encoding at scale 2^29 would round to the zero polynomial: SEAL refuses
 # to multiply by it ("transparent" result); skipping them is the same rounding.
 _NEGLIGIBLE = 2.0 ** -29
+# Ciphertexts scored between two looks at whether the caller is still there (~3 ms).
+_POLL_EVERY = 32
+
+log = logs.get("vault.gallery")
 
 
 def block_digest(ct_bytes: Iterable[bytes]) -> bytes:
@@ -260,16 +265,25 @@ class CollectionGallery:
         with self._state_lock:
             return len(self._live)
 
-    def score(self, probe: np.ndarray, block_nos: Iterable[int]) -> dict[int, bytes]:
-        """Encrypted scores of ``probe`` against the given blocks: {block_no: ciphertext}."""
+    def score(self, probe: np.ndarray, block_nos: Iterable[int],
+              cancelled: Callable[[], bool] | None = None) -> dict[int, bytes]:
+        """Encrypted scores of ``probe`` against the given blocks: {block_no: ciphertext}.
+
+        ``cancelled`` is polled every few ciphertexts: when the caller is gone the work
+        stops with :class:`Cancelled` instead of running on for nobody.
+        """
         with self._state_lock:
             blocks = [self._blocks[b] for b in sorted(set(block_nos))]
         weights = [(j, float(v)) for j, v in enumerate(probe) if abs(v) >= _NEGLIGIBLE]
         out: dict[int, bytes] = {}
-        for block in blocks:
+        for done, block in enumerate(blocks):
             (j0, w0), rest = weights[0], weights[1:]
             acc = block.cts[j0] * w0
-            for j, w in rest:
+            for k, (j, w) in enumerate(rest, 1):
+                if cancelled is not None and k % _POLL_EVERY == 0 and cancelled():
+                    log.info("match abandoned: the caller is gone", collection_id=self.collection_id,
+                             blocks_done=done, blocks_total=len(blocks))
+                    raise Cancelled("the caller cancelled or its deadline passed")
                 acc.add_(block.cts[j] * w)
             out[block.block_no] = acc.serialize()
         return out

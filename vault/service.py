@@ -13,7 +13,7 @@ import math
 import re
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,7 +124,7 @@ class Vault:
         self._galleries: dict[str, CollectionGallery] = {}
         self._damaged: set[str] = set()
         self._create_lock = threading.Lock()
-        created = hsm.ensure_keys()
+        created = hsm.ensure_keys(create=not store.has_wrapped_keys())
         if created:
             log.info("key ceremony: created keys in the HSM", count=len(created))
         self._pii = envelope.DataKey(self._data_key(_PII_KEY))
@@ -313,7 +313,8 @@ class Vault:
         return rows
 
     def verify(self, collection_id: str, subject_id: str, embedding: Sequence[float],
-               threshold: float | None = None) -> MatchResult:
+               threshold: float | None = None,
+               cancelled: Callable[[], bool] | None = None) -> MatchResult:
         """1:1: does the probe match any template of ``subject_id``?"""
         row, gallery = self._collection(collection_id)
         check_subject_id(subject_id)
@@ -321,7 +322,7 @@ class Vault:
         probe = self.protector.protect(collection_id, row.key_version, row.dimension, embedding)
         subject_hmac = self.integrity.subject_index(collection_id, subject_id)
         rows = self._checked_subject_templates(collection_id, gallery, subject_hmac)
-        scores = gallery.score(probe, {t.block_no for t in rows})
+        scores = gallery.score(probe, {t.block_no for t in rows}, cancelled)
         slots = [SlotRef(t.block_no, t.slot, 0) for t in rows]
         decided = self.decider.decide(collection_id, row.key_version, scores, slots, threshold, 1)
         if not decided:
@@ -329,7 +330,8 @@ class Vault:
         return MatchResult(True, [Candidate(subject_id, decided[0].score)])
 
     def identify(self, collection_id: str, embedding: Sequence[float], top_k: int = 1,
-                 threshold: float | None = None) -> MatchResult:
+                 threshold: float | None = None,
+                 cancelled: Callable[[], bool] | None = None) -> MatchResult:
         """1:N: the best ``top_k`` subjects whose score reaches the threshold."""
         row, gallery = self._collection(collection_id)
         top_k = check_top_k(top_k)
@@ -342,7 +344,7 @@ class Vault:
         slots = [SlotRef(t.block_no, t.slot, group_of.setdefault(t.subject_hmac, len(group_of)))
                  for t in live]
         subjects = list(group_of)
-        scores = gallery.score(probe, {t.block_no for t in live})
+        scores = gallery.score(probe, {t.block_no for t in live}, cancelled)
         decided = self.decider.decide(collection_id, row.key_version, scores, slots, threshold, top_k)
         candidates = []
         for d in decided:

@@ -25,6 +25,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from vault.errors import ResourceExhausted, Unavailable
+
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -147,6 +149,28 @@ class BlockRow:
     mac: bytes
 
 
+# Primary SQLite result codes (the low byte of an extended code).
+_SQLITE_FULL = 13
+_SQLITE_UNAVAILABLE = {5: "database is locked", 6: "table is locked", 8: "database is read-only",
+                       10: "disk I/O error", 14: "cannot open the database file"}
+
+
+@contextmanager
+def _storage_errors() -> Iterator[None]:
+    """Map SQLite failures of the medium to precise, data-free vault errors."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+        if code == _SQLITE_FULL:
+            raise ResourceExhausted("storage is full: the data directory has no space left; "
+                                    "nothing was written") from exc
+        if code in _SQLITE_UNAVAILABLE:
+            raise Unavailable(f"storage unavailable ({_SQLITE_UNAVAILABLE[code]}); "
+                              "nothing was written") from exc
+        raise
+
+
 class Store:
     """One SQLite connection behind a lock (the embedded default serves from one process)."""
 
@@ -172,21 +196,33 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """An immediate (write-locking) transaction; rolled back on any exception."""
-        with self._lock:
+        """An immediate (write-locking) transaction; rolled back on any exception.
+
+        Storage failures become :class:`ResourceExhausted` (disk full) or
+        :class:`Unavailable` (I/O error, locked, read-only): either way nothing was written.
+        """
+        with self._lock, _storage_errors():
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite may have rolled back by itself already
+                    try:
+                        self._db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
                 raise
-            self._db.execute("COMMIT")
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
-        with self._lock:
+        with self._lock, _storage_errors():
             return self._db.execute(sql, args).fetchall()
 
     # -- meta and wrapped keys ------------------------------------------------------------
+
+    def has_wrapped_keys(self) -> bool:
+        """True once a key ceremony has wrapped anything into this database."""
+        return bool(self._query("SELECT 1 FROM wrapped_keys LIMIT 1"))
 
     def wrapped_key(self, name: str, version: int) -> bytes | None:
         rows = self._query("SELECT blob FROM wrapped_keys WHERE name=? AND version=?", (name, version))

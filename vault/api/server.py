@@ -8,6 +8,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from vault.api.lifecycle import VaultHolder
 from vault.api.servicer import TemplateVaultServicer
 from vault.service import Vault
 from vault.v1 import vault_pb2, vault_pb2_grpc
@@ -18,8 +19,13 @@ SERVICE_NAME = vault_pb2.DESCRIPTOR.services_by_name["TemplateVault"].full_name
 MAX_MESSAGE_BYTES = 1 << 20
 
 
-def build_server(vault: Vault, listen: str, max_workers: int = 8) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """A started-ready server bound to ``listen``; returns (server, bound port, health)."""
+def build_server(vault: Vault | VaultHolder, listen: str,
+                 max_workers: int = 8) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """A started-ready server bound to ``listen``; returns (server, bound port, health).
+
+    Given a :class:`VaultHolder`, health follows it (NOT_SERVING while the HSM is out);
+    given an open :class:`Vault`, the server reports SERVING.
+    """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
         options=[
@@ -37,6 +43,9 @@ def build_server(vault: Vault, listen: str, max_workers: int = 8) -> tuple[grpc.
     port = server.add_insecure_port(listen)
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if isinstance(vault, VaultHolder):
+        vault.attach(health_servicer, ("", SERVICE_NAME))
+    else:
+        for name in ("", SERVICE_NAME):
+            health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server, port, health_servicer

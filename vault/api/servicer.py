@@ -64,24 +64,25 @@ def _match(result: MatchResult) -> vault_pb2.MatchResponse:
 
 
 class TemplateVaultServicer(vault_pb2_grpc.TemplateVaultServicer):
-    def __init__(self, vault: Vault) -> None:
-        self._vault = vault
+    def __init__(self, vault: Vault | Callable[[], Vault]) -> None:
+        # A callable gives the vault once it is open and raises UNAVAILABLE until then.
+        self._vault: Callable[[], Vault] = (lambda: vault) if isinstance(vault, Vault) else vault
 
     @_guard
     def CreateCollection(self, request: vault_pb2.CreateCollectionRequest,
                          context: grpc.ServicerContext) -> vault_pb2.Collection:
-        return _collection(self._vault.create_collection(
+        return _collection(self._vault().create_collection(
             request.collection_id, request.dimension, request.threshold))
 
     @_guard
     def GetCollection(self, request: vault_pb2.GetCollectionRequest,
                       context: grpc.ServicerContext) -> vault_pb2.Collection:
-        return _collection(self._vault.get_collection(request.collection_id))
+        return _collection(self._vault().get_collection(request.collection_id))
 
     @_guard
     def Enroll(self, request: vault_pb2.EnrollRequest,
                context: grpc.ServicerContext) -> vault_pb2.EnrollResponse:
-        template_id, key_version = self._vault.enroll(
+        template_id, key_version = self._vault().enroll(
             request.collection_id, request.subject_id, request.embedding, request.request_id)
         return vault_pb2.EnrollResponse(template_id=template_id, key_version=key_version)
 
@@ -92,13 +93,16 @@ class TemplateVaultServicer(vault_pb2_grpc.TemplateVaultServicer):
         if request.subject_id:
             if request.top_k > 1:
                 raise InvalidArgument("top_k applies to 1:N identification only (subject_id is set)")
-            return _match(self._vault.verify(request.collection_id, request.subject_id,
-                                             request.embedding, threshold))
-        return _match(self._vault.identify(request.collection_id, request.embedding,
-                                           request.top_k, threshold))
+            return _match(self._vault().verify(request.collection_id, request.subject_id,
+                                               request.embedding, threshold,
+                                               cancelled=lambda: not context.is_active()))
+        # A client that gave up (deadline, cancel) stops the scoring between ciphertexts.
+        return _match(self._vault().identify(request.collection_id, request.embedding,
+                                             request.top_k, threshold,
+                                             cancelled=lambda: not context.is_active()))
 
     @_guard
     def DeleteSubject(self, request: vault_pb2.DeleteSubjectRequest,
                       context: grpc.ServicerContext) -> vault_pb2.DeleteSubjectResponse:
-        deleted = self._vault.delete_subject(request.collection_id, request.subject_id)
+        deleted = self._vault().delete_subject(request.collection_id, request.subject_id)
         return vault_pb2.DeleteSubjectResponse(deleted_templates=deleted)

@@ -31,7 +31,7 @@ from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11.exceptions import PKCS11Error
 from pkcs11.mechanisms import GCMParams
 
-from vault.errors import DataLoss, HsmUnavailable
+from vault.errors import DataLoss, HsmPinRejected, HsmUnavailable
 
 T = TypeVar("T")
 
@@ -101,7 +101,7 @@ class Hsm:
                 # Login state is per process: another client here already logged in.
                 self._session = token.open(rw=True)
         except pkcs11.exceptions.PinIncorrect as exc:
-            raise HsmUnavailable("HSM unavailable: the token rejected the PIN") from exc
+            raise HsmPinRejected("HSM unavailable: the token rejected the PIN") from exc
         except pkcs11.exceptions.NoSuchToken as exc:
             raise HsmUnavailable("HSM unavailable: token not found") from exc
         except (PKCS11Error, OSError, RuntimeError) as exc:
@@ -135,8 +135,10 @@ class Hsm:
             self._drop()
 
     def ping(self) -> None:
-        """Raise :class:`HsmUnavailable` unless the token answers."""
-        self._call(lambda s: s.generate_random(64))
+        """Raise :class:`HsmUnavailable` unless the token answers with a key operation.
+
+        (Random numbers alone keep coming from a session whose token store is gone.)"""
+        self.hmac(MAC, b"vault.v1/ping")
 
     # -- key lookup and provisioning ---------------------------------------------------
 
@@ -163,20 +165,26 @@ class Hsm:
 
         return self._call(run)
 
-    def ensure_keys(self) -> list[str]:
-        """Key ceremony: create every missing key. Returns the labels it created."""
+    def ensure_keys(self, create: bool = True) -> list[str]:
+        """Key ceremony: create every missing key. Returns the labels it created.
+
+        With ``create=False`` (a database already holds keys wrapped by this token) a
+        missing key is an error: new keys could not read the database, and an empty or
+        swapped token must not be silently re-keyed.
+        """
 
         def run(session: pkcs11.Session) -> list[str]:
-            created = []
+            missing = []
             present = {obj.label for obj in session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY})}
             if not any(_LABEL.match(lbl or "") and lbl.startswith("vault/kek/") for lbl in present):
-                self._generate(session, KEK, 1)
-                created.append(label(KEK, 1))
-            for name in _HMAC_KEYS:
-                if label(name, 1) not in present:
-                    self._generate(session, name, 1)
-                    created.append(label(name, 1))
-            return created
+                missing.append((KEK, 1))
+            missing += [(name, 1) for name in _HMAC_KEYS if label(name, 1) not in present]
+            if missing and not create:
+                raise HsmUnavailable("HSM unavailable: the token does not hold this vault's keys "
+                                     f"({len(missing)} missing); refusing to create new ones")
+            for name, version in missing:
+                self._generate(session, name, version)
+            return [label(name, version) for name, version in missing]
 
         return self._call(run)
 

@@ -38,10 +38,13 @@ def _write_private(path: Path, text: str) -> None:
         f.write(text)
 
 
-def configure(hsm_dir: Path) -> Path:
+def configure(hsm_dir: Path, create: bool = True) -> Path:
     """Write ``softhsm2.conf`` for a token store under ``hsm_dir`` and select it."""
     tokendir = hsm_dir / "tokens"
-    tokendir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if create:
+        tokendir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    elif not tokendir.is_dir():
+        raise HsmUnavailable("HSM unavailable: the SoftHSM token directory is missing")
     conf = hsm_dir / "softhsm2.conf"
     if not conf.exists():
         _write_private(conf, CONF_TEMPLATE.format(tokendir=tokendir.resolve()))
@@ -58,24 +61,32 @@ def _token_exists(token_label: str) -> bool:
 
 
 def provision(hsm_dir: Path, token_label: str = DEFAULT_TOKEN_LABEL,
-              module: str = DEFAULT_MODULE) -> HsmConfig:
+              module: str = DEFAULT_MODULE, create: bool = True) -> HsmConfig:
     """Make sure a SoftHSM token exists under ``hsm_dir``; return how to reach it.
 
-    Idempotent: a second call finds the token and the PIN file and changes nothing.
+    Idempotent: a second call finds the token and the PIN file and changes nothing. With
+    ``create=False`` (a database already exists) a missing token or PIN file is an error
+    rather than a reason to make a new, empty token that could read nothing.
     """
     if shutil.which("softhsm2-util") is None or not os.path.exists(module):
         raise HsmUnavailable(
             "SoftHSM is not installed (apt-get install softhsm2), or pass --hsm-module"
         )
-    hsm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    configure(hsm_dir)
+    if create:
+        hsm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    configure(hsm_dir, create)
     pin_file = hsm_dir / "pin"
     pin = os.environ.get("VAULT_HSM_PIN")
     if pin is None:
         if not pin_file.exists():
+            if not create:
+                raise HsmUnavailable("HSM unavailable: the SoftHSM PIN file is missing")
             _write_private(pin_file, secrets.token_hex(16))
         pin = pin_file.read_text().strip()
     if not _token_exists(token_label):
+        if not create:
+            raise HsmUnavailable("HSM unavailable: token not found; not creating a new one "
+                                 "for an existing database")
         so_pin = secrets.token_hex(16)  # not kept: token administration is re-provisioning
         result = subprocess.run(
             ["softhsm2-util", "--init-token", "--free", "--label", token_label,
