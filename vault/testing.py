@@ -67,12 +67,7 @@ class ServerProcess:
     def start(self, timeout: float = 60.0, serving: bool = True) -> ServerProcess:
         """Start and wait until health says SERVING (or, with ``serving=False``, until
         health answers at all: a server whose HSM is out reports NOT_SERVING)."""
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vault", "serve", "--data-dir", str(self.data_dir),
-             "--listen", self.target, *self._args],
-            stdout=log, stderr=subprocess.STDOUT, env=self._env)
-        log.close()
+        self.launch()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -84,6 +79,15 @@ class ServerProcess:
             time.sleep(0.2)
         self.stop()
         raise TimeoutError("server did not become healthy")
+
+    def launch(self) -> None:
+        """Start the process without waiting for it to serve."""
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vault", "serve", "--data-dir", str(self.data_dir),
+             "--listen", self.target, *self._args],
+            stdout=log, stderr=subprocess.STDOUT, env=self._env)
+        log.close()
 
     def health(self, timeout: float = 2.0) -> int | None:
         """The overall health status, or None when the server does not answer."""
