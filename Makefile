@@ -5,7 +5,7 @@ VENV := .venv
 DATA_DIR ?= ./data
 LISTEN ?= 127.0.0.1:50051
 
-.PHONY: setup run test demo bench proto lint clean
+.PHONY: setup run test stress demo bench proto lint clean
 
 $(VENV)/.installed: pyproject.toml
 	bash hsm/install-system-deps.sh
@@ -21,6 +21,12 @@ run: setup
 
 test: setup
 	$(VENV)/bin/python -m pytest -q
+
+# Long versions of the fault, fuzz and load tests (bounded, under 30 minutes on 2 cores);
+# their figures land in bench/results/reliability/ for docs/RELIABILITY.md.
+stress: setup
+	VAULT_STRESS=1 VAULT_FIGURES_DIR=bench/results/reliability \
+	  $(VENV)/bin/python -m pytest -q tests/reliability tests/api/test_fuzz.py tests/test_load.py
 
 demo: setup
 	$(VENV)/bin/vault demo --target $(LISTEN)

@@ -10,6 +10,7 @@ by itself when the token is back.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import grpc
@@ -19,7 +20,7 @@ from grpc_health.v1 import health_pb2
 
 from tests.reliability.conftest import row_counts
 from vault.keys.softhsm import DEFAULT_MODULE
-from vault.testing import ServerProcess
+from vault.testing import ServerProcess, record_figures, scaled
 from vault.v1 import vault_pb2 as pb
 from vault.v1 import vault_pb2_grpc
 
@@ -66,24 +67,36 @@ def _serves(server: ServerProcess, faces: np.ndarray, expected_templates: int) -
 
 
 def test_token_directory_disappears_and_comes_back(tmp_path: Path, faces: np.ndarray) -> None:
+    cycles = scaled(1, 10)
+    detect, recover = [], []
     server = ServerProcess(tmp_path / "data")
     with server:
         _seed(server, faces)
-        before = row_counts(server.data_dir / "vault.db")
         tokens = server.data_dir / "hsm" / "tokens"
-        tokens.rename(tmp_path / "tokens-away")
-        server.wait_health(NOT_SERVING)
-        _all_unavailable(server, faces, "HSM unavailable")
-        assert row_counts(server.data_dir / "vault.db") == before
+        for cycle in range(cycles):
+            before = row_counts(server.data_dir / "vault.db")
+            t0 = time.monotonic()
+            tokens.rename(tmp_path / "tokens-away")
+            server.wait_health(NOT_SERVING)
+            detect.append(time.monotonic() - t0)
+            _all_unavailable(server, faces, "HSM unavailable")
+            assert row_counts(server.data_dir / "vault.db") == before
 
-        (tmp_path / "tokens-away").rename(tokens)
-        server.wait_health(SERVING)  # by itself, no restart
-        _serves(server, faces, 2)
-        channel, stub = _stub(server)
-        with channel:
-            stub.Enroll(pb.EnrollRequest(collection_id="c", subject_id="s9",
-                                         embedding=faces[9].tolist()), timeout=60)
-        _serves(server, faces, 3)
+            t0 = time.monotonic()
+            (tmp_path / "tokens-away").rename(tokens)
+            server.wait_health(SERVING)  # by itself, no restart
+            recover.append(time.monotonic() - t0)
+            _serves(server, faces, 2 + cycle)
+            channel, stub = _stub(server)
+            with channel:
+                stub.Enroll(pb.EnrollRequest(collection_id="c", subject_id=f"t{cycle}",
+                                             embedding=faces[10 + cycle].tolist()), timeout=60)
+            _serves(server, faces, 3 + cycle)
+    record_figures("hsm_token_loss", {
+        "cycles": cycles, "check_interval_s": 0.5,
+        "not_serving_after_s_max": round(max(detect), 2),
+        "serving_again_after_s_max": round(max(recover), 2),
+        "writes_while_out": 0})
 
 
 def test_missing_token_at_start_is_not_replaced_by_a_new_one(tmp_path: Path, faces: np.ndarray) -> None:
