@@ -18,6 +18,15 @@ from vault.v1 import vault_pb2_grpc
 THRESHOLD = float(np.float32(0.92))  # near the 0.1%-false-accept point of this data
 
 
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    # Thousands of impostor 1:1 probes would lock subjects: this test measures decisions,
+    # so it runs its own server without the failed-attempt limit.
+    with ServerProcess(tmp_path_factory.mktemp("accuracy") / "data",
+                       env={"VAULT_MAX_FAILED_VERIFICATIONS": "0"}) as s:
+        yield s
+
+
 @pytest.mark.slow
 def test_encrypted_decisions_and_scores_agree_with_plaintext(server: ServerProcess, lfw) -> None:
     emb, ids = lfw["emb"].astype(np.float64), lfw["ids"]

@@ -30,7 +30,7 @@ def serve(args: argparse.Namespace) -> int:
     from vault.api.server import build_server
     from vault.keys import softhsm
     from vault.keys.hsm import HsmConfig
-    from vault.service import Vault
+    from vault.service import AttemptLimits, Vault
 
     logs.configure()
     data_dir = Path(args.data_dir)
@@ -50,7 +50,8 @@ def serve(args: argparse.Namespace) -> int:
             # A database without its token must not get a fresh, empty token.
             first_start = not (data_dir / "vault.db").exists()
             hsm_config = softhsm.provision(data_dir / "hsm", args.hsm_token, create=first_start)
-        return Vault.open(data_dir, hsm_config)
+        limits = AttemptLimits(args.max_failed_verifications, args.lockout_seconds)
+        return Vault.open(data_dir, hsm_config, limits=limits)
 
     # The server starts even when the HSM is out: NOT_SERVING until the watcher opens it.
     holder = VaultHolder(open_vault, interval=args.hsm_check_interval)
@@ -92,6 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hsm-check-interval", type=float,
                    default=float(os.environ.get("VAULT_HSM_CHECK_INTERVAL", "1.0")),
                    help="seconds between HSM health checks (env VAULT_HSM_CHECK_INTERVAL)")
+    p.add_argument("--max-failed-verifications", type=int,
+                   default=int(os.environ.get("VAULT_MAX_FAILED_VERIFICATIONS", "5")),
+                   help="failed 1:1 matches in a row that lock a subject; 0 disables "
+                        "(env VAULT_MAX_FAILED_VERIFICATIONS)")
+    p.add_argument("--lockout-seconds", type=float,
+                   default=float(os.environ.get("VAULT_LOCKOUT_SECONDS", "300")),
+                   help="how long a locked subject stays locked (env VAULT_LOCKOUT_SECONDS)")
     p.add_argument("--allow-insecure-remote", action="store_true",
                    help="serve plaintext gRPC on a non-loopback address (containers behind a "
                         "private network only)")

@@ -12,6 +12,7 @@ import dataclasses
 import math
 import re
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,8 @@ from pathlib import Path
 
 from vault import he, logs
 from vault.decider import Decider, SlotRef
-from vault.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound
+from vault.errors import (AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound,
+                          ResourceExhausted)
 from vault.gallery import CollectionGallery, LiveTemplate, block_digest
 from vault.keys import envelope
 from vault.keys.hsm import Hsm, HsmConfig
@@ -34,6 +36,16 @@ MAX_SUBJECT_ID_BYTES = 256
 MAX_REQUEST_ID_BYTES = 128
 _COLLECTION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _PII_KEY = "pii"
+
+
+@dataclass(frozen=True)
+class AttemptLimits:
+    """After ``max_failures`` failed 1:1 matches in a row (Face ID locks after 5), a subject
+    is locked for ``lockout_seconds``: every verification, genuine or not, gets
+    RESOURCE_EXHAUSTED until then. A success resets the count."""
+
+    max_failures: int = 5  # 0: no limit (accuracy tests, trusted batch scripts)
+    lockout_seconds: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -113,8 +125,12 @@ class Vault:
     """Enroll, match and delete over encrypted templates; keys in the HSM."""
 
     def __init__(self, store: Store, hsm: Hsm, params: he.HeParams = he.DEFAULT_PARAMS,
-                 zero_pool_target: int | None = None) -> None:
+                 zero_pool_target: int | None = None, limits: AttemptLimits | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.store = store
+        self.limits = limits or AttemptLimits()
+        self._clock = clock
+        self._attempts_lock = threading.Lock()
         self.hsm = hsm
         self.params = params
         self.integrity = Integrity(hsm)
@@ -322,12 +338,37 @@ class Vault:
         probe = self.protector.protect(collection_id, row.key_version, row.dimension, embedding)
         subject_hmac = self.integrity.subject_index(collection_id, subject_id)
         rows = self._checked_subject_templates(collection_id, gallery, subject_hmac)
+        self._check_not_locked(collection_id, subject_hmac)
         scores = gallery.score(probe, {t.block_no for t in rows}, cancelled)
         slots = [SlotRef(t.block_no, t.slot, 0) for t in rows]
         decided = self.decider.decide(collection_id, row.key_version, scores, slots, threshold, 1)
+        self._count_attempt(collection_id, subject_hmac, success=bool(decided))
         if not decided:
             return MatchResult(False, [])
         return MatchResult(True, [Candidate(subject_id, decided[0].score)])
+
+    def _check_not_locked(self, collection_id: str, subject_hmac: bytes) -> None:
+        _, locked_until = self.store.verify_attempts(collection_id, subject_hmac)
+        wait = locked_until - self._clock()
+        if wait > 0:
+            raise ResourceExhausted("too many failed verifications for this subject: "
+                                    f"locked, retry in {math.ceil(wait)} s")
+
+    def _count_attempt(self, collection_id: str, subject_hmac: bytes, success: bool) -> None:
+        """Persisted, so that restarting the server does not reset an attacker's count."""
+        with self._attempts_lock:
+            failures, _ = self.store.verify_attempts(collection_id, subject_hmac)
+            if success:
+                if failures:
+                    self.store.set_verify_attempts(collection_id, subject_hmac, 0, 0.0)
+                return
+            failures += 1
+            locked_until = 0.0
+            if 0 < self.limits.max_failures <= failures:
+                failures, locked_until = 0, self._clock() + self.limits.lockout_seconds
+                log.warning("subject locked after failed verifications", collection_id=collection_id,
+                            count=self.limits.max_failures)
+            self.store.set_verify_attempts(collection_id, subject_hmac, failures, locked_until)
 
     def identify(self, collection_id: str, embedding: Sequence[float], top_k: int = 1,
                  threshold: float | None = None,

@@ -89,6 +89,13 @@ CREATE TABLE IF NOT EXISTS blocks (
   mac BLOB NOT NULL,
   PRIMARY KEY (collection_id, key_version, block_no)
 );
+CREATE TABLE IF NOT EXISTS verify_attempts (
+  collection_id TEXT NOT NULL,
+  subject_hmac BLOB NOT NULL,
+  failures INTEGER NOT NULL,
+  locked_until REAL NOT NULL,
+  PRIMARY KEY (collection_id, subject_hmac)
+);
 CREATE TABLE IF NOT EXISTS block_ciphertexts (
   collection_id TEXT NOT NULL,
   key_version INTEGER NOT NULL,
@@ -322,6 +329,26 @@ class Store:
                            [(DELETED, mac, tid, LIVE) for tid, mac in macs.items()])
             db.execute("DELETE FROM subjects WHERE collection_id=? AND subject_hmac=?",
                        (collection_id, subject_hmac))
+            db.execute("DELETE FROM verify_attempts WHERE collection_id=? AND subject_hmac=?",
+                       (collection_id, subject_hmac))
+
+    # -- failed verification attempts ----------------------------------------------------
+
+    def verify_attempts(self, collection_id: str, subject_hmac: bytes) -> tuple[int, float]:
+        """(consecutive failures, locked until epoch seconds) of one subject."""
+        rows = self._query("SELECT failures, locked_until FROM verify_attempts "
+                           "WHERE collection_id=? AND subject_hmac=?", (collection_id, subject_hmac))
+        return (rows[0][0], rows[0][1]) if rows else (0, 0.0)
+
+    def set_verify_attempts(self, collection_id: str, subject_hmac: bytes, failures: int,
+                            locked_until: float) -> None:
+        with self.transaction() as db:
+            if failures == 0 and locked_until == 0.0:
+                db.execute("DELETE FROM verify_attempts WHERE collection_id=? AND subject_hmac=?",
+                           (collection_id, subject_hmac))
+            else:
+                db.execute("INSERT OR REPLACE INTO verify_attempts VALUES (?,?,?,?)",
+                           (collection_id, subject_hmac, failures, locked_until))
 
     # -- blocks --------------------------------------------------------------------------
 

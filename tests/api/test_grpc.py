@@ -218,3 +218,21 @@ def test_sigterm_shuts_down_cleanly_and_data_survives(tmp_path) -> None:
             assert r.matched
     finally:
         assert s.stop() == 0
+
+
+def test_failed_verifications_lock_the_subject(stub, collection: str) -> None:
+    stub.Enroll(pb.EnrollRequest(collection_id=collection, subject_id="target-7",
+                                 embedding=_face(500).tolist()))
+    stub.Enroll(pb.EnrollRequest(collection_id=collection, subject_id="other",
+                                 embedding=_face(501).tolist()))
+    for attempt in range(5):  # the server's default limit, as Face ID
+        assert not stub.Match(pb.MatchRequest(collection_id=collection, subject_id="target-7",
+                                              embedding=_face(600 + attempt).tolist())).matched
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Match(pb.MatchRequest(collection_id=collection, subject_id="target-7",
+                                   embedding=_face(500).tolist()))
+    assert err.value.code() == Code.RESOURCE_EXHAUSTED
+    assert "too many failed verifications" in err.value.details()
+    assert "target-7" not in err.value.details()
+    assert stub.Match(pb.MatchRequest(collection_id=collection, subject_id="other",
+                                      embedding=_face(501).tolist())).matched
