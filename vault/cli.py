@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 from vault import logs
+from vault.errors import VaultError
 
 log = logs.get("vault.cli")
 
@@ -76,6 +77,37 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def audit_verify(args: argparse.Namespace) -> int:
+    """Check the audit log's chain and signatures; exit 1 naming the first bad entry."""
+    from vault import audit
+    from vault.keys import softhsm
+    from vault.keys.hsm import Hsm, HsmConfig
+
+    data_dir = Path(args.data_dir)
+    if args.public_key:
+        public_key = bytes.fromhex(args.public_key)
+    else:
+        try:
+            if args.hsm_module:
+                config = HsmConfig(args.hsm_module, args.hsm_token, os.environ.get("VAULT_HSM_PIN", ""))
+            else:
+                config = softhsm.provision(data_dir / "hsm", args.hsm_token, create=False)
+            hsm = Hsm(config)
+            public_key = hsm.audit_public_key()
+            hsm.close()
+        except VaultError as exc:
+            print(f"cannot read the audit public key: {exc.message}", file=sys.stderr)
+            return 2
+    report = audit.verify(data_dir / "audit.db", public_key)
+    print(f"entries: {report.entries}, checkpoints: {report.checkpoints}, "
+          f"last signed entry: {report.last_signed_seq}, unsigned tail: {report.unsigned_tail}")
+    print(f"audit public key: {public_key.hex()}")
+    for problem in report.problems:
+        print(f"BAD: {problem}")
+    print("OK" if report.ok else "FAILED")
+    return 0 if report.ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vault", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -108,6 +140,16 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="enroll, verify, identify and delete against a server")
     d.add_argument("--target", default=os.environ.get("VAULT_LISTEN", "127.0.0.1:50051"))
     d.set_defaults(func=lambda a: __import__("vault.demo", fromlist=["run"]).run(a.target))
+
+    a = sub.add_parser("audit", help="audit log tools")
+    audit_sub = a.add_subparsers(dest="audit_command", required=True)
+    v = audit_sub.add_parser("verify", help="check the hash chain and the signed checkpoints")
+    v.add_argument("--data-dir", default=os.environ.get("VAULT_DATA_DIR", "./data"))
+    v.add_argument("--hsm-module", default=os.environ.get("VAULT_HSM_MODULE"))
+    v.add_argument("--hsm-token", default=os.environ.get("VAULT_HSM_TOKEN", "vault"))
+    v.add_argument("--public-key", help="verify offline with this hex Ed25519 public key "
+                                        "instead of the token's")
+    v.set_defaults(func=audit_verify)
 
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vault import he, logs
+from vault.audit import AuditLog
 from vault.decider import Decider, SlotRef
 from vault.errors import (AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound,
                           ResourceExhausted)
@@ -128,6 +129,7 @@ class Vault:
                  zero_pool_target: int | None = None, limits: AttemptLimits | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.store = store
+        self.audit: AuditLog | None = None  # set by open(); see vault.audit
         self.limits = limits or AttemptLimits()
         self._clock = clock
         self._attempts_lock = threading.Lock()
@@ -149,17 +151,26 @@ class Vault:
 
     @classmethod
     def open(cls, data_dir: Path, hsm_config: HsmConfig, **kwargs: object) -> Vault:
-        """Open (creating if needed) the vault whose database lives in ``data_dir``."""
+        """Open (creating if needed) the vault whose database lives in ``data_dir``, with
+        its audit log next to it."""
         store = Store(data_dir / "vault.db")
         try:
-            return cls(store, Hsm(hsm_config), **kwargs)  # type: ignore[arg-type]
+            vault = cls(store, Hsm(hsm_config), **kwargs)  # type: ignore[arg-type]
         except BaseException:
             store.close()
             raise
+        try:
+            vault.audit = AuditLog(data_dir / "audit.db", vault.hsm)
+        except BaseException:
+            vault.close()
+            raise
+        return vault
 
     def close(self) -> None:
         for gallery in self._galleries.values():
             gallery.close()
+        if self.audit is not None:
+            self.audit.close()
         self.store.close()
         self.hsm.close()
 

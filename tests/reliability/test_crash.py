@@ -8,6 +8,8 @@ records the figures for docs/RELIABILITY.md.
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -102,6 +104,10 @@ def test_sigkill_during_enrollment_loses_nothing_acknowledged(tmp_path: Path, fa
         server.stop()
     log = server.log_path.read_text()
     assert "integrity failure" not in log
+    # The audit chain survived every kill (a killed server leaves an unsigned tail, no break).
+    verified = subprocess.run([sys.executable, "-m", "vault", "audit", "verify", "--data-dir",
+                               str(server.data_dir)], capture_output=True, text=True, check=False)
+    assert verified.returncode == 0, verified.stdout
     assert len(acked) > 0
     record_figures("crash", {
         "kills": kills + kills_during_start, "kills_during_start": kills_during_start,

@@ -1,5 +1,5 @@
 """The data directory's filesystem fills up: enrollments fail cleanly, earlier data stays
-intact and matching, and service resumes by itself once space is freed.
+intact, the audit log fails closed, and service resumes by itself once space is freed.
 
 The filesystem is a real size-limited tmpfs mounted by the test (needs root, which the CI
 machine and the dev machines have); elsewhere the test is skipped and says why.
@@ -76,13 +76,20 @@ def test_disk_full_fails_enrollments_cleanly_and_recovers(small_fs: Path, tmp_pa
                 refused += 1
         assert refused == 5  # nothing fits on a full disk
         assert row_counts(server.data_dir / "vault.db") == before
-        # Earlier data is intact and still matches, reads keep working.
-        assert stub.GetCollection(pb.GetCollectionRequest(collection_id="c")).template_count == 3
+        # Reads need an audit entry too, and the audit log fails closed: a match is either
+        # answered correctly or refused as UNAVAILABLE, never answered unaudited.
         for n in range(3):
-            assert stub.Match(pb.MatchRequest(collection_id="c", subject_id=f"s{n}",
-                                              embedding=faces[n].tolist()), timeout=30).matched
+            try:
+                assert stub.Match(pb.MatchRequest(collection_id="c", subject_id=f"s{n}",
+                                                  embedding=faces[n].tolist()), timeout=30).matched
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.UNAVAILABLE and "audit" in err.details()
 
         ballast.unlink()  # space is freed: the same requests now succeed, no restart
+        assert stub.GetCollection(pb.GetCollectionRequest(collection_id="c")).template_count == 3
+        for n in range(3):  # earlier data is intact
+            assert stub.Match(pb.MatchRequest(collection_id="c", subject_id=f"s{n}",
+                                              embedding=faces[n].tolist()), timeout=30).matched
         for n in range(3, 8):
             stub.Enroll(pb.EnrollRequest(collection_id="c", subject_id=f"s{n}",
                                          embedding=faces[n].tolist(), request_id=f"e{n}"), timeout=30)

@@ -17,7 +17,7 @@ import grpc
 
 from vault import logs
 from vault.errors import InvalidArgument, VaultError
-from vault.service import CollectionInfo, MatchResult, Vault
+from vault.service import CollectionInfo, MatchResult, Vault, check_collection_id, check_subject_id
 from vault.v1 import vault_pb2, vault_pb2_grpc
 
 log = logs.get("vault.api")
@@ -31,10 +31,17 @@ def _guard(method: F) -> F:
     def wrapper(self: TemplateVaultServicer, request: Any, context: grpc.ServicerContext) -> Any:
         start = time.perf_counter()
         code = grpc.StatusCode.OK
+        audit: _Audit | None = None
         try:
-            return method(self, request, context)
+            audit = _Audit.begin(self._vault(), name, request, context)
+            response = method(self, request, context)
+            if audit is not None:
+                audit.end(response)
+            return response
         except VaultError as exc:
             code = exc.code
+            if audit is not None:
+                audit.failed(code)
             context.abort(exc.code, exc.message)
         except Exception as exc:  # noqa: BLE001 - the last line of defence
             if isinstance(exc, grpc.RpcError) or context.code() is not None:
@@ -42,12 +49,65 @@ def _guard(method: F) -> F:
             code = grpc.StatusCode.INTERNAL
             ref = secrets.token_hex(6)
             log.error("internal error", method=name, error_type=type(exc).__name__, ref=ref)
+            if audit is not None:
+                audit.failed(code)
             context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref})")
         finally:
             log.info("rpc", method=name, code=code.name,
                      duration_ms=round((time.perf_counter() - start) * 1e3, 2))
 
     return wrapper  # type: ignore[return-value]
+
+
+class _Audit:
+    """The two audit entries of one RPC (see :mod:`vault.audit`): subject ids as HMACs only."""
+
+    def __init__(self, vault: Vault, method: str, actor: str, collection_id: str,
+                 subjects: list[bytes]) -> None:
+        self.vault, self.method, self.actor = vault, method, actor
+        self.collection_id, self.subjects = collection_id, subjects
+        self.ref = secrets.token_hex(8)
+
+    @classmethod
+    def begin(cls, vault: Vault, method: str, request: Any,
+              context: grpc.ServicerContext) -> _Audit | None:
+        """Write the request entry; raises (refusing the request) if it cannot be written."""
+        if vault.audit is None:
+            return None
+        cid = getattr(request, "collection_id", "")
+        try:
+            cid = check_collection_id(cid)
+        except VaultError:
+            cid = "<invalid>" if cid else ""
+        subjects = []
+        subject_id = getattr(request, "subject_id", "")
+        if cid and cid != "<invalid>" and subject_id:
+            try:
+                subjects = [vault.integrity.subject_index(cid, check_subject_id(subject_id))]
+            except VaultError:
+                pass  # invalid ids are refused by the method itself; nothing to index
+        self = cls(vault, method, context.peer() or "", cid, subjects)
+        vault.audit.append("request", self.ref, self.actor, method, cid, subjects)
+        return self
+
+    def end(self, response: Any) -> None:
+        """Write the response entry; if it cannot be written the answer is withheld."""
+        outcome = "OK"
+        subjects = self.subjects
+        if isinstance(response, vault_pb2.MatchResponse):
+            outcome = "OK matched" if response.matched else "OK no_match"
+            if not subjects:  # 1:N: which subjects were named (as HMACs), never their scores
+                subjects = [self.vault.integrity.subject_index(self.collection_id, c.subject_id)
+                            for c in response.candidates]
+        self.vault.audit.append("response", self.ref, self.actor, self.method,
+                                self.collection_id, subjects, outcome)
+
+    def failed(self, code: grpc.StatusCode) -> None:
+        try:
+            self.vault.audit.append("response", self.ref, self.actor, self.method,
+                                    self.collection_id, self.subjects, code.name)
+        except VaultError:
+            pass  # the request fails anyway; the missing response entry shows in the log
 
 
 def _collection(info: CollectionInfo) -> vault_pb2.Collection:

@@ -14,6 +14,8 @@ Keys (labels, ``vN`` is the version):
 - ``vault/index/v1``: HMAC-SHA256, non-extractable. Blind index of subject and request ids.
 - ``vault/transform/v1``: HMAC-SHA256, non-extractable. Master key from which each
   collection's cancellable-transform seed is derived, per key version.
+- ``vault/audit/v1``: Ed25519 key pair, private half non-extractable. Signs the audit log's
+  checkpoints; the public half verifies them, in the token or exported.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ KEK = "kek"
 MAC = "mac"
 INDEX = "index"
 TRANSFORM = "transform"
+AUDIT = "audit"
+# DER of the Ed25519 curve OID 1.3.101.112, for CKA_EC_PARAMS.
+_ED25519_PARAMS = bytes.fromhex("06032b6570")
 _HMAC_KEYS = (MAC, INDEX, TRANSFORM)
 _LABEL = re.compile(r"^vault/(?P<name>[a-z]+)/v(?P<version>[0-9]+)$")
 
@@ -217,6 +222,45 @@ class Hsm:
         return self._call(run)
 
     # -- operations ----------------------------------------------------------------------
+
+    def ensure_audit_key(self) -> bool:
+        """Create the audit signing key pair if it is missing; True if it was created.
+
+        Unlike :meth:`ensure_keys` this never needs a guard: the audit key protects no
+        stored data, only the log entries signed from now on."""
+
+        def run(session: pkcs11.Session) -> bool:
+            found = list(session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY,
+                                              Attribute.LABEL: label(AUDIT, 1)}))
+            if found:
+                return False
+            params = session.create_domain_parameters(
+                KeyType.EC_EDWARDS, {Attribute.EC_PARAMS: _ED25519_PARAMS}, local=True)
+            params.generate_keypair(
+                mechanism=Mechanism.EC_EDWARDS_KEY_PAIR_GEN, store=True, label=label(AUDIT, 1),
+                private_template={Attribute.EXTRACTABLE: False, Attribute.SENSITIVE: True})
+            return True
+
+        return self._call(run)
+
+    def audit_sign(self, data: bytes) -> bytes:
+        """Ed25519 signature of ``data`` by the audit key (inside the token)."""
+
+        def run(session: pkcs11.Session) -> bytes:
+            key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=label(AUDIT, 1))
+            return key.sign(data, mechanism=Mechanism.EDDSA)
+
+        return self._call(run)
+
+    def audit_public_key(self) -> bytes:
+        """The raw 32-byte Ed25519 public key of the audit key."""
+
+        def run(session: pkcs11.Session) -> bytes:
+            key = session.get_key(object_class=ObjectClass.PUBLIC_KEY, label=label(AUDIT, 1))
+            point = bytes(key[Attribute.EC_POINT])
+            return point[2:] if len(point) == 34 and point[0] == 0x04 else point  # DER OCTET STRING
+
+        return self._call(run)
 
     def random(self, nbytes: int) -> bytes:
         """Random bytes from the token's generator."""
