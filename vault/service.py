@@ -75,7 +75,7 @@ class MatchResult:
 def check_collection_id(value: str) -> str:
     if not value:
         raise InvalidArgument("collection_id is empty")
-    if not _COLLECTION_ID.match(value):
+    if not _COLLECTION_ID.fullmatch(value):  # match() with '$' would let 'id\n' through
         raise InvalidArgument(
             "collection_id must be 1-64 characters of letters, digits, '.', '_' or '-'")
     return value

@@ -2,21 +2,77 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from concurrent import futures
+from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from vault import logs
 from vault.api.lifecycle import VaultHolder
 from vault.api.servicer import TemplateVaultServicer
 from vault.service import Vault
-from vault.v1 import vault_pb2, vault_pb2_grpc
+from vault.v1 import vault_pb2
 
 SERVICE_NAME = vault_pb2.DESCRIPTOR.services_by_name["TemplateVault"].full_name
 # An embedding of 1,024 floats is about 4 KiB: 1 MiB leaves room without inviting abuse.
 # Larger messages get RESOURCE_EXHAUSTED from gRPC itself, before any handler runs.
 MAX_MESSAGE_BYTES = 1 << 20
+
+log = logs.get("vault.api")
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes are not a valid message of the method's type.
+
+    grpc-python answers INTERNAL ("Exception deserializing request!") when a deserializer
+    raises, whatever it raises; so ours never raises and the handler refuses this instead,
+    with INVALID_ARGUMENT: the fault is the client's bytes, not the server.
+    """
+
+    __slots__ = ("type_name",)
+
+    def __init__(self, type_name: str) -> None:
+        self.type_name = type_name
+
+
+def _lenient(message: type[Message]) -> Callable[[bytes], Message | _Undecodable]:
+    def deserialize(data: bytes) -> Message | _Undecodable:
+        try:
+            return message.FromString(data)
+        except DecodeError:  # garbage, truncated fields, bad UTF-8 in a string
+            return _Undecodable(message.DESCRIPTOR.full_name)
+    return deserialize
+
+
+def _refusing_undecodable(name: str, behavior: Callable[[Any, grpc.ServicerContext], Any]
+                          ) -> Callable[[Any, grpc.ServicerContext], Any]:
+    @functools.wraps(behavior)
+    def handle(request: Any, context: grpc.ServicerContext) -> Any:
+        if isinstance(request, _Undecodable):
+            log.info("rpc", method=name, code="INVALID_ARGUMENT", kind="undecodable_request")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid {request.type_name}")
+        return behavior(request, context)
+    return handle
+
+
+def _add_template_vault(servicer: TemplateVaultServicer, server: grpc.Server) -> None:
+    """As the generated ``add_TemplateVaultServicer_to_server``, but an undecodable request
+    gets INVALID_ARGUMENT instead of INTERNAL."""
+    handlers = {}
+    for method in vault_pb2.DESCRIPTOR.services_by_name["TemplateVault"].methods:
+        request = getattr(vault_pb2, method.input_type.name)
+        response = getattr(vault_pb2, method.output_type.name)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            _refusing_undecodable(method.name, getattr(servicer, method.name)),
+            request_deserializer=_lenient(request),
+            response_serializer=response.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 def build_server(vault: Vault | VaultHolder, listen: str,
@@ -34,7 +90,7 @@ def build_server(vault: Vault | VaultHolder, listen: str,
             ("grpc.so_reuseport", 0),
         ],
     )
-    vault_pb2_grpc.add_TemplateVaultServicer_to_server(TemplateVaultServicer(vault), server)
+    _add_template_vault(TemplateVaultServicer(vault), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
