@@ -1,96 +1,145 @@
-"""Someone with write access to the SQLite file: swap, flip, replay, strip MACs."""
+"""Someone with write access to the data directory: swap, flip, replay, strip MACs.
+
+Every record the vault stores is bound by an HSM-keyed MAC (collections, template rows,
+journal pages, block rows over their file's digest). Each attack below must be caught at
+load or at match: the record never matches, the call gets DATA_LOSS, and the damage is
+logged.
+"""
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from vault.errors import DataLoss
 from vault.keys.hsm import HsmConfig
-from vault.service import Vault
+from vault.service import Tuning, Vault
+
+TUNING = Tuning(maintenance_interval=0, workers=0)
 
 
-def _enroll_two(vault: Vault, lfw) -> tuple[np.ndarray, np.ndarray]:
+def _open(path: Path, hsm_config: HsmConfig) -> Vault:
+    return Vault.open(path, hsm_config, tuning=TUNING)
+
+
+@pytest.fixture
+def vault(tmp_path: Path, hsm_config: HsmConfig):  # type: ignore[no-untyped-def]
+    v = _open(tmp_path / "data", hsm_config)
+    yield v
+    v.close()
+
+
+def _reopen(vault: Vault, hsm_config: HsmConfig) -> Vault:
+    path = vault.store.path.parent
+    vault.close()
+    return _open(path, hsm_config)
+
+
+def _enroll_two(vault: Vault, lfw, into_blocks: bool) -> tuple[np.ndarray, np.ndarray]:
     vault.create_collection("c", 128, 0.9)
     a, b = lfw["emb"][0], lfw["emb"][5]
     vault.enroll("c", "alice", a.tolist())
     vault.enroll("c", "bob", b.tolist())
+    if into_blocks:
+        vault.maintain(force=True)  # checkpoint: the journal page moves into a block
     return a, b
 
 
-def _reopen(vault: Vault, hsm_config: HsmConfig) -> Vault:
-    path = vault.store.path
-    vault.close()
-    return Vault.open(path.parent, hsm_config)
-
-
-def _swap_subjects(db: sqlite3.Connection) -> None:
+def _swap_subjects(db: sqlite3.Connection, _data: Path) -> None:
     (ta, sa), (tb, sb) = db.execute("SELECT template_id, subject_hmac FROM templates ORDER BY created_at")
     db.execute("UPDATE templates SET subject_hmac=? WHERE template_id=?", (sb, ta))
     db.execute("UPDATE templates SET subject_hmac=? WHERE template_id=?", (sa, tb))
 
 
-def _swap_slots(db: sqlite3.Connection) -> None:
+def _swap_slots(db: sqlite3.Connection, _data: Path) -> None:
     (ta, sa), (tb, sb) = db.execute("SELECT template_id, slot FROM templates ORDER BY created_at")
     db.execute("UPDATE templates SET slot=? WHERE template_id=?", (sb, ta))
     db.execute("UPDATE templates SET slot=? WHERE template_id=?", (sa, tb))
 
 
-def _flip_ciphertext_byte(db: sqlite3.Connection) -> None:
-    ct, = db.execute("SELECT ciphertext FROM block_ciphertexts WHERE dim=3").fetchone()
+def _flip_page_byte(db: sqlite3.Connection, _data: Path) -> None:
+    page_no, ct = db.execute("SELECT page_no, ciphertext FROM pages").fetchone()
     flipped = bytearray(ct)
-    flipped[len(flipped) // 2] ^= 0x01
-    db.execute("UPDATE block_ciphertexts SET ciphertext=? WHERE dim=3", (bytes(flipped),))
+    flipped[len(flipped) // 3] ^= 0x01
+    db.execute("UPDATE pages SET ciphertext=? WHERE page_no=?", (bytes(flipped), page_no))
 
 
-def _strip_macs(db: sqlite3.Connection) -> None:
+def _flip_block_file_byte(_db: sqlite3.Connection, data: Path) -> None:
+    (path,) = sorted((data / "blocks").rglob("*.blk"))
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+def _strip_macs(db: sqlite3.Connection, _data: Path) -> None:
     db.execute("UPDATE templates SET mac=x''")
 
 
-@pytest.mark.parametrize("attack", [_swap_subjects, _swap_slots, _flip_ciphertext_byte, _strip_macs])
+ATTACKS = [(_swap_subjects, False), (_swap_slots, False), (_strip_macs, False),
+           (_flip_page_byte, False), (_swap_subjects, True), (_swap_slots, True),
+           (_strip_macs, True), (_flip_block_file_byte, True)]
+
+
+@pytest.mark.parametrize("attack, in_blocks", ATTACKS,
+                         ids=[f"{a.__name__.strip('_')}-{'block' if b else 'page'}" for a, b in ATTACKS])
 def test_tampering_is_detected_and_never_matches(vault: Vault, hsm_config: HsmConfig, lfw,
-                                                 attack: Callable[[sqlite3.Connection], None]) -> None:
-    a, b = _enroll_two(vault, lfw)
+                                                 attack: Callable[[sqlite3.Connection, Path], None],
+                                                 in_blocks: bool, caplog) -> None:
+    a, b = _enroll_two(vault, lfw, in_blocks)
+    data = vault.store.path.parent
     db = sqlite3.connect(vault.store.path)
     with db:
-        attack(db)
+        attack(db, data)
     db.close()
-    if attack is _flip_ciphertext_byte:
-        # Block ciphertexts are matched from memory, written by the vault itself: the
-        # running vault still answers correctly; the damaged copy is caught at load.
+    if attack in (_flip_page_byte, _flip_block_file_byte):
+        # Ciphertexts are matched from the vault's own memory: a change on disk does not
+        # reach the running vault; the damaged copy is caught when it is next read.
         assert vault.verify("c", "alice", a.tolist()).matched
     else:
         # Rows are re-read and their MACs re-checked by every 1:1 match.
-        with pytest.raises(DataLoss):
+        with pytest.raises(DataLoss, match="integrity"):
             vault.verify("c", "alice", a.tolist())
-    # ... and at load: the damaged records are out of the gallery.
     vault = _reopen(vault, hsm_config)
     try:
         with pytest.raises(DataLoss, match="integrity"):
             vault.verify("c", "alice", a.tolist())
         for probe in (a, b):
             found = vault.identify("c", probe.tolist(), top_k=2, threshold=-1.0)
-            assert all(c.subject_id != "alice" or np.allclose(probe, a) for c in found.candidates)
+            # A tampered record is never named: neither subject of a swap, no one from a
+            # damaged ciphertext.
+            assert "alice" not in [c.subject_id for c in found.candidates]
     finally:
         vault.close()
 
 
-def test_replaying_an_old_block_state_is_detected(vault: Vault, hsm_config: HsmConfig, lfw) -> None:
+def test_a_block_file_changed_under_a_running_vault_stops_its_rewrite(vault: Vault, lfw) -> None:
+    """Jobs that rewrite a block read every prime from its file: a file changed since the
+    vault loaded it fails its digest, and the job refuses to build on it."""
+    a, _ = _enroll_two(vault, lfw, into_blocks=True)
+    _flip_block_file_byte(None, vault.store.path.parent)  # type: ignore[arg-type]
+    vault.delete_subject("c", "bob")
+    with pytest.raises(DataLoss, match="changed on disk"):
+        from vault.maintenance import compact
+        gallery = vault.galleries()[0]
+        compact(vault, gallery, next(iter(gallery.blocks)))
+    assert vault.verify("c", "alice", a.tolist()).matched  # matching is unaffected
+
+
+def test_replaying_an_old_journal_page_is_detected(vault: Vault, hsm_config: HsmConfig, lfw) -> None:
     vault.create_collection("c", 128, 0.9)
     a, c = lfw["emb"][0], lfw["emb"][9]
     vault.enroll("c", "alice", a.tolist())
     db = sqlite3.connect(vault.store.path)
-    old_head = db.execute("SELECT * FROM blocks").fetchall()
-    old_cts = db.execute("SELECT * FROM block_ciphertexts").fetchall()
+    old_page = db.execute("SELECT * FROM pages").fetchall()
     vault.enroll("c", "carol", c.tolist())
-    with db:  # put the block back as it was before carol enrolled
-        db.execute("DELETE FROM blocks")
-        db.execute("DELETE FROM block_ciphertexts")
-        db.executemany("INSERT INTO blocks VALUES (?,?,?,?,?,?,?)", old_head)
-        db.executemany("INSERT INTO block_ciphertexts VALUES (?,?,?,?,?)", old_cts)
+    with db:  # put the page back as it was before carol enrolled (a valid old MAC)
+        db.execute("DELETE FROM pages")
+        db.executemany("INSERT INTO pages VALUES (?,?,?,?,?,?,?)", old_page)
     db.close()
     vault = _reopen(vault, hsm_config)
     try:
@@ -101,8 +150,36 @@ def test_replaying_an_old_block_state_is_detected(vault: Vault, hsm_config: HsmC
         vault.close()
 
 
+def test_replaying_an_old_block_state_is_detected(vault: Vault, hsm_config: HsmConfig, lfw) -> None:
+    vault.create_collection("c", 128, 0.9)
+    a, c = lfw["emb"][0], lfw["emb"][9]
+    vault.enroll("c", "alice", a.tolist())
+    vault.maintain(force=True)
+    data = vault.store.path.parent
+    db = sqlite3.connect(vault.store.path)
+    old_row = db.execute("SELECT * FROM blocks").fetchall()
+    (old_file,) = (data / "blocks").rglob("*.blk")
+    saved = data.parent / "old-block"
+    shutil.copy(old_file, saved)
+    vault.enroll("c", "carol", c.tolist())
+    vault.maintain(force=True)  # carol moves into the same block: a new generation
+    vault.close()
+    with db:  # the attacker restores the old block row and its file
+        db.execute("DELETE FROM blocks")
+        db.executemany("INSERT INTO blocks VALUES (?,?,?,?,?,?,?,?,?,?)", old_row)
+    db.close()
+    shutil.copy(saved, old_file)
+    vault = _open(data, hsm_config)
+    try:
+        assert vault.verify("c", "alice", a.tolist()).matched
+        with pytest.raises(DataLoss):
+            vault.verify("c", "carol", c.tolist())
+    finally:
+        vault.close()
+
+
 def test_tampered_collection_record_is_data_loss(vault: Vault, hsm_config: HsmConfig, lfw) -> None:
-    a, _ = _enroll_two(vault, lfw)
+    a, _ = _enroll_two(vault, lfw, into_blocks=False)
     db = sqlite3.connect(vault.store.path)
     with db:
         db.execute("UPDATE collections SET threshold=-1.0")  # accept everyone

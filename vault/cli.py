@@ -1,4 +1,5 @@
-"""``vault`` command line: ``serve`` runs the service, ``demo`` exercises a running one."""
+"""``vault`` command line: ``serve`` runs the service; ``demo``, ``import`` and ``audit``
+work with a running one or its data directory."""
 
 from __future__ import annotations
 
@@ -29,9 +30,10 @@ def _is_loopback(listen: str) -> bool:
 def serve(args: argparse.Namespace) -> int:
     from vault.api.lifecycle import VaultHolder
     from vault.api.server import build_server
+    from vault.gallery import Routing
     from vault.keys import softhsm
     from vault.keys.hsm import HsmConfig
-    from vault.service import AttemptLimits, Vault
+    from vault.service import AttemptLimits, Tuning, Vault
 
     logs.configure()
     data_dir = Path(args.data_dir)
@@ -52,7 +54,10 @@ def serve(args: argparse.Namespace) -> int:
             first_start = not (data_dir / "vault.db").exists()
             hsm_config = softhsm.provision(data_dir / "hsm", args.hsm_token, create=first_start)
         limits = AttemptLimits(args.max_failed_verifications, args.lockout_seconds)
-        return Vault.open(data_dir, hsm_config, limits=limits)
+        tuning = Tuning(routing=Routing(args.route_fraction, args.route_min_blocks),
+                        journal_limit=args.journal_limit, erase_after=args.erase_after,
+                        workers=args.workers)
+        return Vault.open(data_dir, hsm_config, limits=limits, tuning=tuning)
 
     # The server starts even when the HSM is out: NOT_SERVING until the watcher opens it.
     holder = VaultHolder(open_vault, interval=args.hsm_check_interval)
@@ -108,6 +113,31 @@ def audit_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def import_file(args: argparse.Namespace) -> int:
+    """Stream a .npz file into a running vault; exit 1 if any item failed."""
+    from vault import import_client
+
+    logs.configure()
+    try:
+        report = import_client.run(args.target, args.collection, Path(args.file), args.batch)
+    except (OSError, ValueError) as exc:
+        print(f"cannot read {args.file}: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - a gRPC error: say it plainly
+        details = exc.details() if hasattr(exc, "details") else type(exc).__name__
+        print(f"import failed: {details}", file=sys.stderr)
+        return 2
+    print(f"stored {report.stored} of {report.total} templates in {report.seconds:.1f} s "
+          f"({report.rate:.0f}/s); failed {report.failed}")
+    for message, count in sorted(report.errors.items(), key=lambda kv: -kv[1]):
+        print(f"  {count} x {message}")
+    return 0 if report.failed == 0 else 1
+
+
+def _env_float(name: str, default: str) -> float:
+    return float(os.environ.get(name, default))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vault", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -132,6 +162,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lockout-seconds", type=float,
                    default=float(os.environ.get("VAULT_LOCKOUT_SECONDS", "300")),
                    help="how long a locked subject stays locked (env VAULT_LOCKOUT_SECONDS)")
+    p.add_argument("--erase-after", type=float, default=_env_float("VAULT_ERASE_AFTER", "60"),
+                   help="seconds after a deletion by which its values are removed from the "
+                        "stored ciphertexts (env VAULT_ERASE_AFTER)")
+    p.add_argument("--journal-limit", type=int,
+                   default=int(os.environ.get("VAULT_JOURNAL_LIMIT", "1024")),
+                   help="single enrollments kept in journal pages before they are merged "
+                        "into blocks (env VAULT_JOURNAL_LIMIT)")
+    p.add_argument("--route-fraction", type=float,
+                   default=_env_float("VAULT_ROUTE_FRACTION", "0.15"),
+                   help="share of clustered blocks a 1:N match scores, nearest the probe "
+                        "first (env VAULT_ROUTE_FRACTION; 1 scores them all)")
+    p.add_argument("--route-min-blocks", type=int,
+                   default=int(os.environ.get("VAULT_ROUTE_MIN_BLOCKS", "16")),
+                   help="below this many clustered blocks every one is scored")
+    p.add_argument("--workers", type=int, default=None,
+                   help="encryption worker processes (default: one per core)")
     p.add_argument("--allow-insecure-remote", action="store_true",
                    help="serve plaintext gRPC on a non-loopback address (containers behind a "
                         "private network only)")
@@ -140,6 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="enroll, verify, identify and delete against a server")
     d.add_argument("--target", default=os.environ.get("VAULT_LISTEN", "127.0.0.1:50051"))
     d.set_defaults(func=lambda a: __import__("vault.demo", fromlist=["run"]).run(a.target))
+
+    i = sub.add_parser("import", help="stream a .npz file of embeddings into a running vault")
+    i.add_argument("file", help="a .npz with 'embeddings' (n, D), 'subject_ids' (n,) and "
+                               "optionally 'request_ids' (n,)")
+    i.add_argument("--collection", required=True)
+    i.add_argument("--target", default=os.environ.get("VAULT_LISTEN", "127.0.0.1:50051"))
+    i.add_argument("--batch", type=int, default=256, help="items per message (1 MiB at most)")
+    i.set_defaults(func=import_file)
 
     a = sub.add_parser("audit", help="audit log tools")
     audit_sub = a.add_subparsers(dest="audit_command", required=True)

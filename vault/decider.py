@@ -1,49 +1,83 @@
-"""Decider: the only holder of CKKS secret keys. Decrypts score ciphertexts, nothing else.
+"""Decider: the only holder of CKKS secret keys.
 
-Its interface takes bytes and opaque group numbers, never subject ids, so that it can run
-as its own process later. What leaves it is a decision and, for the groups that reach the
-threshold, a score that was flooded with bounded noise and rounded to 3 decimals: CKKS
-decryptions handed to someone who chose the ciphertext leak the secret key (IND-CPA^D),
-and raw score vectors allow template reconstruction. Scores of slots the caller did not
-ask about never leave.
+It decrypts two kinds of ciphertexts, and releases nothing it decrypts:
+
+- **score ciphertexts** computed by the gallery. Of each it reads only the coefficients
+  the caller names (live templates' scores; journal pages arrive with every other
+  coefficient masked by uniform values mod q), keeps the best per group (subject), and
+  releases decisions and, for groups at or above the threshold, scores flooded with
+  bounded noise and rounded to 3 decimals. CKKS decryptions handed to someone who chose
+  the ciphertext leak the secret key (IND-CPA^D), and raw score vectors allow template
+  reconstruction: neither ever leaves.
+- **masked ciphertexts** for blind re-encryption (:meth:`Decider.reencrypt`): the matcher
+  adds a uniform mask R mod q to a template ciphertext, the decider decrypts ``m + R``
+  (uniform: it learns nothing), moves or erases coefficients (integer operations, which
+  commute with the mask), encrypts the result afresh and returns the ciphertext; the
+  matcher subtracts the moved mask. This is how journal pages become blocks and how
+  deleted templates leave the ciphertexts, without a template ever being decrypted.
+
+Its interface takes arrays and opaque group numbers, never subject ids, so that it can
+run as its own process later.
 """
 
 from __future__ import annotations
 
 import secrets
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
-import tenseal as ts
 
-from vault import he
 from vault.errors import FailedPrecondition
+from vault.he import HeParams, SecretContext, poly
 
 SCORE_DECIMALS = 3
 # Flooding noise, uniform in [-bound, bound], added to released scores before rounding.
 # Bounded so that a returned score stays within 1e-3 of the plaintext cosine: 5e-4
-# (rounding) + 1e-4 (noise) + at most 4.6e-4 (CKKS error of a full block, see vault.he).
+# (rounding) + 1e-4 (noise) + about 1e-5 (CKKS and quantisation error, see vault.he).
 NOISE_BOUND = 1e-4
 
 
 @dataclass(frozen=True)
-class SlotRef:
-    """A slot whose score the caller may learn, and the group (subject) it belongs to."""
+class ScoreCiphertext:
+    """A score ciphertext (2, 1, N) at the score prime, and which coefficients of its
+    plaintext are scores the caller may learn: their positions, the group (subject) of
+    each, and where the template sits (tier, loc, slot) so the caller can name it."""
 
-    block_no: int
-    slot: int
-    group: int
+    data: np.ndarray = field(repr=False)
+    ntt: bool
+    positions: np.ndarray = field(repr=False)
+    groups: np.ndarray = field(repr=False)
+    slots: np.ndarray = field(repr=False)
+    tier: int
+    loc: int
 
 
 @dataclass(frozen=True)
 class GroupScore:
+    """A group's released score, and the template that gave it."""
+
     group: int
     score: float
+    tier: int
+    loc: int
+    slot: int
 
     def __repr__(self) -> str:  # scores stay out of logs and tracebacks
         return f"GroupScore(group={self.group}, score=***)"
+
+
+@dataclass(frozen=True)
+class Moves:
+    """Coefficient moves for a blind re-encryption: target ``dst_ct[i]`` gets, at
+    coefficient ``dst_pos[i]``, source ``src_ct[i]``'s coefficient ``src_pos[i]``."""
+
+    targets: int
+    src_ct: np.ndarray
+    src_pos: np.ndarray
+    dst_ct: np.ndarray
+    dst_pos: np.ndarray
 
 
 class Decider:
@@ -51,12 +85,12 @@ class Decider:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._contexts: dict[tuple[str, int], ts.Context] = {}
+        self._contexts: dict[tuple[str, int], SecretContext] = {}
         self._rng = np.random.Generator(np.random.PCG64(secrets.randbits(128)))
 
     def load(self, collection_id: str, key_version: int, secret_context: bytes,
-             params: he.HeParams) -> None:
-        ctx = he.load_secret(secret_context, params)
+             params: HeParams) -> None:
+        ctx = SecretContext(secret_context, params)
         with self._lock:
             self._contexts[(collection_id, key_version)] = ctx
 
@@ -64,43 +98,71 @@ class Decider:
         with self._lock:
             self._contexts.pop((collection_id, key_version), None)
 
-    def _context(self, collection_id: str, key_version: int) -> ts.Context:
+    def _context(self, collection_id: str, key_version: int) -> SecretContext:
         with self._lock:
             ctx = self._contexts.get((collection_id, key_version))
         if ctx is None:
             raise FailedPrecondition("no decryption key loaded for this collection key version")
         return ctx
 
-    def decide(self, collection_id: str, key_version: int, score_cts: dict[int, bytes],
-               slots: Sequence[SlotRef], threshold: float, top_k: int) -> list[GroupScore]:
+    # -- decisions ------------------------------------------------------------------------
+
+    def decide(self, collection_id: str, key_version: int, parts: Sequence[ScoreCiphertext],
+               threshold: float, top_k: int) -> list[GroupScore]:
         """Best score per group, flooded and rounded; only groups reaching ``threshold``,
         best first, at most ``top_k``."""
         ctx = self._context(collection_id, key_version)
-        decrypted: dict[int, np.ndarray] = {}
-        for block_no, data in score_cts.items():
-            decrypted[block_no] = np.asarray(ts.ckks_vector_from(ctx, data).decrypt())
-        if not slots:
+        params = ctx.public.params
+        q = ctx.public.moduli[0]
+        scale = params.template_scale * params.probe_scale
+        values, groups, origin = [], [], []
+        for index, part in enumerate(parts):
+            if part.positions.size == 0:
+                continue
+            plain = ctx.decrypt(part.data, part.ntt)[0]
+            values.append(poly.centered(plain[part.positions], q) / scale)
+            groups.append(part.groups.astype(np.int64))
+            origin.append(np.stack([np.full(part.slots.size, index), part.slots]))
+        if not values:
             return []
-        raw = np.fromiter((decrypted[s.block_no][s.slot] for s in slots), dtype=np.float64,
-                          count=len(slots))
-        groups = np.fromiter((s.group for s in slots), dtype=np.int64, count=len(slots))
-        best: dict[int, float] = {}
-        for group, value in zip(groups.tolist(), raw.tolist()):
-            if value > best.get(group, -np.inf):
-                best[group] = value
-        group_ids = np.fromiter(best.keys(), dtype=np.int64, count=len(best))
-        values = np.fromiter(best.values(), dtype=np.float64, count=len(best))
+        value = np.concatenate(values)
+        group = np.concatenate(groups)
+        where = np.concatenate(origin, axis=1)
+        # Best template per group: sort by group, then value descending; first of each run.
+        order = np.lexsort((-value, group))
+        first = order[np.r_[True, group[order][1:] != group[order][:-1]]]
+        best, best_group = value[first], group[first]
         with self._lock:
-            noise = self._rng.uniform(-NOISE_BOUND, NOISE_BOUND, size=len(values))
-        released = np.clip(np.round(values + noise, SCORE_DECIMALS), -1.0, 1.0)
-        # Decide and rank on the decrypted value: the decision is one bit whatever noise
-        # is added, and rounding would otherwise flip decisions near the threshold and
-        # break ranking ties by group number.
-        keep = values >= threshold
-        # An accepted score is never shown below its threshold rounded like a score. (Not
-        # rounded up: a float32 threshold such as 0.9200000167 would lift 0.920 to 0.921.)
-        floor = round(threshold, SCORE_DECIMALS)
-        released = np.where(keep, np.maximum(released, floor), released)
-        order = np.argsort(-values[keep], kind="stable")[:top_k]
-        return [GroupScore(int(g), float(v)) for g, v in
-                zip(group_ids[keep][order], released[keep][order])]
+            noise = self._rng.uniform(-NOISE_BOUND, NOISE_BOUND, size=best.size)
+        released = np.clip(np.round(best + noise, SCORE_DECIMALS), -1.0, 1.0)
+        # Decide and rank on the decrypted value: the decision is one bit whatever noise is
+        # added, and rounding would otherwise flip decisions near the threshold.
+        keep = best >= threshold
+        # An accepted score is never shown below its threshold rounded like a score (not
+        # rounded up: a float32 threshold such as 0.9200000167 would lift 0.920 to 0.921).
+        released = np.where(keep, np.maximum(released, round(threshold, SCORE_DECIMALS)), released)
+        chosen = np.flatnonzero(keep)[np.argsort(-best[keep], kind="stable")][:top_k]
+        out = []
+        for i in chosen.tolist():
+            part = parts[int(where[0, first[i]])]
+            out.append(GroupScore(int(best_group[i]), float(released[i]), part.tier, part.loc,
+                                  int(where[1, first[i]])))
+        return out
+
+    # -- blind re-encryption --------------------------------------------------------------
+
+    def reencrypt(self, collection_id: str, key_version: int, masked: np.ndarray, ntt: bool,
+                  moves: Moves, encrypt: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """Fresh ciphertexts (targets, 2, levels, N), coefficient form, of the masked
+        plaintexts of ``masked`` (k, 2, levels, N) rearranged by ``moves``.
+
+        The plaintexts decrypted here are uniformly random (the caller masked them); they
+        are encrypted by ``encrypt`` (fresh public-key encryptions) and never returned.
+        """
+        ctx = self._context(collection_id, key_version)
+        levels = masked.shape[2]
+        plain = np.stack([ctx.decrypt(ct, ntt) for ct in masked])  # (k, levels, N)
+        target = np.zeros((moves.targets, levels, plain.shape[2]), np.uint64)
+        target[moves.dst_ct, :, moves.dst_pos] = plain[moves.src_ct, :, moves.src_pos]
+        del plain
+        return encrypt(target)

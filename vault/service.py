@@ -1,42 +1,65 @@
 """The vault's operations, wiring the roles together (the API layer calls only this).
 
 Order inside every state-changing operation: validate, then compute everything that needs
-the HSM (indexes, MACs, wrapping), then write in one transaction, then make the change
-visible in memory. A failure before the transaction writes nothing; the transaction is
-atomic; so no request leaves a partial write behind.
+the HSM (indexes, MACs, wrapping) and every ciphertext, then write in one transaction
+(block files first, fsynced, named by the rows), then make the change visible in memory.
+A failure before the transaction writes nothing; the transaction is atomic; so no request
+leaves a partial write behind.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
-import re
 import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from vault import he, logs
 from vault.audit import AuditLog
-from vault.decider import Decider, SlotRef
-from vault.errors import (AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound,
-                          ResourceExhausted)
-from vault.gallery import CollectionGallery, LiveTemplate, block_digest
+from vault.block_files import BlockFiles
+from vault.decider import Decider, GroupScore
+from vault.errors import AlreadyExists, DataLoss, FailedPrecondition, NotFound, ResourceExhausted
+from vault.gallery import CollectionGallery, Routing
+from vault.gallery import pages as page_ops
+from vault.gallery.blocks import Block
+from vault.gallery.pages import Page
+from vault.gallery.workers import EncryptionPool
 from vault.keys import envelope
 from vault.keys.hsm import Hsm, HsmConfig
 from vault.keys.integrity import Integrity, encode
-from vault.protector import MAX_DIMENSION, MIN_DIMENSION, Protector
-from vault.store import DELETED, LIVE, BlockRow, CollectionKeyRow, CollectionRow, Store, TemplateRow
+from vault.protector import Protector
+from vault.store import (
+    DELETED,
+    LIVE,
+    PAGE,
+    BlockRow,
+    CollectionKeyRow,
+    CollectionRow,
+    PageRow,
+    Store,
+    TemplateRow,
+)
+from vault.validation import (
+    check_collection_id,
+    check_dimension,
+    check_request_id,
+    check_subject_id,
+    check_threshold,
+    check_top_k,
+)
 
 log = logs.get("vault.service")
 
-MAX_TOP_K = 100
-MAX_SUBJECT_ID_BYTES = 256
-MAX_REQUEST_ID_BYTES = 128
-_COLLECTION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _PII_KEY = "pii"
+_SKETCH_KEY = "sketch"
 
 
 @dataclass(frozen=True)
@@ -47,6 +70,25 @@ class AttemptLimits:
 
     max_failures: int = 5  # 0: no limit (accuracy tests, trusted batch scripts)
     lockout_seconds: float = 300.0
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Knobs of the encrypted gallery (defaults suit the embedded server).
+
+    ``journal_limit``: journal templates that trigger a checkpoint into blocks (bounds
+    the pages every 1:N match scores). ``erase_after``: seconds after a deletion by which
+    its values are removed from the ciphertexts (plus one maintenance pass).
+    ``maintenance_interval``: seconds between maintenance passes (0: none; tests call
+    :meth:`Vault.maintain`). ``workers``: encryption processes (0 or 1: in process).
+    """
+
+    routing: Routing = field(default_factory=Routing)
+    journal_limit: int = 1024
+    erase_after: float = 60.0
+    maintenance_interval: float = 5.0
+    workers: int | None = None
+    import_chunk_bytes: int = 1 << 29
 
 
 @dataclass(frozen=True)
@@ -70,67 +112,16 @@ class MatchResult:
     candidates: list[Candidate]
 
 
-# -- validation of request fields ------------------------------------------------------------
-
-def check_collection_id(value: str) -> str:
-    if not value:
-        raise InvalidArgument("collection_id is empty")
-    if not _COLLECTION_ID.fullmatch(value):  # match() with '$' would let 'id\n' through
-        raise InvalidArgument(
-            "collection_id must be 1-64 characters of letters, digits, '.', '_' or '-'")
-    return value
-
-
-def _check_text_id(value: str, name: str, limit: int, required: bool) -> str:
-    if not value:
-        if required:
-            raise InvalidArgument(f"{name} is empty")
-        return value
-    size = len(value.encode("utf-8", errors="surrogatepass"))
-    if size > limit:
-        raise InvalidArgument(f"{name} is {size} bytes long, at most {limit} are allowed")
-    if any(ord(c) < 32 or 0xD800 <= ord(c) <= 0xDFFF for c in value):
-        raise InvalidArgument(f"{name} contains control characters or lone surrogates")
-    return value
-
-
-def check_subject_id(value: str) -> str:
-    return _check_text_id(value, "subject_id", MAX_SUBJECT_ID_BYTES, required=True)
-
-
-def check_request_id(value: str) -> str:
-    return _check_text_id(value, "request_id", MAX_REQUEST_ID_BYTES, required=False)
-
-
-def check_threshold(value: float) -> float:
-    if not math.isfinite(value) or not -1.0 <= value <= 1.0:
-        raise InvalidArgument("threshold must be a number in [-1, 1]")
-    return float(value)
-
-
-def check_top_k(value: int) -> int:
-    if value == 0:
-        return 1
-    if not 1 <= value <= MAX_TOP_K:
-        raise InvalidArgument(f"top_k must be between 1 and {MAX_TOP_K}")
-    return value
-
-
-def check_dimension(value: int) -> int:
-    if not MIN_DIMENSION <= value <= MAX_DIMENSION:
-        raise InvalidArgument(f"dimension must be between {MIN_DIMENSION} and {MAX_DIMENSION}")
-    return value
-
-
 class Vault:
-    """Enroll, match and delete over encrypted templates; keys in the HSM."""
+    """Enroll, import, match and delete over encrypted templates; keys in the HSM."""
 
-    def __init__(self, store: Store, hsm: Hsm, params: he.HeParams = he.DEFAULT_PARAMS,
-                 zero_pool_target: int | None = None, limits: AttemptLimits | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: Store, hsm: Hsm, data_dir: Path,
+                 params: he.HeParams = he.DEFAULT_PARAMS, limits: AttemptLimits | None = None,
+                 tuning: Tuning | None = None, clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.audit: AuditLog | None = None  # set by open(); see vault.audit
         self.limits = limits or AttemptLimits()
+        self.tuning = tuning or Tuning()
         self._clock = clock
         self._attempts_lock = threading.Lock()
         self.hsm = hsm
@@ -138,24 +129,35 @@ class Vault:
         self.integrity = Integrity(hsm)
         self.protector = Protector(hsm)
         self.decider = Decider()
-        self._zero_pool_target = zero_pool_target
+        self.files = BlockFiles(data_dir / "blocks")
+        self.encryption = EncryptionPool(self.tuning.workers)
         self._galleries: dict[str, CollectionGallery] = {}
         self._damaged: set[str] = set()
         self._create_lock = threading.Lock()
+        self._retired: list[tuple[float, Path, bool]] = []
+        self._retired_lock = threading.Lock()
         created = hsm.ensure_keys(create=not store.has_wrapped_keys())
         if created:
             log.info("key ceremony: created keys in the HSM", count=len(created))
         self._pii = envelope.DataKey(self._data_key(_PII_KEY))
+        self._sketch_key = envelope.DataKey(self._data_key(_SKETCH_KEY))
         for row in store.collections():
             self._load_collection(row)
+        keep = {self.files.path(c, v, b, g) for c, v, b, g in store.all_block_generations()}
+        swept = self.files.sweep(keep)
+        if swept:
+            log.warning("removed block files no committed row names (interrupted writes)",
+                        count=swept)
+        self._maintenance: threading.Thread | None = None
+        self._stop = threading.Event()
 
     @classmethod
     def open(cls, data_dir: Path, hsm_config: HsmConfig, **kwargs: object) -> Vault:
         """Open (creating if needed) the vault whose database lives in ``data_dir``, with
-        its audit log next to it."""
+        its audit log next to it, and start its maintenance thread."""
         store = Store(data_dir / "vault.db")
         try:
-            vault = cls(store, Hsm(hsm_config), **kwargs)  # type: ignore[arg-type]
+            vault = cls(store, Hsm(hsm_config), data_dir, **kwargs)  # type: ignore[arg-type]
         except BaseException:
             store.close()
             raise
@@ -164,11 +166,28 @@ class Vault:
         except BaseException:
             vault.close()
             raise
+        vault.start_maintenance()
         return vault
 
+    def start_maintenance(self) -> None:
+        """Run checkpoints, erasure and file clean-up in the background."""
+        if self.tuning.maintenance_interval <= 0 or self._maintenance is not None:
+            return
+        from vault.maintenance import run_forever
+        self._maintenance = threading.Thread(target=run_forever, args=(self, self._stop),
+                                             name="vault-maintenance", daemon=True)
+        self._maintenance.start()
+
+    def maintain(self, force: bool = False) -> None:
+        """One maintenance pass now (``force``: checkpoint and erase whatever is pending)."""
+        from vault.maintenance import run_once
+        run_once(self, force=force)
+
     def close(self) -> None:
-        for gallery in self._galleries.values():
-            gallery.close()
+        self._stop.set()
+        if self._maintenance is not None:
+            self._maintenance.join(timeout=60)
+        self.encryption.close()
         if self.audit is not None:
             self.audit.close()
         self.store.close()
@@ -186,16 +205,48 @@ class Vault:
             return key
         return self.hsm.unwrap(blob, aad)
 
-    # -- loading ---------------------------------------------------------------------------
+    # -- record MACs -------------------------------------------------------------------------
 
-    def _collection_mac(self, row: CollectionRow) -> bytes:
-        return self.integrity.mac("collection", row.collection_id, row.dimension,
-                                  float(row.threshold).hex(), row.key_version, row.min_key_version)
+    def _collection_fields(self, row: CollectionRow) -> tuple:
+        return ("collection", row.collection_id, row.dimension, float(row.threshold).hex(),
+                row.key_version, row.min_key_version)
+
+    def _block_fields(self, b: BlockRow) -> tuple:
+        return ("block", b.collection_id, b.key_version, b.block_no, b.kind, b.generation,
+                b.levels, b.fill, b.digest, b.sketch)
+
+    def _page_fields(self, p: PageRow) -> tuple:
+        return ("page", p.collection_id, p.key_version, p.page_no, p.generation, p.fill,
+                hashlib.sha256(p.ciphertext).digest())
+
+    def _template_fields(self, t: TemplateRow) -> tuple:
+        return ("template", t.collection_id, t.template_id, t.subject_hmac, t.key_version,
+                t.tier, t.loc, t.slot, t.request_hmac, t.state, t.erased)
+
+    def sign(self, row):  # type: ignore[no-untyped-def]
+        """The row with its MAC (computed in the HSM) filled in."""
+        fields = {CollectionRow: self._collection_fields, BlockRow: self._block_fields,
+                  PageRow: self._page_fields, TemplateRow: self._template_fields}[type(row)](row)
+        return dataclasses.replace(row, mac=self.integrity.mac(*fields))
+
+    def verified(self, row) -> bool:  # type: ignore[no-untyped-def]
+        fields = {CollectionRow: self._collection_fields, BlockRow: self._block_fields,
+                  PageRow: self._page_fields, TemplateRow: self._template_fields}[type(row)](row)
+        return self.integrity.check(row.mac, *fields)
+
+    def seal_sketch(self, collection_id: str, key_version: int, block_no: int,
+                    centroid: np.ndarray) -> bytes:
+        return self._sketch_key.encrypt(np.asarray(centroid, np.float32).tobytes(),
+                                        encode("sketch", collection_id, key_version, block_no))
+
+    def seal_subject(self, collection_id: str, subject_hmac: bytes, subject_id: str) -> bytes:
+        return self._pii.encrypt(subject_id.encode(), encode("subject-id", collection_id, subject_hmac))
+
+    # -- loading ---------------------------------------------------------------------------
 
     def _load_collection(self, row: CollectionRow) -> None:
         cid = row.collection_id
-        if not self.integrity.check(row.mac, "collection", cid, row.dimension,
-                                    float(row.threshold).hex(), row.key_version, row.min_key_version):
+        if not self.verified(row):
             self._damaged.add(cid)
             log.error("integrity failure", kind="collection", collection_id=cid)
             return
@@ -210,46 +261,95 @@ class Vault:
         self.decider.load(cid, row.key_version, secret, params)
         del secret
         gallery = CollectionGallery(cid, row.key_version, row.dimension, params,
-                                    key.public_context, self._zero_pool_target)
-        bad_blocks: set[int] = set()
-        used: dict[int, int] = {}
-        for block in self.store.blocks(cid, row.key_version):
-            cts = self.store.block_ciphertexts(cid, row.key_version, block.block_no)
-            ok = (len(cts) == row.dimension
-                  and block_digest(cts) == block.digest
-                  and self.integrity.check(block.mac, "block", cid, row.key_version, block.block_no,
-                                           block.generation, block.used, block.digest))
-            if not ok:
-                bad_blocks.add(block.block_no)
-                continue
-            gallery.load_block(block.block_no, cts, block.generation, block.used)
-            used[block.block_no] = block.used
-        bad_templates = 0
-        seen_slots: set[tuple[int, int]] = set()
-        for t in self.store.live_templates(cid, row.key_version):
-            place = (t.block_no, t.slot)
-            # A slot beyond the block's fill level means an old block state was replayed.
-            if (t.block_no in bad_blocks or place in seen_slots
-                    or t.slot >= used.get(t.block_no, 0) or not self._template_ok(t)):
-                bad_templates += 1
-                continue
-            seen_slots.add(place)
-            gallery.add_live(LiveTemplate(t.template_id, t.subject_hmac, t.block_no, t.slot))
-        if bad_blocks or bad_templates:
-            log.error("integrity failure", kind="records", collection_id=cid,
-                      blocks=len(bad_blocks), count=bad_templates)
+                                    key.public_context, self.tuning.routing)
+        bad = self._load_blocks(gallery) + self._load_pages(gallery)
+        gallery.reserve_page_numbers(self.store.max_loc(cid, row.key_version, PAGE) + 1)
+        bad_templates = self._load_templates(gallery)
+        if bad or bad_templates:
+            log.error("integrity failure", kind="records", collection_id=cid, blocks=bad,
+                      count=bad_templates)
         self._galleries[cid] = gallery
         log.info("collection loaded", collection_id=cid, key_version=row.key_version,
-                 template_count=gallery.template_count())
+                 template_count=gallery.template_count(), blocks_total=len(gallery.blocks))
 
-    def _template_mac(self, t: TemplateRow, state: int) -> bytes:
-        return self.integrity.mac("template", t.collection_id, t.template_id, t.subject_hmac,
-                                  t.key_version, t.block_no, t.slot, t.request_hmac, state)
+    def _load_blocks(self, gallery: CollectionGallery) -> int:
+        """Install every block whose row MAC and file digest agree; returns the bad ones."""
+        cid, version = gallery.collection_id, gallery.key_version
+        rows = self.store.blocks(cid, version)
 
-    def _template_ok(self, t: TemplateRow) -> bool:
-        return self.integrity.check(t.mac, "template", t.collection_id, t.template_id,
-                                    t.subject_hmac, t.key_version, t.block_no, t.slot,
-                                    t.request_hmac, t.state)
+        def read(b: BlockRow) -> tuple[np.ndarray, bytes] | None:
+            try:  # hashing and file reads release the GIL: several at once
+                residues, digest = BlockFiles.read(
+                    self.files.path(cid, version, b.block_no, b.generation), levels=1)
+            except (OSError, ValueError):
+                return None
+            return residues[0], digest
+
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            loaded = list(pool.map(read, rows))
+        bad = 0
+        for b, found in zip(rows, loaded):
+            if (found is None or found[1] != b.digest or not self.verified(b)
+                    or found[0].shape != (gallery.dimension, 2, gallery.params.slots)):
+                bad += 1
+                continue
+            centroid = None
+            if b.sketch is not None:
+                raw = self._sketch_key.decrypt(b.sketch, encode("sketch", cid, version, b.block_no))
+                centroid = np.frombuffer(raw, np.float32).copy()
+            gallery.install_block(Block(b.block_no, b.kind, b.generation, b.fill, b.levels,
+                                        found[0], b.digest,
+                                        np.full(gallery.params.slots, -1, np.int32), centroid))
+        return bad
+
+    def read_block(self, gallery: CollectionGallery, block: Block) -> np.ndarray:
+        """Every prime of a block, (D, 2, levels, N), read from its file and checked."""
+        path = self.files.path(gallery.collection_id, gallery.key_version, block.block_no,
+                               block.generation)
+        try:
+            residues, digest = BlockFiles.read(path)
+        except (OSError, ValueError) as exc:
+            raise DataLoss("a block file is missing or unreadable") from exc
+        if digest != block.digest:
+            log.error("integrity failure", kind="block_file", collection_id=gallery.collection_id)
+            raise DataLoss("a block file changed on disk")
+        return np.stack(residues, axis=2)
+
+    def _load_pages(self, gallery: CollectionGallery) -> int:
+        bad = 0
+        for p in self.store.pages(gallery.collection_id, gallery.key_version):
+            if not self.verified(p):
+                bad += 1
+                continue
+            try:
+                levels = page_ops.packed_levels(p.ciphertext, gallery.params.slots, gallery.ctx.moduli)
+                ct = page_ops.unpack(p.ciphertext, levels, gallery.params.slots, gallery.ctx.moduli)
+            except ValueError:
+                bad += 1
+                continue
+            gallery.install_page(Page(p.page_no, p.generation, p.fill, ct,
+                                      np.full(gallery.page_slots, -1, np.int32)))
+        return bad
+
+    def _load_templates(self, gallery: CollectionGallery) -> int:
+        """Mark live slots. A template whose holder is missing or damaged, whose slot is
+        beyond its holder's fill (an old holder state replayed), or that shares its slot
+        with another (a swapped place) never matches. MACs of template rows are checked
+        where it matters, before anything about a subject is released."""
+        seen: set[tuple[int, int, int]] = set()
+        bad = 0
+        for subject_hmac, tier, loc, slot in self.store.live_places(gallery.collection_id,
+                                                                     gallery.key_version):
+            holder = gallery.pages.get(loc) if tier == PAGE else gallery.blocks.get(loc)
+            place = (tier, loc, slot)
+            if holder is None or not 0 <= slot < holder.fill or place in seen:
+                bad += 1
+                if place in seen:
+                    gallery.set_live(tier, loc, slot, -1)
+                continue
+            seen.add(place)
+            gallery.set_live(tier, loc, slot, gallery.group(subject_hmac))
+        return bad
 
     def _collection(self, collection_id: str) -> tuple[CollectionRow, CollectionGallery]:
         check_collection_id(collection_id)
@@ -265,6 +365,23 @@ class Vault:
             raise FailedPrecondition("collection key version is below its minimum")
         return row, gallery
 
+    def galleries(self) -> list[CollectionGallery]:
+        return list(self._galleries.values())
+
+    def retire(self, path: Path, erase: bool) -> None:
+        """Remove a replaced block file after a grace period (matches in flight may still
+        read its mapping); ``erase``: zero-fill it first (it held erased values)."""
+        with self._retired_lock:
+            self._retired.append((time.monotonic(), path, erase))
+
+    def sweep_retired(self, grace: float, everything: bool = False) -> None:
+        now = time.monotonic()
+        with self._retired_lock:
+            due = [r for r in self._retired if everything or now - r[0] >= grace]
+            self._retired = [r for r in self._retired if r not in due]
+        for _, path, erase in due:
+            BlockFiles.remove(path, erase=erase)
+
     # -- operations ------------------------------------------------------------------------
 
     def create_collection(self, collection_id: str, dimension: int, threshold: float) -> CollectionInfo:
@@ -278,13 +395,14 @@ class Vault:
             secret, public = he.generate(self.params)
             params_json = self.params.to_json()
             sealed = envelope.seal(self.hsm, secret, encode("ckks-secret", collection_id, 1, params_json))
-            row = CollectionRow(collection_id, dimension, threshold, 1, 1, b"")
-            row = CollectionRow(collection_id, dimension, threshold, 1, 1, self._collection_mac(row))
-            self.store.insert_collection(row, CollectionKeyRow(collection_id, 1, params_json, public, sealed))
+            row = self.sign(CollectionRow(collection_id, dimension, threshold, 1, 1, b""))
+            gallery = CollectionGallery(collection_id, 1, dimension, self.params, public,
+                                        self.tuning.routing)
+            self.store.insert_collection(row, CollectionKeyRow(collection_id, 1, params_json,
+                                                               public, sealed))
             self.decider.load(collection_id, 1, secret, self.params)
             del secret
-            self._galleries[collection_id] = CollectionGallery(
-                collection_id, 1, dimension, self.params, public, self._zero_pool_target)
+            self._galleries[collection_id] = gallery
         log.info("collection created", collection_id=collection_id, dimension=dimension)
         return CollectionInfo(collection_id, dimension, threshold, 1, 0)
 
@@ -293,48 +411,57 @@ class Vault:
         return CollectionInfo(row.collection_id, row.dimension, row.threshold, row.key_version,
                               gallery.template_count())
 
+    def _previous(self, request_hmac: bytes | None, subject_hmac: bytes) -> tuple[str, int] | None:
+        """The first answer to a retried request id, if any."""
+        if request_hmac is None:
+            return None
+        previous = self.store.template_by_request(request_hmac)
+        if previous is None:
+            return None
+        if previous.subject_hmac != subject_hmac:
+            raise AlreadyExists("request_id was already used for another subject")
+        return previous.template_id, previous.key_version
+
     def enroll(self, collection_id: str, subject_id: str, embedding: Sequence[float],
                request_id: str = "") -> tuple[str, int]:
-        """Store one protected, encrypted template. Returns (template_id, key_version).
-
-        A repeated ``request_id`` returns the first answer and stores nothing new.
-        """
+        """Store one protected, encrypted template in the journal. Returns (template_id,
+        key_version). A repeated ``request_id`` returns the first answer, stores nothing."""
         row, gallery = self._collection(collection_id)
         check_subject_id(subject_id)
         check_request_id(request_id)
         template = self.protector.protect(collection_id, row.key_version, row.dimension, embedding)
         subject_hmac = self.integrity.subject_index(collection_id, subject_id)
         request_hmac = self.integrity.request_index(collection_id, request_id) if request_id else None
+        version = row.key_version
         with gallery.write_lock:
-            if request_hmac is not None:
-                previous = self.store.template_by_request(request_hmac)
-                if previous is not None:
-                    if previous.subject_hmac != subject_hmac:
-                        raise AlreadyExists("request_id was already used for another subject")
-                    return previous.template_id, previous.key_version
-            (write,) = gallery.prepare(template)
-            t = TemplateRow(uuid.uuid4().hex, collection_id, subject_hmac, row.key_version,
-                            write.block_no, write.slot[0], request_hmac, LIVE, b"")
-            t = dataclasses.replace(t, mac=self._template_mac(t, LIVE))
-            head = BlockRow(collection_id, row.key_version, write.block_no, write.generation,
-                            write.used, write.digest,
-                            self.integrity.mac("block", collection_id, row.key_version, write.block_no,
-                                               write.generation, write.used, write.digest))
-            sealed_subject = self._pii.encrypt(subject_id.encode(),
-                                               encode("subject-id", collection_id, subject_hmac))
-            self.store.write_enrollment([(head, write.ct_bytes)], [t],
-                                        [(collection_id, subject_hmac, sealed_subject)])
-            gallery.apply([write], [LiveTemplate(t.template_id, subject_hmac, t.block_no, t.slot)])
-        return t.template_id, row.key_version
+            previous = self._previous(request_hmac, subject_hmac)
+            if previous is not None:
+                return previous
+            page_no, slot, page = gallery.next_page_slot()
+            ct = page_ops.write(gallery.ctx, page.ct if page is not None else None, slot,
+                                template[None, :])
+            levels = ct.shape[1]
+            page_row = self.sign(PageRow(collection_id, version, page_no,
+                                         (page.generation if page else 0) + 1, slot + 1,
+                                         page_ops.pack(ct, gallery.ctx.level_moduli(levels)), b""))
+            t = self.sign(TemplateRow(uuid.uuid4().hex, collection_id, subject_hmac, version,
+                                      PAGE, page_no, slot, request_hmac, LIVE, 0, b""))
+            sealed = self.seal_subject(collection_id, subject_hmac, subject_id)
+            self.store.write_templates([page_row], [], [t], [(collection_id, subject_hmac, sealed)])
+            groups = (page.groups.copy() if page is not None
+                      else np.full(gallery.page_slots, -1, np.int32))
+            groups[slot] = gallery.group(subject_hmac)
+            gallery.install_page(Page(page_no, page_row.generation, page_row.fill, ct, groups))
+        return t.template_id, version
 
-    def _checked_subject_templates(self, collection_id: str, gallery: CollectionGallery,
-                                   subject_hmac: bytes) -> list[TemplateRow]:
+    def _subject_rows(self, collection_id: str, gallery: CollectionGallery,
+                      subject_hmac: bytes) -> list[TemplateRow]:
+        """A subject's live template rows, every MAC checked; DATA_LOSS otherwise."""
         rows = self.store.subject_templates(collection_id, subject_hmac)
         if not rows:
             raise NotFound("subject not found in this collection")
-        live = {t.template_id for t in gallery.subject_templates(subject_hmac)}
         for t in rows:
-            if not self._template_ok(t) or t.template_id not in live:
+            if not self.verified(t) or t.key_version != gallery.key_version:
                 log.error("integrity failure", kind="template", collection_id=collection_id)
                 raise DataLoss("a stored template of this subject failed its integrity check")
         return rows
@@ -348,11 +475,16 @@ class Vault:
         threshold = row.threshold if threshold is None else check_threshold(threshold)
         probe = self.protector.protect(collection_id, row.key_version, row.dimension, embedding)
         subject_hmac = self.integrity.subject_index(collection_id, subject_id)
-        rows = self._checked_subject_templates(collection_id, gallery, subject_hmac)
+        with gallery.write_lock:  # rows and the holders they name, as of one moment
+            rows = self._subject_rows(collection_id, gallery, subject_hmac)
+            group = gallery.group(subject_hmac)
+            held = gallery.resolve([(t.tier, t.loc, t.slot) for t in rows], group)
+        if held is None:
+            log.error("integrity failure", kind="template_place", collection_id=collection_id)
+            raise DataLoss("a stored template of this subject failed its integrity check")
         self._check_not_locked(collection_id, subject_hmac)
-        scores = gallery.score(probe, {t.block_no for t in rows}, cancelled)
-        slots = [SlotRef(t.block_no, t.slot, 0) for t in rows]
-        decided = self.decider.decide(collection_id, row.key_version, scores, slots, threshold, 1)
+        parts = gallery.score_held(probe, held, cancelled)
+        decided = self.decider.decide(collection_id, row.key_version, parts, threshold, 1)
         self._count_attempt(collection_id, subject_hmac, success=bool(decided))
         if not decided:
             return MatchResult(False, [])
@@ -389,27 +521,31 @@ class Vault:
         top_k = check_top_k(top_k)
         threshold = row.threshold if threshold is None else check_threshold(threshold)
         probe = self.protector.protect(collection_id, row.key_version, row.dimension, embedding)
-        live = gallery.live_templates()
-        if not live:
-            return MatchResult(False, [])
-        group_of: dict[bytes, int] = {}
-        slots = [SlotRef(t.block_no, t.slot, group_of.setdefault(t.subject_hmac, len(group_of)))
-                 for t in live]
-        subjects = list(group_of)
-        scores = gallery.score(probe, {t.block_no for t in live}, cancelled)
-        decided = self.decider.decide(collection_id, row.key_version, scores, slots, threshold, top_k)
-        candidates = []
-        for d in decided:
-            subject_hmac = subjects[d.group]
-            sealed = self.store.sealed_subject_id(collection_id, subject_hmac)
-            if sealed is None:  # deleted between scoring and now
-                continue
-            subject_id = self._pii.decrypt(sealed, encode("subject-id", collection_id, subject_hmac))
-            candidates.append(Candidate(subject_id.decode(), d.score))
+        parts = gallery.score_all(probe, cancelled)
+        decided = self.decider.decide(collection_id, row.key_version, parts, threshold, top_k)
+        candidates = [c for c in (self._release(collection_id, gallery, d) for d in decided) if c]
         return MatchResult(bool(candidates), candidates)
 
+    def _release(self, collection_id: str, gallery: CollectionGallery,
+                 decided: GroupScore) -> Candidate | None:
+        """The subject id behind a decided group, after checking its rows' MACs; a
+        tampered record is logged and never named."""
+        subject_hmac = gallery.subject(decided.group)
+        try:
+            self._subject_rows(collection_id, gallery, subject_hmac)
+        except NotFound:
+            return None  # deleted between scoring and now
+        except DataLoss:
+            return None  # logged by _subject_rows
+        sealed = self.store.sealed_subject_id(collection_id, subject_hmac)
+        if sealed is None:
+            return None
+        subject_id = self._pii.decrypt(sealed, encode("subject-id", collection_id, subject_hmac))
+        return Candidate(subject_id.decode(), decided.score)
+
     def delete_subject(self, collection_id: str, subject_id: str) -> int:
-        """Tombstone every template of the subject: none of them matches from now on."""
+        """Tombstone every template of the subject: none of them matches from now on; their
+        values leave the ciphertexts within ``Tuning.erase_after`` (maintenance)."""
         _, gallery = self._collection(collection_id)
         check_subject_id(subject_id)
         subject_hmac = self.integrity.subject_index(collection_id, subject_id)
@@ -417,7 +553,19 @@ class Vault:
             rows = self.store.subject_templates(collection_id, subject_hmac)
             if not rows:
                 raise NotFound("subject not found in this collection")
-            macs = {t.template_id: self._template_mac(t, DELETED) for t in rows}
-            self.store.mark_deleted(collection_id, subject_hmac, macs)
-            gallery.remove_templates(macs)
+            dead = [self.sign(dataclasses.replace(t, state=DELETED)) for t in rows]
+            self.store.mark_deleted(collection_id, subject_hmac, dead)
+            for t in rows:
+                gallery.set_live(t.tier, t.loc, t.slot, -1)
         return len(rows)
+
+    def start_import(self, collection_id: str):  # type: ignore[no-untyped-def]
+        """A bulk import session (:mod:`vault.imports`)."""
+        from vault.imports import ImportSession
+        return ImportSession(self, collection_id)
+
+    def block_row(self, gallery: CollectionGallery, block: Block, digest: bytes,
+                  sketch: bytes | None) -> BlockRow:
+        return self.sign(BlockRow(gallery.collection_id, gallery.key_version, block.block_no,
+                                  block.kind, block.generation, block.levels, block.fill, digest,
+                                  sketch, b""))

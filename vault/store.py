@@ -1,18 +1,21 @@
-"""Store: SQLite file with metadata, ciphertexts, wrapped keys.
+"""Store role, part 1: the SQLite file with metadata, journal pages, wrapped keys.
 
 WAL journal with ``synchronous=FULL`` (an acknowledged write survives power loss) and
 ``secure_delete`` (freed pages are zeroed, so overwritten ciphertexts and deleted rows do
 not linger in the file). Every multi-row change is one transaction: a crash leaves either
-the old or the new state, never half of an enrollment.
+the old or the new state, never half of an enrollment. Block ciphertexts live in files
+(:mod:`vault.block_files`), named by the block rows here.
 
 What is stored, and in what form:
 
 - subject ids: AES-GCM under a data key wrapped by the HSM, found by an HMAC blind index;
 - request ids: only their HMAC;
-- templates: no values at all, only where their encrypted values sit (block, slot);
-- block ciphertexts: CKKS ciphertexts under the collection's public key;
+- templates: no values at all, only where their encrypted values sit (tier, page or
+  block, slot) and whether they were erased from the ciphertexts;
+- journal pages: CKKS ciphertexts under the collection's public key;
+- block sketches (pre-filter centroids): AES-GCM under a data key wrapped by the HSM;
 - CKKS secret contexts and data keys: wrapped by the HSM key-encryption key;
-- a MAC keyed in the HSM on every template row and every block.
+- a MAC keyed in the HSM on every collection, template, page and block row.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from pathlib import Path
 
 from vault.errors import ResourceExhausted, Unavailable
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -70,22 +73,38 @@ CREATE TABLE IF NOT EXISTS templates (
   collection_id TEXT NOT NULL,
   subject_hmac BLOB NOT NULL,
   key_version INTEGER NOT NULL,
-  block_no INTEGER NOT NULL,
+  tier INTEGER NOT NULL,
+  loc INTEGER NOT NULL,
   slot INTEGER NOT NULL,
   request_hmac BLOB UNIQUE,
   state INTEGER NOT NULL,
+  erased INTEGER NOT NULL,
   created_at REAL NOT NULL,
+  deleted_at REAL,
   mac BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS templates_by_subject ON templates (collection_id, subject_hmac);
-CREATE INDEX IF NOT EXISTS templates_by_block ON templates (collection_id, key_version, block_no);
+CREATE INDEX IF NOT EXISTS templates_by_place ON templates (collection_id, key_version, tier, loc, slot);
+CREATE TABLE IF NOT EXISTS pages (
+  collection_id TEXT NOT NULL,
+  key_version INTEGER NOT NULL,
+  page_no INTEGER NOT NULL,
+  generation INTEGER NOT NULL,
+  fill INTEGER NOT NULL,
+  ciphertext BLOB NOT NULL,
+  mac BLOB NOT NULL,
+  PRIMARY KEY (collection_id, key_version, page_no)
+);
 CREATE TABLE IF NOT EXISTS blocks (
   collection_id TEXT NOT NULL,
   key_version INTEGER NOT NULL,
   block_no INTEGER NOT NULL,
+  kind INTEGER NOT NULL,
   generation INTEGER NOT NULL,
-  used INTEGER NOT NULL,
+  levels INTEGER NOT NULL,
+  fill INTEGER NOT NULL,
   digest BLOB NOT NULL,
+  sketch BLOB,
   mac BLOB NOT NULL,
   PRIMARY KEY (collection_id, key_version, block_no)
 );
@@ -96,18 +115,18 @@ CREATE TABLE IF NOT EXISTS verify_attempts (
   locked_until REAL NOT NULL,
   PRIMARY KEY (collection_id, subject_hmac)
 );
-CREATE TABLE IF NOT EXISTS block_ciphertexts (
-  collection_id TEXT NOT NULL,
-  key_version INTEGER NOT NULL,
-  block_no INTEGER NOT NULL,
-  dim INTEGER NOT NULL,
-  ciphertext BLOB NOT NULL,
-  PRIMARY KEY (collection_id, key_version, block_no, dim)
-);
 """
 
 LIVE = 1
 DELETED = 2
+# Where a template's encrypted values sit: a journal page (template-major, written by
+# single enrollments) or a block (dimension-major, written by imports and checkpoints).
+PAGE = 0
+BLOCK = 1
+# Blocks: CLUSTERED ones come from an import chunk's balanced clustering and carry a
+# sketch (centroid) for the pre-filter; MIXED ones are filled in arrival order.
+CLUSTERED = 1
+MIXED = 2
 
 
 @dataclass(frozen=True)
@@ -135,14 +154,31 @@ class TemplateRow:
     collection_id: str
     subject_hmac: bytes
     key_version: int
-    block_no: int
+    tier: int
+    loc: int
     slot: int
     request_hmac: bytes | None
     state: int
+    erased: int
     mac: bytes
 
     def __repr__(self) -> str:
-        return f"TemplateRow(template_id={self.template_id!r}, block_no={self.block_no}, slot={self.slot})"
+        return (f"TemplateRow(template_id={self.template_id!r}, tier={self.tier}, "
+                f"loc={self.loc}, slot={self.slot})")
+
+
+@dataclass(frozen=True)
+class PageRow:
+    collection_id: str
+    key_version: int
+    page_no: int
+    generation: int
+    fill: int
+    ciphertext: bytes
+    mac: bytes
+
+    def __repr__(self) -> str:
+        return f"PageRow(page_no={self.page_no}, generation={self.generation}, fill={self.fill})"
 
 
 @dataclass(frozen=True)
@@ -150,10 +186,16 @@ class BlockRow:
     collection_id: str
     key_version: int
     block_no: int
+    kind: int
     generation: int
-    used: int
+    levels: int
+    fill: int
     digest: bytes
+    sketch: bytes | None
     mac: bytes
+
+    def __repr__(self) -> str:
+        return f"BlockRow(block_no={self.block_no}, generation={self.generation}, fill={self.fill})"
 
 
 # Primary SQLite result codes (the low byte of an extended code).
@@ -196,6 +238,11 @@ class Store:
                     db.execute(statement)
             db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
                        (SCHEMA_VERSION,))
+            (found,) = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if int(found) != SCHEMA_VERSION:
+            self._db.close()
+            raise Unavailable(f"database schema version {int(found)} is not {SCHEMA_VERSION}: "
+                              "this vault cannot open it")
 
     def close(self) -> None:
         with self._lock:
@@ -277,56 +324,128 @@ class Store:
 
     # -- templates -----------------------------------------------------------------------
 
-    _TEMPLATE_COLUMNS = ("template_id, collection_id, subject_hmac, key_version, block_no, slot, "
-                         "request_hmac, state, mac")
+    _TEMPLATE_COLUMNS = ("template_id, collection_id, subject_hmac, key_version, tier, loc, slot, "
+                         "request_hmac, state, erased, mac")
 
     def template_by_request(self, request_hmac: bytes) -> TemplateRow | None:
         rows = self._query(f"SELECT {self._TEMPLATE_COLUMNS} FROM templates WHERE request_hmac=?",
                            (request_hmac,))
         return TemplateRow(*rows[0]) if rows else None
 
+    def existing_requests(self, request_hmacs: list[bytes]) -> set[bytes]:
+        """Which of these request HMACs already name a template."""
+        found: set[bytes] = set()
+        for start in range(0, len(request_hmacs), 500):
+            part = request_hmacs[start:start + 500]
+            found.update(r[0] for r in self._query(
+                f"SELECT request_hmac FROM templates WHERE request_hmac IN ({','.join('?' * len(part))})",
+                tuple(part)))
+        return found
+
     def subject_templates(self, collection_id: str, subject_hmac: bytes) -> list[TemplateRow]:
+        """The live templates of a subject."""
         return [TemplateRow(*r) for r in self._query(
             f"SELECT {self._TEMPLATE_COLUMNS} FROM templates WHERE collection_id=? AND subject_hmac=? "
             "AND state=? ORDER BY template_id", (collection_id, subject_hmac, LIVE))]
 
-    def live_templates(self, collection_id: str, key_version: int) -> list[TemplateRow]:
+    def template_at(self, collection_id: str, key_version: int, tier: int, loc: int,
+                    slot: int) -> TemplateRow | None:
+        """The live template at a place, if any."""
+        rows = self._query(
+            f"SELECT {self._TEMPLATE_COLUMNS} FROM templates WHERE collection_id=? AND key_version=? "
+            "AND tier=? AND loc=? AND slot=? AND state=?",
+            (collection_id, key_version, tier, loc, slot, LIVE))
+        return TemplateRow(*rows[0]) if rows else None
+
+    def templates_in(self, collection_id: str, key_version: int, tier: int, loc: int) -> list[TemplateRow]:
+        """Every template (live or deleted) of one page or block, by slot."""
         return [TemplateRow(*r) for r in self._query(
             f"SELECT {self._TEMPLATE_COLUMNS} FROM templates WHERE collection_id=? AND key_version=? "
-            "AND state=?", (collection_id, key_version, LIVE))]
+            "AND tier=? AND loc=? ORDER BY slot", (collection_id, key_version, tier, loc))]
+
+    def live_places(self, collection_id: str, key_version: int) -> list[tuple[bytes, int, int, int]]:
+        """(subject HMAC, tier, loc, slot) of every live template: what a start-up loads.
+        Plain tuples: a million rows should not become a million objects."""
+        return self._query("SELECT subject_hmac, tier, loc, slot FROM templates "
+                           "WHERE collection_id=? AND key_version=? AND state=?",
+                           (collection_id, key_version, LIVE))
+
+    def unerased(self, collection_id: str, key_version: int) -> list[tuple[int, int, float]]:
+        """(tier, loc, oldest deletion time) of the pages and blocks still holding values
+        of deleted templates."""
+        return self._query("SELECT tier, loc, MIN(deleted_at) FROM templates WHERE collection_id=? "
+                           "AND key_version=? AND state=? AND erased=0 GROUP BY tier, loc",
+                           (collection_id, key_version, DELETED))
+
+    def max_loc(self, collection_id: str, key_version: int, tier: int) -> int:
+        """The highest page or block number any template row names (-1 if none)."""
+        found = self._query("SELECT MAX(loc) FROM templates WHERE collection_id=? AND key_version=? "
+                            "AND tier=?", (collection_id, key_version, tier))[0][0]
+        return -1 if found is None else int(found)
 
     def count_live(self, collection_id: str) -> int:
         return self._query("SELECT COUNT(*) FROM templates WHERE collection_id=? AND state=?",
                            (collection_id, LIVE))[0][0]
 
-    def write_enrollment(self, blocks: list[tuple[BlockRow, list[bytes]]],
-                         templates: list[TemplateRow],
-                         subjects: list[tuple[str, bytes, bytes]]) -> None:
-        """One transaction: new block states, their ciphertexts, template and subject rows."""
+    @staticmethod
+    def _insert_templates(db: sqlite3.Connection, templates: list[TemplateRow]) -> None:
         now = time.time()
+        db.executemany(
+            "INSERT INTO templates VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            [(t.template_id, t.collection_id, t.subject_hmac, t.key_version, t.tier, t.loc,
+              t.slot, t.request_hmac, t.state, t.erased, now, now if t.state == DELETED else None,
+              t.mac) for t in templates])
+
+    @staticmethod
+    def _update_templates(db: sqlite3.Connection, templates: list[TemplateRow]) -> None:
+        db.executemany(
+            "UPDATE templates SET tier=?, loc=?, slot=?, state=?, erased=?, mac=? WHERE template_id=?",
+            [(t.tier, t.loc, t.slot, t.state, t.erased, t.mac, t.template_id) for t in templates])
+
+    @staticmethod
+    def _put_page(db: sqlite3.Connection, page: PageRow) -> None:
+        db.execute("INSERT OR REPLACE INTO pages VALUES (?,?,?,?,?,?,?)",
+                   (page.collection_id, page.key_version, page.page_no, page.generation,
+                    page.fill, page.ciphertext, page.mac))
+
+    @staticmethod
+    def _put_block(db: sqlite3.Connection, block: BlockRow) -> None:
+        db.execute("INSERT OR REPLACE INTO blocks VALUES (?,?,?,?,?,?,?,?,?,?)",
+                   (block.collection_id, block.key_version, block.block_no, block.kind,
+                    block.generation, block.levels, block.fill, block.digest, block.sketch,
+                    block.mac))
+
+    def write_templates(self, pages: list[PageRow], blocks: list[BlockRow],
+                        templates: list[TemplateRow],
+                        subjects: list[tuple[str, bytes, bytes]]) -> None:
+        """One transaction: new page and block states, new template and subject rows
+        (an enrollment, or one chunk of an import)."""
         with self.transaction() as db:
-            for head, cts in blocks:
-                db.execute(
-                    "INSERT OR REPLACE INTO blocks VALUES (?,?,?,?,?,?,?)",
-                    (head.collection_id, head.key_version, head.block_no, head.generation,
-                     head.used, head.digest, head.mac))
-                db.executemany(
-                    "INSERT OR REPLACE INTO block_ciphertexts VALUES (?,?,?,?,?)",
-                    [(head.collection_id, head.key_version, head.block_no, dim, ct)
-                     for dim, ct in enumerate(cts)])
-            db.executemany(
-                "INSERT OR IGNORE INTO subjects VALUES (?,?,?)", subjects)
-            db.executemany(
-                "INSERT INTO templates VALUES (?,?,?,?,?,?,?,?,?,?)",
-                [(t.template_id, t.collection_id, t.subject_hmac, t.key_version, t.block_no,
-                  t.slot, t.request_hmac, t.state, now, t.mac) for t in templates])
+            for page in pages:
+                self._put_page(db, page)
+            for block in blocks:
+                self._put_block(db, block)
+            db.executemany("INSERT OR IGNORE INTO subjects VALUES (?,?,?)", subjects)
+            self._insert_templates(db, templates)
+
+    def write_relocation(self, blocks: list[BlockRow], moved: list[TemplateRow],
+                         dropped_pages: list[tuple[str, int, int]]) -> None:
+        """One transaction: new block states, templates moved or erased (their new rows),
+        journal pages dropped (a checkpoint, a compaction)."""
+        with self.transaction() as db:
+            for block in blocks:
+                self._put_block(db, block)
+            self._update_templates(db, moved)
+            db.executemany("DELETE FROM pages WHERE collection_id=? AND key_version=? AND page_no=?",
+                           dropped_pages)
 
     def mark_deleted(self, collection_id: str, subject_hmac: bytes,
-                     macs: dict[str, bytes]) -> None:
-        """Tombstone the given templates (with their new MACs) and forget the subject id."""
+                     templates: list[TemplateRow]) -> None:
+        """Tombstone the given templates (rows with their new MACs), forget the subject id."""
         with self.transaction() as db:
-            db.executemany("UPDATE templates SET state=?, mac=? WHERE template_id=? AND state=?",
-                           [(DELETED, mac, tid, LIVE) for tid, mac in macs.items()])
+            db.executemany("UPDATE templates SET state=?, mac=?, deleted_at=? "
+                           "WHERE template_id=? AND state=?",
+                           [(t.state, t.mac, time.time(), t.template_id, LIVE) for t in templates])
             db.execute("DELETE FROM subjects WHERE collection_id=? AND subject_hmac=?",
                        (collection_id, subject_hmac))
             db.execute("DELETE FROM verify_attempts WHERE collection_id=? AND subject_hmac=?",
@@ -350,14 +469,27 @@ class Store:
                 db.execute("INSERT OR REPLACE INTO verify_attempts VALUES (?,?,?,?)",
                            (collection_id, subject_hmac, failures, locked_until))
 
-    # -- blocks --------------------------------------------------------------------------
+    # -- pages and blocks ----------------------------------------------------------------
+
+    def pages(self, collection_id: str, key_version: int) -> list[PageRow]:
+        return [PageRow(*r) for r in self._query(
+            "SELECT collection_id, key_version, page_no, generation, fill, ciphertext, mac "
+            "FROM pages WHERE collection_id=? AND key_version=? ORDER BY page_no",
+            (collection_id, key_version))]
 
     def blocks(self, collection_id: str, key_version: int) -> list[BlockRow]:
         return [BlockRow(*r) for r in self._query(
-            "SELECT collection_id, key_version, block_no, generation, used, digest, mac FROM blocks "
-            "WHERE collection_id=? AND key_version=? ORDER BY block_no", (collection_id, key_version))]
+            "SELECT collection_id, key_version, block_no, kind, generation, levels, fill, digest, "
+            "sketch, mac FROM blocks WHERE collection_id=? AND key_version=? ORDER BY block_no",
+            (collection_id, key_version))]
 
-    def block_ciphertexts(self, collection_id: str, key_version: int, block_no: int) -> list[bytes]:
-        return [r[0] for r in self._query(
-            "SELECT ciphertext FROM block_ciphertexts WHERE collection_id=? AND key_version=? "
-            "AND block_no=? ORDER BY dim", (collection_id, key_version, block_no))]
+    def block(self, collection_id: str, key_version: int, block_no: int) -> BlockRow | None:
+        rows = self._query(
+            "SELECT collection_id, key_version, block_no, kind, generation, levels, fill, digest, "
+            "sketch, mac FROM blocks WHERE collection_id=? AND key_version=? AND block_no=?",
+            (collection_id, key_version, block_no))
+        return BlockRow(*rows[0]) if rows else None
+
+    def all_block_generations(self) -> list[tuple[str, int, int, int]]:
+        """(collection, key version, block, generation) of every committed block."""
+        return self._query("SELECT collection_id, key_version, block_no, generation FROM blocks")

@@ -15,7 +15,7 @@ Asserted for every request sent:
   details; and it agrees with an independent model of the documented validation rules
   (a request the model finds invalid is never OK, a valid one is never refused as invalid);
 - a refused request changes nothing: row counts (and fill levels) of ``collections``,
-  ``subjects``, ``templates``, ``blocks``, ``block_ciphertexts``, ``verify_attempts``, read
+  ``subjects``, ``templates``, ``pages``, ``blocks``, ``verify_attempts``, read
   from the server's SQLite file, and ``template_count`` of the fuzzed collections are
   compared right before and right after it;
 - the server process is still alive.
@@ -145,8 +145,8 @@ _STATE_SQL = """SELECT
   (SELECT count(*) FROM collections),
   (SELECT count(*) FROM subjects),
   (SELECT count(*) FROM templates), (SELECT count(*) FROM templates WHERE state = 1),
-  (SELECT count(*) FROM blocks), (SELECT total(used) + total(generation) FROM blocks),
-  (SELECT count(*) FROM block_ciphertexts),
+  (SELECT count(*) FROM blocks), (SELECT total(fill) + total(generation) FROM blocks),
+  (SELECT count(*) FROM pages), (SELECT total(fill) + total(generation) FROM pages),
   (SELECT count(*) FROM verify_attempts),
   (SELECT total(failures) + total(locked_until) FROM verify_attempts)"""
 

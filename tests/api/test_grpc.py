@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 
@@ -236,3 +239,65 @@ def test_failed_verifications_lock_the_subject(stub, collection: str) -> None:
     assert "target-7" not in err.value.details()
     assert stub.Match(pb.MatchRequest(collection_id=collection, subject_id="other",
                                       embedding=_face(501).tolist())).matched
+
+
+def _import(stub, messages: list[pb.ImportTemplatesRequest]) -> dict[int, pb.ImportResult]:
+    out = {}
+    for response in stub.ImportTemplates(iter(messages), timeout=120):
+        for r in response.results:
+            assert r.index not in out
+            out[r.index] = r
+    return out
+
+
+def test_import_stream_answers_every_item(stub, collection: str) -> None:
+    items = [pb.ImportItem(subject_id=f"i{k}", embedding=_capture(100 + k, k), request_id=f"q{k}")
+             for k in range(30)]
+    items[4] = pb.ImportItem(subject_id="bad", embedding=[1.0] * (DIM + 1), request_id="q-bad")
+    messages = [pb.ImportTemplatesRequest(collection_id=collection, items=items[k:k + 8])
+                for k in range(0, len(items), 8)]
+    results = _import(stub, messages)
+    assert sorted(results) == list(range(30))
+    assert results[4].code == Code.INVALID_ARGUMENT.value[0] and "dimension" in results[4].message
+    assert all(results[k].code == 0 and len(results[k].template_id) == 32 for k in results if k != 4)
+    assert stub.GetCollection(pb.GetCollectionRequest(collection_id=collection)).template_count == 29
+    r = stub.Match(pb.MatchRequest(collection_id=collection, embedding=_capture(107, 99), top_k=1))
+    assert [c.subject_id for c in r.candidates] == ["i7"]
+    again = _import(stub, messages)  # a retried stream: the same answers, nothing new
+    assert all(again[k].template_id == results[k].template_id for k in results if k != 4)
+    assert stub.GetCollection(pb.GetCollectionRequest(collection_id=collection)).template_count == 29
+
+
+def test_import_stream_errors(stub, collection: str) -> None:
+    item = pb.ImportItem(subject_id="x", embedding=_capture(1, 1))
+    with pytest.raises(grpc.RpcError) as err:
+        _import(stub, [pb.ImportTemplatesRequest(collection_id="nope", items=[item])])
+    assert err.value.code() == Code.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as err:
+        _import(stub, [pb.ImportTemplatesRequest(collection_id=collection, items=[item]),
+                       pb.ImportTemplatesRequest(collection_id="other", items=[item])])
+    assert err.value.code() == Code.INVALID_ARGUMENT and "same in every message" in err.value.details()
+    huge = [pb.ImportItem(subject_id=f"h{k}", embedding=[0.5] * DIM) for k in range(9000)]
+    with pytest.raises(grpc.RpcError) as err:
+        _import(stub, [pb.ImportTemplatesRequest(collection_id=collection, items=huge)])
+    assert err.value.code() == Code.RESOURCE_EXHAUSTED
+    assert stub.GetCollection(pb.GetCollectionRequest(collection_id=collection)).template_count == 0
+
+
+def test_vault_import_command(server: ServerProcess, stub, collection: str, tmp_path) -> None:
+    rng = np.random.default_rng(4)
+    emb = rng.standard_normal((300, DIM)).astype(np.float32)
+    emb[17] = np.nan
+    path = tmp_path / "faces.npz"
+    np.savez(path, embeddings=emb, subject_ids=np.array([f"f{k}" for k in range(300)]))
+    cmd = [sys.executable, "-m", "vault", "import", str(path), "--collection", collection,
+           "--target", server.target, "--batch", "64"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stderr  # one item failed
+    assert "stored 299 of 300 templates" in out.stdout
+    assert "1 x embedding contains NaN or infinite values" in out.stdout
+    progress = [json.loads(line) for line in out.stderr.splitlines() if line.startswith("{")]
+    assert progress and progress[-1]["count"] == 300  # not a terminal: JSON progress lines
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # derived request ids
+    assert "stored 299 of 300" in again.stdout
+    assert stub.GetCollection(pb.GetCollectionRequest(collection_id=collection)).template_count == 299

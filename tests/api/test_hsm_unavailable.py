@@ -21,7 +21,7 @@ from vault.v1 import vault_pb2_grpc
 @pytest.fixture
 def setup(tmp_path: Path, hsm_config: HsmConfig) -> Iterator[tuple]:
     hsm = BreakableHsm(hsm_config)
-    vault = Vault(Store(tmp_path / "vault.db"), hsm)
+    vault = Vault(Store(tmp_path / "vault.db"), hsm, tmp_path)
     server, port, _ = build_server(vault, "127.0.0.1:0")
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -31,11 +31,11 @@ def setup(tmp_path: Path, hsm_config: HsmConfig) -> Iterator[tuple]:
     vault.close()
 
 
-def _rows(path: Path) -> tuple[int, int, int]:
+def _rows(path: Path) -> tuple[int, ...]:
     db = sqlite3.connect(path)
     try:
         return tuple(db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
-                     for t in ("templates", "subjects", "block_ciphertexts"))
+                     for t in ("templates", "subjects", "pages", "blocks"))
     finally:
         db.close()
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-TABLES = ("collections", "subjects", "templates", "blocks", "block_ciphertexts", "wrapped_keys")
+TABLES = ("collections", "subjects", "templates", "blocks", "pages", "wrapped_keys")
 
 
 def row_counts(db_path: Path) -> dict[str, int]:

@@ -8,11 +8,12 @@ from concurrent import futures
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from vault import logs
+from vault.api.codec import Undecodable
+from vault.api.codec import lenient as _lenient
 from vault.api.lifecycle import VaultHolder
 from vault.api.servicer import TemplateVaultServicer
 from vault.service import Vault
@@ -26,34 +27,11 @@ MAX_MESSAGE_BYTES = 1 << 20
 log = logs.get("vault.api")
 
 
-class _Undecodable:
-    """Stands in for a request whose bytes are not a valid message of the method's type.
-
-    grpc-python answers INTERNAL ("Exception deserializing request!") when a deserializer
-    raises, whatever it raises; so ours never raises and the handler refuses this instead,
-    with INVALID_ARGUMENT: the fault is the client's bytes, not the server.
-    """
-
-    __slots__ = ("type_name",)
-
-    def __init__(self, type_name: str) -> None:
-        self.type_name = type_name
-
-
-def _lenient(message: type[Message]) -> Callable[[bytes], Message | _Undecodable]:
-    def deserialize(data: bytes) -> Message | _Undecodable:
-        try:
-            return message.FromString(data)
-        except DecodeError:  # garbage, truncated fields, bad UTF-8 in a string
-            return _Undecodable(message.DESCRIPTOR.full_name)
-    return deserialize
-
-
 def _refusing_undecodable(name: str, behavior: Callable[[Any, grpc.ServicerContext], Any]
                           ) -> Callable[[Any, grpc.ServicerContext], Any]:
     @functools.wraps(behavior)
     def handle(request: Any, context: grpc.ServicerContext) -> Any:
-        if isinstance(request, _Undecodable):
+        if isinstance(request, Undecodable):
             log.info("rpc", method=name, code="INVALID_ARGUMENT", kind="undecodable_request")
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid {request.type_name}")
         return behavior(request, context)
@@ -67,10 +45,15 @@ def _add_template_vault(servicer: TemplateVaultServicer, server: grpc.Server) ->
     for method in vault_pb2.DESCRIPTOR.services_by_name["TemplateVault"].methods:
         request = getattr(vault_pb2, method.input_type.name)
         response = getattr(vault_pb2, method.output_type.name)
-        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            _refusing_undecodable(method.name, getattr(servicer, method.name)),
-            request_deserializer=_lenient(request),
-            response_serializer=response.SerializeToString)
+        if method.client_streaming:  # the servicer refuses undecodable items itself
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                getattr(servicer, method.name), request_deserializer=_lenient(request),
+                response_serializer=response.SerializeToString)
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                _refusing_undecodable(method.name, getattr(servicer, method.name)),
+                request_deserializer=_lenient(request),
+                response_serializer=response.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 

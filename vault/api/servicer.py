@@ -16,12 +16,36 @@ from typing import Any, TypeVar
 import grpc
 
 from vault import logs
+from vault.api.codec import Undecodable
 from vault.errors import InvalidArgument, VaultError
-from vault.service import CollectionInfo, MatchResult, Vault, check_collection_id, check_subject_id
+from vault.imports import ImportItem, ImportResult
+from vault.service import CollectionInfo, MatchResult, Vault
 from vault.v1 import vault_pb2, vault_pb2_grpc
+from vault.validation import check_collection_id, check_subject_id
 
 log = logs.get("vault.api")
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _abort(exc: Exception, name: str, context: grpc.ServicerContext,
+           audit: _Audit | None) -> grpc.StatusCode:
+    """Map a failure to its status, record it, and abort the call."""
+    if isinstance(exc, VaultError):
+        if audit is not None:
+            audit.failed(exc.code)
+        context.abort(exc.code, exc.message)
+    if isinstance(exc, grpc.RpcError) or context.code() is not None:
+        raise exc  # context.abort() itself, already carrying a status
+    ref = secrets.token_hex(6)
+    log.error("internal error", method=name, error_type=type(exc).__name__, ref=ref)
+    if audit is not None:
+        audit.failed(grpc.StatusCode.INTERNAL)
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref})")
+    raise AssertionError("unreachable")
+
+
+def _code_of(exc: Exception) -> grpc.StatusCode:
+    return exc.code if isinstance(exc, VaultError) else grpc.StatusCode.INTERNAL
 
 
 def _guard(method: F) -> F:
@@ -38,20 +62,9 @@ def _guard(method: F) -> F:
             if audit is not None:
                 audit.end(response)
             return response
-        except VaultError as exc:
-            code = exc.code
-            if audit is not None:
-                audit.failed(code)
-            context.abort(exc.code, exc.message)
         except Exception as exc:  # noqa: BLE001 - the last line of defence
-            if isinstance(exc, grpc.RpcError) or context.code() is not None:
-                raise  # context.abort() itself, already carrying a status
-            code = grpc.StatusCode.INTERNAL
-            ref = secrets.token_hex(6)
-            log.error("internal error", method=name, error_type=type(exc).__name__, ref=ref)
-            if audit is not None:
-                audit.failed(code)
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref})")
+            code = _code_of(exc)
+            _abort(exc, name, context, audit)
         finally:
             log.info("rpc", method=name, code=code.name,
                      duration_ms=round((time.perf_counter() - start) * 1e3, 2))
@@ -90,9 +103,8 @@ class _Audit:
         vault.audit.append("request", self.ref, self.actor, method, cid, subjects)
         return self
 
-    def end(self, response: Any) -> None:
+    def end(self, response: Any, outcome: str = "OK") -> None:
         """Write the response entry; if it cannot be written the answer is withheld."""
-        outcome = "OK"
         subjects = self.subjects
         if isinstance(response, vault_pb2.MatchResponse):
             outcome = "OK matched" if response.matched else "OK no_match"
@@ -161,8 +173,53 @@ class TemplateVaultServicer(vault_pb2_grpc.TemplateVaultServicer):
                                              request.top_k, threshold,
                                              cancelled=lambda: not context.is_active()))
 
+    def ImportTemplates(self, requests: Any, context: grpc.ServicerContext) -> Any:
+        """Bulk import (client stream of batches, server stream of per-item results)."""
+        name = "ImportTemplates"
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        audit: _Audit | None = None
+        session = None
+        try:
+            for request in requests:
+                if isinstance(request, Undecodable):
+                    raise InvalidArgument(f"request is not a valid {request.type_name}")
+                if session is None:
+                    vault = self._vault()
+                    audit = _Audit.begin(vault, name, request, context)
+                    session = vault.start_import(request.collection_id)
+                elif request.collection_id and request.collection_id != session.collection_id:
+                    raise InvalidArgument("collection_id must be the same in every message of an import")
+                results = session.add([ImportItem(i.subject_id, i.embedding, i.request_id)
+                                       for i in request.items])
+                if results:
+                    yield _import_response(results)
+            if session is not None:
+                results = session.finish()
+                if audit is not None:
+                    audit.end(None, f"OK stored={session.stored} failed={session.failed}")
+                if results:
+                    yield _import_response(results)
+        except Exception as exc:  # noqa: BLE001 - the last line of defence
+            code = _code_of(exc)
+            _abort(exc, name, context, audit)
+        finally:
+            log.info("rpc", method=name, code=code.name,
+                     count=session.stored if session is not None else 0,
+                     duration_ms=round((time.perf_counter() - start) * 1e3, 2))
+
     @_guard
     def DeleteSubject(self, request: vault_pb2.DeleteSubjectRequest,
                       context: grpc.ServicerContext) -> vault_pb2.DeleteSubjectResponse:
         deleted = self._vault().delete_subject(request.collection_id, request.subject_id)
         return vault_pb2.DeleteSubjectResponse(deleted_templates=deleted)
+
+
+def _import_response(results: list[ImportResult]) -> vault_pb2.ImportTemplatesResponse:
+    out = vault_pb2.ImportTemplatesResponse()
+    for r in results:
+        if r.error is None:
+            out.results.add(index=r.index, template_id=r.template_id, key_version=r.key_version)
+        else:
+            out.results.add(index=r.index, code=r.error.code.value[0], message=r.error.message)
+    return out

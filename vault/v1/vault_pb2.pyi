@@ -99,3 +99,41 @@ class DeleteSubjectResponse(_message.Message):
     DELETED_TEMPLATES_FIELD_NUMBER: _ClassVar[int]
     deleted_templates: int
     def __init__(self, deleted_templates: _Optional[int] = ...) -> None: ...
+
+class ImportTemplatesRequest(_message.Message):
+    __slots__ = ("collection_id", "items")
+    COLLECTION_ID_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    collection_id: str
+    items: _containers.RepeatedCompositeFieldContainer[ImportItem]
+    def __init__(self, collection_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[ImportItem, _Mapping]]] = ...) -> None: ...
+
+class ImportItem(_message.Message):
+    __slots__ = ("subject_id", "embedding", "request_id")
+    SUBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    subject_id: str
+    embedding: _containers.RepeatedScalarFieldContainer[float]
+    request_id: str
+    def __init__(self, subject_id: _Optional[str] = ..., embedding: _Optional[_Iterable[float]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class ImportTemplatesResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[ImportResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[ImportResult, _Mapping]]] = ...) -> None: ...
+
+class ImportResult(_message.Message):
+    __slots__ = ("index", "template_id", "key_version", "code", "message")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATE_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    template_id: str
+    key_version: int
+    code: int
+    message: str
+    def __init__(self, index: _Optional[int] = ..., template_id: _Optional[str] = ..., key_version: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...

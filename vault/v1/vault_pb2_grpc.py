@@ -59,6 +59,11 @@ class TemplateVaultStub:
                 request_serializer=vault_dot_v1_dot_vault__pb2.DeleteSubjectRequest.SerializeToString,
                 response_deserializer=vault_dot_v1_dot_vault__pb2.DeleteSubjectResponse.FromString,
                 _registered_method=True)
+        self.ImportTemplates = channel.stream_stream(
+                '/vault.v1.TemplateVault/ImportTemplates',
+                request_serializer=vault_dot_v1_dot_vault__pb2.ImportTemplatesRequest.SerializeToString,
+                response_deserializer=vault_dot_v1_dot_vault__pb2.ImportTemplatesResponse.FromString,
+                _registered_method=True)
 
 
 class TemplateVaultServicer:
@@ -93,7 +98,18 @@ class TemplateVaultServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteSubject(self, request, context):
-        """Every template of the subject stops matching at once.
+        """Every template of the subject stops matching at once; its values leave the stored
+        ciphertexts within a bounded time (the server's erase interval).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportTemplates(self, request_iterator, context):
+        """Imports many templates in one stream: send items in batches, every message naming the
+        same collection. Results come back for every item, matched by its index (errors at
+        once, stored items as each chunk of up to 262,144 is written). Each item's request_id
+        makes it idempotent, as for Enroll.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -126,6 +142,11 @@ def add_TemplateVaultServicer_to_server(servicer, server):
                     servicer.DeleteSubject,
                     request_deserializer=vault_dot_v1_dot_vault__pb2.DeleteSubjectRequest.FromString,
                     response_serializer=vault_dot_v1_dot_vault__pb2.DeleteSubjectResponse.SerializeToString,
+            ),
+            'ImportTemplates': grpc.stream_stream_rpc_method_handler(
+                    servicer.ImportTemplates,
+                    request_deserializer=vault_dot_v1_dot_vault__pb2.ImportTemplatesRequest.FromString,
+                    response_serializer=vault_dot_v1_dot_vault__pb2.ImportTemplatesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +284,33 @@ class TemplateVault:
             '/vault.v1.TemplateVault/DeleteSubject',
             vault_dot_v1_dot_vault__pb2.DeleteSubjectRequest.SerializeToString,
             vault_dot_v1_dot_vault__pb2.DeleteSubjectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportTemplates(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/vault.v1.TemplateVault/ImportTemplates',
+            vault_dot_v1_dot_vault__pb2.ImportTemplatesRequest.SerializeToString,
+            vault_dot_v1_dot_vault__pb2.ImportTemplatesResponse.FromString,
             options,
             channel_credentials,
             insecure,

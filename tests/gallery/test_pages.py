@@ -1,0 +1,75 @@
+"""Journal pages: single enrollments, scores, and what the decider gets to see."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.he.conftest import keypair, public, secret, unit  # noqa: F401 - fixtures
+from vault.gallery import pages
+from vault.he import poly
+
+
+def _scores(secret, part, params) -> np.ndarray:  # noqa: F811
+    plain = secret.decrypt(part.data, part.ntt)[0]
+    return poly.centered(plain, secret.public.moduli[0]) / (params.template_scale * params.probe_scale)
+
+
+@pytest.mark.parametrize("dim", [128, 512, 1000])
+def test_a_page_filled_one_enrollment_at_a_time_scores_like_numpy(public, secret, dim) -> None:  # noqa: F811
+    rng = np.random.default_rng(dim)
+    slots = public.params.page_slots(dim)
+    templates = unit(rng, slots, dim)
+    ct = None
+    for k in range(slots):
+        ct = pages.write(public, ct, k, templates[k:k + 1])
+    page = pages.Page(0, slots, slots, ct, np.arange(slots, dtype=np.int32))
+    for probe in unit(rng, 3, dim):
+        (part,) = pages.score(public, [page], poly.quantise(probe, public.params.probe_scale))
+        assert list(part.groups) == list(range(slots)) and list(part.slots) == list(range(slots))
+        got = _scores(secret, part, public.params)[part.positions]
+        assert np.abs(got - templates @ probe).max() < 2e-5
+
+
+def test_only_live_scores_reach_the_decider_the_rest_is_uniform(public, secret) -> None:  # noqa: F811
+    """Without the mask, the other coefficients of a page product are partial correlations
+    of the template with the probe (enough to rebuild the template); with it, every
+    coefficient but the live scores is uniform mod q."""
+    rng = np.random.default_rng(3)
+    dim = 128
+    slots = public.params.page_slots(dim)
+    templates = unit(rng, slots, dim)
+    ct = pages.write(public, None, 0, templates)
+    groups = np.full(slots, -1, np.int32)
+    groups[[1, 5]] = [10, 11]  # two live templates, the others deleted
+    page = pages.Page(0, 1, slots, ct, groups)
+    probe = unit(rng, 1, dim)[0]
+    scalars = poly.quantise(probe, public.params.probe_scale)
+    (part,) = pages.score(public, [page], scalars)
+    assert list(part.positions) == [1 * dim, 5 * dim] and list(part.groups) == [10, 11]
+    plain = secret.decrypt(part.data, part.ntt)[0]
+    q = public.moduli[0]
+    hidden = np.ones(public.n, bool)
+    hidden[part.positions] = False
+    r = plain[hidden].astype(np.float64) / q
+    assert abs(r.mean() - 0.5) < 0.02 and abs(r.var() - 1 / 12) < 0.01  # uniform
+    scores = poly.centered(plain[part.positions], q) / (public.params.template_scale * public.params.probe_scale)
+    assert np.abs(scores - templates[[1, 5]] @ probe).max() < 2e-5
+    # The same product unmasked: small, structured values everywhere (what the mask hides).
+    raw = np.empty_like(part.data)
+    from vault.he import kernels
+    phat = public.to_ntt(poly.residues(poly.negacyclic_reverse(scalars, public.n), (q,)))[0]
+    kernels.mulmod(ct[0, 0], phat, q, raw[0, 0])
+    kernels.mulmod(ct[1, 0], phat, q, raw[1, 0])
+    unmasked = np.abs(poly.centered(secret.decrypt(raw, True)[0], q)).astype(np.float64)
+    assert unmasked[hidden].max() < 4 * public.params.template_scale * public.params.probe_scale
+
+
+def test_pack_round_trip(public) -> None:
+    ct = public.encrypt_zero()
+    data = pages.pack(ct, public.moduli)
+    assert len(data) == 2 * public.n * (8 + 4)  # the 30-bit prime is stored in 32 bits
+    assert pages.packed_levels(data, public.n, public.moduli) == 2
+    assert np.array_equal(pages.unpack(data, 2, public.n, public.moduli), ct)
+    with pytest.raises(ValueError):
+        pages.unpack(data[:-8], 2, public.n, public.moduli)

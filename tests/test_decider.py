@@ -1,0 +1,89 @@
+"""The decider: what it releases, and blind re-encryption."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.he.conftest import keypair, public, secret, unit  # noqa: F401 - fixtures
+from vault import he
+from vault.decider import NOISE_BOUND, Decider, Moves, ScoreCiphertext
+from vault.gallery import blocks
+from vault.he import poly
+
+
+@pytest.fixture
+def decider(keypair) -> Decider:  # noqa: F811
+    d = Decider()
+    d.load("c", 1, keypair[0], he.DEFAULT_PARAMS)
+    return d
+
+
+def _score_part(public, values: np.ndarray, positions, groups) -> ScoreCiphertext:  # noqa: F811
+    """A score ciphertext whose plaintext holds ``values`` at scale template*probe."""
+    params = public.params
+    m = np.zeros(public.n, np.int64)
+    m[:len(values)] = np.rint(np.asarray(values) * params.template_scale * params.probe_scale)
+    ct = public.ciphertext_from_ntt(public.encrypt_zero())[:, :1]
+    ct[0] = poly.add(ct[0], poly.residues(m, public.moduli[:1]), public.moduli[:1])
+    positions = np.asarray(positions, np.int64)
+    return ScoreCiphertext(np.ascontiguousarray(ct), False, positions,
+                           np.asarray(groups, np.int32), positions, 1, 0)
+
+
+def test_releases_best_per_group_flooded_rounded_and_only_what_was_asked(public, decider) -> None:  # noqa: F811
+    values = np.array([0.10, 0.95, 0.40, 0.97, 0.99, 0.30])
+    # Slot 4 (0.99) is not asked for: it must not influence anything.
+    part = _score_part(public, values, [0, 1, 2, 3, 5], [7, 7, 8, 9, 9])
+    out = decider.decide("c", 1, [part], -1.0, 5)
+    assert [g.group for g in out] == [9, 7, 8]
+    for g, truth in zip(out, (0.97, 0.95, 0.40)):
+        assert abs(g.score - truth) <= 5e-4 + NOISE_BOUND + 1e-5
+        assert g.score == round(g.score, 3)
+    assert [(g.tier, g.loc, g.slot) for g in out] == [(1, 0, 3), (1, 0, 1), (1, 0, 2)]
+    assert "0.97" not in repr(out[0])
+    top = decider.decide("c", 1, [part], 0.9, 1)
+    assert [g.group for g in top] == [9]
+    assert decider.decide("c", 1, [part], 0.98, 5) == []
+
+
+def test_accepted_score_floor_does_not_round_a_float32_threshold_up(public, decider) -> None:  # noqa: F811
+    # Regression: a float32 threshold (0.9200000167) once lifted accepted scores of 0.920 to
+    # 0.921, one thousandth away from the plaintext cosine.
+    threshold = float(np.float32(0.92))
+    part = _score_part(public, np.array([0.92002, 0.5]), [0, 1], [0, 1])
+    for _ in range(20):  # the flooding noise is random: try it several times
+        out = decider.decide("c", 1, [part], threshold, 5)
+        assert [g.group for g in out] == [0] and out[0].score == 0.92
+
+
+def test_unknown_key_version_is_refused(public, decider) -> None:  # noqa: F811
+    with pytest.raises(Exception, match="no decryption key"):
+        decider.decide("c", 2, [_score_part(public, np.array([0.5]), [0], [0])], 0.0, 1)
+
+
+def test_blind_reencryption_moves_values_it_never_sees(public, secret, decider) -> None:  # noqa: F811
+    """The matcher masks two ciphertexts; the decider moves coefficients between them and
+    encrypts afresh; after unmasking, the moved values are there, and nothing else."""
+    rng = np.random.default_rng(5)
+    moduli = public.moduli
+    values = rng.integers(-2 ** 30, 2 ** 30, (2, public.n))
+    cts = blocks.encrypt_plaintexts(public, np.stack([poly.residues(v, moduli) for v in values]))
+    mask = poly.uniform((2, public.n), moduli)
+    masked = cts.copy()
+    masked[:, 0] = poly.add(cts[:, 0], mask, moduli)
+    moves = Moves(1, np.array([0, 1]), np.array([10, 20]), np.array([0, 0]), np.array([3, 4]))
+    seen = []
+    fresh = decider.reencrypt("c", 1, masked, False, moves,
+                              lambda plain: (seen.append(plain.copy()),
+                                             blocks.encrypt_plaintexts(public, plain))[1])
+    # What the decider handed to encryption is masked: it equals the moved values plus the
+    # moved mask, not the values themselves.
+    assert seen[0][0, 0, 3] != values[0, 10] % moduli[0]
+    moved_mask = np.zeros((1, len(moduli), public.n), np.uint64)
+    moved_mask[0, :, [3, 4]] = mask[[0, 1], :, [10, 20]]
+    fresh[:, 0] = poly.sub(fresh[:, 0], moved_mask, moduli)
+    plain = poly.centered(secret.decrypt(fresh[0], False)[0], moduli[0])
+    expected = np.zeros(public.n, np.int64)
+    expected[[3, 4]] = values[0, 10], values[1, 20]
+    assert np.abs(plain - expected).max() < 2 ** 9  # fresh noise plus the carried noise

@@ -1,0 +1,125 @@
+"""Bulk import: clustered blocks, leftovers in the journal, per-item results, retries."""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from vault.imports import ImportItem
+from vault.keys.hsm import HsmConfig
+from vault.service import Tuning, Vault
+from vault.store import CLUSTERED
+
+DIM = 32
+N = 4096
+
+
+@pytest.fixture
+def vault(tmp_path: Path, hsm_config: HsmConfig):  # type: ignore[no-untyped-def]
+    v = Vault.open(tmp_path / "data", hsm_config, tuning=Tuning(maintenance_interval=0, workers=0))
+    v.create_collection("c", DIM, 0.8)
+    yield v
+    v.close()
+
+
+def _people(n_ids: int, per: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_ids, DIM))
+    x = np.repeat(centres, per, axis=0) + 0.5 * rng.standard_normal((n_ids * per, DIM))
+    return x, np.repeat(np.arange(n_ids), per)
+
+
+def _run(vault: Vault, items: list[ImportItem], batch: int = 700) -> dict:
+    session = vault.start_import("c")
+    results = []
+    for start in range(0, len(items), batch):
+        results += session.add(items[start:start + batch])
+    results += session.finish()
+    assert sorted(r.index for r in results) == list(range(len(items)))
+    return {r.index: r for r in results}
+
+
+def test_import_fills_clustered_blocks_and_the_journal(vault: Vault) -> None:
+    x, owner = _people(1700, 5)  # 8,500: two full blocks and 308 left over
+    items = [ImportItem(f"p{o}", v.tolist(), f"r{i}") for i, (v, o) in enumerate(zip(x, owner))]
+    results = _run(vault, items)
+    assert all(r.error is None and r.key_version == 1 for r in results.values())
+    assert len({r.template_id for r in results.values()}) == len(items)
+    gallery = vault.galleries()[0]
+    assert [(b.kind, b.fill) for b in gallery.blocks.values()] == [(CLUSTERED, N)] * 2
+    assert all(b.centroid is not None for b in gallery.blocks.values())
+    assert sum(p.fill for p in gallery.pages.values()) == len(items) - 2 * N
+    assert vault.get_collection("c").template_count == len(items)
+    # Blocks hold templates near each other: each member is nearer its own block's sketch.
+    protected = vault.protector.transform("c", 1, DIM).apply(x / np.linalg.norm(x, axis=1, keepdims=True))
+    sketches = np.stack([b.centroid for b in gallery.blocks.values()])
+    place = {vault.integrity.request_index("c", f"r{i}"): i for i in range(0, len(items), 7)}
+    rows = sqlite3.connect(vault.store.path).execute(
+        "SELECT request_hmac, tier, loc FROM templates").fetchall()
+    for b, block in enumerate(gallery.blocks.values()):
+        members = [place[r] for r, tier, loc in rows if r in place and tier == 1 and loc == block.block_no]
+        nearest = np.argmax(protected[members] @ sketches.T, axis=1)
+        assert len(members) > 400 and np.mean(nearest == b) > 0.9
+    # Everyone can be found, wherever they landed.
+    for person in (0, 850, 1699):
+        probe = x[owner == person][0]
+        assert vault.verify("c", f"p{person}", probe.tolist()).matched
+        top = vault.identify("c", probe.tolist(), top_k=1)
+        assert [c.subject_id for c in top.candidates] == [f"p{person}"]
+
+
+def test_import_answers_every_item_and_a_retry_stores_nothing_twice(vault: Vault) -> None:
+    good = np.random.default_rng(1).standard_normal((5, DIM))
+    items = [
+        ImportItem("a", good[0].tolist(), "ra"),
+        ImportItem("b", good[1][:-1].tolist(), "rb"),  # wrong dimension
+        ImportItem("c", [math.nan] + good[2][1:].tolist(), "rc"),  # NaN
+        ImportItem("d", [0.0] * DIM, "rd"),  # zero vector
+        ImportItem("", good[3].tolist(), "re"),  # empty subject id
+        ImportItem("f", good[4].tolist(), "x" * 200),  # request id too long
+        ImportItem("a", good[0].tolist(), "ra"),  # the same request twice in one stream
+        ImportItem("g", good[4].tolist(), "ra"),  # a request id reused for another subject
+        ImportItem("h", good[4].tolist()),  # no request id: fine
+    ]
+    first = _run(vault, items)
+    assert first[0].error is None and first[6].template_id == first[0].template_id
+    expected = {1: "dimension is 32", 2: "NaN", 3: "zero vector", 4: "subject_id is empty",
+                5: "request_id is 200 bytes", 7: "another subject"}
+    for index, text in expected.items():
+        assert first[index].error is not None and text in first[index].error.message, index
+        assert first[index].error.code in (grpc.StatusCode.INVALID_ARGUMENT,
+                                           grpc.StatusCode.ALREADY_EXISTS)
+    assert "0.0" not in first[3].error.message
+    assert first[8].error is None
+    assert vault.get_collection("c").template_count == 2
+    again = _run(vault, items[:1] + items[6:7])
+    assert again[0].template_id == first[0].template_id == again[1].template_id
+    assert vault.get_collection("c").template_count == 2
+    assert vault.enroll("c", "a", good[0].tolist(), "ra") == (first[0].template_id, 1)
+
+
+def test_a_large_import_keeps_within_its_chunk_budget(tmp_path: Path, hsm_config: HsmConfig) -> None:
+    """Chunks are sized by a memory budget: a small budget means several chunks, each
+    stored (and answered) before the next is read."""
+    v = Vault.open(tmp_path / "d", hsm_config,
+                   tuning=Tuning(maintenance_interval=0, workers=0, import_chunk_bytes=8 * DIM * N))
+    try:
+        v.create_collection("c", DIM, 0.8)
+        session = v.start_import("c")
+        assert session.chunk == N
+        x, owner = _people(1000, 9, 2)
+        answered = []
+        for start in range(0, len(x), 1000):
+            answered.append(len(session.add([ImportItem(f"p{o}", row.tolist())
+                                             for row, o in zip(x[start:start + 1000],
+                                                               owner[start:start + 1000])])))
+        answered.append(len(session.finish()))
+        assert answered[:4] == [0, 0, 0, 0] and answered[4] == N and sum(answered) == len(x)
+        assert len(v.galleries()[0].blocks) == 2
+    finally:
+        v.close()

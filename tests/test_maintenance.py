@@ -1,0 +1,144 @@
+"""Checkpoints (journal pages into blocks) and erasure of deleted templates.
+
+The erasure claim is checked the hard way: the test takes the collection's secret key
+from the decider, decrypts the stored block, and finds the deleted template's
+coefficients empty in every dimension, and its neighbours intact.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vault.block_files import BlockFiles
+from vault.he import poly
+from vault.keys.hsm import HsmConfig
+from vault.service import Tuning, Vault
+from vault.store import BLOCK, MIXED, PAGE
+
+DIM = 64
+
+
+@pytest.fixture
+def vault(tmp_path: Path, hsm_config: HsmConfig):  # type: ignore[no-untyped-def]
+    v = Vault.open(tmp_path / "data", hsm_config,
+                   tuning=Tuning(maintenance_interval=0, workers=0, erase_after=3600))
+    v.create_collection("c", DIM, 0.8)
+    yield v
+    v.close()
+
+
+def _faces(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, DIM))
+
+
+def _block_plaintext(vault: Vault, block_no: int) -> np.ndarray:
+    """Decrypted template values (D, N) of a stored block, read from its file."""
+    gallery = vault.galleries()[0]
+    ctx = vault.decider._context("c", gallery.key_version)
+    block = gallery.blocks[block_no]
+    cts = vault.read_block(gallery, block)
+    q = ctx.public.moduli[0]
+    return np.stack([poly.centered(ctx.decrypt(np.ascontiguousarray(ct[:, :1]), False)[0], q)
+                     for ct in cts]) / gallery.params.template_scale
+
+
+def test_checkpoint_moves_the_journal_into_a_block_and_matching_is_unchanged(vault: Vault) -> None:
+    faces = _faces(40)
+    for i, f in enumerate(faces):
+        vault.enroll("c", f"s{i}", f.tolist())
+    probe = faces[7] + 0.1 * _faces(1, 9)[0]
+    before = vault.verify("c", "s7", probe.tolist())
+    ident_before = vault.identify("c", probe.tolist(), top_k=3, threshold=-1.0)
+    vault.maintain(force=True)
+    gallery = vault.galleries()[0]
+    assert not gallery.pages and [b.kind for b in gallery.blocks.values()] == [MIXED]
+    db = sqlite3.connect(vault.store.path)
+    assert db.execute("SELECT count(*) FROM pages").fetchone()[0] == 0
+    assert db.execute("SELECT DISTINCT tier FROM templates").fetchall() == [(BLOCK,)]
+    after = vault.verify("c", "s7", probe.tolist())
+    ident_after = vault.identify("c", probe.tolist(), top_k=3, threshold=-1.0)
+    assert before.matched and after.matched
+    assert abs(before.candidates[0].score - after.candidates[0].score) <= 2e-3
+    assert [c.subject_id for c in ident_before.candidates] == [c.subject_id for c in ident_after.candidates]
+    # The block holds exactly the protected templates, at their slots.
+    values = _block_plaintext(vault, 0)
+    protected = np.stack([vault.protector.protect("c", 1, DIM, f) for f in faces])
+    rows = {r[0]: r[1] for r in db.execute("SELECT subject_hmac, slot FROM templates")}
+    for i in (0, 7, 39):
+        slot = rows[vault.integrity.subject_index("c", f"s{i}")]
+        assert np.abs(values[:, slot] - protected[i]).max() < 1e-5  # noise: a few units in 2^27
+    # More enrollments go to new pages, and the next checkpoint fills the same block.
+    vault.enroll("c", "late", _faces(1, 5)[0].tolist())
+    vault.maintain(force=True)
+    assert len(gallery.blocks) == 1 and gallery.blocks[0].fill == 41 and gallery.blocks[0].generation == 2
+    assert vault.verify("c", "late", _faces(1, 5)[0].tolist()).matched
+
+
+def test_deleted_template_values_leave_the_block(vault: Vault) -> None:
+    faces = _faces(10, 1)
+    for i, f in enumerate(faces):
+        vault.enroll("c", f"s{i}", f.tolist())
+    vault.maintain(force=True)
+    gallery = vault.galleries()[0]
+    db = sqlite3.connect(vault.store.path)
+    slot = db.execute("SELECT slot FROM templates WHERE subject_hmac=?",
+                      (vault.integrity.subject_index("c", "s4"),)).fetchone()[0]
+    old_file = vault.files.path("c", 1, 0, gallery.blocks[0].generation)
+    values = _block_plaintext(vault, 0)
+    assert np.abs(values[:, slot]).max() > 0.05  # the template is there
+    vault.delete_subject("c", "s4")
+    assert not vault.identify("c", faces[4].tolist(), threshold=-1.0).candidates or \
+        vault.identify("c", faces[4].tolist(), threshold=-1.0).candidates[0].subject_id != "s4"
+    vault.maintain()  # erase_after is an hour: nothing is due yet
+    assert gallery.blocks[0].generation == 2 - 1
+    vault.maintain(force=True)
+    assert gallery.blocks[0].generation == 2
+    erased = _block_plaintext(vault, 0)
+    assert np.abs(erased[:, slot]).max() < 1e-5  # noise only; the values were ~0.1
+    others = [s for s in range(10) if s != slot]
+    assert np.abs(erased[:, others] - values[:, others]).max() < 1e-5
+    assert db.execute("SELECT state, erased FROM templates WHERE slot=?", (slot,)).fetchone() == (2, 1)
+    assert not old_file.exists()  # the old generation, zero-filled, then removed
+    for i in range(10):
+        if i != 4:
+            assert vault.verify("c", f"s{i}", faces[i].tolist()).matched
+
+
+def test_deleted_journal_templates_leave_with_their_page(vault: Vault) -> None:
+    faces = _faces(3, 2)
+    for i, f in enumerate(faces):
+        vault.enroll("c", f"s{i}", f.tolist())
+    page = sqlite3.connect(vault.store.path).execute("SELECT ciphertext FROM pages").fetchone()[0]
+    vault.delete_subject("c", "s1")
+    vault.maintain(force=True)
+    db = sqlite3.connect(vault.store.path)
+    assert db.execute("SELECT count(*) FROM pages").fetchone()[0] == 0
+    assert db.execute("SELECT tier, erased FROM templates WHERE state=2").fetchall() == [(PAGE, 1)]
+    # secure_delete: the page's bytes are not left behind in the database file or its WAL.
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    raw = b"".join(p.read_bytes() for p in vault.store.path.parent.glob("vault.db*"))
+    assert page[1000:1064] not in raw
+    assert vault.galleries()[0].blocks[0].fill == 2
+
+
+def test_restart_finds_everything_and_sweeps_unnamed_block_files(vault: Vault, hsm_config: HsmConfig) -> None:
+    faces = _faces(5, 3)
+    for i, f in enumerate(faces):
+        vault.enroll("c", f"s{i}", f.tolist())
+    vault.maintain(force=True)
+    data = vault.store.path.parent
+    stray = vault.files.path("c", 1, 7, 1)  # as if a crash hit between file and row
+    vault.files.write(stray, [np.zeros((DIM, 2, 8), np.uint64)], [3])
+    vault.close()
+    v = Vault.open(data, hsm_config, tuning=Tuning(maintenance_interval=0, workers=0))
+    try:
+        assert not stray.exists()
+        assert v.get_collection("c").template_count == 5
+        assert all(v.verify("c", f"s{i}", f.tolist()).matched for i, f in enumerate(faces))
+        assert BlockFiles.read(v.files.path("c", 1, 0, 1))[1] == v.galleries()[0].blocks[0].digest
+    finally:
+        v.close()

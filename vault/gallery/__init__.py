@@ -1,0 +1,258 @@
+"""Gallery (matcher): the encrypted templates of one collection key version.
+
+Two tiers, like a log-structured store:
+
+- **journal pages** (:mod:`vault.gallery.pages`): template-major, one ciphertext per
+  N // D templates; a single enrollment adds to one page.
+- **blocks** (:mod:`vault.gallery.blocks`): dimension-major, D ciphertexts per 4,096
+  templates, memory-mapped from files; imports write them directly, journal checkpoints
+  move pages into them (:mod:`vault.maintenance`).
+
+A 1:N match scores the blocks the pre-filter picks (:mod:`vault.gallery.prefilter`), the
+mixed blocks and the pages, on several threads (the kernels release the GIL). The
+gallery holds the public context only, never the secret key, and never a subject id:
+subjects are opaque group numbers here, keyed by their HMAC.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from vault import logs
+from vault.decider import ScoreCiphertext
+from vault.errors import Cancelled
+from vault.gallery import blocks as block_ops
+from vault.gallery import pages as page_ops
+from vault.gallery.blocks import Block
+from vault.gallery.pages import Page
+from vault.gallery.prefilter import Prefilter
+from vault.he import HeParams, PublicContext, poly
+from vault.store import BLOCK, CLUSTERED, MIXED, PAGE
+
+log = logs.get("vault.gallery")
+
+_SCORERS = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="score")
+
+
+class Routing:
+    """How many clustered blocks a 1:N match scores: the ``fraction`` nearest the probe,
+    at least ``min_blocks`` (all of them below that)."""
+
+    def __init__(self, fraction: float = 0.15, min_blocks: int = 16) -> None:
+        if not 0.0 < fraction <= 1.0 or min_blocks < 1:
+            raise ValueError("routing fraction must be in (0, 1] and min_blocks >= 1")
+        self.fraction, self.min_blocks = fraction, min_blocks
+
+    def count(self, clustered: int) -> int:
+        return min(clustered, max(self.min_blocks, math.ceil(self.fraction * clustered)))
+
+
+class CollectionGallery:
+    """Encrypted templates of one (collection, key version)."""
+
+    def __init__(self, collection_id: str, key_version: int, dimension: int,
+                 params: HeParams, public_context: bytes, routing: Routing | None = None) -> None:
+        self.collection_id = collection_id
+        self.key_version = key_version
+        self.dimension = dimension
+        self.params = params
+        self.public_context = public_context
+        self.ctx = PublicContext(public_context, params)
+        self.routing = routing or Routing()
+        self.prefilter = Prefilter(dimension)
+        self.blocks: dict[int, Block] = {}
+        self.pages: dict[int, Page] = {}
+        self._sealed_pages: set[int] = set()  # being checkpointed: no new enrollments
+        self._next_page_no = 0  # page numbers are never reused (dead rows still name them)
+        self._group_of: dict[bytes, int] = {}
+        self._subjects: list[bytes] = []
+        self._lock = threading.Lock()
+        # write_lock: held across every commit (store and install), and by single
+        # enrollments from start to end. block_lock: held by the long block jobs
+        # (import chunks, checkpoints, compaction) while they compute, outside write_lock.
+        self.write_lock = threading.Lock()
+        self.block_lock = threading.Lock()
+
+    @property
+    def page_slots(self) -> int:
+        return self.params.page_slots(self.dimension)
+
+    # -- subjects as groups ----------------------------------------------------------------
+
+    def group(self, subject_hmac: bytes) -> int:
+        """The group number of a subject (allocated on first sight)."""
+        with self._lock:
+            found = self._group_of.get(subject_hmac)
+            if found is None:
+                found = self._group_of[subject_hmac] = len(self._subjects)
+                self._subjects.append(subject_hmac)
+            return found
+
+    def subject(self, group: int) -> bytes:
+        with self._lock:
+            return self._subjects[group]
+
+    # -- installing state ----------------------------------------------------------------
+
+    def install_block(self, block: Block, moved: Iterable[tuple[int, int, int]] = ()) -> None:
+        """Make a block (new, or a new generation of one) visible to matching, with the
+        owners of the templates ``moved`` into it from pages, (page_no, page slot, block
+        slot) each. A new generation keeps its predecessor's slot owners, so deletions
+        made meanwhile are not undone."""
+        with self._lock:
+            old = self.blocks.get(block.block_no)
+            if old is not None:
+                block.groups = old.groups
+            for page_no, page_slot, block_slot in moved:
+                page = self.pages.get(page_no)
+                block.groups[block_slot] = page.groups[page_slot] if page is not None else -1
+            self.blocks[block.block_no] = block
+        if block.kind == CLUSTERED and block.centroid is not None:
+            self.prefilter.add(block.block_no, block.centroid)
+
+    def install_page(self, page: Page) -> None:
+        with self._lock:
+            self.pages[page.page_no] = page
+            self._next_page_no = max(self._next_page_no, page.page_no + 1)
+
+    def drop_pages(self, page_nos: Iterable[int]) -> None:
+        """Pages whose templates moved into blocks (after the blocks are installed)."""
+        with self._lock:
+            for page_no in list(page_nos):
+                self.pages.pop(page_no, None)
+                self._sealed_pages.discard(page_no)
+
+    def reserve_page_numbers(self, at_least: int) -> None:
+        """Never hand out page numbers below ``at_least`` (rows of dropped pages)."""
+        with self._lock:
+            self._next_page_no = max(self._next_page_no, at_least)
+
+    def set_live(self, tier: int, loc: int, slot: int, group: int) -> None:
+        """Mark a slot live for ``group``, or not live with ``group = -1`` (a deletion:
+        from this moment the slot's score is never released)."""
+        with self._lock:
+            holder = self.pages.get(loc) if tier == PAGE else self.blocks.get(loc)
+            if holder is not None:
+                holder.groups[slot] = group
+
+    # -- reading state ---------------------------------------------------------------------
+
+    def template_count(self) -> int:
+        with self._lock:
+            return int(sum(int((b.groups >= 0).sum()) for b in self.blocks.values())
+                       + sum(int((p.groups >= 0).sum()) for p in self.pages.values()))
+
+    def journal_count(self) -> int:
+        """Templates (live or not) in journal pages."""
+        with self._lock:
+            return sum(p.fill for p in self.pages.values())
+
+    def next_page_slot(self) -> tuple[int, int, Page | None]:
+        """Where the next single enrollment goes: (page_no, slot, page or None if new)."""
+        with self._lock:
+            open_pages = [p for p in self.pages.values()
+                          if p.fill < self.page_slots and p.page_no not in self._sealed_pages]
+            if open_pages:
+                page = max(open_pages, key=lambda p: p.page_no)
+                return page.page_no, page.fill, page
+            return self._next_page_no, 0, None
+
+    def seal_pages(self, page_nos: Iterable[int]) -> None:
+        """Send single enrollments to other pages from now on (a checkpoint takes these)."""
+        with self._lock:
+            self._sealed_pages.update(page_nos)
+
+    def new_page_numbers(self, count: int) -> list[int]:
+        with self._lock:
+            start = self._next_page_no
+            self._next_page_no += count
+            return list(range(start, start + count))
+
+    def new_block_numbers(self, count: int) -> list[int]:
+        with self._lock:
+            start = max(self.blocks, default=-1) + 1
+            return list(range(start, start + count))
+
+    def mixed_tail(self) -> Block | None:
+        """The newest mixed block that still has free slots."""
+        with self._lock:
+            open_mixed = [b for b in self.blocks.values()
+                          if b.kind == MIXED and b.fill < self.params.slots]
+            return max(open_mixed, key=lambda b: b.block_no) if open_mixed else None
+
+    # -- matching --------------------------------------------------------------------------
+
+    def _score_blocks(self, chosen: list[tuple[Block, np.ndarray | None]], scalars: np.ndarray,
+                      cancelled: Callable[[], bool] | None) -> list[ScoreCiphertext]:
+        """Score blocks on the scoring threads; ``(block, slots)`` each, slots None for
+        every live slot."""
+        q = self.ctx.moduli[0]
+
+        def one(item: tuple[Block, np.ndarray | None]) -> ScoreCiphertext | None:
+            block, slots = item
+            if cancelled is not None and cancelled():
+                return None
+            if slots is None:
+                slots = np.flatnonzero(block.groups >= 0)
+            if slots.size == 0:
+                return None
+            ct = block_ops.score(block, scalars, q)
+            return ScoreCiphertext(ct, ntt=False, positions=slots.astype(np.int64),
+                                   groups=block.groups[slots], slots=slots, tier=BLOCK,
+                                   loc=block.block_no)
+
+        results = list(_SCORERS.map(one, chosen)) if len(chosen) > 1 else [one(c) for c in chosen]
+        if cancelled is not None and cancelled():
+            done = sum(r is not None for r in results)
+            log.info("match abandoned: the caller is gone", collection_id=self.collection_id,
+                     blocks_done=done, blocks_total=len(chosen))
+            raise Cancelled("the caller cancelled or its deadline passed")
+        return [r for r in results if r is not None]
+
+    def probe_scalars(self, probe: np.ndarray) -> np.ndarray:
+        return poly.quantise(probe, self.params.probe_scale)
+
+    def score_all(self, probe: np.ndarray, cancelled: Callable[[], bool] | None = None
+                  ) -> list[ScoreCiphertext]:
+        """Score ciphertexts for a 1:N match: routed clustered blocks, mixed blocks, pages."""
+        scalars = self.probe_scalars(probe)
+        with self._lock:
+            clustered = [b for b in self.blocks.values() if b.kind == CLUSTERED]
+            mixed = [b for b in self.blocks.values() if b.kind != CLUSTERED]
+            pages = list(self.pages.values())
+        want = self.routing.count(len(clustered))
+        if want < len(clustered):
+            nearest = set(self.prefilter.nearest(probe, want))
+            clustered = [b for b in clustered if b.block_no in nearest]
+        parts = self._score_blocks([(b, None) for b in clustered + mixed], scalars, cancelled)
+        return parts + page_ops.score(self.ctx, pages, scalars, cancelled=cancelled)
+
+    def resolve(self, places: Iterable[tuple[int, int, int]], group: int
+                ) -> list[tuple[int, Block | Page, np.ndarray]] | None:
+        """The holders of the given places (tier, loc, slot), as they are now, with their
+        slots; None when a place is not live for ``group`` (rows and memory disagree)."""
+        found: dict[tuple[int, int], tuple[Block | Page, list[int]]] = {}
+        with self._lock:
+            for tier, loc, slot in places:
+                holder = self.pages.get(loc) if tier == PAGE else self.blocks.get(loc)
+                if holder is None or not 0 <= slot < holder.groups.size or holder.groups[slot] != group:
+                    return None
+                found.setdefault((tier, loc), (holder, []))[1].append(slot)
+        return [(tier, holder, np.array(slots, np.int64))
+                for (tier, _loc), (holder, slots) in found.items()]
+
+    def score_held(self, probe: np.ndarray, held: list[tuple[int, Block | Page, np.ndarray]],
+                   cancelled: Callable[[], bool] | None = None) -> list[ScoreCiphertext]:
+        """Score ciphertexts for given slots of given holders (1:1)."""
+        scalars = self.probe_scalars(probe)
+        chosen_blocks = [(h, slots) for tier, h, slots in held if tier == BLOCK]
+        chosen_pages = [h for tier, h, _ in held if tier == PAGE]
+        page_slots = {h.page_no: slots for tier, h, slots in held if tier == PAGE}
+        return (self._score_blocks(chosen_blocks, scalars, cancelled)  # type: ignore[arg-type]
+                + page_ops.score(self.ctx, chosen_pages, scalars, page_slots))  # type: ignore[arg-type]

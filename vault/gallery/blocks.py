@@ -1,0 +1,77 @@
+"""Dimension-major blocks: ciphertext ``j`` of a block holds dimension ``j`` of N templates,
+template ``i`` in coefficient ``i`` of each plaintext.
+
+Scoring a probe against a block is ``sum_j s_j * ct_j`` with the probe quantised to small
+integers ``s_j``: D scalar multiply-adds per coefficient, no rotation, no relinearisation,
+and one score ciphertext per N = 4,096 templates, every coefficient of which is a score.
+Imports and journal checkpoints write blocks; single enrollments do not (they would
+rewrite D ciphertexts each), they go to journal pages (:mod:`vault.gallery.pages`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from vault.he import PublicContext, kernels, poly
+
+
+@dataclass
+class Block:
+    """One block as matched: its score-prime residues, held in private memory, and who
+    owns each slot. The other primes stay in its file (read, and checked against
+    ``digest``, by the jobs that rewrite the block)."""
+
+    block_no: int
+    kind: int
+    generation: int
+    fill: int
+    levels: int
+    residues: np.ndarray = field(repr=False)  # (D, 2, N) residues mod the score prime
+    digest: bytes = field(repr=False)  # SHA-256 of the block file
+    groups: np.ndarray = field(repr=False)  # (N,) int32: subject group of a live slot, else -1
+    centroid: np.ndarray | None = field(default=None, repr=False)  # pre-filter sketch
+
+
+def dimension_major_plaintexts(templates: np.ndarray, first_slot: int, n: int, scale: float,
+                               moduli: tuple[int, ...]) -> np.ndarray:
+    """Plaintexts (D, levels, N): polynomial ``j`` holds ``templates[k, j]`` at
+    coefficient ``first_slot + k``."""
+    count, dimension = templates.shape
+    values = np.zeros((dimension, n), np.int64)
+    values[:, first_slot:first_slot + count] = poly.quantise(templates.T, scale)
+    return np.moveaxis(poly.residues(values, moduli), 0, 1)
+
+
+def encrypt_plaintexts(ctx: PublicContext, plaintexts: np.ndarray) -> np.ndarray:
+    """Fresh encryptions (k, 2, levels, N), coefficient form, of plaintexts (k, levels, N).
+
+    Each is a fresh public-key encryption of zero plus the plaintext: the noise of one
+    fresh encryption (a few dozen units against a scale of 2^27).
+    """
+    levels = plaintexts.shape[1]
+    moduli = ctx.level_moduli(levels)
+    out = np.empty((plaintexts.shape[0], 2, levels, plaintexts.shape[2]), np.uint64)
+    for k in range(plaintexts.shape[0]):
+        zero = ctx.ciphertext_from_ntt(ctx.encrypt_zero())[:, :levels]
+        out[k, 0] = poly.add(zero[0], plaintexts[k], moduli)
+        out[k, 1] = zero[1]
+    return out
+
+
+def split_levels(cts: np.ndarray) -> list[np.ndarray]:
+    """(D, 2, levels, N) -> per prime, contiguous (D, 2, N): the layout of block files."""
+    return [np.ascontiguousarray(cts[:, :, level, :]) for level in range(cts.shape[2])]
+
+
+def join_levels(residues: list[np.ndarray]) -> np.ndarray:
+    """Per prime (D, 2, N) -> (D, 2, levels, N) uint64."""
+    return np.stack([np.asarray(r, dtype=np.uint64) for r in residues], axis=2)
+
+
+def score(block: Block, scalars: np.ndarray, q: int) -> np.ndarray:
+    """The score ciphertext (2, 1, N), coefficient form, at the score prime ``q``."""
+    out = np.empty((2, 1, block.residues.shape[2]), np.uint64)
+    kernels.score_block(block.residues, scalars, q, out[:, 0, :])
+    return out

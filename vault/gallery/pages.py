@@ -1,0 +1,120 @@
+"""Journal pages: template-major ciphertexts that take single enrollments cheaply.
+
+A page is one ciphertext (NTT form) whose plaintext holds up to S = N // D templates,
+template ``k`` in coefficients ``k*D .. k*D+D-1``. Enrolling one template adds a fresh
+encryption of zero and the template's plaintext to the page: one encryption and one
+ciphertext written (about 96 KiB) instead of D of each for a block.
+
+Scoring multiplies the page by the probe polynomial ``sum_j s_j X^-j`` (pointwise in the
+NTT domain): coefficient ``k*D`` of the product is template ``k``'s score. Its other
+coefficients are partial correlations of the template with the probe; they would let
+whoever decrypts them rebuild the template, so the matcher adds, before the product
+leaves it, values uniform mod q on every coefficient that is not a live template's score
+(a one-time pad: the decider sees only scores). Pages are merged into blocks by the
+checkpoint (:mod:`vault.maintenance`), which keeps their number, and the cost of scoring
+them, bounded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from vault.decider import ScoreCiphertext
+from vault.errors import Cancelled
+from vault.he import PublicContext, kernels, poly
+from vault.store import PAGE
+
+
+@dataclass
+class Page:
+    page_no: int
+    generation: int
+    fill: int
+    ct: np.ndarray = field(repr=False)  # (2, levels, N) NTT form
+    groups: np.ndarray = field(repr=False)  # (S,) int32: subject group of a live slot, else -1
+
+
+def _plaintext_ntt(ctx: PublicContext, templates: np.ndarray, first_slot: int,
+                   levels: int) -> np.ndarray:
+    n, dimension = ctx.n, templates.shape[1]
+    values = np.zeros(n, np.int64)
+    start = first_slot * dimension
+    values[start:start + templates.size] = poly.quantise(templates.reshape(-1),
+                                                         ctx.params.template_scale)
+    return ctx.to_ntt(poly.residues(values, ctx.level_moduli(levels)))
+
+
+def write(ctx: PublicContext, ct: np.ndarray | None, first_slot: int,
+          templates: np.ndarray) -> np.ndarray:
+    """A page's next state: ``ct`` (None for a new page) plus a fresh encryption of
+    ``templates`` (k, D) in slots ``first_slot..``. Nothing is modified in place."""
+    levels = ct.shape[1] if ct is not None else ctx.params.levels
+    moduli = ctx.level_moduli(levels)
+    zero = ctx.encrypt_zero()[:, :levels]
+    zero[0] = poly.add(zero[0], _plaintext_ntt(ctx, templates, first_slot, levels), moduli)
+    return zero if ct is None else poly.add(zero, ct, moduli)
+
+
+def score(ctx: PublicContext, pages: list[Page], scalars: np.ndarray,
+          only_slots: dict[int, np.ndarray] | None = None,
+          cancelled: Callable[[], bool] | None = None) -> list[ScoreCiphertext]:
+    """Masked score ciphertexts of ``pages`` (live slots, or ``only_slots[page_no]``).
+    Stops with :class:`Cancelled` when ``cancelled()`` says the caller is gone."""
+    if not pages:
+        return []
+    q, n = ctx.moduli[0], ctx.n
+    dimension = len(scalars)
+    probe = ctx.to_ntt(poly.residues(poly.negacyclic_reverse(scalars, n), (q,)))[0]
+    out = []
+    for page in pages:
+        if cancelled is not None and cancelled():
+            raise Cancelled("the caller cancelled or its deadline passed")
+        slots = (only_slots[page.page_no] if only_slots is not None
+                 else np.flatnonzero(page.groups >= 0))
+        if slots.size == 0:
+            continue
+        product = np.empty((2, 1, n), np.uint64)
+        kernels.mulmod(page.ct[0, 0], probe, q, product[0, 0])
+        kernels.mulmod(page.ct[1, 0], probe, q, product[1, 0])
+        positions = slots.astype(np.int64) * dimension
+        mask = poly.uniform((n,), (q,))
+        mask[0, positions] = 0
+        product[0] = poly.add(product[0], ctx.to_ntt(mask), (q,))
+        out.append(ScoreCiphertext(product, ntt=True, positions=positions,
+                                   groups=page.groups[slots], slots=slots, tier=PAGE,
+                                   loc=page.page_no))
+    return out
+
+
+def pack(ct: np.ndarray, moduli: tuple[int, ...]) -> bytes:
+    """A page ciphertext (2, levels, N) as stored: per prime, uint32 residues where the
+    prime allows, else uint64."""
+    return b"".join(np.ascontiguousarray(ct[:, level, :],
+                                         dtype=np.uint32 if q < 2 ** 32 else np.uint64).tobytes()
+                    for level, q in enumerate(moduli))
+
+
+def unpack(data: bytes, levels: int, n: int, moduli: tuple[int, ...]) -> np.ndarray:
+    out = np.empty((2, levels, n), np.uint64)
+    offset = 0
+    for level, q in enumerate(moduli[:levels]):
+        dtype = np.dtype(np.uint32 if q < 2 ** 32 else np.uint64)
+        size = 2 * n * dtype.itemsize
+        out[:, level, :] = np.frombuffer(data, dtype, 2 * n, offset).reshape(2, n)
+        offset += size
+    if offset != len(data):
+        raise ValueError("page ciphertext has the wrong size")
+    return out
+
+
+def packed_levels(data: bytes, n: int, moduli: tuple[int, ...]) -> int:
+    """How many primes a packed page holds (pages keep the level they were written at)."""
+    size = 0
+    for level, q in enumerate(moduli):
+        size += 2 * n * (4 if q < 2 ** 32 else 8)
+        if size == len(data):
+            return level + 1
+    raise ValueError("page ciphertext has the wrong size")

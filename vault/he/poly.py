@@ -1,0 +1,73 @@
+"""Polynomials as RNS residue arrays: encoding, modular arithmetic, uniform masks.
+
+A polynomial at a level with primes ``moduli`` is an array (levels, N) of uint64
+residues. A ciphertext is (2, levels, N): c0 then c1.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def residues(values: np.ndarray, moduli: Sequence[int]) -> np.ndarray:
+    """Signed integers -> residues (levels, *values.shape) in [0, q)."""
+    values = np.asarray(values, dtype=np.int64)
+    return np.stack([np.mod(values, np.int64(q)).astype(np.uint64) for q in moduli])
+
+
+def centered(residue: np.ndarray, q: int) -> np.ndarray:
+    """Residues mod ``q`` -> signed integers in (-q/2, q/2] (as int64)."""
+    x = residue.astype(np.int64)
+    return np.where(x > q // 2, x - np.int64(q), x)
+
+
+def add(a: np.ndarray, b: np.ndarray, moduli: Sequence[int]) -> np.ndarray:
+    """``a + b`` per level; the level axis is the second to last."""
+    out = np.empty_like(a)
+    for level, q in enumerate(moduli):
+        s = a[..., level, :] + b[..., level, :]
+        out[..., level, :] = np.where(s >= np.uint64(q), s - np.uint64(q), s)
+    return out
+
+
+def sub(a: np.ndarray, b: np.ndarray, moduli: Sequence[int]) -> np.ndarray:
+    """``a - b`` per level; the level axis is the second to last."""
+    out = np.empty_like(a)
+    for level, q in enumerate(moduli):
+        x, y = a[..., level, :], b[..., level, :]
+        out[..., level, :] = np.where(x >= y, x - y, x + (np.uint64(q) - y))
+    return out
+
+
+def uniform(shape: tuple[int, ...], moduli: Sequence[int]) -> np.ndarray:
+    """Residues uniform in [0, q) per level, from the OS CSPRNG (rejection sampling, so
+    exactly uniform): masks that hide a plaintext perfectly, as a one-time pad mod q."""
+    out = np.empty((*shape[:-1], len(moduli), shape[-1]), np.uint64)
+    count = int(np.prod(shape))
+    for level, q in enumerate(moduli):
+        limit = np.uint64((2 ** 64 // q) * q)
+        got = np.empty(0, np.uint64)
+        while got.size < count:
+            draw = np.frombuffer(os.urandom(8 * (count + count // 8 + 16)), np.uint64)
+            got = np.concatenate([got, draw[draw < limit]])
+        out[..., level, :] = (got[:count] % np.uint64(q)).reshape(shape)
+    return out
+
+
+def quantise(values: np.ndarray, scale: float) -> np.ndarray:
+    """Real values -> nearest integers at ``scale`` (int64)."""
+    return np.rint(np.asarray(values, dtype=np.float64) * scale).astype(np.int64)
+
+
+def negacyclic_reverse(scalars: np.ndarray, n: int) -> np.ndarray:
+    """The polynomial ``sum_j s_j X^-j`` mod X^n + 1 (X^-j = -X^(n-j)), as int64 (n,).
+
+    Multiplying a template-major page by it puts ``sum_j s_j t_kj`` at coefficient k*D.
+    """
+    out = np.zeros(n, np.int64)
+    out[0] = scalars[0]
+    out[n - np.arange(1, len(scalars))] = -scalars[1:]
+    return out

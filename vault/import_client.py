@@ -1,0 +1,110 @@
+"""``vault import``: stream a .npz file of embeddings into a running vault.
+
+The file holds ``embeddings`` (n, D) and ``subject_ids`` (n,), and optionally
+``request_ids`` (n,); without them each item's request id is derived from the file's
+digest and the item's position, so re-running the same import after an interruption
+stores nothing twice. Progress: a bar on a terminal, a JSON log line per stored chunk
+otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from vault import logs
+from vault.v1 import vault_pb2, vault_pb2_grpc
+
+log = logs.get("vault.import")
+
+
+@dataclass
+class ImportReport:
+    total: int
+    stored: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    errors: dict[str, int] = field(default_factory=dict)  # message -> count
+
+    @property
+    def rate(self) -> float:
+        return self.stored / self.seconds if self.seconds else 0.0
+
+
+def load(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(embeddings, subject ids, request ids) from a .npz file."""
+    with np.load(path, allow_pickle=False) as data:
+        if "embeddings" not in data or "subject_ids" not in data:
+            raise ValueError("the file must hold arrays 'embeddings' and 'subject_ids'")
+        emb = np.asarray(data["embeddings"], dtype=np.float32)
+        subjects = np.asarray(data["subject_ids"]).astype(str)
+        if "request_ids" in data:
+            requests = np.asarray(data["request_ids"]).astype(str)
+        else:
+            tag = hashlib.sha256(emb.tobytes() + "\0".join(subjects).encode()).hexdigest()[:16]
+            requests = np.array([f"import-{tag}-{i}" for i in range(len(emb))])
+    if emb.ndim != 2 or len(subjects) != len(emb) or len(requests) != len(emb):
+        raise ValueError("embeddings must be (n, D) with one subject id and request id per row")
+    return emb, subjects, requests
+
+
+def _requests(collection_id: str, emb: np.ndarray, subjects: np.ndarray, requests: np.ndarray,
+              batch: int, sent: list[int]) -> Iterator[vault_pb2.ImportTemplatesRequest]:
+    for start in range(0, len(emb), batch):
+        end = min(start + batch, len(emb))
+        msg = vault_pb2.ImportTemplatesRequest(collection_id=collection_id)
+        for i in range(start, end):
+            msg.items.add(subject_id=subjects[i], embedding=emb[i], request_id=requests[i])
+        sent[0] = end
+        yield msg
+
+
+def run(target: str, collection_id: str, path: Path, batch: int = 256,
+        progress: bool | None = None, channel: grpc.Channel | None = None) -> ImportReport:
+    """Import the file; returns what was stored and what failed (by error message)."""
+    emb, subjects, requests = load(path)
+    report = ImportReport(total=len(emb))
+    show_bar = sys.stderr.isatty() if progress is None else progress
+    bar = None
+    if show_bar:
+        from tqdm import tqdm
+        bar = tqdm(total=len(emb), unit="tpl", desc="imported", file=sys.stderr)
+    sent = [0]
+    lock = threading.Lock()
+    own = channel is None
+    channel = channel or grpc.insecure_channel(target)
+    start = time.perf_counter()
+    try:
+        stub = vault_pb2_grpc.TemplateVaultStub(channel)
+        for response in stub.ImportTemplates(
+                _requests(collection_id, emb, subjects, requests, batch, sent)):
+            with lock:
+                for r in response.results:
+                    if r.code == 0:
+                        report.stored += 1
+                    else:
+                        report.failed += 1
+                        report.errors[r.message] = report.errors.get(r.message, 0) + 1
+            done = report.stored + report.failed
+            if bar is not None:
+                bar.n = done
+                bar.set_postfix(sent=sent[0], failed=report.failed, refresh=False)
+                bar.refresh()
+            else:
+                log.info("import progress", count=done, template_count=report.total,
+                         status=f"failed={report.failed}")
+    finally:
+        report.seconds = time.perf_counter() - start
+        if bar is not None:
+            bar.close()
+        if own:
+            channel.close()
+    return report

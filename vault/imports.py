@@ -1,0 +1,232 @@
+"""Bulk import: many templates in one stream, encrypted straight into blocks.
+
+Items arrive in batches. Each is validated and protected at once (errors are answered
+at once, per item); valid items wait in a chunk buffer. A full chunk (up to 64 blocks of
+4,096 templates, within a memory budget) is grouped by balanced clustering into blocks of
+templates near each other (:mod:`vault.gallery.prefilter`), each block's D plaintexts are
+encrypted in worker processes and written as one file, what does not fill a block goes to
+journal pages (one encryption per page), and everything commits in one transaction. Then
+the chunk's results go out. An item's ``request_id`` makes it idempotent, as for Enroll:
+a retried stream gets the first answers and stores nothing twice.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from vault import logs
+from vault.errors import AlreadyExists, VaultError
+from vault.gallery import blocks as block_ops
+from vault.gallery import pages as page_ops
+from vault.gallery.blocks import Block
+from vault.gallery.pages import Page
+from vault.gallery.prefilter import balanced_clusters, sketch
+from vault.protector import validate_embedding
+from vault.store import BLOCK, CLUSTERED, DELETED, LIVE, PAGE, PageRow, TemplateRow
+from vault.validation import check_request_id, check_subject_id
+
+log = logs.get("vault.imports")
+
+MAX_CHUNK_BLOCKS = 64
+
+
+@dataclass(frozen=True)
+class ImportItem:
+    subject_id: str = field(repr=False)
+    embedding: Sequence[float] = field(repr=False)
+    request_id: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    """The outcome of one item, by its position in the stream."""
+
+    index: int
+    template_id: str = ""
+    key_version: int = 0
+    error: VaultError | None = None
+
+
+@dataclass
+class _Pending:
+    index: int
+    template: np.ndarray = field(repr=False)
+    subject_id: str = field(repr=False)
+    subject_hmac: bytes = field(repr=False)
+    request_hmac: bytes | None = field(repr=False)
+
+
+class ImportSession:
+    """One import stream into one collection."""
+
+    def __init__(self, vault, collection_id: str) -> None:  # type: ignore[no-untyped-def]
+        self.vault = vault
+        self.row, self.gallery = vault._collection(collection_id)
+        self.collection_id = collection_id
+        slots, dim = self.gallery.params.slots, self.row.dimension
+        budget = max(1, vault.tuning.import_chunk_bytes // (8 * dim * slots))
+        self.chunk = slots * min(MAX_CHUNK_BLOCKS, budget)
+        self._buffer: list[_Pending] = []
+        self._pending_requests: dict[bytes, _Pending] = {}
+        self._followers: list[tuple[int, _Pending]] = []  # repeats of a pending request id
+        self._next_index = 0
+        self.stored = 0
+        self.failed = 0
+
+    def add(self, items: Sequence[ImportItem]) -> list[ImportResult]:
+        """Take a batch; returns the results known now (errors, retries, full chunks)."""
+        results: list[ImportResult] = []
+        valid: list[tuple[int, ImportItem, np.ndarray]] = []
+        for item in items:
+            index = self._next_index
+            self._next_index += 1
+            try:
+                check_subject_id(item.subject_id)
+                check_request_id(item.request_id)
+                valid.append((index, item, validate_embedding(item.embedding, self.row.dimension)))
+            except VaultError as exc:
+                results.append(self._failed(index, exc))
+        if valid:
+            transform = self.vault.protector.transform(self.collection_id, self.row.key_version,
+                                                       self.row.dimension)
+            protected = transform.apply(np.stack([x for _, _, x in valid]))
+            for (index, item, _), template in zip(valid, protected):
+                result = self._accept(index, item, template)
+                if result is not None:
+                    results.append(result)
+        while len(self._buffer) >= self.chunk:
+            results += self._flush(self.chunk)
+        return results
+
+    def finish(self) -> list[ImportResult]:
+        """Store what is buffered; the last results."""
+        results = self._flush(len(self._buffer)) if self._buffer else []
+        log.info("import finished", collection_id=self.collection_id, count=self.stored,
+                 status=f"failed={self.failed}")
+        return results
+
+    def _failed(self, index: int, exc: VaultError) -> ImportResult:
+        self.failed += 1
+        return ImportResult(index, error=exc)
+
+    def _accept(self, index: int, item: ImportItem, template: np.ndarray) -> ImportResult | None:
+        integrity = self.vault.integrity
+        subject_hmac = integrity.subject_index(self.collection_id, item.subject_id)
+        request_hmac = (integrity.request_index(self.collection_id, item.request_id)
+                        if item.request_id else None)
+        try:
+            previous = self.vault._previous(request_hmac, subject_hmac)
+        except AlreadyExists as exc:
+            return self._failed(index, exc)
+        if previous is not None:
+            return ImportResult(index, previous[0], previous[1])
+        pending = _Pending(index, template, item.subject_id, subject_hmac, request_hmac)
+        if request_hmac is not None:
+            first = self._pending_requests.get(request_hmac)
+            if first is not None:
+                if first.subject_hmac != subject_hmac:
+                    return self._failed(index, AlreadyExists(
+                        "request_id was already used for another subject"))
+                self._followers.append((index, first))
+                return None
+            self._pending_requests[request_hmac] = pending
+        self._buffer.append(pending)
+        return None
+
+    def _flush(self, count: int) -> list[ImportResult]:
+        chunk, self._buffer = self._buffer[:count], self._buffer[count:]
+        ids = store_chunk(self.vault, self.gallery, chunk)
+        self.stored += len(chunk)
+        done = {p.index: template_id for p, template_id in zip(chunk, ids)}
+        version = self.gallery.key_version
+        results = [ImportResult(p.index, done[p.index], version) for p in chunk]
+        waiting = []
+        for index, first in self._followers:
+            if first.index in done:
+                results.append(ImportResult(index, done[first.index], version))
+            else:
+                waiting.append((index, first))
+        self._followers = waiting
+        for p in chunk:
+            if p.request_hmac is not None:
+                self._pending_requests.pop(p.request_hmac, None)
+        return results
+
+
+def store_chunk(vault, gallery, chunk: list[_Pending]) -> list[str]:  # type: ignore[no-untyped-def]
+    """Encrypt and store one chunk; returns the template ids, in chunk order."""
+    cid, version = gallery.collection_id, gallery.key_version
+    params, ctx = gallery.params, gallery.ctx
+    n, page_slots = params.slots, gallery.page_slots
+    moduli = ctx.moduli
+    templates = np.stack([p.template for p in chunk])
+    ids = [uuid.uuid4().hex for _ in chunk]
+    with gallery.block_lock:
+        clusters, leftover = balanced_clusters(templates, n)
+        block_nos = gallery.new_block_numbers(len(clusters))
+        blocks, block_rows = [], []
+        places: dict[int, tuple[int, int, int]] = {}  # chunk index -> (tier, loc, slot)
+        for members, block_no in zip(clusters, block_nos):
+            plain = block_ops.dimension_major_plaintexts(templates[members], 0, n,
+                                                         params.template_scale, moduli)
+            cts = vault.encryption.encrypt(ctx, gallery.public_context, plain)
+            path = vault.files.path(cid, version, block_no, 1)
+            digest = vault.files.write(path, block_ops.split_levels(cts), moduli)
+            centroid = sketch(templates[members])
+            block = Block(block_no, CLUSTERED, 1, n, len(moduli),
+                          np.ascontiguousarray(cts[:, :, 0, :]), digest,
+                          np.full(n, -1, np.int32), centroid)
+            del cts, plain
+            blocks.append(block)
+            block_rows.append(vault.block_row(gallery, block, digest,
+                                              vault.seal_sketch(cid, version, block_no, centroid)))
+            for slot, i in enumerate(members.tolist()):
+                places[i] = (BLOCK, block_no, slot)
+        page_groups = [leftover[i:i + page_slots] for i in range(0, len(leftover), page_slots)]
+        page_nos = gallery.new_page_numbers(len(page_groups))
+        pages, page_rows = [], []
+        for members, page_no in zip(page_groups, page_nos):
+            ct = page_ops.write(ctx, None, 0, templates[members])
+            row = vault.sign(PageRow(cid, version, page_no, 1, len(members),
+                                     page_ops.pack(ct, moduli), b""))
+            pages.append(Page(page_no, 1, len(members), ct, np.full(page_slots, -1, np.int32)))
+            page_rows.append(row)
+            for slot, i in enumerate(members.tolist()):
+                places[i] = (PAGE, page_no, slot)
+
+        def template_row(i: int, state: int, request_hmac: bytes | None) -> TemplateRow:
+            tier, loc, slot = places[i]
+            return vault.sign(TemplateRow(ids[i], cid, chunk[i].subject_hmac, version, tier, loc,
+                                          slot, request_hmac, state, 0, b""))
+
+        rows = [template_row(i, LIVE, p.request_hmac) for i, p in enumerate(chunk)]
+        subjects = [(cid, p.subject_hmac, vault.seal_subject(cid, p.subject_hmac, p.subject_id))
+                    for p in chunk]
+        with gallery.write_lock:
+            # A request id committed meanwhile by another call: that call's answer stands;
+            # the values encrypted here for it are stored as a deleted template, erased later.
+            taken = vault.store.existing_requests([p.request_hmac for p in chunk if p.request_hmac])
+            for i, p in enumerate(chunk):
+                if p.request_hmac in taken:
+                    rows[i] = template_row(i, DELETED, None)
+                    ids[i] = vault.store.template_by_request(p.request_hmac).template_id
+            vault.store.write_templates(page_rows, block_rows, rows, subjects)
+            holders = {(BLOCK, b.block_no): b for b in blocks}
+            holders.update({(PAGE, p.page_no): p for p in pages})
+            for i, row in enumerate(rows):
+                if row.state == LIVE:
+                    tier, loc, slot = places[i]
+                    holders[(tier, loc)].groups[slot] = gallery.group(row.subject_hmac)
+            for block in blocks:
+                gallery.install_block(block)
+            for page in pages:
+                gallery.install_page(page)
+    log.info("import chunk stored", collection_id=cid, count=len(chunk), blocks=len(blocks))
+    return ids
+
+
+__all__ = ["ImportItem", "ImportResult", "ImportSession"]

@@ -1,0 +1,213 @@
+"""Background maintenance: journal checkpoints, erasure of deleted templates, old files.
+
+- **Checkpoint**: the live templates of every journal page move into mixed blocks by
+  blind re-encryption (:meth:`vault.decider.Decider.reencrypt`): the matcher masks each
+  page with values uniform mod q, the decider decrypts the masked page, moves each
+  template's D coefficients into coefficient ``slot`` of the block's D plaintexts and
+  encrypts them afresh; the matcher subtracts the moved mask and adds the result to the
+  block. No template is decrypted; the pages (and with them the values of templates
+  deleted while in the journal) leave the database.
+- **Compaction**: a block holding deleted templates' values is re-encrypted the same way
+  with those coefficients left out: after it, decrypting the block shows zeros there. The
+  replaced block file is zero-filled before it is removed.
+
+Both run with the gallery's block lock (one block job at a time) and commit under its
+write lock, re-reading template rows there, so a deletion made meanwhile is kept: the
+template stays deleted, and if its values were just copied, the next pass erases them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from vault import logs
+from vault.decider import Moves
+from vault.errors import VaultError
+from vault.gallery import CollectionGallery
+from vault.gallery import blocks as block_ops
+from vault.gallery.blocks import Block
+from vault.he import poly
+from vault.store import BLOCK, DELETED, LIVE, MIXED, PAGE, TemplateRow
+
+log = logs.get("vault.maintenance")
+
+# Seconds a replaced block file is kept for matches that may still read its mapping.
+RETIRE_GRACE = 30.0
+
+
+def _encryptor(vault, gallery: CollectionGallery):  # type: ignore[no-untyped-def]
+    return lambda plaintexts: vault.encryption.encrypt(gallery.ctx, gallery.public_context,
+                                                       plaintexts)
+
+
+def checkpoint(vault, gallery: CollectionGallery) -> int:  # type: ignore[no-untyped-def]
+    """Move every journal page's templates into mixed blocks; returns how many moved."""
+    cid, version = gallery.collection_id, gallery.key_version
+    store, n, dim = vault.store, gallery.params.slots, gallery.dimension
+    with gallery.block_lock:
+        with gallery.write_lock:
+            pages = sorted(gallery.pages.values(), key=lambda p: p.page_no)
+            gallery.seal_pages(p.page_no for p in pages)
+        if not pages:
+            return 0
+        rows = {p.page_no: store.templates_in(cid, version, PAGE, p.page_no) for p in pages}
+        # Everything live now moves; a deletion after this point leaves a tombstone.
+        moving = [(i, t) for i, p in enumerate(pages) for t in rows[p.page_no]
+                  if t.state == LIVE and t.slot < p.fill]
+        levels = min(p.ct.shape[1] for p in pages)
+        moduli = gallery.ctx.level_moduli(levels)
+        tail = gallery.mixed_tail()
+        if tail is not None and tail.levels != levels:
+            tail = None
+        # Target places: the mixed tail's free slots first, then new mixed blocks.
+        places: list[tuple[int, int]] = []  # (target block index, slot) per moving template
+        index, slot = 0, tail.fill if tail is not None else 0
+        for _ in moving:
+            if slot >= n:
+                index, slot = index + 1, 0
+            places.append((index, slot))
+            slot += 1
+        block_count = index + 1 if moving else 0
+        reuse_tail = tail is not None and block_count > 0
+        block_nos = ([tail.block_no] if reuse_tail else []) + \
+            gallery.new_block_numbers(block_count - int(reuse_tail))
+
+        mask = poly.uniform((len(pages), n), moduli)  # (pages, levels, N) coefficient form
+        masked = np.stack([p.ct[:, :levels] for p in pages])
+        for i in range(len(pages)):
+            masked[i, 0] = poly.add(masked[i, 0], gallery.ctx.to_ntt(mask[i]), moduli)
+        count = len(moving)
+        src_ct = np.repeat([i for i, _ in moving], dim)
+        src_pos = (np.array([t.slot for _, t in moving], np.int64)[:, None] * dim
+                   + np.arange(dim)[None, :]).reshape(-1)
+        dst_ct = (np.array([b for b, _ in places], np.int64)[:, None] * dim
+                  + np.arange(dim)[None, :]).reshape(-1)
+        dst_pos = np.repeat([s for _, s in places], dim)
+        moves = Moves(block_count * dim, src_ct, src_pos, dst_ct, dst_pos)
+        fresh = None
+        if count:
+            fresh = vault.decider.reencrypt(cid, version, masked, True, moves,
+                                            _encryptor(vault, gallery))
+            moved_mask = np.zeros((moves.targets, levels, n), np.uint64)
+            moved_mask[dst_ct, :, dst_pos] = mask[src_ct, :, src_pos]
+            fresh[:, 0] = poly.sub(fresh[:, 0], moved_mask, moduli)
+            del moved_mask
+        del mask, masked
+
+        new_blocks, old_paths = [], []
+        for b, block_no in enumerate(block_nos):
+            cts = fresh[b * dim:(b + 1) * dim]
+            fill = 1 + max((s for bb, s in places if bb == b), default=-1)
+            if b == 0 and reuse_tail:
+                cts = poly.add(vault.read_block(gallery, tail), cts, moduli)
+                generation, fill = tail.generation + 1, max(fill, tail.fill)
+                old_paths.append(vault.files.path(cid, version, block_no, tail.generation))
+            else:
+                generation = 1
+            path = vault.files.path(cid, version, block_no, generation)
+            digest = vault.files.write(path, block_ops.split_levels(cts), moduli)
+            block = Block(block_no, MIXED, generation, fill, levels,
+                          np.ascontiguousarray(cts[:, :, 0, :]), digest, np.full(n, -1, np.int32))
+            new_blocks.append((block, vault.block_row(gallery, block, digest, None)))
+        del fresh
+
+        with gallery.write_lock:
+            changed: list[TemplateRow] = []
+            moved_ids = {t.template_id: places[k] for k, (_, t) in enumerate(moving)}
+            for p in pages:
+                for t in store.templates_in(cid, version, PAGE, p.page_no):
+                    if t.template_id in moved_ids:
+                        b, slot = moved_ids[t.template_id]
+                        changed.append(vault.sign(TemplateRow(
+                            t.template_id, cid, t.subject_hmac, version, BLOCK, block_nos[b], slot,
+                            t.request_hmac, t.state, 0, b"")))
+                    elif t.state == DELETED and not t.erased:
+                        # Deleted before the checkpoint: its page, values and all, is dropped.
+                        changed.append(vault.sign(TemplateRow(
+                            t.template_id, cid, t.subject_hmac, version, t.tier, t.loc, t.slot,
+                            t.request_hmac, t.state, 1, b"")))
+            dropped = [(cid, version, p.page_no) for p in pages]
+            store.write_relocation([row for _, row in new_blocks], changed, dropped)
+            for b, (block, _row) in enumerate(new_blocks):
+                moved = [(pages[i].page_no, t.slot, places[k][1])
+                         for k, (i, t) in enumerate(moving) if places[k][0] == b]
+                gallery.install_block(block, moved)
+            gallery.drop_pages(p.page_no for p in pages)
+        for path in old_paths:
+            vault.retire(path, erase=False)
+    log.info("journal checkpoint", collection_id=cid, count=count, blocks=len(new_blocks))
+    return count
+
+
+def compact(vault, gallery: CollectionGallery, block_no: int) -> int:  # type: ignore[no-untyped-def]
+    """Erase the values of a block's deleted templates; returns how many were erased."""
+    cid, version = gallery.collection_id, gallery.key_version
+    store, n, dim = vault.store, gallery.params.slots, gallery.dimension
+    with gallery.block_lock:
+        block = gallery.blocks.get(block_no)
+        if block is None:
+            return 0
+        erase = [t for t in store.templates_in(cid, version, BLOCK, block_no)
+                 if t.state == DELETED and not t.erased]
+        if not erase:
+            return 0
+        slots = np.array(sorted({t.slot for t in erase}), np.int64)
+        moduli = gallery.ctx.level_moduli(block.levels)
+        row = store.block(cid, version, block_no)
+        cts = vault.read_block(gallery, block)
+        mask = poly.uniform((dim, n), moduli)
+        cts[:, 0] = poly.add(cts[:, 0], mask, moduli)
+        keep = np.setdiff1d(np.arange(n), slots)
+        moves = Moves(dim, np.repeat(np.arange(dim), keep.size), np.tile(keep, dim),
+                      np.repeat(np.arange(dim), keep.size), np.tile(keep, dim))
+        fresh = vault.decider.reencrypt(cid, version, cts, False, moves, _encryptor(vault, gallery))
+        mask[:, :, slots] = 0
+        fresh[:, 0] = poly.sub(fresh[:, 0], mask, moduli)
+        del cts, mask
+        generation = block.generation + 1
+        path = vault.files.path(cid, version, block_no, generation)
+        digest = vault.files.write(path, block_ops.split_levels(fresh), moduli)
+        new = Block(block_no, block.kind, generation, block.fill, block.levels,
+                    np.ascontiguousarray(fresh[:, :, 0, :]), digest, block.groups, block.centroid)
+        with gallery.write_lock:
+            ids = {t.template_id for t in erase}
+            changed = [vault.sign(TemplateRow(t.template_id, cid, t.subject_hmac, version, t.tier,
+                                              t.loc, t.slot, t.request_hmac, t.state, 1, b""))
+                       for t in store.templates_in(cid, version, BLOCK, block_no)
+                       if t.template_id in ids]
+            store.write_relocation([vault.block_row(gallery, new, digest, row.sketch)], changed, [])
+            gallery.install_block(new)
+        vault.retire(vault.files.path(cid, version, block_no, block.generation), erase=True)
+    log.info("erased deleted templates", collection_id=cid, count=len(erase), blocks=1)
+    return len(erase)
+
+
+def run_once(vault, force: bool = False) -> None:  # type: ignore[no-untyped-def]
+    """Checkpoint full journals, erase deletions that are due, remove retired files."""
+    now = time.time()
+    tuning = vault.tuning
+    for gallery in vault.galleries():
+        cid = gallery.collection_id
+        try:
+            due = [(tier, loc) for tier, loc, oldest in vault.store.unerased(cid, gallery.key_version)
+                   if force or now - (oldest or now) >= tuning.erase_after]
+            if (gallery.journal_count() >= tuning.journal_limit
+                    or any(tier == PAGE for tier, _ in due) or (force and gallery.pages)):
+                checkpoint(vault, gallery)
+            for tier, loc in due:
+                if tier == BLOCK:
+                    compact(vault, gallery, loc)
+        except VaultError as exc:
+            log.warning("maintenance deferred", collection_id=cid, error_type=type(exc).__name__)
+    vault.sweep_retired(RETIRE_GRACE, everything=force)
+
+
+def run_forever(vault, stop: threading.Event) -> None:  # type: ignore[no-untyped-def]
+    while not stop.wait(vault.tuning.maintenance_interval):
+        try:
+            run_once(vault)
+        except Exception as exc:  # noqa: BLE001 - the thread must outlive any one failure
+            log.error("maintenance error", error_type=type(exc).__name__)

@@ -1,0 +1,64 @@
+"""Validation of request fields: every check names the field, never its value."""
+
+from __future__ import annotations
+
+import math
+import re
+
+from vault.errors import InvalidArgument
+from vault.protector import MAX_DIMENSION, MIN_DIMENSION
+
+MAX_TOP_K = 100
+MAX_SUBJECT_ID_BYTES = 256
+MAX_REQUEST_ID_BYTES = 128
+_COLLECTION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_collection_id(value: str) -> str:
+    if not value:
+        raise InvalidArgument("collection_id is empty")
+    if not _COLLECTION_ID.fullmatch(value):  # match() with '$' would let 'id\n' through
+        raise InvalidArgument(
+            "collection_id must be 1-64 characters of letters, digits, '.', '_' or '-'")
+    return value
+
+
+def _check_text_id(value: str, name: str, limit: int, required: bool) -> str:
+    if not value:
+        if required:
+            raise InvalidArgument(f"{name} is empty")
+        return value
+    size = len(value.encode("utf-8", errors="surrogatepass"))
+    if size > limit:
+        raise InvalidArgument(f"{name} is {size} bytes long, at most {limit} are allowed")
+    if any(ord(c) < 32 or 0xD800 <= ord(c) <= 0xDFFF for c in value):
+        raise InvalidArgument(f"{name} contains control characters or lone surrogates")
+    return value
+
+
+def check_subject_id(value: str) -> str:
+    return _check_text_id(value, "subject_id", MAX_SUBJECT_ID_BYTES, required=True)
+
+
+def check_request_id(value: str) -> str:
+    return _check_text_id(value, "request_id", MAX_REQUEST_ID_BYTES, required=False)
+
+
+def check_threshold(value: float) -> float:
+    if not math.isfinite(value) or not -1.0 <= value <= 1.0:
+        raise InvalidArgument("threshold must be a number in [-1, 1]")
+    return float(value)
+
+
+def check_top_k(value: int) -> int:
+    if value == 0:
+        return 1
+    if not 1 <= value <= MAX_TOP_K:
+        raise InvalidArgument(f"top_k must be between 1 and {MAX_TOP_K}")
+    return value
+
+
+def check_dimension(value: int) -> int:
+    if not MIN_DIMENSION <= value <= MAX_DIMENSION:
+        raise InvalidArgument(f"dimension must be between {MIN_DIMENSION} and {MAX_DIMENSION}")
+    return value
