@@ -54,7 +54,7 @@ def leaked(tmp_path_factory, lfw) -> dict:
     subjects = [f"{names[ids[i]]}-{i}@example.org" for i in picks]
     imported_subjects = [f"{names[ids[i]]}-{i}@example.org" for i in imported]
     padding = np.random.default_rng(5).standard_normal((PADDING, 128)).astype(np.float32)
-    server = ServerProcess(root / "data", env={"VAULT_JOURNAL_LIMIT": "8",
+    server = ServerProcess(root / "data", env={"VAULT_JOURNAL_PAGES": "1",
                                                "VAULT_ERASE_AFTER": "0"})
     with server:
         with server.channel() as channel:

@@ -55,7 +55,7 @@ def serve(args: argparse.Namespace) -> int:
             hsm_config = softhsm.provision(data_dir / "hsm", args.hsm_token, create=first_start)
         limits = AttemptLimits(args.max_failed_verifications, args.lockout_seconds)
         tuning = Tuning(routing=Routing(args.route_fraction, args.route_min_blocks),
-                        journal_limit=args.journal_limit, erase_after=args.erase_after,
+                        journal_pages=args.journal_pages, erase_after=args.erase_after,
                         workers=args.workers)
         return Vault.open(data_dir, hsm_config, limits=limits, tuning=tuning)
 
@@ -165,10 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--erase-after", type=float, default=_env_float("VAULT_ERASE_AFTER", "60"),
                    help="seconds after a deletion by which its values are removed from the "
                         "stored ciphertexts (env VAULT_ERASE_AFTER)")
-    p.add_argument("--journal-limit", type=int,
-                   default=int(os.environ.get("VAULT_JOURNAL_LIMIT", "1024")),
-                   help="single enrollments kept in journal pages before they are merged "
-                        "into blocks (env VAULT_JOURNAL_LIMIT)")
+    p.add_argument("--journal-pages", type=int,
+                   default=int(os.environ.get("VAULT_JOURNAL_PAGES", "16")),
+                   help="journal pages (each N/D single enrollments) kept before they are "
+                        "merged into blocks; every 1:N match scores them all "
+                        "(env VAULT_JOURNAL_PAGES)")
     p.add_argument("--route-fraction", type=float,
                    default=_env_float("VAULT_ROUTE_FRACTION", "0.15"),
                    help="share of clustered blocks a 1:N match scores, nearest the probe "

@@ -80,6 +80,24 @@ class Moves:
     dst_pos: np.ndarray
 
 
+def _top_groups(value: np.ndarray, group: np.ndarray, top_k: int) -> np.ndarray:
+    """Indices of the best value of each of the ``top_k`` best groups, best first.
+
+    Looks at the largest values only, widening until it has ``top_k`` distinct groups:
+    a group absent from the m largest values cannot beat one present. (Sorting all the
+    scores of a million-template gallery by group would cost more than scoring it.)
+    """
+    size = value.size
+    m = min(size, max(8 * top_k, 64))
+    while True:
+        idx = np.argpartition(-value, m - 1)[:m] if m < size else np.arange(size)
+        idx = idx[np.argsort(-value[idx], kind="stable")]
+        _, first = np.unique(group[idx], return_index=True)
+        if first.size >= top_k or m == size:
+            return idx[np.sort(first)][:top_k]
+        m = min(size, 4 * m)
+
+
 class Decider:
     """Holds the secret contexts of every (collection, key version) it was given."""
 
@@ -128,25 +146,22 @@ class Decider:
         value = np.concatenate(values)
         group = np.concatenate(groups)
         where = np.concatenate(origin, axis=1)
-        # Best template per group: sort by group, then value descending; first of each run.
-        order = np.lexsort((-value, group))
-        first = order[np.r_[True, group[order][1:] != group[order][:-1]]]
-        best, best_group = value[first], group[first]
+        keep = np.flatnonzero(value >= threshold)  # decide on the decrypted value (below)
+        chosen = keep[_top_groups(value[keep], group[keep], top_k)]
+        best = value[chosen]
         with self._lock:
             noise = self._rng.uniform(-NOISE_BOUND, NOISE_BOUND, size=best.size)
         released = np.clip(np.round(best + noise, SCORE_DECIMALS), -1.0, 1.0)
-        # Decide and rank on the decrypted value: the decision is one bit whatever noise is
-        # added, and rounding would otherwise flip decisions near the threshold.
-        keep = best >= threshold
-        # An accepted score is never shown below its threshold rounded like a score (not
-        # rounded up: a float32 threshold such as 0.9200000167 would lift 0.920 to 0.921).
-        released = np.where(keep, np.maximum(released, round(threshold, SCORE_DECIMALS)), released)
-        chosen = np.flatnonzero(keep)[np.argsort(-best[keep], kind="stable")][:top_k]
+        # Decisions and ranks come from the decrypted value: the decision is one bit
+        # whatever noise is added, and rounding would otherwise flip decisions near the
+        # threshold. An accepted score is never shown below its threshold rounded like a
+        # score (not rounded up: a float32 threshold such as 0.9200000167 would lift 0.920
+        # to 0.921).
+        released = np.maximum(released, round(threshold, SCORE_DECIMALS))
         out = []
-        for i in chosen.tolist():
-            part = parts[int(where[0, first[i]])]
-            out.append(GroupScore(int(best_group[i]), float(released[i]), part.tier, part.loc,
-                                  int(where[1, first[i]])))
+        for i, score in zip(chosen.tolist(), released.tolist()):
+            part = parts[int(where[0, i])]
+            out.append(GroupScore(int(group[i]), float(score), part.tier, part.loc, int(where[1, i])))
         return out
 
     # -- blind re-encryption --------------------------------------------------------------

@@ -194,7 +194,7 @@ def run_once(vault, force: bool = False) -> None:  # type: ignore[no-untyped-def
         try:
             due = [(tier, loc) for tier, loc, oldest in vault.store.unerased(cid, gallery.key_version)
                    if force or now - (oldest or now) >= tuning.erase_after]
-            if (gallery.journal_count() >= tuning.journal_limit
+            if (len(gallery.pages) >= tuning.journal_pages
                     or any(tier == PAGE for tier, _ in due) or (force and gallery.pages)):
                 checkpoint(vault, gallery)
             for tier, loc in due:

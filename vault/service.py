@@ -76,15 +76,15 @@ class AttemptLimits:
 class Tuning:
     """Knobs of the encrypted gallery (defaults suit the embedded server).
 
-    ``journal_limit``: journal templates that trigger a checkpoint into blocks (bounds
-    the pages every 1:N match scores). ``erase_after``: seconds after a deletion by which
+    ``journal_pages``: journal pages that trigger a checkpoint into blocks (bounds the
+    pages every 1:N match scores: about 0.5 ms each). ``erase_after``: seconds after a deletion by which
     its values are removed from the ciphertexts (plus one maintenance pass).
     ``maintenance_interval``: seconds between maintenance passes (0: none; tests call
     :meth:`Vault.maintain`). ``workers``: encryption processes (0 or 1: in process).
     """
 
     routing: Routing = field(default_factory=Routing)
-    journal_limit: int = 1024
+    journal_pages: int = 16
     erase_after: float = 60.0
     maintenance_interval: float = 5.0
     workers: int | None = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -190,16 +190,13 @@ class TemplateVaultServicer(vault_pb2_grpc.TemplateVaultServicer):
                     session = vault.start_import(request.collection_id)
                 elif request.collection_id and request.collection_id != session.collection_id:
                     raise InvalidArgument("collection_id must be the same in every message of an import")
-                results = session.add([ImportItem(i.subject_id, i.embedding, i.request_id)
-                                       for i in request.items])
-                if results:
-                    yield _import_response(results)
+                yield from _import_responses(session.add(
+                    [ImportItem(i.subject_id, i.embedding, i.request_id) for i in request.items]))
             if session is not None:
                 results = session.finish()
                 if audit is not None:
                     audit.end(None, f"OK stored={session.stored} failed={session.failed}")
-                if results:
-                    yield _import_response(results)
+                yield from _import_responses(results)
         except Exception as exc:  # noqa: BLE001 - the last line of defence
             code = _code_of(exc)
             _abort(exc, name, context, audit)
@@ -215,11 +212,17 @@ class TemplateVaultServicer(vault_pb2_grpc.TemplateVaultServicer):
         return vault_pb2.DeleteSubjectResponse(deleted_templates=deleted)
 
 
-def _import_response(results: list[ImportResult]) -> vault_pb2.ImportTemplatesResponse:
-    out = vault_pb2.ImportTemplatesResponse()
-    for r in results:
-        if r.error is None:
-            out.results.add(index=r.index, template_id=r.template_id, key_version=r.key_version)
-        else:
-            out.results.add(index=r.index, code=r.error.code.value[0], message=r.error.message)
-    return out
+# Results per response message: a chunk's results (tens of thousands) would exceed the
+# 1 MiB message limit; 4,096 results are about 250 KiB even with error messages.
+_RESULTS_PER_MESSAGE = 4096
+
+
+def _import_responses(results: list[ImportResult]) -> Iterator[vault_pb2.ImportTemplatesResponse]:
+    for start in range(0, len(results), _RESULTS_PER_MESSAGE):
+        out = vault_pb2.ImportTemplatesResponse()
+        for r in results[start:start + _RESULTS_PER_MESSAGE]:
+            if r.error is None:
+                out.results.add(index=r.index, template_id=r.template_id, key_version=r.key_version)
+            else:
+                out.results.add(index=r.index, code=r.error.code.value[0], message=r.error.message)
+        yield out

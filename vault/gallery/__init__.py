@@ -148,11 +148,6 @@ class CollectionGallery:
             return int(sum(int((b.groups >= 0).sum()) for b in self.blocks.values())
                        + sum(int((p.groups >= 0).sum()) for p in self.pages.values()))
 
-    def journal_count(self) -> int:
-        """Templates (live or not) in journal pages."""
-        with self._lock:
-            return sum(p.fill for p in self.pages.values())
-
     def next_page_slot(self) -> tuple[int, int, Page | None]:
         """Where the next single enrollment goes: (page_no, slot, page or None if new)."""
         with self._lock:

@@ -68,22 +68,27 @@ def score(ctx: PublicContext, pages: list[Page], scalars: np.ndarray,
     q, n = ctx.moduli[0], ctx.n
     dimension = len(scalars)
     probe = ctx.to_ntt(poly.residues(poly.negacyclic_reverse(scalars, n), (q,)))[0]
-    out = []
+    chosen = []
     for page in pages:
-        if cancelled is not None and cancelled():
-            raise Cancelled("the caller cancelled or its deadline passed")
         slots = (only_slots[page.page_no] if only_slots is not None
                  else np.flatnonzero(page.groups >= 0))
-        if slots.size == 0:
-            continue
+        if slots.size:
+            chosen.append((page, slots))
+    if not chosen:
+        return []
+    masks = poly.uniform((len(chosen), n), (q,))  # (pages, 1, N)
+    for k, (_, slots) in enumerate(chosen):
+        masks[k, 0, slots.astype(np.int64) * dimension] = 0
+    masks = ctx.many_to_ntt(masks)
+    out = []
+    for k, (page, slots) in enumerate(chosen):
+        if cancelled is not None and cancelled():
+            raise Cancelled("the caller cancelled or its deadline passed")
         product = np.empty((2, 1, n), np.uint64)
         kernels.mulmod(page.ct[0, 0], probe, q, product[0, 0])
         kernels.mulmod(page.ct[1, 0], probe, q, product[1, 0])
-        positions = slots.astype(np.int64) * dimension
-        mask = poly.uniform((n,), (q,))
-        mask[0, positions] = 0
-        product[0] = poly.add(product[0], ctx.to_ntt(mask), (q,))
-        out.append(ScoreCiphertext(product, ntt=True, positions=positions,
+        product[0] = poly.add(product[0], masks[k], (q,))
+        out.append(ScoreCiphertext(product, ntt=True, positions=slots.astype(np.int64) * dimension,
                                    groups=page.groups[slots], slots=slots, tier=PAGE,
                                    loc=page.page_no))
     return out

@@ -102,6 +102,16 @@ class PublicContext:
         """Coefficient form -> NTT form, one polynomial (levels, N)."""
         return self._one_poly(poly, ntt_in=False)
 
+    def many_to_ntt(self, polys: np.ndarray) -> np.ndarray:
+        """Coefficient form -> NTT form for (k, levels, N) polynomials that are not zero
+        (uniform masks, say), two per SEAL call."""
+        out = np.empty_like(polys)
+        for i in range(0, len(polys) - 1, 2):
+            out[i:i + 2] = self.ciphertext_to_ntt(polys[i:i + 2])
+        if len(polys) % 2:
+            out[-1] = self.to_ntt(polys[-1])
+        return out
+
     def from_ntt(self, poly: np.ndarray) -> np.ndarray:
         """NTT form -> coefficient form, one polynomial (levels, N)."""
         return self._one_poly(poly, ntt_in=True)
