@@ -13,58 +13,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from vault import logs  # noqa: E402
-from vault.testing import ServerProcess  # noqa: E402
-from vault.v1 import vault_pb2 as pb  # noqa: E402
-from vault.v1 import vault_pb2_grpc  # noqa: E402
+from common import clustered, dir_bytes, machine, progress, stats, timed  # isort: skip
+from vault import logs
+from vault.testing import ServerProcess
+from vault.v1 import vault_pb2 as pb
+from vault.v1 import vault_pb2_grpc
 
 log = logs.get("bench.match_latency")
-
-
-def clustered(n: int, dim: int, per_identity: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` vectors, ``per_identity`` samples around each identity centre (cosine ~0.7)."""
-    ids = np.arange(n) // per_identity
-    centres = rng.standard_normal((ids.max() + 1, dim))
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    noise = rng.standard_normal((n, dim)) / np.sqrt(dim)
-    x = centres[ids] + 0.65 * noise
-    return x.astype(np.float32), ids
-
-
-def _progress(iterable, total: int, desc: str):
-    """A bar on a terminal, structured log lines every 10% otherwise."""
-    if sys.stderr.isatty():
-        yield from tqdm(iterable, total=total, desc=desc)
-        return
-    step = max(1, total // 10)
-    for i, item in enumerate(iterable, 1):
-        yield item
-        if i % step == 0 or i == total:
-            log.info("progress", kind=desc, count=i, status=f"{i}/{total}")
-
-
-def _stats(samples: list[float]) -> dict[str, float]:
-    a = np.asarray(samples) * 1e3
-    return {"p50_ms": float(np.median(a)), "p95_ms": float(np.percentile(a, 95)),
-            "n": len(samples)}
-
-
-def _timed(fn, *args) -> float:
-    t = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - t
 
 
 def run(n: int, dim: int, queries: int, out: Path) -> dict:
@@ -74,8 +35,7 @@ def run(n: int, dim: int, queries: int, out: Path) -> dict:
     probe_idx = rng.choice(n, size=queries, replace=False)
     probes = x[probe_idx] + 0.3 * rng.standard_normal((queries, dim)).astype(np.float32) / np.sqrt(dim)
 
-    results: dict = {"n": n, "dim": dim, "queries": queries, "machine": {
-        "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}}
+    results: dict = {"n": n, "dim": dim, "queries": queries, "machine": machine()}
     with tempfile.TemporaryDirectory(prefix="vault-bench-") as tmp:
         # Latency, not abuse limits, is measured: no lock-out after failed 1:1 matches.
         server = ServerProcess(Path(tmp) / "data", log_path=Path(tmp) / "server.log",
@@ -85,24 +45,23 @@ def run(n: int, dim: int, queries: int, out: Path) -> dict:
             stub.CreateCollection(pb.CreateCollectionRequest(collection_id="bench", dimension=dim,
                                                              threshold=0.5))
             enroll = []
-            for i in _progress(range(n), n, "enroll"):
+            for i in progress(range(n), n, "enroll"):
                 req = pb.EnrollRequest(collection_id="bench", subject_id=f"id-{gallery_ids[i]}",
                                        embedding=gallery_x[i].tolist(), request_id=f"r{i}")
-                enroll.append(_timed(stub.Enroll, req, None))
+                enroll.append(timed(stub.Enroll, req)[0])
             verify, identify, hits = [], [], 0
-            for q in _progress(range(queries), queries, "match"):
+            for q in progress(range(queries), queries, "match"):
                 claimed = f"id-{gallery_ids[probe_idx[q]]}"
-                verify.append(_timed(stub.Match, pb.MatchRequest(
-                    collection_id="bench", subject_id=claimed, embedding=probes[q].tolist())))
+                verify.append(timed(stub.Match, pb.MatchRequest(
+                    collection_id="bench", subject_id=claimed, embedding=probes[q].tolist()))[0])
                 t = time.perf_counter()
                 r = stub.Match(pb.MatchRequest(collection_id="bench", embedding=probes[q].tolist(),
                                                top_k=1, threshold=-1.0))
                 identify.append(time.perf_counter() - t)
                 hits += bool(r.candidates) and r.candidates[0].subject_id == claimed
-            results["data_dir_bytes"] = sum(p.stat().st_size for p in (Path(tmp) / "data").rglob("*")
-                                            if p.is_file())
-    results["encrypted"] = {"enroll": _stats(enroll), "verify": _stats(verify),
-                            "identify": _stats(identify), "identify_top1_hits": hits}
+            results["data_dir_bytes"] = dir_bytes(Path(tmp) / "data")
+    results["encrypted"] = {"enroll": stats(enroll), "verify": stats(verify),
+                            "identify": stats(identify), "identify_top1_hits": hits}
 
     # Plaintext baseline, same data, same run: normalise + append, dot, matrix-vector top-1.
     plain_enroll, plain_verify, plain_identify = [], [], []
@@ -116,10 +75,10 @@ def run(n: int, dim: int, queries: int, out: Path) -> dict:
     for q in range(queries):
         p = probes[q] / np.linalg.norm(probes[q])
         rows = by_subject[gallery_ids[probe_idx[q]]]
-        plain_verify.append(_timed(lambda: float((gallery[rows] @ p).max())))
-        plain_identify.append(_timed(lambda: int(np.argmax(gallery @ p))))
-    results["plaintext"] = {"enroll": _stats(plain_enroll), "verify": _stats(plain_verify),
-                            "identify": _stats(plain_identify)}
+        plain_verify.append(timed(lambda: float((gallery[rows] @ p).max()))[0])
+        plain_identify.append(timed(lambda: int(np.argmax(gallery @ p)))[0])
+    results["plaintext"] = {"enroll": stats(plain_enroll), "verify": stats(plain_verify),
+                            "identify": stats(plain_identify)}
     results["bytes_per_template"] = results["data_dir_bytes"] / n
     results["ratio_p50"] = {op: results["encrypted"][op]["p50_ms"] / max(results["plaintext"][op]["p50_ms"], 1e-6)
                             for op in ("enroll", "verify", "identify")}

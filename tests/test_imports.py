@@ -13,7 +13,7 @@ import pytest
 from vault.imports import ImportItem
 from vault.keys.hsm import HsmConfig
 from vault.service import Tuning, Vault
-from vault.store import CLUSTERED
+from vault.store import CLUSTERED, MIXED
 
 DIM = 32
 N = 4096
@@ -51,17 +51,20 @@ def test_import_fills_clustered_blocks_and_the_journal(vault: Vault) -> None:
     assert all(r.error is None and r.key_version == 1 for r in results.values())
     assert len({r.template_id for r in results.values()}) == len(items)
     gallery = vault.galleries()[0]
-    assert [(b.kind, b.fill) for b in gallery.blocks.values()] == [(CLUSTERED, N)] * 2
-    assert all(b.centroid is not None for b in gallery.blocks.values())
-    assert sum(p.fill for p in gallery.pages.values()) == len(items) - 2 * N
+    # Two full clustered blocks with sketches; the rest in a mixed block, none in the journal.
+    assert [(b.kind, b.fill) for b in gallery.blocks.values()] == \
+        [(CLUSTERED, N), (CLUSTERED, N), (MIXED, len(items) - 2 * N)]
+    assert [b.centroid is not None for b in gallery.blocks.values()] == [True, True, False]
+    assert not gallery.pages
     assert vault.get_collection("c").template_count == len(items)
     # Blocks hold templates near each other: each member is nearer its own block's sketch.
     protected = vault.protector.transform("c", 1, DIM).apply(x / np.linalg.norm(x, axis=1, keepdims=True))
-    sketches = np.stack([b.centroid for b in gallery.blocks.values()])
+    clustered = [b for b in gallery.blocks.values() if b.kind == CLUSTERED]
+    sketches = np.stack([b.centroid for b in clustered])
     place = {vault.integrity.request_index("c", f"r{i}"): i for i in range(0, len(items), 7)}
     rows = sqlite3.connect(vault.store.path).execute(
         "SELECT request_hmac, tier, loc FROM templates").fetchall()
-    for b, block in enumerate(gallery.blocks.values()):
+    for b, block in enumerate(clustered):
         members = [place[r] for r, tier, loc in rows if r in place and tier == 1 and loc == block.block_no]
         nearest = np.argmax(protected[members] @ sketches.T, axis=1)
         assert len(members) > 400 and np.mean(nearest == b) > 0.9
@@ -120,6 +123,17 @@ def test_a_large_import_keeps_within_its_chunk_budget(tmp_path: Path, hsm_config
                                                                owner[start:start + 1000])])))
         answered.append(len(session.finish()))
         assert answered[:4] == [0, 0, 0, 0] and answered[4] == N and sum(answered) == len(x)
-        assert len(v.galleries()[0].blocks) == 2
+        blocks = v.galleries()[0].blocks.values()
+        rest = len(x) - 2 * N
+        assert [(b.kind, b.fill) for b in blocks] == [(CLUSTERED, N), (CLUSTERED, N), (MIXED, rest)]
+        # A small import fills the mixed tail (a new generation of the same block).
+        more = v.start_import("c")
+        more.add([ImportItem(f"q{k}", row.tolist()) for k, row in enumerate(x[:500])])
+        more.finish()
+        blocks = list(v.galleries()[0].blocks.values())
+        assert [(b.kind, b.fill) for b in blocks] == [(CLUSTERED, N), (CLUSTERED, N), (MIXED, rest + 500)]
+        assert blocks[2].generation == 2
+        assert v.get_collection("c").template_count == len(x) + 500
+        assert v.verify("c", "q3", x[3].tolist()).matched and v.verify("c", "p0", x[0].tolist()).matched
     finally:
         v.close()

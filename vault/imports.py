@@ -5,8 +5,8 @@ at once, per item); valid items wait in a chunk buffer. A full chunk (up to 64 b
 4,096 templates, within a memory budget) is grouped by balanced clustering into blocks of
 templates near each other (:mod:`vault.gallery.prefilter`), each block's D plaintexts are
 encrypted in worker processes and written as one file, what does not fill a block goes to
-journal pages (one encryption per page), and everything commits in one transaction. Then
-the chunk's results go out. An item's ``request_id`` makes it idempotent, as for Enroll:
+the mixed tail block (then new mixed blocks), and everything commits in one transaction.
+Then the chunk's results go out. An item's ``request_id`` makes it idempotent, as for Enroll:
 a retried stream gets the first answers and stores nothing twice.
 """
 
@@ -21,12 +21,11 @@ import numpy as np
 from vault import logs
 from vault.errors import AlreadyExists, VaultError
 from vault.gallery import blocks as block_ops
-from vault.gallery import pages as page_ops
 from vault.gallery.blocks import Block
-from vault.gallery.pages import Page
 from vault.gallery.prefilter import balanced_clusters, sketch
+from vault.he import poly
 from vault.protector import validate_embedding
-from vault.store import BLOCK, CLUSTERED, DELETED, LIVE, PAGE, PageRow, TemplateRow
+from vault.store import BLOCK, CLUSTERED, DELETED, LIVE, MIXED, TemplateRow
 from vault.validation import check_request_id, check_subject_id
 
 log = logs.get("vault.imports")
@@ -161,47 +160,54 @@ def store_chunk(vault, gallery, chunk: list[_Pending]) -> list[str]:  # type: ig
     """Encrypt and store one chunk; returns the template ids, in chunk order."""
     cid, version = gallery.collection_id, gallery.key_version
     params, ctx = gallery.params, gallery.ctx
-    n, page_slots = params.slots, gallery.page_slots
-    moduli = ctx.moduli
+    n, moduli = params.slots, ctx.level_moduli(params.stored_levels)
     templates = np.stack([p.template for p in chunk])
     ids = [uuid.uuid4().hex for _ in chunk]
     with gallery.block_lock:
         clusters, leftover = balanced_clusters(templates, n)
-        block_nos = gallery.new_block_numbers(len(clusters))
-        blocks, block_rows = [], []
-        places: dict[int, tuple[int, int, int]] = {}  # chunk index -> (tier, loc, slot)
-        for members, block_no in zip(clusters, block_nos):
-            plain = block_ops.dimension_major_plaintexts(templates[members], 0, n,
+        # (block_no, kind, block it extends or None, members, first slot)
+        targets = [(b, CLUSTERED, None, m, 0)
+                   for b, m in zip(gallery.new_block_numbers(len(clusters)), clusters)]
+        # What does not fill a block goes to the mixed tail, then to new mixed blocks:
+        # the import has the plaintext, so this costs D encryptions per block touched.
+        tail = gallery.mixed_tail()
+        if tail is not None and len(leftover) and tail.levels == len(moduli):
+            take = min(n - tail.fill, len(leftover))
+            targets.append((tail.block_no, MIXED, tail, leftover[:take], tail.fill))
+            leftover = leftover[take:]
+        new_mixed = gallery.new_block_numbers(-(-len(leftover) // n))
+        targets += [(b, MIXED, None, leftover[k * n:(k + 1) * n], 0) for k, b in enumerate(new_mixed)]
+
+        blocks, block_rows, retired = [], [], []
+        places: dict[int, tuple[int, int]] = {}  # chunk index -> (block_no, slot)
+        for block_no, kind, base, members, first in targets:
+            plain = block_ops.dimension_major_plaintexts(templates[members], first, n,
                                                          params.template_scale, moduli)
             cts = vault.encryption.encrypt(ctx, gallery.public_context, plain)
-            path = vault.files.path(cid, version, block_no, 1)
+            del plain
+            generation = 1
+            if base is not None:
+                cts = poly.add(vault.read_block(gallery, base), cts, moduli)
+                generation = base.generation + 1
+                retired.append(vault.files.path(cid, version, block_no, base.generation))
+            path = vault.files.path(cid, version, block_no, generation)
             digest = vault.files.write(path, block_ops.split_levels(cts), moduli)
-            centroid = sketch(templates[members])
-            block = Block(block_no, CLUSTERED, 1, n, len(moduli),
+            centroid = sketch(templates[members]) if kind == CLUSTERED else None
+            block = Block(block_no, kind, generation, first + len(members), len(moduli),
                           np.ascontiguousarray(cts[:, :, 0, :]), digest,
                           np.full(n, -1, np.int32), centroid)
-            del cts, plain
+            del cts
             blocks.append(block)
-            block_rows.append(vault.block_row(gallery, block, digest,
-                                              vault.seal_sketch(cid, version, block_no, centroid)))
-            for slot, i in enumerate(members.tolist()):
-                places[i] = (BLOCK, block_no, slot)
-        page_groups = [leftover[i:i + page_slots] for i in range(0, len(leftover), page_slots)]
-        page_nos = gallery.new_page_numbers(len(page_groups))
-        pages, page_rows = [], []
-        for members, page_no in zip(page_groups, page_nos):
-            ct = page_ops.write(ctx, None, 0, templates[members])
-            row = vault.sign(PageRow(cid, version, page_no, 1, len(members),
-                                     page_ops.pack(ct, moduli), b""))
-            pages.append(Page(page_no, 1, len(members), ct, np.full(page_slots, -1, np.int32)))
-            page_rows.append(row)
-            for slot, i in enumerate(members.tolist()):
-                places[i] = (PAGE, page_no, slot)
+            sealed = (vault.seal_sketch(cid, version, block_no, centroid)
+                      if centroid is not None else None)
+            block_rows.append(vault.block_row(gallery, block, digest, sealed))
+            for slot, i in enumerate(members.tolist(), first):
+                places[i] = (block_no, slot)
 
         def template_row(i: int, state: int, request_hmac: bytes | None) -> TemplateRow:
-            tier, loc, slot = places[i]
-            return vault.sign(TemplateRow(ids[i], cid, chunk[i].subject_hmac, version, tier, loc,
-                                          slot, request_hmac, state, 0, b""))
+            block_no, slot = places[i]
+            return vault.sign(TemplateRow(ids[i], cid, chunk[i].subject_hmac, version, BLOCK,
+                                          block_no, slot, request_hmac, state, 0, b""))
 
         rows = [template_row(i, LIVE, p.request_hmac) for i, p in enumerate(chunk)]
         subjects = [(cid, p.subject_hmac, vault.seal_subject(cid, p.subject_hmac, p.subject_id))
@@ -214,17 +220,14 @@ def store_chunk(vault, gallery, chunk: list[_Pending]) -> list[str]:  # type: ig
                 if p.request_hmac in taken:
                     rows[i] = template_row(i, DELETED, None)
                     ids[i] = vault.store.template_by_request(p.request_hmac).template_id
-            vault.store.write_templates(page_rows, block_rows, rows, subjects)
-            holders = {(BLOCK, b.block_no): b for b in blocks}
-            holders.update({(PAGE, p.page_no): p for p in pages})
-            for i, row in enumerate(rows):
-                if row.state == LIVE:
-                    tier, loc, slot = places[i]
-                    holders[(tier, loc)].groups[slot] = gallery.group(row.subject_hmac)
+            vault.store.write_templates([], block_rows, rows, subjects)
             for block in blocks:
                 gallery.install_block(block)
-            for page in pages:
-                gallery.install_page(page)
+            for row in rows:  # slots become live once their block is installed
+                if row.state == LIVE:
+                    gallery.set_live(BLOCK, row.loc, row.slot, gallery.group(row.subject_hmac))
+        for path in retired:
+            vault.retire(path, erase=False)
     log.info("import chunk stored", collection_id=cid, count=len(chunk), blocks=len(blocks))
     return ids
 

@@ -66,10 +66,14 @@ def test_only_live_scores_reach_the_decider_the_rest_is_uniform(public, secret) 
 
 
 def test_pack_round_trip(public) -> None:
-    ct = public.encrypt_zero()
+    ct = pages.write(public, None, 0, unit(np.random.default_rng(0), 1, 128))
+    assert ct.shape == (2, 1, public.n)  # stored: the score prime only
     data = pages.pack(ct, public.moduli)
-    assert len(data) == 2 * public.n * (8 + 4)  # the 30-bit prime is stored in 32 bits
-    assert pages.packed_levels(data, public.n, public.moduli) == 2
-    assert np.array_equal(pages.unpack(data, 2, public.n, public.moduli), ct)
+    assert len(data) == 2 * public.n * 8
+    assert pages.packed_levels(data, public.n, public.moduli) == 1
+    assert np.array_equal(pages.unpack(data, 1, public.n, public.moduli), ct)
+    both = public.encrypt_zero()  # both primes: the 30-bit one is stored in 32 bits
+    assert len(pages.pack(both, public.moduli)) == 2 * public.n * (8 + 4)
+    assert np.array_equal(pages.unpack(pages.pack(both, public.moduli), 2, public.n, public.moduli), both)
     with pytest.raises(ValueError):
-        pages.unpack(data[:-8], 2, public.n, public.moduli)
+        pages.unpack(data[:-8], 1, public.n, public.moduli)

@@ -70,6 +70,7 @@ class CollectionGallery:
         self.pages: dict[int, Page] = {}
         self._sealed_pages: set[int] = set()  # being checkpointed: no new enrollments
         self._next_page_no = 0  # page numbers are never reused (dead rows still name them)
+        self._next_block_no = 0  # handed out before the blocks are installed
         self._group_of: dict[bytes, int] = {}
         self._subjects: list[bytes] = []
         self._lock = threading.Lock()
@@ -171,7 +172,8 @@ class CollectionGallery:
 
     def new_block_numbers(self, count: int) -> list[int]:
         with self._lock:
-            start = max(self.blocks, default=-1) + 1
+            start = max(self._next_block_no, max(self.blocks, default=-1) + 1)
+            self._next_block_no = start + count
             return list(range(start, start + count))
 
     def mixed_tail(self) -> Block | None:

@@ -51,7 +51,7 @@ def write(ctx: PublicContext, ct: np.ndarray | None, first_slot: int,
           templates: np.ndarray) -> np.ndarray:
     """A page's next state: ``ct`` (None for a new page) plus a fresh encryption of
     ``templates`` (k, D) in slots ``first_slot..``. Nothing is modified in place."""
-    levels = ct.shape[1] if ct is not None else ctx.params.levels
+    levels = ct.shape[1] if ct is not None else ctx.params.stored_levels
     moduli = ctx.level_moduli(levels)
     zero = ctx.encrypt_zero()[:, :levels]
     zero[0] = poly.add(zero[0], _plaintext_ntt(ctx, templates, first_slot, levels), moduli)
@@ -99,7 +99,7 @@ def pack(ct: np.ndarray, moduli: tuple[int, ...]) -> bytes:
     prime allows, else uint64."""
     return b"".join(np.ascontiguousarray(ct[:, level, :],
                                          dtype=np.uint32 if q < 2 ** 32 else np.uint64).tobytes()
-                    for level, q in enumerate(moduli))
+                    for level, q in enumerate(moduli[:ct.shape[1]]))
 
 
 def unpack(data: bytes, levels: int, n: int, moduli: tuple[int, ...]) -> np.ndarray:

@@ -14,10 +14,14 @@ relies on, see :mod:`vault.decider`).
 
 Scores are plaintext-scalar multiply-adds of template ciphertexts with the probe scaled
 by ``2**probe_scale_bits``: a score sits at scale 2^(27+20) = 2^47 under the 50-bit prime,
-with room for the values up to 2 that a journal page's product holds. Only the score
-prime takes part in matching; the rotation prime is kept at rest so that one transform
-rotation (a linear map on the ciphertexts, then a rescale) is possible without
-decrypting (issue "Rotate, revoke and prove it").
+with room for the values up to 2 that a journal page's product holds.
+
+Stored ciphertexts keep the score prime only (:attr:`HeParams.stored_levels`): a
+ciphertext mod q0*q1 whose plaintext is small is also a valid ciphertext mod q0, so the
+rotation prime is dropped after encryption, and 8 bytes per coefficient are stored. The
+rotation prime is used while a transform rotation runs: a blind re-encryption under the
+new key lifts the ciphertexts to both primes, the rotation (a linear map with 30-bit
+integers) is applied, and a rescale by the rotation prime brings them back down.
 """
 
 from __future__ import annotations
@@ -59,6 +63,11 @@ class HeParams:
     def levels(self) -> int:
         """Data primes of a fresh ciphertext (the special prime is not one)."""
         return len(self.coeff_mod_bit_sizes) - 1
+
+    @property
+    def stored_levels(self) -> int:
+        """Primes of a stored ciphertext: the score prime only."""
+        return 1
 
     @property
     def template_scale(self) -> float:
