@@ -14,7 +14,7 @@ import pytest
 # anything loads the PKCS#11 module.
 _HSM_ROOT = Path(tempfile.mkdtemp(prefix="vault-test-hsm-"))
 
-from vault import logs  # noqa: E402
+from vault import he, logs  # noqa: E402
 from vault.keys import softhsm  # noqa: E402
 from vault.keys.hsm import Hsm, HsmConfig  # noqa: E402
 from vault.service import Vault  # noqa: E402
@@ -56,6 +56,22 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     root = tmp_path_factory.mktemp("server")
     with ServerProcess(root / "data") as s:
         yield s
+
+
+@pytest.fixture(scope="session")
+def keypair() -> tuple[bytes, bytes]:
+    """One CKKS key pair for the HE unit tests: (secret context, public context)."""
+    return he.generate(he.DEFAULT_PARAMS)
+
+
+@pytest.fixture(scope="session")
+def public(keypair: tuple[bytes, bytes]) -> he.PublicContext:
+    return he.PublicContext(keypair[1], he.DEFAULT_PARAMS)
+
+
+@pytest.fixture(scope="session")
+def secret(keypair: tuple[bytes, bytes]) -> he.SecretContext:
+    return he.SecretContext(keypair[0], he.DEFAULT_PARAMS)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.he.conftest import keypair, public, secret, unit  # noqa: F401 - fixtures
 from vault import he
 from vault.decider import NOISE_BOUND, Decider, Moves, ScoreCiphertext
 from vault.gallery import blocks
@@ -13,13 +12,13 @@ from vault.he import poly
 
 
 @pytest.fixture
-def decider(keypair) -> Decider:  # noqa: F811
+def decider(keypair) -> Decider:
     d = Decider()
     d.load("c", 1, keypair[0], he.DEFAULT_PARAMS)
     return d
 
 
-def _score_part(public, values: np.ndarray, positions, groups) -> ScoreCiphertext:  # noqa: F811
+def _score_part(public, values: np.ndarray, positions, groups) -> ScoreCiphertext:
     """A score ciphertext whose plaintext holds ``values`` at scale template*probe."""
     params = public.params
     m = np.zeros(public.n, np.int64)
@@ -31,7 +30,7 @@ def _score_part(public, values: np.ndarray, positions, groups) -> ScoreCiphertex
                            np.asarray(groups, np.int32), positions, 1, 0)
 
 
-def test_releases_best_per_group_flooded_rounded_and_only_what_was_asked(public, decider) -> None:  # noqa: F811
+def test_releases_best_per_group_flooded_rounded_and_only_what_was_asked(public, decider) -> None:
     values = np.array([0.10, 0.95, 0.40, 0.97, 0.99, 0.30])
     # Slot 4 (0.99) is not asked for: it must not influence anything.
     part = _score_part(public, values, [0, 1, 2, 3, 5], [7, 7, 8, 9, 9])
@@ -47,7 +46,7 @@ def test_releases_best_per_group_flooded_rounded_and_only_what_was_asked(public,
     assert decider.decide("c", 1, [part], 0.98, 5) == []
 
 
-def test_accepted_score_floor_does_not_round_a_float32_threshold_up(public, decider) -> None:  # noqa: F811
+def test_accepted_score_floor_does_not_round_a_float32_threshold_up(public, decider) -> None:
     # Regression: a float32 threshold (0.9200000167) once lifted accepted scores of 0.920 to
     # 0.921, one thousandth away from the plaintext cosine.
     threshold = float(np.float32(0.92))
@@ -57,12 +56,12 @@ def test_accepted_score_floor_does_not_round_a_float32_threshold_up(public, deci
         assert [g.group for g in out] == [0] and out[0].score == 0.92
 
 
-def test_unknown_key_version_is_refused(public, decider) -> None:  # noqa: F811
+def test_unknown_key_version_is_refused(public, decider) -> None:
     with pytest.raises(Exception, match="no decryption key"):
         decider.decide("c", 2, [_score_part(public, np.array([0.5]), [0], [0])], 0.0, 1)
 
 
-def test_blind_reencryption_moves_values_it_never_sees(public, secret, decider) -> None:  # noqa: F811
+def test_blind_reencryption_moves_values_it_never_sees(public, secret, decider) -> None:
     """The matcher masks two ciphertexts; the decider moves coefficients between them and
     encrypts afresh; after unmasking, the moved values are there, and nothing else."""
     rng = np.random.default_rng(5)

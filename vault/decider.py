@@ -167,17 +167,27 @@ class Decider:
     # -- blind re-encryption --------------------------------------------------------------
 
     def reencrypt(self, collection_id: str, key_version: int, masked: np.ndarray, ntt: bool,
-                  moves: Moves, encrypt: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+                  moves: Moves, encrypt: Callable[[np.ndarray], np.ndarray],
+                  lift_to: tuple[int, ...] = ()) -> np.ndarray:
         """Fresh ciphertexts (targets, 2, levels, N), coefficient form, of the masked
         plaintexts of ``masked`` (k, 2, levels, N) rearranged by ``moves``.
 
         The plaintexts decrypted here are uniformly random (the caller masked them); they
-        are encrypted by ``encrypt`` (fresh public-key encryptions) and never returned.
+        are encrypted by ``encrypt`` (fresh public-key encryptions, possibly under another
+        key pair: a key switch) and never returned. ``lift_to``: the primes of the result
+        when it has more than the input (one prime in): each value, an integer in [0, q0),
+        is reduced mod each of them (the caller's mask avoided wrap-around, see
+        :func:`vault.he.poly.uniform_interior`).
         """
         ctx = self._context(collection_id, key_version)
-        levels = masked.shape[2]
         plain = np.stack([ctx.decrypt(ct, ntt) for ct in masked])  # (k, levels, N)
+        levels = len(lift_to) if lift_to else plain.shape[1]
         target = np.zeros((moves.targets, levels, plain.shape[2]), np.uint64)
-        target[moves.dst_ct, :, moves.dst_pos] = plain[moves.src_ct, :, moves.src_pos]
+        target[moves.dst_ct, :plain.shape[1], moves.dst_pos] = plain[moves.src_ct, :, moves.src_pos]
+        if lift_to:
+            if plain.shape[1] != 1 or lift_to[0] != ctx.public.moduli[0]:
+                raise ValueError("lifting starts from the score prime alone")
+            for level, q in enumerate(lift_to[1:], 1):
+                target[:, level, :] = target[:, 0, :] % np.uint64(q)
         del plain
         return encrypt(target)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vault import logs
-from vault.errors import AlreadyExists, VaultError
+from vault.errors import AlreadyExists, Unavailable, VaultError
 from vault.gallery import blocks as block_ops
 from vault.gallery.blocks import Block
 from vault.gallery.prefilter import balanced_clusters, sketch
@@ -213,6 +213,9 @@ def store_chunk(vault, gallery, chunk: list[_Pending]) -> list[str]:  # type: ig
         subjects = [(cid, p.subject_hmac, vault.seal_subject(cid, p.subject_hmac, p.subject_id))
                     for p in chunk]
         with gallery.write_lock:
+            if gallery.retired:  # a key rotation switched versions meanwhile
+                raise Unavailable("the collection's key version changed during the import; "
+                                  "retry the stream (request ids make it safe)")
             # A request id committed meanwhile by another call: that call's answer stands;
             # the values encrypted here for it are stored as a deleted template, erased later.
             taken = vault.store.existing_requests([p.request_hmac for p in chunk if p.request_hmac])

@@ -49,6 +49,8 @@ def checkpoint(vault, gallery: CollectionGallery) -> int:  # type: ignore[no-unt
     store, n, dim = vault.store, gallery.params.slots, gallery.dimension
     with gallery.block_lock:
         with gallery.write_lock:
+            if gallery.retired:
+                return 0
             pages = sorted(gallery.pages.values(), key=lambda p: p.page_no)
             gallery.seal_pages(p.page_no for p in pages)
         if not pages:
@@ -148,7 +150,7 @@ def compact(vault, gallery: CollectionGallery, block_no: int) -> int:  # type: i
     store, n, dim = vault.store, gallery.params.slots, gallery.dimension
     with gallery.block_lock:
         block = gallery.blocks.get(block_no)
-        if block is None:
+        if block is None or gallery.retired:
             return 0
         erase = [t for t in store.templates_in(cid, version, BLOCK, block_no)
                  if t.state == DELETED and not t.erased]

@@ -61,6 +61,11 @@ class Transform:
         """Rotate one vector (D,) or a batch (n, D)."""
         return x @ self._q.T
 
+    def change_to(self, other: Transform) -> np.ndarray:
+        """The orthogonal matrix that takes templates protected by this transform to the
+        same templates protected by ``other`` (what a key rotation applies)."""
+        return other._q @ self._q.T
+
     def __repr__(self) -> str:
         return f"Transform(dimension={self._q.shape[0]})"
 

@@ -26,7 +26,14 @@ from vault import he, logs
 from vault.audit import AuditLog
 from vault.block_files import BlockFiles
 from vault.decider import Decider, GroupScore
-from vault.errors import AlreadyExists, DataLoss, FailedPrecondition, NotFound, ResourceExhausted
+from vault.errors import (
+    AlreadyExists,
+    DataLoss,
+    FailedPrecondition,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from vault.gallery import CollectionGallery, Routing
 from vault.gallery import pages as page_ops
 from vault.gallery.blocks import Block
@@ -43,6 +50,7 @@ from vault.store import (
     BlockRow,
     CollectionKeyRow,
     CollectionRow,
+    KeyJobRow,
     PageRow,
     Store,
     TemplateRow,
@@ -131,10 +139,19 @@ class Vault:
         self.decider = Decider()
         self.files = BlockFiles(data_dir / "blocks")
         self.encryption = EncryptionPool(self.tuning.workers)
-        self._galleries: dict[str, CollectionGallery] = {}
+        self._galleries: dict[str, CollectionGallery] = {}  # the current key version's
+        # Key rotations: the target version's gallery, filled block by block while the
+        # current one serves (vault.rotation).
+        self.next_galleries: dict[str, CollectionGallery] = {}
+        self.jobs_lock = threading.Lock()
+        self.switch_lock = threading.Lock()
+        self.job_threads: dict[str, threading.Thread] = {}
+        self.stopping = threading.Event()
         self._damaged: set[str] = set()
+        self.integrity_events: list[tuple[str, str, int]] = []
         self._create_lock = threading.Lock()
         self._retired: list[tuple[float, Path, bool]] = []
+        self._retired_keys: list[tuple[float, str, int]] = []
         self._retired_lock = threading.Lock()
         created = hsm.ensure_keys(create=not store.has_wrapped_keys())
         if created:
@@ -143,13 +160,13 @@ class Vault:
         self._sketch_key = envelope.DataKey(self._data_key(_SKETCH_KEY))
         for row in store.collections():
             self._load_collection(row)
+        self._load_rotations()
         keep = {self.files.path(c, v, b, g) for c, v, b, g in store.all_block_generations()}
         swept = self.files.sweep(keep)
         if swept:
             log.warning("removed block files no committed row names (interrupted writes)",
                         count=swept)
         self._maintenance: threading.Thread | None = None
-        self._stop = threading.Event()
 
     @classmethod
     def open(cls, data_dir: Path, hsm_config: HsmConfig, **kwargs: object) -> Vault:
@@ -163,10 +180,14 @@ class Vault:
             raise
         try:
             vault.audit = AuditLog(data_dir / "audit.db", vault.hsm)
+            for kind, cid, count in vault.integrity_events:
+                vault.audit.append("integrity", uuid.uuid4().hex[:16], "vault", "load", cid, (),
+                                   f"DATA_LOSS {kind} count={count}")
         except BaseException:
             vault.close()
             raise
         vault.start_maintenance()
+        vault.resume_rotations()
         return vault
 
     def start_maintenance(self) -> None:
@@ -174,9 +195,17 @@ class Vault:
         if self.tuning.maintenance_interval <= 0 or self._maintenance is not None:
             return
         from vault.maintenance import run_forever
-        self._maintenance = threading.Thread(target=run_forever, args=(self, self._stop),
+        self._maintenance = threading.Thread(target=run_forever, args=(self, self.stopping),
                                              name="vault-maintenance", daemon=True)
         self._maintenance.start()
+
+    def resume_rotations(self) -> None:
+        """Restart the threads of key rotations that were running when the vault stopped."""
+        from vault import rotation
+        with self.jobs_lock:
+            for job in self.store.key_jobs(rotation.RUNNING):
+                if job.job_id not in self.job_threads and job.collection_id in self.next_galleries:
+                    rotation._launch(self, job)
 
     def maintain(self, force: bool = False) -> None:
         """One maintenance pass now (``force``: checkpoint and erase whatever is pending)."""
@@ -184,9 +213,11 @@ class Vault:
         run_once(self, force=force)
 
     def close(self) -> None:
-        self._stop.set()
+        self.stopping.set()
         if self._maintenance is not None:
             self._maintenance.join(timeout=60)
+        for thread in list(self.job_threads.values()):
+            thread.join(timeout=120)
         self.encryption.close()
         if self.audit is not None:
             self.audit.close()
@@ -244,33 +275,89 @@ class Vault:
 
     # -- loading ---------------------------------------------------------------------------
 
+    def _integrity_failure(self, kind: str, collection_id: str, count: int = 1) -> None:
+        """Log a damaged record found at load; it is audited once the audit log is open."""
+        log.error("integrity failure", kind=kind, collection_id=collection_id, count=count)
+        self.integrity_events.append((kind, collection_id, count))
+
     def _load_collection(self, row: CollectionRow) -> None:
         cid = row.collection_id
         if not self.verified(row):
             self._damaged.add(cid)
-            log.error("integrity failure", kind="collection", collection_id=cid)
+            self._integrity_failure("collection", cid)
             return
+        rotating = {j.to_version for j in self.store.key_jobs()
+                    if j.collection_id == cid and j.state != "done"}
+        newest = self.store.newest_key_version(cid)
+        if newest > row.key_version and newest not in rotating:
+            # A valid but old collection row behind newer data: a replayed record (a
+            # rollback to before a key rotation, say).
+            self._damaged.add(cid)
+            self._integrity_failure("collection_replayed", cid)
+            return
+        stale = self.store.count_below(cid, row.min_key_version)
+        if stale:
+            self._integrity_failure("below_min_key_version", cid, stale)
         key = self.store.collection_key(cid, row.key_version)
         if key is None:
             self._damaged.add(cid)
-            log.error("integrity failure", kind="collection_key_missing", collection_id=cid)
+            self._integrity_failure("collection_key_missing", cid)
             return
         params = he.HeParams.from_json(key.he_params)
         secret = envelope.open_sealed(self.hsm, key.sealed_secret_context,
                                       encode("ckks-secret", cid, row.key_version, key.he_params))
         self.decider.load(cid, row.key_version, secret, params)
         del secret
-        gallery = CollectionGallery(cid, row.key_version, row.dimension, params,
-                                    key.public_context, self.tuning.routing)
+        self._galleries[cid] = self._load_gallery(cid, row.key_version, row.dimension, params,
+                                                  key.public_context)
+
+    def _load_gallery(self, cid: str, version: int, dimension: int, params: he.HeParams,
+                      public_context: bytes) -> CollectionGallery:
+        gallery = CollectionGallery(cid, version, dimension, params, public_context,
+                                    self.tuning.routing)
         bad = self._load_blocks(gallery) + self._load_pages(gallery)
-        gallery.reserve_page_numbers(self.store.max_loc(cid, row.key_version, PAGE) + 1)
+        gallery.reserve_page_numbers(self.store.max_loc(cid, version, PAGE) + 1)
         bad_templates = self._load_templates(gallery)
         if bad or bad_templates:
-            log.error("integrity failure", kind="records", collection_id=cid, blocks=bad,
-                      count=bad_templates)
-        self._galleries[cid] = gallery
-        log.info("collection loaded", collection_id=cid, key_version=row.key_version,
+            self._integrity_failure("records", cid, bad + bad_templates)
+        log.info("collection loaded", collection_id=cid, key_version=version,
                  template_count=gallery.template_count(), blocks_total=len(gallery.blocks))
+        return gallery
+
+    def _load_rotations(self) -> None:
+        """The target versions of unfinished key rotations, as far as they got."""
+        for job in self.store.key_jobs():
+            current = self._galleries.get(job.collection_id)
+            if job.state == "done" or current is None or current.key_version != job.from_version:
+                continue
+            key = self.store.collection_key(job.collection_id, job.to_version)
+            if key is None:
+                continue
+            params = he.HeParams.from_json(key.he_params)
+            secret = envelope.open_sealed(self.hsm, key.sealed_secret_context,
+                                          encode("ckks-secret", job.collection_id, job.to_version,
+                                                 key.he_params))
+            self.decider.load(job.collection_id, job.to_version, secret, params)
+            del secret
+            self.next_galleries[job.collection_id] = self._load_gallery(
+                job.collection_id, job.to_version, current.dimension, params, key.public_context)
+
+    def gallery(self, collection_id: str, key_version: int) -> CollectionGallery | None:
+        """The gallery of a key version: the current one or a rotation's target."""
+        for found in (self._galleries.get(collection_id), self.next_galleries.get(collection_id)):
+            if found is not None and found.key_version == key_version:
+                return found
+        return None
+
+    def install_current(self, collection_id: str, gallery: CollectionGallery) -> None:
+        """A key rotation's switch: its target version serves from now on."""
+        self._galleries[collection_id] = gallery
+        self.next_galleries.pop(collection_id, None)
+
+    def retire_key_version(self, collection_id: str, key_version: int) -> None:
+        """Forget a replaced version's keys once matches in flight are done with them."""
+        with self._retired_lock:
+            self._retired_keys.append((time.monotonic(), collection_id, key_version))
 
     def _load_blocks(self, gallery: CollectionGallery) -> int:
         """Install every block whose row MAC and file digest agree; returns the bad ones."""
@@ -353,12 +440,13 @@ class Vault:
 
     def _collection(self, collection_id: str) -> tuple[CollectionRow, CollectionGallery]:
         check_collection_id(collection_id)
-        row = self.store.collection(collection_id)
+        with self.switch_lock:  # the row and the gallery, both before or both after a switch
+            row = self.store.collection(collection_id)
+            gallery = self._galleries.get(collection_id)
         if row is None:
             raise NotFound("collection not found")
         if collection_id in self._damaged:
             raise DataLoss("collection record failed its integrity check")
-        gallery = self._galleries.get(collection_id)
         if gallery is None or gallery.key_version != row.key_version:
             raise DataLoss("collection record does not match the loaded key version")
         if row.key_version < row.min_key_version:
@@ -381,6 +469,12 @@ class Vault:
             self._retired = [r for r in self._retired if r not in due]
         for _, path, erase in due:
             BlockFiles.remove(path, erase=erase)
+        with self._retired_lock:
+            keys = [r for r in self._retired_keys if everything or now - r[0] >= grace]
+            self._retired_keys = [r for r in self._retired_keys if r not in keys]
+        for _, cid, version in keys:
+            self.decider.forget(cid, version)
+            self.protector.forget(cid, version)
 
     # -- operations ------------------------------------------------------------------------
 
@@ -426,6 +520,14 @@ class Vault:
                request_id: str = "") -> tuple[str, int]:
         """Store one protected, encrypted template in the journal. Returns (template_id,
         key_version). A repeated ``request_id`` returns the first answer, stores nothing."""
+        for _ in range(3):  # a key rotation may switch versions under us: start again
+            done = self._enroll(collection_id, subject_id, embedding, request_id)
+            if done is not None:
+                return done
+        raise Unavailable("the collection's key version kept changing; retry")
+
+    def _enroll(self, collection_id: str, subject_id: str, embedding: Sequence[float],
+                request_id: str) -> tuple[str, int] | None:
         row, gallery = self._collection(collection_id)
         check_subject_id(subject_id)
         check_request_id(request_id)
@@ -434,6 +536,8 @@ class Vault:
         request_hmac = self.integrity.request_index(collection_id, request_id) if request_id else None
         version = row.key_version
         with gallery.write_lock:
+            if gallery.retired:
+                return None
             previous = self._previous(request_hmac, subject_hmac)
             if previous is not None:
                 return previous
@@ -457,11 +561,11 @@ class Vault:
     def _subject_rows(self, collection_id: str, gallery: CollectionGallery,
                       subject_hmac: bytes) -> list[TemplateRow]:
         """A subject's live template rows, every MAC checked; DATA_LOSS otherwise."""
-        rows = self.store.subject_templates(collection_id, subject_hmac)
+        rows = self.store.subject_templates(collection_id, subject_hmac, gallery.key_version)
         if not rows:
             raise NotFound("subject not found in this collection")
         for t in rows:
-            if not self.verified(t) or t.key_version != gallery.key_version:
+            if not self.verified(t):
                 log.error("integrity failure", kind="template", collection_id=collection_id)
                 raise DataLoss("a stored template of this subject failed its integrity check")
         return rows
@@ -532,11 +636,18 @@ class Vault:
         tampered record is logged and never named."""
         subject_hmac = gallery.subject(decided.group)
         try:
-            self._subject_rows(collection_id, gallery, subject_hmac)
-        except NotFound:
-            return None  # deleted between scoring and now
-        except DataLoss:
-            return None  # logged by _subject_rows
+            try:
+                self._subject_rows(collection_id, gallery, subject_hmac)
+            except NotFound:
+                # Deleted since the scoring, or a key rotation switched versions meanwhile:
+                # then the rows are under the current version (the lock waits out a switch).
+                with self.switch_lock:
+                    current = self._galleries.get(collection_id)
+                if current is None or current is gallery:
+                    return None
+                self._subject_rows(collection_id, current, subject_hmac)
+        except (NotFound, DataLoss):
+            return None  # DataLoss is logged by _subject_rows
         sealed = self.store.sealed_subject_id(collection_id, subject_hmac)
         if sealed is None:
             return None
@@ -550,14 +661,61 @@ class Vault:
         check_subject_id(subject_id)
         subject_hmac = self.integrity.subject_index(collection_id, subject_id)
         with gallery.write_lock:
+            if gallery.retired:
+                return self.delete_subject(collection_id, subject_id)
+            # Every key version present: a rotation copies rows to its target version.
             rows = self.store.subject_templates(collection_id, subject_hmac)
-            if not rows:
+            if not any(t.key_version == gallery.key_version for t in rows):
                 raise NotFound("subject not found in this collection")
             dead = [self.sign(dataclasses.replace(t, state=DELETED)) for t in rows]
             self.store.mark_deleted(collection_id, subject_hmac, dead)
             for t in rows:
-                gallery.set_live(t.tier, t.loc, t.slot, -1)
-        return len(rows)
+                holder = self.gallery(collection_id, t.key_version)
+                if holder is not None:
+                    holder.set_live(t.tier, t.loc, t.slot, -1)
+        return sum(t.key_version == gallery.key_version for t in rows)
+
+    # -- key lifecycle -----------------------------------------------------------------------
+
+    def rotate_collection_key(self, collection_id: str) -> KeyJobRow:
+        """Start (or resume) moving a collection to a new transform and new CKKS keys."""
+        from vault import rotation
+        return rotation.start(self, collection_id)
+
+    def key_job(self, job_id: str) -> KeyJobRow:
+        job = self.store.key_job(job_id)
+        if job is None:
+            raise NotFound("key job not found")
+        return job
+
+    def key_versions(self, collection_id: str) -> tuple[CollectionRow, list[int], KeyJobRow | None]:
+        """A collection's row, the key versions it holds, and its unfinished rotation."""
+        check_collection_id(collection_id)
+        row = self.store.collection(collection_id)
+        if row is None:
+            raise NotFound("collection not found")
+        job = next((j for j in reversed(self.store.key_jobs())
+                    if j.collection_id == collection_id and j.state != "done"), None)
+        return row, self.store.collection_key_versions(collection_id), job
+
+    def set_min_key_version(self, collection_id: str, min_key_version: int) -> CollectionRow:
+        """Refuse every key version below ``min_key_version`` from now on (it only rises).
+
+        Raising it above the current version while a rotation runs stops the collection
+        (FAILED_PRECONDITION) until the rotation switches: a compromised version stops
+        serving at once."""
+        row, versions, job = self.key_versions(collection_id)
+        highest = job.to_version if job is not None else row.key_version
+        if not row.min_key_version <= min_key_version <= highest:
+            raise FailedPrecondition(
+                f"min_key_version must be between {row.min_key_version} (it only rises) and "
+                f"{highest} (the newest key version)")
+        with self._create_lock:
+            updated = self.sign(dataclasses.replace(self.store.collection(collection_id),
+                                                    min_key_version=min_key_version, mac=b""))
+            self.store.update_collection(updated)
+        log.info("minimum key version set", collection_id=collection_id, version=min_key_version)
+        return updated
 
     def start_import(self, collection_id: str):  # type: ignore[no-untyped-def]
         """A bulk import session (:mod:`vault.imports`)."""

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from vault.errors import ResourceExhausted, Unavailable
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -69,20 +69,22 @@ CREATE TABLE IF NOT EXISTS subjects (
   PRIMARY KEY (collection_id, subject_hmac)
 );
 CREATE TABLE IF NOT EXISTS templates (
-  template_id TEXT PRIMARY KEY,
+  template_id TEXT NOT NULL,
   collection_id TEXT NOT NULL,
   subject_hmac BLOB NOT NULL,
   key_version INTEGER NOT NULL,
   tier INTEGER NOT NULL,
   loc INTEGER NOT NULL,
   slot INTEGER NOT NULL,
-  request_hmac BLOB UNIQUE,
+  request_hmac BLOB,
   state INTEGER NOT NULL,
   erased INTEGER NOT NULL,
   created_at REAL NOT NULL,
   deleted_at REAL,
-  mac BLOB NOT NULL
+  mac BLOB NOT NULL,
+  PRIMARY KEY (template_id, key_version)
 );
+CREATE UNIQUE INDEX IF NOT EXISTS templates_by_request ON templates (request_hmac, key_version);
 CREATE INDEX IF NOT EXISTS templates_by_subject ON templates (collection_id, subject_hmac);
 CREATE INDEX IF NOT EXISTS templates_by_place ON templates (collection_id, key_version, tier, loc, slot);
 CREATE TABLE IF NOT EXISTS pages (
@@ -107,6 +109,18 @@ CREATE TABLE IF NOT EXISTS blocks (
   sketch BLOB,
   mac BLOB NOT NULL,
   PRIMARY KEY (collection_id, key_version, block_no)
+);
+CREATE TABLE IF NOT EXISTS key_jobs (
+  job_id TEXT PRIMARY KEY,
+  collection_id TEXT NOT NULL,
+  from_version INTEGER NOT NULL,
+  to_version INTEGER NOT NULL,
+  state TEXT NOT NULL,
+  blocks_done INTEGER NOT NULL,
+  blocks_total INTEGER NOT NULL,
+  started_at REAL NOT NULL,
+  finished_at REAL,
+  error TEXT
 );
 CREATE TABLE IF NOT EXISTS verify_attempts (
   collection_id TEXT NOT NULL,
@@ -196,6 +210,22 @@ class BlockRow:
 
     def __repr__(self) -> str:
         return f"BlockRow(block_no={self.block_no}, generation={self.generation}, fill={self.fill})"
+
+
+@dataclass(frozen=True)
+class KeyJobRow:
+    """A collection key rotation: state 'running', 'done' or 'failed'."""
+
+    job_id: str
+    collection_id: str
+    from_version: int
+    to_version: int
+    state: str
+    blocks_done: int
+    blocks_total: int
+    started_at: float
+    finished_at: float | None
+    error: str | None
 
 
 # Primary SQLite result codes (the low byte of an extended code).
@@ -328,8 +358,9 @@ class Store:
                          "request_hmac, state, erased, mac")
 
     def template_by_request(self, request_hmac: bytes) -> TemplateRow | None:
-        rows = self._query(f"SELECT {self._TEMPLATE_COLUMNS} FROM templates WHERE request_hmac=?",
-                           (request_hmac,))
+        """The newest key version's row of the template a request id made."""
+        rows = self._query(f"SELECT {self._TEMPLATE_COLUMNS} FROM templates WHERE request_hmac=? "
+                           "ORDER BY key_version DESC LIMIT 1", (request_hmac,))
         return TemplateRow(*rows[0]) if rows else None
 
     def existing_requests(self, request_hmacs: list[bytes]) -> set[bytes]:
@@ -342,11 +373,15 @@ class Store:
                 tuple(part)))
         return found
 
-    def subject_templates(self, collection_id: str, subject_hmac: bytes) -> list[TemplateRow]:
-        """The live templates of a subject."""
+    def subject_templates(self, collection_id: str, subject_hmac: bytes,
+                          key_version: int | None = None) -> list[TemplateRow]:
+        """The live template rows of a subject: of one key version, or of every version
+        present (during a rotation a template has a row under each)."""
+        version_clause = "" if key_version is None else " AND key_version=?"
+        args = (collection_id, subject_hmac, LIVE) + (() if key_version is None else (key_version,))
         return [TemplateRow(*r) for r in self._query(
             f"SELECT {self._TEMPLATE_COLUMNS} FROM templates WHERE collection_id=? AND subject_hmac=? "
-            "AND state=? ORDER BY template_id", (collection_id, subject_hmac, LIVE))]
+            f"AND state=?{version_clause} ORDER BY template_id, key_version", args)]
 
     def template_at(self, collection_id: str, key_version: int, tier: int, loc: int,
                     slot: int) -> TemplateRow | None:
@@ -399,8 +434,10 @@ class Store:
     @staticmethod
     def _update_templates(db: sqlite3.Connection, templates: list[TemplateRow]) -> None:
         db.executemany(
-            "UPDATE templates SET tier=?, loc=?, slot=?, state=?, erased=?, mac=? WHERE template_id=?",
-            [(t.tier, t.loc, t.slot, t.state, t.erased, t.mac, t.template_id) for t in templates])
+            "UPDATE templates SET tier=?, loc=?, slot=?, state=?, erased=?, mac=? "
+            "WHERE template_id=? AND key_version=?",
+            [(t.tier, t.loc, t.slot, t.state, t.erased, t.mac, t.template_id, t.key_version)
+             for t in templates])
 
     @staticmethod
     def _put_page(db: sqlite3.Connection, page: PageRow) -> None:
@@ -444,8 +481,9 @@ class Store:
         """Tombstone the given templates (rows with their new MACs), forget the subject id."""
         with self.transaction() as db:
             db.executemany("UPDATE templates SET state=?, mac=?, deleted_at=? "
-                           "WHERE template_id=? AND state=?",
-                           [(t.state, t.mac, time.time(), t.template_id, LIVE) for t in templates])
+                           "WHERE template_id=? AND key_version=? AND state=?",
+                           [(t.state, t.mac, time.time(), t.template_id, t.key_version, LIVE)
+                            for t in templates])
             db.execute("DELETE FROM subjects WHERE collection_id=? AND subject_hmac=?",
                        (collection_id, subject_hmac))
             db.execute("DELETE FROM verify_attempts WHERE collection_id=? AND subject_hmac=?",
@@ -489,6 +527,115 @@ class Store:
             "sketch, mac FROM blocks WHERE collection_id=? AND key_version=? AND block_no=?",
             (collection_id, key_version, block_no))
         return BlockRow(*rows[0]) if rows else None
+
+    # -- key jobs and key versions ----------------------------------------------------
+
+    _JOB_COLUMNS = ("job_id, collection_id, from_version, to_version, state, blocks_done, "
+                    "blocks_total, started_at, finished_at, error")
+
+    def insert_key_version(self, key: CollectionKeyRow, job: KeyJobRow) -> None:
+        """A new key version of a collection, and the job that moves templates to it."""
+        with self.transaction() as db:
+            db.execute("INSERT INTO collection_keys VALUES (?,?,?,?,?,?)",
+                       (key.collection_id, key.key_version, key.he_params, key.public_context,
+                        key.sealed_secret_context, time.time()))
+            db.execute(f"INSERT INTO key_jobs({self._JOB_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                       (job.job_id, job.collection_id, job.from_version, job.to_version, job.state,
+                        job.blocks_done, job.blocks_total, job.started_at, job.finished_at, job.error))
+
+    def key_job(self, job_id: str) -> KeyJobRow | None:
+        rows = self._query(f"SELECT {self._JOB_COLUMNS} FROM key_jobs WHERE job_id=?", (job_id,))
+        return KeyJobRow(*rows[0]) if rows else None
+
+    def key_jobs(self, state: str | None = None) -> list[KeyJobRow]:
+        where, args = ("WHERE state=?", (state,)) if state else ("", ())
+        return [KeyJobRow(*r) for r in self._query(
+            f"SELECT {self._JOB_COLUMNS} FROM key_jobs {where} ORDER BY started_at", args)]
+
+    def set_job_progress(self, job_id: str, done: int, total: int) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE key_jobs SET blocks_done=?, blocks_total=? WHERE job_id=?",
+                       (done, total, job_id))
+
+    def finish_job(self, job_id: str, state: str, error: str | None = None) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE key_jobs SET state=?, finished_at=?, error=? WHERE job_id=?",
+                       (state, time.time(), error, job_id))
+
+    def write_moved_block(self, block: BlockRow, templates: list[TemplateRow], job_id: str,
+                          done: int, total: int) -> None:
+        """One transaction: a block moved to a new key version, its templates' rows under
+        that version (replacing those of an earlier move of the same block), the job's
+        progress."""
+        now = time.time()
+        with self.transaction() as db:
+            self._put_block(db, block)
+            db.executemany(
+                "INSERT OR REPLACE INTO templates VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                [(t.template_id, t.collection_id, t.subject_hmac, t.key_version, t.tier, t.loc,
+                  t.slot, t.request_hmac, t.state, t.erased, now,
+                  now if t.state == DELETED else None, t.mac) for t in templates])
+            db.execute("UPDATE key_jobs SET blocks_done=?, blocks_total=? WHERE job_id=?",
+                       (done, total, job_id))
+
+    def collection_key_versions(self, collection_id: str) -> list[int]:
+        return [r[0] for r in self._query("SELECT key_version FROM collection_keys "
+                                          "WHERE collection_id=? ORDER BY key_version",
+                                          (collection_id,))]
+
+    def switch_key_version(self, row: CollectionRow, old_version: int, job_id: str) -> None:
+        """One transaction: the collection moves to its new key version (row with its new
+        MAC); every row of the old version goes; the job is done."""
+        cid = row.collection_id
+        with self.transaction() as db:
+            db.execute("UPDATE collections SET key_version=?, min_key_version=?, mac=? "
+                       "WHERE collection_id=?", (row.key_version, row.min_key_version, row.mac, cid))
+            for table in ("templates", "blocks", "pages", "collection_keys"):
+                db.execute(f"DELETE FROM {table} WHERE collection_id=? AND key_version=?",
+                           (cid, old_version))
+            db.execute("UPDATE key_jobs SET state='done', finished_at=? WHERE job_id=?",
+                       (time.time(), job_id))
+
+    def newest_key_version(self, collection_id: str) -> int:
+        """The highest key version any row of the collection names."""
+        return max((self._query(f"SELECT COALESCE(MAX(key_version), 0) FROM {t} "
+                                "WHERE collection_id=?", (collection_id,))[0][0]
+                    for t in ("collection_keys", "templates", "blocks", "pages")), default=0)
+
+    def count_below(self, collection_id: str, key_version: int) -> int:
+        """Rows of the collection under key versions below ``key_version``."""
+        return sum(self._query(f"SELECT COUNT(*) FROM {t} WHERE collection_id=? AND key_version<?",
+                               (collection_id, key_version))[0][0]
+                   for t in ("collection_keys", "templates", "blocks", "pages"))
+
+    def update_collection(self, row: CollectionRow) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE collections SET threshold=?, key_version=?, min_key_version=?, mac=? "
+                       "WHERE collection_id=?", (row.threshold, row.key_version, row.min_key_version,
+                                                 row.mac, row.collection_id))
+
+    # -- wrapped blobs (master key rotation) ----------------------------------------------
+
+    def wrapped_blobs(self) -> list[tuple[str, tuple, bytes]]:
+        """Every blob that names a KEK version: ('data-key', (name, version), blob) and
+        ('ckks-secret', (collection, version, params), sealed secret context)."""
+        out: list[tuple[str, tuple, bytes]] = [
+            ("data-key", (name, version), blob) for name, version, blob in
+            self._query("SELECT name, version, blob FROM wrapped_keys")]
+        out += [("ckks-secret", (cid, version, params), blob) for cid, version, params, blob in
+                self._query("SELECT collection_id, key_version, he_params, sealed_secret_context "
+                            "FROM collection_keys")]
+        return out
+
+    def replace_wrapped_blobs(self, blobs: list[tuple[str, tuple, bytes]]) -> None:
+        with self.transaction() as db:
+            for kind, key, blob in blobs:
+                if kind == "data-key":
+                    db.execute("UPDATE wrapped_keys SET blob=? WHERE name=? AND version=?",
+                               (blob, *key))
+                else:
+                    db.execute("UPDATE collection_keys SET sealed_secret_context=? "
+                               "WHERE collection_id=? AND key_version=?", (blob, key[0], key[1]))
 
     def all_block_generations(self) -> list[tuple[str, int, int, int]]:
         """(collection, key version, block, generation) of every committed block."""

@@ -5,18 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.he.conftest import keypair, public, secret, unit  # noqa: F401 - fixtures
+from tests.he.conftest import unit
 from vault.gallery import pages
 from vault.he import poly
 
 
-def _scores(secret, part, params) -> np.ndarray:  # noqa: F811
+def _scores(secret, part, params) -> np.ndarray:
     plain = secret.decrypt(part.data, part.ntt)[0]
     return poly.centered(plain, secret.public.moduli[0]) / (params.template_scale * params.probe_scale)
 
 
 @pytest.mark.parametrize("dim", [128, 512, 1000])
-def test_a_page_filled_one_enrollment_at_a_time_scores_like_numpy(public, secret, dim) -> None:  # noqa: F811
+def test_a_page_filled_one_enrollment_at_a_time_scores_like_numpy(public, secret, dim) -> None:
     rng = np.random.default_rng(dim)
     slots = public.params.page_slots(dim)
     templates = unit(rng, slots, dim)
@@ -31,7 +31,7 @@ def test_a_page_filled_one_enrollment_at_a_time_scores_like_numpy(public, secret
         assert np.abs(got - templates @ probe).max() < 2e-5
 
 
-def test_only_live_scores_reach_the_decider_the_rest_is_uniform(public, secret) -> None:  # noqa: F811
+def test_only_live_scores_reach_the_decider_the_rest_is_uniform(public, secret) -> None:
     """Without the mask, the other coefficients of a page product are partial correlations
     of the template with the probe (enough to rebuild the template); with it, every
     coefficient but the live scores is uniform mod q."""

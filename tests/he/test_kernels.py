@@ -8,7 +8,6 @@ import pytest
 import tenseal as ts
 
 from tests.he.conftest import unit
-from vault import he
 from vault.gallery import blocks
 from vault.he import kernels, poly
 

@@ -78,7 +78,10 @@ class CollectionGallery:
         # enrollments from start to end. block_lock: held by the long block jobs
         # (import chunks, checkpoints, compaction) while they compute, outside write_lock.
         self.write_lock = threading.Lock()
-        self.block_lock = threading.Lock()
+        self.block_lock = threading.RLock()  # a rotation's final step checkpoints inside it
+        # Set when a key rotation has replaced this key version: writers that acquire its
+        # locks afterwards must start again on the collection's new gallery.
+        self.retired = False
 
     @property
     def page_slots(self) -> int:

@@ -66,6 +66,26 @@ def uniform(shape: tuple[int, ...], moduli: Sequence[int]) -> np.ndarray:
     return out
 
 
+def uniform_interior(shape: tuple[int, ...], q: int, margin: int) -> np.ndarray:
+    """Integers uniform in [margin, q - margin): masks for re-encryption to more primes.
+
+    Whoever decrypts ``m + R mod q`` for ``|m| < margin`` then holds the integer ``m + R``
+    itself (no wrap-around), which it can reduce mod other primes. The price: ``m + R`` is
+    uniform on a window that depends on ``m``, within statistical distance
+    ``2 * margin / q`` of uniform per coefficient (2^-21 for the vault's parameters).
+    """
+    span = q - 2 * margin
+    if span <= 0:
+        raise ValueError("margin too large for the modulus")
+    count = int(np.prod(shape))
+    limit = np.uint64((2 ** 64 // span) * span)
+    got = np.empty(0, np.uint64)
+    while got.size < count:
+        draw = _random_u64(count + count // 8 + 16)
+        got = np.concatenate([got, draw[draw < limit]])
+    return (got[:count] % np.uint64(span) + np.uint64(margin)).reshape(shape)
+
+
 def quantise(values: np.ndarray, scale: float) -> np.ndarray:
     """Real values -> nearest integers at ``scale`` (int64)."""
     return np.rint(np.asarray(values, dtype=np.float64) * scale).astype(np.int64)

@@ -1,0 +1,218 @@
+"""Collection key rotation: a new transform and new CKKS keys, every template moved under
+them without a template decrypted; matching goes on meanwhile; resumable; old gone."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vault.errors import DataLoss, FailedPrecondition
+from vault.he import poly
+from vault.imports import ImportItem
+from vault.keys.hsm import HsmConfig
+from vault.service import Tuning, Vault
+
+DIM = 32
+N = 4096
+TUNING = Tuning(maintenance_interval=0, workers=0)
+
+
+def _open(path: Path, hsm_config: HsmConfig) -> Vault:
+    return Vault.open(path, hsm_config, tuning=TUNING)
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    return tmp_path / "data"
+
+
+def _faces(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, DIM))
+
+
+def _populate(vault: Vault, imported: int) -> tuple[np.ndarray, np.ndarray]:
+    """Single enrollments in the journal, and an import (clustered blocks + a mixed one)."""
+    vault.create_collection("c", DIM, 0.8)
+    single = _faces(20, 1)
+    for i, f in enumerate(single):
+        vault.enroll("c", f"s{i}", f.tolist(), request_id=f"e{i}")
+    bulk = _faces(imported, 2)
+    session = vault.start_import("c")
+    session.add([ImportItem(f"b{i}", f.tolist(), f"r{i}") for i, f in enumerate(bulk)])
+    session.finish()
+    return single, bulk
+
+
+def _wait(vault: Vault, job_id: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = vault.key_job(job_id)
+        if job.state != "running":
+            assert job.state == "done", job.error
+            return
+        time.sleep(0.1)
+    raise TimeoutError("rotation did not finish")
+
+
+def _scores(vault: Vault, probes: np.ndarray) -> list[tuple[str, float]]:
+    out = []
+    for p in probes:
+        found = vault.identify("c", p.tolist(), top_k=1, threshold=-1.0).candidates
+        out.append((found[0].subject_id, found[0].score))
+    return out
+
+
+def test_rotation_moves_every_template_under_new_keys(data: Path, hsm_config: HsmConfig) -> None:
+    vault = _open(data, hsm_config)
+    try:
+        single, bulk = _populate(vault, N + 300)
+        probes = np.concatenate([single[:5], bulk[[0, 1000, N + 5]]])
+        before = _scores(vault, probes)
+        old_files = sorted((data / "blocks" / "c" / "v1").glob("*.blk"))
+        job = vault.rotate_collection_key("c")
+        assert (job.from_version, job.to_version) == (1, 2)
+        seen = []  # matching goes on while the job runs
+        while vault.key_job(job.job_id).state == "running":
+            seen.append(_scores(vault, probes[:2]) == before[:2])
+        _wait(vault, job.job_id)
+        assert all(seen)
+        info = vault.get_collection("c")
+        assert (info.key_version, info.template_count) == (2, 20 + N + 300)
+        row = vault.store.collection("c")
+        assert row.min_key_version == 2
+        after = _scores(vault, probes)
+        assert [s for s, _ in after] == [s for s, _ in before]
+        assert all(abs(a - b) <= 2e-3 for (_, a), (_, b) in zip(after, before))
+        assert vault.verify("c", "s3", single[3].tolist()).matched
+        assert vault.verify("c", "b7", bulk[7].tolist()).matched
+        # The old version is gone: rows, keys, files (zero-filled, then removed).
+        db = sqlite3.connect(vault.store.path)
+        for table in ("templates", "blocks", "pages", "collection_keys"):
+            assert db.execute(f"SELECT count(*) FROM {table} WHERE key_version=1").fetchone()[0] == 0
+        vault.sweep_retired(0, everything=True)
+        assert old_files and not any(p.exists() for p in old_files)
+        # The stored values are the templates under the new transform, not the old one.
+        gallery = vault.galleries()[0]
+        ctx = vault.decider._context("c", 2)
+        q = ctx.public.moduli[0]
+        slot = db.execute("SELECT loc, slot FROM templates WHERE request_hmac=?",
+                          (vault.integrity.request_index("c", "r7"),)).fetchone()
+        values = [poly.centered(ctx.decrypt(np.ascontiguousarray(ct[:, :1]), False)[0], q)[slot[1]]
+                  for ct in vault.read_block(gallery, gallery.blocks[slot[0]])]
+        values = np.array(values) / gallery.params.template_scale
+        new = vault.protector.protect("c", 2, DIM, bulk[7])
+        old = vault.protector.protect("c", 1, DIM, bulk[7])
+        assert np.abs(values - new).max() < 1e-5
+        assert np.abs(values - old).max() > 0.1
+    finally:
+        vault.close()
+    # A restart loads version 2 and nothing else.
+    vault = _open(data, hsm_config)
+    try:
+        assert vault.get_collection("c").key_version == 2
+        assert vault.verify("c", "b7", bulk[7].tolist()).matched
+        assert vault.enroll("c", "s3", single[3].tolist(), request_id="e3")[1] == 2  # retried
+    finally:
+        vault.close()
+
+
+def test_rotation_resumes_after_a_stop_and_rotates_again(data: Path, hsm_config: HsmConfig) -> None:
+    vault = _open(data, hsm_config)
+    single, bulk = _populate(vault, 3 * N)
+    job = vault.rotate_collection_key("c")
+    deadline = time.monotonic() + 120
+    while vault.key_job(job.job_id).blocks_done < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    vault.close()  # stops between blocks: a crash would leave the same state
+    assert vault.store is not None
+    vault = _open(data, hsm_config)
+    try:
+        state = vault.key_job(job.job_id)
+        assert state.state in ("running", "done")
+        _wait(vault, job.job_id)
+        assert vault.get_collection("c").key_version == 2
+        # Deletions made under version 2 hold, and a second rotation goes to version 3.
+        vault.delete_subject("c", "b11")
+        second = vault.rotate_collection_key("c")
+        _wait(vault, second.job_id)
+        assert vault.get_collection("c").key_version == 3
+        assert vault.get_collection("c").template_count == 20 + 3 * N - 1
+        assert vault.verify("c", "b12", bulk[12].tolist()).matched
+        top = vault.identify("c", bulk[11].tolist(), top_k=1, threshold=-1.0).candidates
+        assert top and top[0].subject_id != "b11"
+    finally:
+        vault.close()
+
+
+def test_min_key_version_stops_a_compromised_version_until_the_switch(
+        data: Path, hsm_config: HsmConfig) -> None:
+    vault = _open(data, hsm_config)
+    try:
+        single, _ = _populate(vault, 10)
+        with pytest.raises(FailedPrecondition, match="between 1"):
+            vault.set_min_key_version("c", 2)  # no version 2 yet
+        job = vault.rotate_collection_key("c")
+        vault.set_min_key_version("c", 2)
+        try:
+            vault.verify("c", "s1", single[1].tolist())
+            refused = False
+        except FailedPrecondition as exc:
+            refused = "below its minimum" in exc.message
+        state = vault.key_job(job.job_id).state
+        assert refused or state == "done"  # refused until the job switched
+        _wait(vault, job.job_id)
+        assert vault.verify("c", "s1", single[1].tolist()).matched
+        with pytest.raises(FailedPrecondition, match="only rises"):
+            vault.set_min_key_version("c", 1)
+    finally:
+        vault.close()
+
+
+def _audit_outcomes(data: Path) -> list[str]:
+    db = sqlite3.connect(data / "audit.db")
+    return [r[0] for r in db.execute("SELECT outcome FROM entries WHERE kind='integrity'")]
+
+
+def test_replaying_the_old_version_after_a_rotation_is_detected(data: Path, hsm_config: HsmConfig) -> None:
+    vault = _open(data, hsm_config)
+    single, _ = _populate(vault, 10)
+    vault.maintain(force=True)  # the journal into a block, so version 1 has block rows too
+    backup = sqlite3.connect(":memory:")
+    vault.store._db.backup(backup)  # the attacker's copy, taken before the rotation
+    _wait(vault, vault.rotate_collection_key("c").job_id)
+    vault.close()
+
+    # 1. Old template and block rows (valid old MACs) written back: below the minimum key
+    # version, they never load; the current version serves; the damage is audited.
+    db = sqlite3.connect(data / "vault.db")
+    with db:
+        for table in ("templates", "blocks"):
+            for row in backup.execute(f"SELECT * FROM {table} WHERE key_version=1"):
+                db.execute(f"INSERT INTO {table} VALUES ({','.join('?' * len(row))})", row)
+    db.close()
+    vault = _open(data, hsm_config)
+    try:
+        assert vault.verify("c", "s1", single[1].tolist()).matched
+    finally:
+        vault.close()
+    assert any(o.startswith("DATA_LOSS below_min_key_version") for o in _audit_outcomes(data))
+
+    # 2. The old collection row itself (a rollback to before the rotation): newer rows give
+    # it away; the collection refuses everything with DATA_LOSS.
+    db = sqlite3.connect(data / "vault.db")
+    with db:
+        row = backup.execute("SELECT * FROM collections").fetchone()
+        db.execute("DELETE FROM collections")
+        db.execute("INSERT INTO collections VALUES (?,?,?,?,?,?,?)", row)
+    db.close()
+    vault = _open(data, hsm_config)
+    try:
+        with pytest.raises(DataLoss, match="integrity"):
+            vault.verify("c", "s1", single[1].tolist())
+    finally:
+        vault.close()
+    assert any(o.startswith("DATA_LOSS collection_replayed") for o in _audit_outcomes(data))

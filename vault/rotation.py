@@ -1,0 +1,225 @@
+"""Collection key rotation: a new transform and new CKKS keys, and every stored template
+moved under them without the original captures and without decrypting any template.
+
+Per block of the old key version, as a background job:
+
+1. the matcher masks the block's D ciphertexts with integers uniform in
+   [M, q0 - M), M = 2^28 above any plaintext coefficient;
+2. the decider decrypts them under the old secret key (it sees ``m + R``, within
+   statistical distance 2M/q0 = 2^-21 per coefficient of uniform), reduces each value
+   mod both data primes and encrypts it afresh under the **new** public key: a blind key
+   switch that also lifts the ciphertexts from the score prime to both primes;
+3. the matcher subtracts the mask, applies the change of transform
+   ``round(q1 * Q_new @ Q_old.T)`` as a linear map across the D ciphertexts
+   (:mod:`vault.he.linear`), and rescales by the rotation prime q1: the templates are now
+   ``Q_new x`` (to about 2^-31) under the new key, at the score prime, as stored.
+
+Each step leaves the ciphertexts as it found them (one prime, fresh-size noise), so
+rotations can follow each other without limit. Matching goes on under the old version
+while the job runs; journal pages are checkpointed into blocks before the last blocks
+move; then, in one transaction, the collection switches to the new version, its minimum
+key version rises to it, and every row of the old version is deleted (its block files
+zero-filled). The job is resumable: a block whose new-version row names the generation of
+its old-version source is done; anything else is moved (again) after a restart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+import uuid
+
+import numpy as np
+
+from vault import he, logs
+from vault.decider import Moves
+from vault.errors import FailedPrecondition, NotFound, VaultError
+from vault.gallery import CollectionGallery
+from vault.gallery import blocks as block_ops
+from vault.gallery.blocks import Block
+from vault.he import linear, poly
+from vault.keys import envelope
+from vault.keys.integrity import encode
+from vault.store import BLOCK, LIVE, CollectionKeyRow, KeyJobRow
+
+log = logs.get("vault.rotation")
+
+RUNNING, DONE, FAILED = "running", "done", "failed"
+
+
+def start(vault, collection_id: str) -> KeyJobRow:  # type: ignore[no-untyped-def]
+    """Create the next key version of a collection and start moving templates to it.
+
+    A failed job for the collection is resumed rather than started again."""
+    row, gallery = vault._collection(collection_id)
+    with vault.jobs_lock:
+        for job in vault.store.key_jobs():
+            if job.collection_id != collection_id or job.state == DONE:
+                continue
+            if job.state == RUNNING and job.job_id in vault.job_threads:
+                raise FailedPrecondition("a key rotation is already running for this collection")
+            resumed = dataclasses.replace(job, state=RUNNING, error=None)
+            vault.store.finish_job(job.job_id, RUNNING)
+            _launch(vault, resumed)
+            return resumed
+        new_version = row.key_version + 1
+        params = gallery.params
+        secret, public = he.generate(params)
+        params_json = params.to_json()
+        sealed = envelope.seal(vault.hsm, secret,
+                               encode("ckks-secret", collection_id, new_version, params_json))
+        job = KeyJobRow(uuid.uuid4().hex, collection_id, row.key_version, new_version, RUNNING, 0,
+                        len(gallery.blocks), time.time(), None, None)
+        vault.store.insert_key_version(CollectionKeyRow(collection_id, new_version, params_json,
+                                                        public, sealed), job)
+        vault.decider.load(collection_id, new_version, secret, params)
+        del secret
+        vault.next_galleries[collection_id] = CollectionGallery(
+            collection_id, new_version, row.dimension, params, public, vault.tuning.routing)
+        _launch(vault, job)
+    log.info("key rotation started", collection_id=collection_id, version=new_version,
+             blocks_total=job.blocks_total)
+    return job
+
+
+def _launch(vault, job: KeyJobRow) -> None:  # type: ignore[no-untyped-def]
+    thread = threading.Thread(target=run, args=(vault, job), name=f"rotation-{job.job_id[:8]}",
+                              daemon=True)
+    vault.job_threads[job.job_id] = thread
+    thread.start()
+
+
+def pending(old: CollectionGallery, new: CollectionGallery) -> list[int]:
+    """Old-version blocks not yet moved, or changed since they were."""
+    return sorted(b for b, block in list(old.blocks.items())
+                  if b not in new.blocks or new.blocks[b].generation != block.generation)
+
+
+def run(vault, job: KeyJobRow) -> None:  # type: ignore[no-untyped-def]
+    """The job's thread: move blocks until few are left, then switch. Token outages are
+    waited out; any other failure marks the job failed (``rotate`` resumes it)."""
+    cid = job.collection_id
+    try:
+        while not vault.stopping.is_set():
+            old = vault.gallery(cid, job.from_version)
+            new = vault.next_galleries.get(cid)
+            if old is None or new is None:
+                raise NotFound("the collection's key versions are not loaded")
+            todo = pending(old, new)
+            if len(todo) > 1:
+                for block_no in todo:
+                    if vault.stopping.is_set():
+                        return
+                    move_block(vault, job, old, new, block_no)
+                continue
+            if switch(vault, job, old, new):
+                return
+    except VaultError as exc:
+        log.warning("key rotation paused", collection_id=cid, error_type=type(exc).__name__)
+        if not vault.stopping.wait(5):
+            _relaunch_later(vault, job)
+    except Exception as exc:  # noqa: BLE001 - the job must record why it stopped
+        log.error("key rotation failed", collection_id=cid, error_type=type(exc).__name__)
+        vault.store.finish_job(job.job_id, FAILED, type(exc).__name__)
+    finally:
+        vault.job_threads.pop(job.job_id, None)
+
+
+def _relaunch_later(vault, job: KeyJobRow) -> None:  # type: ignore[no-untyped-def]
+    with vault.jobs_lock:
+        if not vault.stopping.is_set():
+            _launch(vault, job)
+
+
+def move_block(vault, job: KeyJobRow, old: CollectionGallery, new: CollectionGallery,
+               block_no: int) -> None:  # type: ignore[no-untyped-def]
+    """Move one block to the new key version (see the module docstring)."""
+    cid = job.collection_id
+    params, moduli = new.params, new.ctx.moduli
+    with old.block_lock:
+        block = old.blocks.get(block_no)
+        if block is None or old.retired:
+            return
+        cts = vault.read_block(old, block)  # (D, 2, 1, N)
+        dim, n = cts.shape[0], cts.shape[3]
+        margin = 2 ** (params.template_scale_bits + 1)
+        mask = poly.uniform_interior((dim, n), moduli[0], margin)
+        masked = cts.copy()
+        masked[:, 0, 0] = poly.add(cts[:, 0], mask[:, None, :], moduli[:1])[:, 0]
+        every = np.arange(n)
+        moves = Moves(dim, np.repeat(np.arange(dim), n), np.tile(every, dim),
+                      np.repeat(np.arange(dim), n), np.tile(every, dim))
+        fresh = vault.decider.reencrypt(
+            cid, old.key_version, masked, False, moves,
+            lambda plain: vault.encryption.encrypt(new.ctx, new.public_context, plain),
+            lift_to=moduli)
+        fresh[:, 0] = poly.sub(fresh[:, 0], poly.residues(mask.astype(np.int64), moduli).swapaxes(0, 1),
+                               moduli)
+        del mask, masked, cts
+        change = vault.protector.transform(cid, old.key_version, old.dimension).change_to(
+            vault.protector.transform(cid, new.key_version, new.dimension))
+        rotated = linear.rescale(linear.linear_map(
+            fresh, np.rint(change * moduli[1]).astype(np.int64), moduli), moduli)
+        del fresh
+        path = vault.files.path(cid, new.key_version, block_no, block.generation)
+        digest = vault.files.write(path, block_ops.split_levels(rotated), moduli[:1])
+        centroid = None
+        if block.centroid is not None:
+            turned = change @ block.centroid.astype(np.float64)
+            centroid = (turned / np.linalg.norm(turned)).astype(np.float32)
+        moved = Block(block_no, block.kind, block.generation, block.fill, 1,
+                      np.ascontiguousarray(rotated[:, :, 0, :]), digest,
+                      np.full(n, -1, np.int32), centroid)
+        del rotated
+        replaced = new.blocks.get(block_no)
+        with old.write_lock:  # deletions meanwhile are in the rows read here
+            rows = [vault.sign(dataclasses.replace(t, key_version=new.key_version, mac=b""))
+                    for t in vault.store.templates_in(cid, old.key_version, BLOCK, block_no)]
+            sketch = (vault.seal_sketch(cid, new.key_version, block_no, centroid)
+                      if centroid is not None else None)
+            done = len(new.blocks) + (0 if block_no in new.blocks else 1)
+            vault.store.write_moved_block(vault.block_row(new, moved, digest, sketch), rows,
+                                          job.job_id, done, len(old.blocks))
+            if replaced is not None:
+                moved.groups = replaced.groups
+                moved.groups[:] = -1
+            new.install_block(moved)
+            for t in rows:
+                if t.state == LIVE:
+                    new.set_live(BLOCK, block_no, t.slot, new.group(t.subject_hmac))
+        if replaced is not None:
+            vault.retire(vault.files.path(cid, new.key_version, block_no, replaced.generation),
+                         erase=True)
+    log.info("key rotation progress", collection_id=cid, version=new.key_version,
+             blocks_done=done, blocks_total=len(old.blocks))
+
+
+def switch(vault, job: KeyJobRow, old: CollectionGallery, new: CollectionGallery) -> bool:  # type: ignore[no-untyped-def]
+    """Checkpoint the old journal, move what is left, and make the new version current.
+    False when writes slipped in meanwhile (the caller goes round again)."""
+    from vault.maintenance import checkpoint
+
+    cid = job.collection_id
+    with old.block_lock:
+        checkpoint(vault, old)
+        for block_no in pending(old, new):
+            move_block(vault, job, old, new, block_no)
+        with old.write_lock:
+            if old.pages or pending(old, new):
+                return False
+            row = vault.store.collection(cid)
+            current = vault.sign(dataclasses.replace(
+                row, key_version=new.key_version,
+                min_key_version=max(row.min_key_version, new.key_version), mac=b""))
+            with vault.switch_lock:
+                vault.store.switch_key_version(current, old.key_version, job.job_id)
+                old.retired = True
+                vault.install_current(cid, new)
+        for block in old.blocks.values():
+            vault.retire(vault.files.path(cid, old.key_version, block.block_no, block.generation),
+                         erase=True)
+    vault.retire_key_version(cid, old.key_version)
+    log.info("key rotation done", collection_id=cid, version=new.key_version,
+             template_count=new.template_count())
+    return True
