@@ -23,9 +23,21 @@ from vault.testing import ServerProcess  # noqa: E402
 DATA = Path(__file__).parent / "data" / "lfw-dlib128.npz"
 
 
+# Both tokens are made before anything loads the PKCS#11 module: SoftHSM lists the tokens
+# of its store when it initialises. The second one is for tests that destroy keys.
+_MAIN_TOKEN = softhsm.provision(_HSM_ROOT, token_label="vault-test")
+_SPARE_TOKEN = softhsm.provision(_HSM_ROOT, token_label="vault-test-spare")
+
+
 @pytest.fixture(scope="session")
 def hsm_config() -> HsmConfig:
-    return softhsm.provision(_HSM_ROOT, token_label="vault-test")
+    return _MAIN_TOKEN
+
+
+@pytest.fixture(scope="session")
+def spare_hsm_config() -> HsmConfig:
+    """A token of its own, for tests that create and destroy master key versions."""
+    return _SPARE_TOKEN
 
 
 @pytest.fixture(scope="session")

@@ -134,6 +134,22 @@ def import_file(args: argparse.Namespace) -> int:
     return 0 if report.failed == 0 else 1
 
 
+def keys(args: argparse.Namespace) -> int:
+    """Key lifecycle commands against a running vault (see vault.keys_client)."""
+    import grpc
+
+    from vault import keys_client
+
+    try:
+        with grpc.insecure_channel(args.target) as channel:
+            return keys_client.run(channel, args.keys_command, getattr(args, "collection", ""),
+                                   getattr(args, "job_id", ""), getattr(args, "version", 0),
+                                   getattr(args, "wait", False))
+    except grpc.RpcError as exc:
+        print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 2
+
+
 def _env_float(name: str, default: str) -> float:
     return float(os.environ.get(name, default))
 
@@ -195,6 +211,24 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--target", default=os.environ.get("VAULT_LISTEN", "127.0.0.1:50051"))
     i.add_argument("--batch", type=int, default=256, help="items per message (1 MiB at most)")
     i.set_defaults(func=import_file)
+
+    k = sub.add_parser("keys", help="key lifecycle of a running vault (admin)")
+    k.add_argument("--target", default=os.environ.get("VAULT_LISTEN", "127.0.0.1:50051"))
+    key_sub = k.add_subparsers(dest="keys_command", required=True)
+    kl = key_sub.add_parser("list", help="master key versions, and a collection's key versions")
+    kl.add_argument("--collection", default="")
+    key_sub.add_parser("rotate-master", help="new master key version; rewrap; destroy old versions")
+    key_sub.add_parser("rewrap", help="finish an interrupted master key rotation")
+    kr = key_sub.add_parser("rotate", help="new transform and CKKS keys for a collection")
+    kr.add_argument("--collection", required=True)
+    kr.add_argument("--wait", action="store_true", help="follow the job until it ends")
+    kj = key_sub.add_parser("job", help="a collection key rotation's progress")
+    kj.add_argument("job_id")
+    kj.add_argument("--wait", action="store_true")
+    km = key_sub.add_parser("set-min", help="refuse key versions below VERSION (only rises)")
+    km.add_argument("--collection", required=True)
+    km.add_argument("--version", type=int, required=True)
+    k.set_defaults(func=keys)
 
     a = sub.add_parser("audit", help="audit log tools")
     audit_sub = a.add_subparsers(dest="audit_command", required=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import re
 import threading
 import time
 import uuid
@@ -30,6 +31,7 @@ from vault.errors import (
     AlreadyExists,
     DataLoss,
     FailedPrecondition,
+    InvalidArgument,
     NotFound,
     ResourceExhausted,
     Unavailable,
@@ -106,6 +108,7 @@ class CollectionInfo:
     threshold: float
     key_version: int
     template_count: int
+    min_key_version: int = 1
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,7 @@ class Vault:
         # current one serves (vault.rotation).
         self.next_galleries: dict[str, CollectionGallery] = {}
         self.jobs_lock = threading.Lock()
+        self._keys_lock = threading.Lock()
         self.switch_lock = threading.Lock()
         self.job_threads: dict[str, threading.Thread] = {}
         self.stopping = threading.Event()
@@ -503,7 +507,16 @@ class Vault:
     def get_collection(self, collection_id: str) -> CollectionInfo:
         row, gallery = self._collection(collection_id)
         return CollectionInfo(row.collection_id, row.dimension, row.threshold, row.key_version,
-                              gallery.template_count())
+                              gallery.template_count(), row.min_key_version)
+
+    def get_collection_info(self, collection_id: str) -> CollectionInfo:
+        """As :meth:`get_collection`, also for a collection stopped by its minimum key
+        version (what the key administrator needs to see)."""
+        row, _versions, _job = self.key_versions(collection_id)
+        gallery = self._galleries.get(collection_id)
+        count = gallery.template_count() if gallery is not None else 0
+        return CollectionInfo(row.collection_id, row.dimension, row.threshold, row.key_version,
+                              count, row.min_key_version)
 
     def _previous(self, request_hmac: bytes | None, subject_hmac: bytes) -> tuple[str, int] | None:
         """The first answer to a retried request id, if any."""
@@ -677,12 +690,52 @@ class Vault:
 
     # -- key lifecycle -----------------------------------------------------------------------
 
+    def rotate_master_key(self) -> tuple[int, int, list[int]]:
+        """A new KEK version; everything wrapped is rewrapped under it; old versions that
+        nothing refers to any more are destroyed in the token. No template is decrypted:
+        only data keys pass through. Returns (version, rewrapped, destroyed versions)."""
+        with self._keys_lock:
+            version = self.hsm.create_kek()
+            log.info("master key version created", version=version)
+            _, rewrapped, destroyed = self._rewrap()
+        return version, rewrapped, destroyed
+
+    def rewrap_keys(self) -> tuple[int, int, list[int]]:
+        """Rewrap whatever is not under the current KEK version and destroy unreferenced old
+        versions (finishes a master key rotation that was interrupted)."""
+        with self._keys_lock:
+            return self._rewrap()
+
+    def _rewrap(self) -> tuple[int, int, list[int]]:
+        current = self.hsm.current_kek_version()
+        changed = []
+        for kind, key, blob in self.store.wrapped_blobs():
+            aad = encode(kind, *key)
+            if kind == "data-key" and self.hsm.wrapped_version(blob) != current:
+                changed.append((kind, key, self.hsm.rewrap(blob, aad, current)))
+            elif kind != "data-key" and envelope.sealed_kek_version(blob) != current:
+                changed.append((kind, key, envelope.rewrap_sealed(self.hsm, blob, aad, current)))
+        self.store.replace_wrapped_blobs(changed)
+        # Everything this vault wraps is now under the current version (one token serves
+        # one vault): the older versions protect nothing and go.
+        destroyed = [v for v in self.hsm.versions("kek") if v != current]
+        for version in destroyed:
+            self.hsm.destroy_kek(version)
+        log.info("keys rewrapped", version=current, count=len(changed), status=f"destroyed={destroyed}")
+        return current, len(changed), destroyed
+
+    def master_key_versions(self) -> tuple[list[int], int]:
+        """KEK versions present in the token, and the current one."""
+        return self.hsm.versions("kek"), self.hsm.current_kek_version()
+
     def rotate_collection_key(self, collection_id: str) -> KeyJobRow:
         """Start (or resume) moving a collection to a new transform and new CKKS keys."""
         from vault import rotation
         return rotation.start(self, collection_id)
 
     def key_job(self, job_id: str) -> KeyJobRow:
+        if not re.fullmatch(r"[0-9a-f]{32}", job_id or ""):
+            raise InvalidArgument("job_id must be the 32 hexadecimal digits a rotation returned")
         job = self.store.key_job(job_id)
         if job is None:
             raise NotFound("key job not found")

@@ -20,6 +20,7 @@ from vault.api.codec import Undecodable
 from vault.errors import InvalidArgument, VaultError
 from vault.imports import ImportItem, ImportResult
 from vault.service import CollectionInfo, MatchResult, Vault
+from vault.store import KeyJobRow
 from vault.v1 import vault_pb2, vault_pb2_grpc
 from vault.validation import check_collection_id, check_subject_id
 
@@ -125,7 +126,26 @@ class _Audit:
 def _collection(info: CollectionInfo) -> vault_pb2.Collection:
     return vault_pb2.Collection(collection_id=info.collection_id, dimension=info.dimension,
                                 threshold=info.threshold, key_version=info.key_version,
-                                template_count=info.template_count)
+                                template_count=info.template_count,
+                                min_key_version=info.min_key_version)
+
+
+_JOB_STATES = {"running": vault_pb2.KeyJob.STATE_RUNNING, "done": vault_pb2.KeyJob.STATE_DONE,
+               "failed": vault_pb2.KeyJob.STATE_FAILED}
+
+
+def _job(job: KeyJobRow) -> vault_pb2.KeyJob:
+    return vault_pb2.KeyJob(job_id=job.job_id, collection_id=job.collection_id,
+                            from_version=job.from_version, to_version=job.to_version,
+                            state=_JOB_STATES.get(job.state, vault_pb2.KeyJob.STATE_UNSPECIFIED),
+                            blocks_done=job.blocks_done, blocks_total=job.blocks_total,
+                            error=job.error or "")
+
+
+def _rotation(result: tuple[int, int, list[int]]) -> vault_pb2.MasterKeyRotation:
+    version, rewrapped, destroyed = result
+    return vault_pb2.MasterKeyRotation(version=version, rewrapped=rewrapped,
+                                       destroyed_versions=destroyed)
 
 
 def _match(result: MatchResult) -> vault_pb2.MatchResponse:
@@ -204,6 +224,48 @@ class TemplateVaultServicer(vault_pb2_grpc.TemplateVaultServicer):
             log.info("rpc", method=name, code=code.name,
                      count=session.stored if session is not None else 0,
                      duration_ms=round((time.perf_counter() - start) * 1e3, 2))
+
+    @_guard
+    def ListKeyVersions(self, request: vault_pb2.ListKeyVersionsRequest,
+                        context: grpc.ServicerContext) -> vault_pb2.KeyVersions:
+        vault = self._vault()
+        versions, current = vault.master_key_versions()
+        out = vault_pb2.KeyVersions(master_key_versions=versions, current_master_key_version=current)
+        if request.collection_id:
+            row, held, job = vault.key_versions(request.collection_id)
+            out.collection_id = row.collection_id
+            out.key_version, out.min_key_version = row.key_version, row.min_key_version
+            out.key_versions.extend(held)
+            if job is not None:
+                out.job.CopyFrom(_job(job))
+        return out
+
+    @_guard
+    def RotateMasterKey(self, request: vault_pb2.RotateMasterKeyRequest,
+                        context: grpc.ServicerContext) -> vault_pb2.MasterKeyRotation:
+        return _rotation(self._vault().rotate_master_key())
+
+    @_guard
+    def RewrapKeys(self, request: vault_pb2.RewrapKeysRequest,
+                   context: grpc.ServicerContext) -> vault_pb2.MasterKeyRotation:
+        return _rotation(self._vault().rewrap_keys())
+
+    @_guard
+    def RotateCollectionKey(self, request: vault_pb2.RotateCollectionKeyRequest,
+                            context: grpc.ServicerContext) -> vault_pb2.KeyJob:
+        return _job(self._vault().rotate_collection_key(request.collection_id))
+
+    @_guard
+    def GetKeyJob(self, request: vault_pb2.GetKeyJobRequest,
+                  context: grpc.ServicerContext) -> vault_pb2.KeyJob:
+        return _job(self._vault().key_job(request.job_id))
+
+    @_guard
+    def SetMinKeyVersion(self, request: vault_pb2.SetMinKeyVersionRequest,
+                         context: grpc.ServicerContext) -> vault_pb2.Collection:
+        vault = self._vault()
+        vault.set_min_key_version(request.collection_id, request.min_key_version)
+        return _collection(vault.get_collection_info(request.collection_id))
 
     @_guard
     def DeleteSubject(self, request: vault_pb2.DeleteSubjectRequest,

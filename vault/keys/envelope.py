@@ -43,6 +43,23 @@ def open_sealed(hsm: Hsm, blob: bytes, aad: bytes) -> bytes:
         raise DataLoss("sealed value failed authentication") from exc
 
 
+def sealed_kek_version(blob: bytes) -> int:
+    """The KEK version that wraps a sealed value's data key."""
+    (n,) = _LEN.unpack_from(blob)
+    return Hsm.wrapped_version(blob[_LEN.size:_LEN.size + n])
+
+
+def rewrap_sealed(hsm: Hsm, blob: bytes, aad: bytes, version: int | None = None) -> bytes:
+    """The same sealed value with its data key rewrapped under the current KEK version:
+    the value itself is not decrypted (master key rotation)."""
+    if len(blob) < _LEN.size:
+        raise DataLoss("sealed value is truncated")
+    (n,) = _LEN.unpack_from(blob)
+    wrapped, rest = blob[_LEN.size:_LEN.size + n], blob[_LEN.size + n:]
+    rewrapped = hsm.rewrap(wrapped, aad, version)
+    return _LEN.pack(len(rewrapped)) + rewrapped + rest
+
+
 class DataKey:
     """A long-lived data key held in memory after one unwrap (for per-row AES-GCM, where a
     round trip to the HSM per row would be too slow). Its repr hides the key."""

@@ -271,6 +271,42 @@ class Hsm:
         key_label = label(name, version)
         return self._call(lambda s: self._key(s, key_label).sign(data, mechanism=Mechanism.SHA256_HMAC))
 
+    def create_kek(self) -> int:
+        """A new version of the key-encryption key (non-extractable, in the token); new
+        wraps use it from now on. Returns its version."""
+
+        def run(session: pkcs11.Session) -> int:
+            found = [int(m.group("version")) for obj in
+                     session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY})
+                     if (m := _LABEL.match(obj.label or "")) and m.group("name") == KEK]
+            version = max(found, default=0) + 1
+            self._generate(session, KEK, version)
+            return version
+
+        return self._call(run)
+
+    def destroy_kek(self, version: int) -> None:
+        """Destroy one KEK version in the token. Refuses the newest: blobs could not be
+        unwrapped any more. Whatever is still wrapped under it becomes unreadable."""
+        if version >= self.current_kek_version():
+            raise ValueError("refusing to destroy the current key-encryption key")
+        key_label = label(KEK, version)
+
+        def run(session: pkcs11.Session) -> None:
+            for obj in session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY,
+                                            Attribute.LABEL: key_label}):
+                obj.destroy()
+            self._keys.pop(key_label, None)
+
+        self._call(run)
+
+    def rewrap(self, blob: bytes, aad: bytes, version: int | None = None) -> bytes:
+        """The same key material wrapped under the current (or given) KEK version."""
+        version = version or self.current_kek_version()
+        if self.wrapped_version(blob) == version:
+            return blob
+        return self.wrap(self.unwrap(blob, aad), aad, version)
+
     def current_kek_version(self) -> int:
         versions = self.versions(KEK)
         if not versions:

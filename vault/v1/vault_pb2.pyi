@@ -1,4 +1,5 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -23,18 +24,20 @@ class GetCollectionRequest(_message.Message):
     def __init__(self, collection_id: _Optional[str] = ...) -> None: ...
 
 class Collection(_message.Message):
-    __slots__ = ("collection_id", "dimension", "threshold", "key_version", "template_count")
+    __slots__ = ("collection_id", "dimension", "threshold", "key_version", "template_count", "min_key_version")
     COLLECTION_ID_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     KEY_VERSION_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    MIN_KEY_VERSION_FIELD_NUMBER: _ClassVar[int]
     collection_id: str
     dimension: int
     threshold: float
     key_version: int
     template_count: int
-    def __init__(self, collection_id: _Optional[str] = ..., dimension: _Optional[int] = ..., threshold: _Optional[float] = ..., key_version: _Optional[int] = ..., template_count: _Optional[int] = ...) -> None: ...
+    min_key_version: int
+    def __init__(self, collection_id: _Optional[str] = ..., dimension: _Optional[int] = ..., threshold: _Optional[float] = ..., key_version: _Optional[int] = ..., template_count: _Optional[int] = ..., min_key_version: _Optional[int] = ...) -> None: ...
 
 class EnrollRequest(_message.Message):
     __slots__ = ("collection_id", "subject_id", "embedding", "request_id")
@@ -137,3 +140,95 @@ class ImportResult(_message.Message):
     code: int
     message: str
     def __init__(self, index: _Optional[int] = ..., template_id: _Optional[str] = ..., key_version: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class ListKeyVersionsRequest(_message.Message):
+    __slots__ = ("collection_id",)
+    COLLECTION_ID_FIELD_NUMBER: _ClassVar[int]
+    collection_id: str
+    def __init__(self, collection_id: _Optional[str] = ...) -> None: ...
+
+class KeyVersions(_message.Message):
+    __slots__ = ("master_key_versions", "current_master_key_version", "collection_id", "key_version", "min_key_version", "key_versions", "job")
+    MASTER_KEY_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_MASTER_KEY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    COLLECTION_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MIN_KEY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    KEY_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    master_key_versions: _containers.RepeatedScalarFieldContainer[int]
+    current_master_key_version: int
+    collection_id: str
+    key_version: int
+    min_key_version: int
+    key_versions: _containers.RepeatedScalarFieldContainer[int]
+    job: KeyJob
+    def __init__(self, master_key_versions: _Optional[_Iterable[int]] = ..., current_master_key_version: _Optional[int] = ..., collection_id: _Optional[str] = ..., key_version: _Optional[int] = ..., min_key_version: _Optional[int] = ..., key_versions: _Optional[_Iterable[int]] = ..., job: _Optional[_Union[KeyJob, _Mapping]] = ...) -> None: ...
+
+class RotateMasterKeyRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RewrapKeysRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class MasterKeyRotation(_message.Message):
+    __slots__ = ("version", "rewrapped", "destroyed_versions")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REWRAPPED_FIELD_NUMBER: _ClassVar[int]
+    DESTROYED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    rewrapped: int
+    destroyed_versions: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, version: _Optional[int] = ..., rewrapped: _Optional[int] = ..., destroyed_versions: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class RotateCollectionKeyRequest(_message.Message):
+    __slots__ = ("collection_id",)
+    COLLECTION_ID_FIELD_NUMBER: _ClassVar[int]
+    collection_id: str
+    def __init__(self, collection_id: _Optional[str] = ...) -> None: ...
+
+class GetKeyJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class KeyJob(_message.Message):
+    __slots__ = ("job_id", "collection_id", "from_version", "to_version", "state", "blocks_done", "blocks_total", "error")
+    class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATE_UNSPECIFIED: _ClassVar[KeyJob.State]
+        STATE_RUNNING: _ClassVar[KeyJob.State]
+        STATE_DONE: _ClassVar[KeyJob.State]
+        STATE_FAILED: _ClassVar[KeyJob.State]
+    STATE_UNSPECIFIED: KeyJob.State
+    STATE_RUNNING: KeyJob.State
+    STATE_DONE: KeyJob.State
+    STATE_FAILED: KeyJob.State
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    COLLECTION_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TO_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_DONE_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    collection_id: str
+    from_version: int
+    to_version: int
+    state: KeyJob.State
+    blocks_done: int
+    blocks_total: int
+    error: str
+    def __init__(self, job_id: _Optional[str] = ..., collection_id: _Optional[str] = ..., from_version: _Optional[int] = ..., to_version: _Optional[int] = ..., state: _Optional[_Union[KeyJob.State, str]] = ..., blocks_done: _Optional[int] = ..., blocks_total: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+
+class SetMinKeyVersionRequest(_message.Message):
+    __slots__ = ("collection_id", "min_key_version")
+    COLLECTION_ID_FIELD_NUMBER: _ClassVar[int]
+    MIN_KEY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    collection_id: str
+    min_key_version: int
+    def __init__(self, collection_id: _Optional[str] = ..., min_key_version: _Optional[int] = ...) -> None: ...

@@ -64,6 +64,36 @@ class TemplateVaultStub:
                 request_serializer=vault_dot_v1_dot_vault__pb2.ImportTemplatesRequest.SerializeToString,
                 response_deserializer=vault_dot_v1_dot_vault__pb2.ImportTemplatesResponse.FromString,
                 _registered_method=True)
+        self.ListKeyVersions = channel.unary_unary(
+                '/vault.v1.TemplateVault/ListKeyVersions',
+                request_serializer=vault_dot_v1_dot_vault__pb2.ListKeyVersionsRequest.SerializeToString,
+                response_deserializer=vault_dot_v1_dot_vault__pb2.KeyVersions.FromString,
+                _registered_method=True)
+        self.RotateMasterKey = channel.unary_unary(
+                '/vault.v1.TemplateVault/RotateMasterKey',
+                request_serializer=vault_dot_v1_dot_vault__pb2.RotateMasterKeyRequest.SerializeToString,
+                response_deserializer=vault_dot_v1_dot_vault__pb2.MasterKeyRotation.FromString,
+                _registered_method=True)
+        self.RewrapKeys = channel.unary_unary(
+                '/vault.v1.TemplateVault/RewrapKeys',
+                request_serializer=vault_dot_v1_dot_vault__pb2.RewrapKeysRequest.SerializeToString,
+                response_deserializer=vault_dot_v1_dot_vault__pb2.MasterKeyRotation.FromString,
+                _registered_method=True)
+        self.RotateCollectionKey = channel.unary_unary(
+                '/vault.v1.TemplateVault/RotateCollectionKey',
+                request_serializer=vault_dot_v1_dot_vault__pb2.RotateCollectionKeyRequest.SerializeToString,
+                response_deserializer=vault_dot_v1_dot_vault__pb2.KeyJob.FromString,
+                _registered_method=True)
+        self.GetKeyJob = channel.unary_unary(
+                '/vault.v1.TemplateVault/GetKeyJob',
+                request_serializer=vault_dot_v1_dot_vault__pb2.GetKeyJobRequest.SerializeToString,
+                response_deserializer=vault_dot_v1_dot_vault__pb2.KeyJob.FromString,
+                _registered_method=True)
+        self.SetMinKeyVersion = channel.unary_unary(
+                '/vault.v1.TemplateVault/SetMinKeyVersion',
+                request_serializer=vault_dot_v1_dot_vault__pb2.SetMinKeyVersionRequest.SerializeToString,
+                response_deserializer=vault_dot_v1_dot_vault__pb2.Collection.FromString,
+                _registered_method=True)
 
 
 class TemplateVaultServicer:
@@ -115,6 +145,52 @@ class TemplateVaultServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListKeyVersions(self, request, context):
+        """Key lifecycle (admin). Versions of the master key (the HSM key-encryption key) and of
+        a collection's keys (transform and CKKS key pair), and its unfinished rotation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateMasterKey(self, request, context):
+        """A new master key version; every wrapped key is rewrapped under it; old versions that
+        nothing refers to are destroyed in the token. No template is decrypted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RewrapKeys(self, request, context):
+        """Rewraps what is not under the current master key version and destroys unreferenced
+        old versions (finishes an interrupted rotation).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateCollectionKey(self, request, context):
+        """Starts (or resumes) a background job that moves the collection to a new transform
+        and new CKKS keys without decrypting any template; matching continues meanwhile.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetKeyJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetMinKeyVersion(self, request, context):
+        """Refuses every key version below min_key_version (it only rises). Above the current
+        version, while a rotation runs, the collection stops serving until it switches.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TemplateVaultServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +223,36 @@ def add_TemplateVaultServicer_to_server(servicer, server):
                     servicer.ImportTemplates,
                     request_deserializer=vault_dot_v1_dot_vault__pb2.ImportTemplatesRequest.FromString,
                     response_serializer=vault_dot_v1_dot_vault__pb2.ImportTemplatesResponse.SerializeToString,
+            ),
+            'ListKeyVersions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListKeyVersions,
+                    request_deserializer=vault_dot_v1_dot_vault__pb2.ListKeyVersionsRequest.FromString,
+                    response_serializer=vault_dot_v1_dot_vault__pb2.KeyVersions.SerializeToString,
+            ),
+            'RotateMasterKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateMasterKey,
+                    request_deserializer=vault_dot_v1_dot_vault__pb2.RotateMasterKeyRequest.FromString,
+                    response_serializer=vault_dot_v1_dot_vault__pb2.MasterKeyRotation.SerializeToString,
+            ),
+            'RewrapKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.RewrapKeys,
+                    request_deserializer=vault_dot_v1_dot_vault__pb2.RewrapKeysRequest.FromString,
+                    response_serializer=vault_dot_v1_dot_vault__pb2.MasterKeyRotation.SerializeToString,
+            ),
+            'RotateCollectionKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateCollectionKey,
+                    request_deserializer=vault_dot_v1_dot_vault__pb2.RotateCollectionKeyRequest.FromString,
+                    response_serializer=vault_dot_v1_dot_vault__pb2.KeyJob.SerializeToString,
+            ),
+            'GetKeyJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetKeyJob,
+                    request_deserializer=vault_dot_v1_dot_vault__pb2.GetKeyJobRequest.FromString,
+                    response_serializer=vault_dot_v1_dot_vault__pb2.KeyJob.SerializeToString,
+            ),
+            'SetMinKeyVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetMinKeyVersion,
+                    request_deserializer=vault_dot_v1_dot_vault__pb2.SetMinKeyVersionRequest.FromString,
+                    response_serializer=vault_dot_v1_dot_vault__pb2.Collection.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -311,6 +417,168 @@ class TemplateVault:
             '/vault.v1.TemplateVault/ImportTemplates',
             vault_dot_v1_dot_vault__pb2.ImportTemplatesRequest.SerializeToString,
             vault_dot_v1_dot_vault__pb2.ImportTemplatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListKeyVersions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vault.v1.TemplateVault/ListKeyVersions',
+            vault_dot_v1_dot_vault__pb2.ListKeyVersionsRequest.SerializeToString,
+            vault_dot_v1_dot_vault__pb2.KeyVersions.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateMasterKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vault.v1.TemplateVault/RotateMasterKey',
+            vault_dot_v1_dot_vault__pb2.RotateMasterKeyRequest.SerializeToString,
+            vault_dot_v1_dot_vault__pb2.MasterKeyRotation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RewrapKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vault.v1.TemplateVault/RewrapKeys',
+            vault_dot_v1_dot_vault__pb2.RewrapKeysRequest.SerializeToString,
+            vault_dot_v1_dot_vault__pb2.MasterKeyRotation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateCollectionKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vault.v1.TemplateVault/RotateCollectionKey',
+            vault_dot_v1_dot_vault__pb2.RotateCollectionKeyRequest.SerializeToString,
+            vault_dot_v1_dot_vault__pb2.KeyJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetKeyJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vault.v1.TemplateVault/GetKeyJob',
+            vault_dot_v1_dot_vault__pb2.GetKeyJobRequest.SerializeToString,
+            vault_dot_v1_dot_vault__pb2.KeyJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetMinKeyVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vault.v1.TemplateVault/SetMinKeyVersion',
+            vault_dot_v1_dot_vault__pb2.SetMinKeyVersionRequest.SerializeToString,
+            vault_dot_v1_dot_vault__pb2.Collection.FromString,
             options,
             channel_credentials,
             insecure,
