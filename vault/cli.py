@@ -11,7 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
-from vault import logs
+from vault import client, logs
 from vault.errors import VaultError
 
 log = logs.get("vault.cli")
@@ -29,7 +29,7 @@ def _is_loopback(listen: str) -> bool:
 
 def serve(args: argparse.Namespace) -> int:
     from vault.api.lifecycle import VaultHolder
-    from vault.api.server import build_server
+    from vault.api.server import TlsFiles, build_server
     from vault.gallery import Routing
     from vault.keys import softhsm
     from vault.keys.hsm import HsmConfig
@@ -37,7 +37,12 @@ def serve(args: argparse.Namespace) -> int:
 
     logs.configure()
     data_dir = Path(args.data_dir)
-    if not _is_loopback(args.listen) and not args.allow_insecure_remote:
+    tls_files = [args.tls_cert, args.tls_key, args.tls_client_ca]
+    if any(tls_files) and not all(tls_files):
+        log.error("mutual TLS needs --tls-cert, --tls-key and --tls-client-ca together")
+        return 2
+    tls = TlsFiles(*(Path(f) for f in tls_files)) if all(tls_files) else None
+    if tls is None and not _is_loopback(args.listen) and not args.allow_insecure_remote:
         log.error("refusing to serve without TLS on a non-loopback address", listen=args.listen)
         return 2
     pin = os.environ.get("VAULT_HSM_PIN")
@@ -62,14 +67,17 @@ def serve(args: argparse.Namespace) -> int:
     # The server starts even when the HSM is out: NOT_SERVING until the watcher opens it.
     holder = VaultHolder(open_vault, interval=args.hsm_check_interval)
     try:
-        server, port, _health = build_server(holder, args.listen)
-    except OSError as exc:
+        server, port, _health = build_server(holder, args.listen, tls=tls,
+                                             rate_limit=args.rate_limit)
+    except (OSError, ValueError) as exc:
         log.error("cannot listen", listen=args.listen, error_type=type(exc).__name__)
         return 1
     holder.start()
     server.start()
-    log.warning("serving without TLS: loopback only (embedded default)", listen=args.listen)
-    log.info("serving", listen=args.listen, data_dir=str(data_dir), tls=False)
+    if tls is None:
+        log.warning("serving without TLS: every caller has every role; loopback only "
+                    "(embedded default)", listen=args.listen)
+    log.info("serving", listen=args.listen, data_dir=str(data_dir), tls=tls is not None)
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -113,13 +121,22 @@ def audit_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def demo(args: argparse.Namespace) -> int:
+    from vault import client
+    from vault.demo import run
+
+    with client.channel(args) as channel:
+        return run(channel)
+
+
 def import_file(args: argparse.Namespace) -> int:
     """Stream a .npz file into a running vault; exit 1 if any item failed."""
-    from vault import import_client
+    from vault import client, import_client
 
     logs.configure()
     try:
-        report = import_client.run(args.target, args.collection, Path(args.file), args.batch)
+        with client.channel(args) as channel:
+            report = import_client.run(args.collection, Path(args.file), args.batch, channel=channel)
     except (OSError, ValueError) as exc:
         print(f"cannot read {args.file}: {exc}", file=sys.stderr)
         return 2
@@ -138,10 +155,10 @@ def keys(args: argparse.Namespace) -> int:
     """Key lifecycle commands against a running vault (see vault.keys_client)."""
     import grpc
 
-    from vault import keys_client
+    from vault import client, keys_client
 
     try:
-        with grpc.insecure_channel(args.target) as channel:
+        with client.channel(args) as channel:
             return keys_client.run(channel, args.keys_command, getattr(args, "collection", ""),
                                    getattr(args, "job_id", ""), getattr(args, "version", 0),
                                    getattr(args, "wait", False))
@@ -195,25 +212,36 @@ def main(argv: list[str] | None = None) -> int:
                    help="below this many clustered blocks every one is scored")
     p.add_argument("--workers", type=int, default=None,
                    help="encryption worker processes (default: one per core)")
+    p.add_argument("--tls-cert", default=os.environ.get("VAULT_TLS_CERT"),
+                   help="server certificate chain (PEM): serve with mutual TLS (env VAULT_TLS_CERT)")
+    p.add_argument("--tls-key", default=os.environ.get("VAULT_TLS_KEY"),
+                   help="server private key (PEM) (env VAULT_TLS_KEY)")
+    p.add_argument("--tls-client-ca", default=os.environ.get("VAULT_TLS_CLIENT_CA"),
+                   help="CA that signs client certificates; their OU values are the roles "
+                        "enroller, matcher, admin (env VAULT_TLS_CLIENT_CA)")
+    p.add_argument("--rate-limit", type=float,
+                   default=float(os.environ.get("VAULT_RATE_LIMIT", "1000")),
+                   help="calls per second per client, bursts of twice that; 0 disables "
+                        "(env VAULT_RATE_LIMIT)")
     p.add_argument("--allow-insecure-remote", action="store_true",
                    help="serve plaintext gRPC on a non-loopback address (containers behind a "
                         "private network only)")
     p.set_defaults(func=serve)
 
     d = sub.add_parser("demo", help="enroll, verify, identify and delete against a server")
-    d.add_argument("--target", default=os.environ.get("VAULT_LISTEN", "127.0.0.1:50051"))
-    d.set_defaults(func=lambda a: __import__("vault.demo", fromlist=["run"]).run(a.target))
+    client.add_arguments(d)
+    d.set_defaults(func=demo)
 
     i = sub.add_parser("import", help="stream a .npz file of embeddings into a running vault")
     i.add_argument("file", help="a .npz with 'embeddings' (n, D), 'subject_ids' (n,) and "
                                "optionally 'request_ids' (n,)")
     i.add_argument("--collection", required=True)
-    i.add_argument("--target", default=os.environ.get("VAULT_LISTEN", "127.0.0.1:50051"))
+    client.add_arguments(i)
     i.add_argument("--batch", type=int, default=256, help="items per message (1 MiB at most)")
     i.set_defaults(func=import_file)
 
     k = sub.add_parser("keys", help="key lifecycle of a running vault (admin)")
-    k.add_argument("--target", default=os.environ.get("VAULT_LISTEN", "127.0.0.1:50051"))
+    client.add_arguments(k)
     key_sub = k.add_subparsers(dest="keys_command", required=True)
     kl = key_sub.add_parser("list", help="master key versions, and a collection's key versions")
     kl.add_argument("--collection", default="")

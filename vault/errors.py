@@ -34,6 +34,14 @@ class AlreadyExists(VaultError):
     code = grpc.StatusCode.ALREADY_EXISTS
 
 
+class Unauthenticated(VaultError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(VaultError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class FailedPrecondition(VaultError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 

@@ -67,9 +67,10 @@ def _requests(collection_id: str, emb: np.ndarray, subjects: np.ndarray, request
         yield msg
 
 
-def run(target: str, collection_id: str, path: Path, batch: int = 256,
-        progress: bool | None = None, channel: grpc.Channel | None = None) -> ImportReport:
-    """Import the file; returns what was stored and what failed (by error message)."""
+def run(collection_id: str, path: Path, batch: int, channel: grpc.Channel,
+        progress: bool | None = None) -> ImportReport:
+    """Import the file over ``channel``; returns what was stored and what failed (by
+    error message)."""
     emb, subjects, requests = load(path)
     report = ImportReport(total=len(emb))
     show_bar = sys.stderr.isatty() if progress is None else progress
@@ -79,8 +80,6 @@ def run(target: str, collection_id: str, path: Path, batch: int = 256,
         bar = tqdm(total=len(emb), unit="tpl", desc="imported", file=sys.stderr)
     sent = [0]
     lock = threading.Lock()
-    own = channel is None
-    channel = channel or grpc.insecure_channel(target)
     start = time.perf_counter()
     try:
         stub = vault_pb2_grpc.TemplateVaultStub(channel)
@@ -105,6 +104,4 @@ def run(target: str, collection_id: str, path: Path, batch: int = 256,
         report.seconds = time.perf_counter() - start
         if bar is not None:
             bar.close()
-        if own:
-            channel.close()
     return report

@@ -52,8 +52,10 @@ class ServerProcess:
     """``vault serve`` in a child process, on 127.0.0.1, with its own data directory."""
 
     def __init__(self, data_dir: Path, log_path: Path | None = None,
-                 env: dict[str, str] | None = None, args: list[str] | None = None) -> None:
+                 env: dict[str, str] | None = None, args: list[str] | None = None,
+                 pki: CertificateAuthority | None = None) -> None:
         self.data_dir = data_dir
+        self.pki = pki
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.log_path = log_path or data_dir.parent / f"{data_dir.name}-server.log"
@@ -62,6 +64,11 @@ class ServerProcess:
         self._env.update(env or {})  # ...unless the test points it at one
         self._env.setdefault("VAULT_HSM_CHECK_INTERVAL", "0.5")
         self._args = list(args or [])
+        if pki is not None:  # mutual TLS, with an admin client for the harness itself
+            cert, key = pki.issue("vault-server", server=True)
+            pki.issue("admin", ("admin",))
+            self._args += ["--tls-cert", str(cert), "--tls-key", str(key),
+                           "--tls-client-ca", str(pki.ca)]
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60.0, serving: bool = True) -> ServerProcess:
@@ -91,7 +98,7 @@ class ServerProcess:
 
     def health(self, timeout: float = 2.0) -> int | None:
         """The overall health status, or None when the server does not answer."""
-        with grpc.insecure_channel(self.target) as channel:
+        with self.channel() as channel:
             try:
                 return health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(), timeout=timeout).status
@@ -129,6 +136,9 @@ class ServerProcess:
             self.proc = None
 
     def channel(self) -> grpc.Channel:
+        """A channel to the server (with ``pki``: as its ``admin`` client)."""
+        if self.pki is not None:
+            return self.pki.channel(self.target, "admin")
         return grpc.insecure_channel(self.target)
 
     def __enter__(self) -> ServerProcess:
@@ -152,3 +162,70 @@ class BreakableHsm(Hsm):
             self._drop()
             raise HsmUnavailable("HSM unavailable: token not reachable")
         return super()._call(fn)
+
+
+class CertificateAuthority:
+    """A throwaway certificate authority for mutual-TLS tests: a server certificate for
+    127.0.0.1 and localhost, and client certificates whose OU values are roles."""
+
+    def __init__(self, root: Path, name: str = "vault test CA") -> None:
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self._ca_key = ec.generate_private_key(ec.SECP256R1())
+        self._ca = self._certificate(name, self._ca_key, None, ca=True)
+        self.ca = self._write("ca.pem", self._pem(self._ca))
+
+    @staticmethod
+    def _pem(cert) -> bytes:  # type: ignore[no-untyped-def]
+        from cryptography.hazmat.primitives import serialization
+        return cert.public_bytes(serialization.Encoding.PEM)
+
+    def _write(self, name: str, data: bytes) -> Path:
+        path = self.root / name
+        path.write_bytes(data)
+        return path
+
+    def _certificate(self, common_name, key, issuer, ca=False, units=(), server=False):  # type: ignore[no-untyped-def]
+        import datetime
+        import ipaddress
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.x509.oid import NameOID
+
+        attrs = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+        attrs += [x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, u) for u in units]
+        subject = x509.Name(attrs)
+        now = datetime.datetime.now(datetime.timezone.utc)
+        builder = (x509.CertificateBuilder().subject_name(subject)
+                   .issuer_name(issuer.subject if issuer is not None else subject)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=2))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if server:
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False)
+        return builder.sign(self._ca_key if issuer is not None else key, hashes.SHA256())
+
+    def issue(self, name: str, units: tuple[str, ...] = (), server: bool = False) -> tuple[Path, Path]:
+        """(certificate, key) files for ``name``; ``units`` become OU values (roles)."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = self._certificate(name, key, self._ca, units=units, server=server)
+        key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+        return self._write(f"{name}.crt", self._pem(cert)), self._write(f"{name}.key", key_pem)
+
+    def channel(self, target: str, name: str | None) -> grpc.Channel:
+        """A channel presenting ``name``'s certificate (none with ``name=None``)."""
+        cert = key = None
+        if name is not None:
+            cert, key = (self.root / f"{name}.crt").read_bytes(), (self.root / f"{name}.key").read_bytes()
+        creds = grpc.ssl_channel_credentials(self.ca.read_bytes(), key, cert)
+        return grpc.secure_channel(target, creds)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -12,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from vault import logs
+from vault.api.access import RateLimiter
 from vault.api.codec import Undecodable
 from vault.api.codec import lenient as _lenient
 from vault.api.lifecycle import VaultHolder
@@ -58,12 +61,29 @@ def _add_template_vault(servicer: TemplateVaultServicer, server: grpc.Server) ->
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
-def build_server(vault: Vault | VaultHolder, listen: str,
-                 max_workers: int = 8) -> tuple[grpc.Server, int, health.HealthServicer]:
+@dataclass(frozen=True)
+class TlsFiles:
+    """Mutual TLS: the server's certificate chain and key, and the CA that signs clients."""
+
+    cert: Path
+    key: Path
+    client_ca: Path
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials(
+            [(self.key.read_bytes(), self.cert.read_bytes())],
+            root_certificates=self.client_ca.read_bytes(), require_client_auth=True)
+
+
+def build_server(vault: Vault | VaultHolder, listen: str, max_workers: int = 8,
+                 tls: TlsFiles | None = None, rate_limit: float = 0.0,
+                 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A started-ready server bound to ``listen``; returns (server, bound port, health).
 
     Given a :class:`VaultHolder`, health follows it (NOT_SERVING while the HSM is out);
-    given an open :class:`Vault`, the server reports SERVING.
+    given an open :class:`Vault`, the server reports SERVING. With ``tls``, clients need a
+    certificate from its client CA and are given the roles their certificate names
+    (:mod:`vault.api.access`); ``rate_limit``: calls per second per client (0: none).
     """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
@@ -73,13 +93,15 @@ def build_server(vault: Vault | VaultHolder, listen: str,
             ("grpc.so_reuseport", 0),
         ],
     )
-    _add_template_vault(TemplateVaultServicer(vault), server)
+    _add_template_vault(TemplateVaultServicer(vault, tls=tls is not None,
+                                              limiter=RateLimiter(rate_limit)), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(listen)
+    port = (server.add_secure_port(listen, tls.credentials()) if tls is not None
+            else server.add_insecure_port(listen))
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
     if isinstance(vault, VaultHolder):

@@ -16,8 +16,9 @@ from typing import Any, TypeVar
 import grpc
 
 from vault import logs
+from vault.api import access
 from vault.api.codec import Undecodable
-from vault.errors import InvalidArgument, VaultError
+from vault.errors import InvalidArgument, Unauthenticated, VaultError
 from vault.imports import ImportItem, ImportResult
 from vault.service import CollectionInfo, MatchResult, Vault
 from vault.store import KeyJobRow
@@ -58,7 +59,7 @@ def _guard(method: F) -> F:
         code = grpc.StatusCode.OK
         audit: _Audit | None = None
         try:
-            audit = _Audit.begin(self._vault(), name, request, context)
+            audit = self._admit(name, request, context)
             response = method(self, request, context)
             if audit is not None:
                 audit.end(response)
@@ -83,8 +84,8 @@ class _Audit:
         self.ref = secrets.token_hex(8)
 
     @classmethod
-    def begin(cls, vault: Vault, method: str, request: Any,
-              context: grpc.ServicerContext) -> _Audit | None:
+    def begin(cls, vault: Vault, method: str, request: Any, context: grpc.ServicerContext,
+              actor: str) -> _Audit | None:
         """Write the request entry; raises (refusing the request) if it cannot be written."""
         if vault.audit is None:
             return None
@@ -100,7 +101,7 @@ class _Audit:
                 subjects = [vault.integrity.subject_index(cid, check_subject_id(subject_id))]
             except VaultError:
                 pass  # invalid ids are refused by the method itself; nothing to index
-        self = cls(vault, method, context.peer() or "", cid, subjects)
+        self = cls(vault, method, actor, cid, subjects)
         vault.audit.append("request", self.ref, self.actor, method, cid, subjects)
         return self
 
@@ -156,9 +157,33 @@ def _match(result: MatchResult) -> vault_pb2.MatchResponse:
 
 
 class TemplateVaultServicer(vault_pb2_grpc.TemplateVaultServicer):
-    def __init__(self, vault: Vault | Callable[[], Vault]) -> None:
+    def __init__(self, vault: Vault | Callable[[], Vault], tls: bool = False,
+                 limiter: access.RateLimiter | None = None) -> None:
         # A callable gives the vault once it is open and raises UNAVAILABLE until then.
         self._vault: Callable[[], Vault] = (lambda: vault) if isinstance(vault, Vault) else vault
+        self._tls = tls
+        self._limiter = limiter or access.RateLimiter(0)
+
+    def _admit(self, method: str, request: Any, context: grpc.ServicerContext) -> _Audit | None:
+        """Identify the caller, write the audit entry, check its role and its rate."""
+        vault = self._vault()
+        try:
+            who: access.Caller | None = access.caller(context, self._tls)
+        except Unauthenticated:
+            who = None
+        audit = _Audit.begin(vault, method, request, context,
+                             who.identity if who is not None else f"unauthenticated {context.peer()}")
+        try:
+            if who is None:
+                raise Unauthenticated("a client certificate signed by the vault's client CA is "
+                                      "required")
+            access.authorize(who, method)
+            self._limiter.take(who.identity)
+        except VaultError as exc:
+            if audit is not None:
+                audit.failed(exc.code)  # refused calls are on the record too
+            raise
+        return audit
 
     @_guard
     def CreateCollection(self, request: vault_pb2.CreateCollectionRequest,
@@ -205,9 +230,8 @@ class TemplateVaultServicer(vault_pb2_grpc.TemplateVaultServicer):
                 if isinstance(request, Undecodable):
                     raise InvalidArgument(f"request is not a valid {request.type_name}")
                 if session is None:
-                    vault = self._vault()
-                    audit = _Audit.begin(vault, name, request, context)
-                    session = vault.start_import(request.collection_id)
+                    audit = self._admit(name, request, context)
+                    session = self._vault().start_import(request.collection_id)
                 elif request.collection_id and request.collection_id != session.collection_id:
                     raise InvalidArgument("collection_id must be the same in every message of an import")
                 yield from _import_responses(session.add(
