@@ -228,3 +228,29 @@ def test_replaying_the_old_version_after_a_rotation_is_detected(data: Path, hsm_
     finally:
         vault.close()
     assert any(o.startswith("DATA_LOSS collection_replayed") for o in _audit_outcomes(data))
+
+
+def test_a_token_outage_pauses_a_rotation_which_then_finishes(
+        data: Path, hsm_config: HsmConfig, monkeypatch) -> None:
+    from vault import rotation
+    from vault.store import Store
+    from vault.testing import BreakableHsm
+
+    monkeypatch.setattr(rotation, "RETRY_SECONDS", 0.2)
+    hsm = BreakableHsm(hsm_config)
+    vault = Vault(Store(data / "vault.db"), hsm, data, tuning=TUNING)
+    try:
+        single, bulk = _populate(vault, 2 * N)
+        gallery = vault.galleries()[0]
+        with gallery.block_lock:  # hold the job before its first block
+            job = vault.rotate_collection_key("c")
+            hsm.broken = True
+        time.sleep(1.0)  # the job meets the outage, pauses, retries, pauses again
+        assert vault.key_job(job.job_id).state == "running"
+        assert vault.get_collection("c").key_version == 1
+        hsm.broken = False
+        _wait(vault, job.job_id)
+        assert vault.get_collection("c").key_version == 2
+        assert vault.verify("c", "b3", bulk[3].tolist()).matched
+    finally:
+        vault.close()

@@ -21,6 +21,7 @@ background jobs that need every prime read and check the whole file again.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -29,6 +30,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from vault.errors import ResourceExhausted, Unavailable
 
 MAGIC = b"VAULTBLK"
 _HEADER = 4096
@@ -77,19 +80,27 @@ class BlockFiles:
             raise ValueError("block header too large")
         digest = hashlib.sha256()
         tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            head = raw.ljust(_HEADER, b"\0")
-            f.write(head)
-            digest.update(head)
-            for arr, q in zip(residues, moduli):
-                data = np.ascontiguousarray(arr, dtype=_dtype(q)).tobytes()
-                data += b"\0" * (_aligned(len(data)) - len(data))
-                f.write(data)
-                digest.update(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        try:
+            with open(tmp, "wb") as f:
+                head = raw.ljust(_HEADER, b"\0")
+                f.write(head)
+                digest.update(head)
+                for arr, q in zip(residues, moduli):
+                    data = np.ascontiguousarray(arr, dtype=_dtype(q)).tobytes()
+                    data += b"\0" * (_aligned(len(data)) - len(data))
+                    f.write(data)
+                    digest.update(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)  # nothing half-written stays, nor takes space
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceExhausted("storage is full: the data directory has no space left; "
+                                        "nothing was written") from exc
+            raise Unavailable(f"storage unavailable ({errno.errorcode.get(exc.errno, 'I/O error')}); "
+                              "nothing was written") from exc
         return digest.digest()
 
     @staticmethod

@@ -61,7 +61,7 @@ def serve(args: argparse.Namespace) -> int:
         limits = AttemptLimits(args.max_failed_verifications, args.lockout_seconds)
         tuning = Tuning(routing=Routing(args.route_fraction, args.route_min_blocks),
                         journal_pages=args.journal_pages, erase_after=args.erase_after,
-                        workers=args.workers)
+                        workers=args.workers, maintenance_interval=args.maintenance_interval)
         return Vault.open(data_dir, hsm_config, limits=limits, tuning=tuning)
 
     # The server starts even when the HSM is out: NOT_SERVING until the watcher opens it.
@@ -210,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--route-min-blocks", type=int,
                    default=int(os.environ.get("VAULT_ROUTE_MIN_BLOCKS", "16")),
                    help="below this many clustered blocks every one is scored")
+    p.add_argument("--maintenance-interval", type=float,
+                   default=_env_float("VAULT_MAINTENANCE_INTERVAL", "5"),
+                   help="seconds between checkpoint and erasure passes "
+                        "(env VAULT_MAINTENANCE_INTERVAL)")
     p.add_argument("--workers", type=int, default=None,
                    help="encryption worker processes (default: one per core)")
     p.add_argument("--tls-cert", default=os.environ.get("VAULT_TLS_CERT"),

@@ -46,6 +46,8 @@ from vault.store import BLOCK, LIVE, CollectionKeyRow, KeyJobRow
 log = logs.get("vault.rotation")
 
 RUNNING, DONE, FAILED = "running", "done", "failed"
+# Seconds a job waits after a token outage (or other unavailability) before going on.
+RETRY_SECONDS = 5.0
 
 
 def start(vault, collection_id: str) -> KeyJobRow:  # type: ignore[no-untyped-def]
@@ -117,7 +119,7 @@ def run(vault, job: KeyJobRow) -> None:  # type: ignore[no-untyped-def]
                 return
     except VaultError as exc:
         log.warning("key rotation paused", collection_id=cid, error_type=type(exc).__name__)
-        if not vault.stopping.wait(5):
+        if not vault.stopping.wait(RETRY_SECONDS):
             _relaunch_later(vault, job)
     except Exception as exc:  # noqa: BLE001 - the job must record why it stopped
         log.error("key rotation failed", collection_id=cid, error_type=type(exc).__name__)

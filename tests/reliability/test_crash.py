@@ -8,6 +8,7 @@ records the figures for docs/RELIABILITY.md.
 from __future__ import annotations
 
 import random
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -17,7 +18,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from tests.reliability.conftest import row_counts
 from vault.testing import ServerProcess, record_figures, scaled
 from vault.v1 import vault_pb2 as pb
 from vault.v1 import vault_pb2_grpc
@@ -62,15 +62,26 @@ def _check_after_restart(server: ServerProcess, faces: np.ndarray, acked: dict[i
             # ...and it still matches its face (ciphertext, MACs and index intact).
             assert stub.Match(pb.MatchRequest(collection_id="c", subject_id=f"s{n}",
                                               embedding=faces[n].tolist()), timeout=30).matched
-        counts = row_counts(server.data_dir / "vault.db")
-        # No half-written enrollment: every template row has its subject and its block.
-        assert counts["templates"] == count and counts["subjects"] == count
+        # No half-written enrollment: every live template of the current key version has
+        # its subject (a rotation in progress also holds rows of its target version).
+        db = sqlite3.connect(f"file:{server.data_dir / 'vault.db'}?mode=ro", uri=True, timeout=30)
+        try:
+            live, subjects = db.execute(
+                "SELECT (SELECT count(*) FROM templates t JOIN collections c USING (collection_id) "
+                "WHERE t.state=1 AND t.key_version=c.key_version), "
+                "(SELECT count(*) FROM subjects)").fetchone()
+        finally:
+            db.close()
+        assert live == count and subjects == count
 
 
 def test_sigkill_during_enrollment_loses_nothing_acknowledged(tmp_path: Path, faces: np.ndarray) -> None:
     kills = scaled(3, 50)
     rng = random.Random(7)
-    server = ServerProcess(tmp_path / "data")
+    # Checkpoints every half second (one journal page is enough): kills land in them too.
+    server = ServerProcess(tmp_path / "data", env={"VAULT_JOURNAL_PAGES": "1",
+                                                   "VAULT_MAINTENANCE_INTERVAL": "0.5",
+                                                   "VAULT_ERASE_AFTER": "0"})
     server.start()
     with server.channel() as channel:
         vault_pb2_grpc.TemplateVaultStub(channel).CreateCollection(
@@ -79,6 +90,7 @@ def test_sigkill_during_enrollment_loses_nothing_acknowledged(tmp_path: Path, fa
     attempted = 0
     restarts: list[float] = []
     kills_during_start = 0
+    rotations = 0
     try:
         for k in range(kills):
             if k % 5 == 2:
@@ -91,6 +103,14 @@ def test_sigkill_during_enrollment_loses_nothing_acknowledged(tmp_path: Path, fa
                 kills_during_start += 1
             enroller = Enroller(server.target, faces, attempted, acked)
             enroller.start()
+            if k % 3 == 1:  # a key rotation runs (or resumes) while enrollments stream in
+                with server.channel() as channel:
+                    try:
+                        vault_pb2_grpc.TemplateVaultStub(channel).RotateCollectionKey(
+                            pb.RotateCollectionKeyRequest(collection_id="c"), timeout=30)
+                        rotations += 1
+                    except grpc.RpcError as err:
+                        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION  # one running
             time.sleep(rng.uniform(0.2, 2.5))
             server.kill()
             enroller.join(timeout=60)
@@ -100,6 +120,15 @@ def test_sigkill_during_enrollment_loses_nothing_acknowledged(tmp_path: Path, fa
             restarts.append(time.monotonic() - t0)
             _check_after_restart(server, faces, acked, attempted, scaled(10, 5), rng)
             attempted = enroller.next  # the in-flight one is retried with its request id
+        # Every rotation started finishes after the kills, and everything still matches.
+        with server.channel() as channel:
+            stub = vault_pb2_grpc.TemplateVaultStub(channel)
+            deadline = time.monotonic() + 300
+            while stub.ListKeyVersions(pb.ListKeyVersionsRequest(collection_id="c")).HasField("job"):
+                assert time.monotonic() < deadline, "the key rotation did not finish"
+                time.sleep(0.5)
+            version = stub.GetCollection(pb.GetCollectionRequest(collection_id="c")).key_version
+        _check_after_restart(server, faces, acked, attempted, len(acked), rng)
     finally:
         server.stop()
     log = server.log_path.read_text()
@@ -113,4 +142,5 @@ def test_sigkill_during_enrollment_loses_nothing_acknowledged(tmp_path: Path, fa
         "kills": kills + kills_during_start, "kills_during_start": kills_during_start,
         "enrollments_acknowledged": len(acked), "lost": 0, "half_written": 0,
         "integrity_failures": 0, "restart_p50_s": round(float(np.median(restarts)), 2),
+        "key_rotations_started": rotations, "final_key_version": version,
         "restart_max_s": round(max(restarts), 2)})

@@ -76,6 +76,16 @@ def test_disk_full_fails_enrollments_cleanly_and_recovers(small_fs: Path, tmp_pa
                 refused += 1
         assert refused == 5  # nothing fits on a full disk
         assert row_counts(server.data_dir / "vault.db") == before
+        # An import writes a block file: refused the same way, and no partial file stays.
+        items = [pb.ImportItem(subject_id=f"i{k}", embedding=v.tolist())
+                 for k, v in enumerate(rng.standard_normal((300, DIM)))]
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.ImportTemplates(iter([pb.ImportTemplatesRequest(collection_id="c", items=items)]),
+                                      timeout=60))
+        assert err.value.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
+        assert "storage" in err.value.details() or "audit" in err.value.details()
+        assert row_counts(server.data_dir / "vault.db") == before
+        assert not list((server.data_dir / "blocks").rglob("*.tmp"))
         # Reads need an audit entry too, and the audit log fails closed: a match is either
         # answered correctly or refused as UNAVAILABLE, never answered unaudited.
         for n in range(3):
