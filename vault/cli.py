@@ -62,7 +62,9 @@ def serve(args: argparse.Namespace) -> int:
         tuning = Tuning(routing=Routing(args.route_fraction, args.route_min_blocks),
                         journal_pages=args.journal_pages, erase_after=args.erase_after,
                         workers=args.workers, maintenance_interval=args.maintenance_interval)
-        return Vault.open(data_dir, hsm_config, limits=limits, tuning=tuning)
+        vault = Vault.open(data_dir, hsm_config, limits=limits, tuning=tuning)
+        vault.encryption.warm()
+        return vault
 
     # The server starts even when the HSM is out: NOT_SERVING until the watcher opens it.
     holder = VaultHolder(open_vault, interval=args.hsm_check_interval)

@@ -30,6 +30,11 @@ def _encrypt(key: bytes, public_context: bytes, params_json: str,
     return encrypt_plaintexts(ctx, plaintexts)
 
 
+def _ready() -> int:
+    """Run in a worker to start it: importing this module loaded TenSEAL."""
+    return os.getpid()
+
+
 class EncryptionPool:
     """Encrypts batches of plaintexts under a public key, across worker processes."""
 
@@ -48,6 +53,14 @@ class EncryptionPool:
                 self._pool = ProcessPoolExecutor(
                     self.workers, mp_context=multiprocessing.get_context("spawn"))
             return self._pool
+
+    def warm(self) -> None:
+        """Start the worker processes now, in the background (a server does this at start,
+        so the first import or checkpoint does not wait for them and memory is stable)."""
+        if self.workers > 1:
+            pool = self._executor()
+            for _ in range(self.workers):
+                pool.submit(_ready)
 
     def encrypt(self, ctx: PublicContext, public_context: bytes,
                 plaintexts: np.ndarray) -> np.ndarray:
