@@ -383,15 +383,6 @@ class Store:
             f"SELECT {self._TEMPLATE_COLUMNS} FROM templates WHERE collection_id=? AND subject_hmac=? "
             f"AND state=?{version_clause} ORDER BY template_id, key_version", args)]
 
-    def template_at(self, collection_id: str, key_version: int, tier: int, loc: int,
-                    slot: int) -> TemplateRow | None:
-        """The live template at a place, if any."""
-        rows = self._query(
-            f"SELECT {self._TEMPLATE_COLUMNS} FROM templates WHERE collection_id=? AND key_version=? "
-            "AND tier=? AND loc=? AND slot=? AND state=?",
-            (collection_id, key_version, tier, loc, slot, LIVE))
-        return TemplateRow(*rows[0]) if rows else None
-
     def templates_in(self, collection_id: str, key_version: int, tier: int, loc: int) -> list[TemplateRow]:
         """Every template (live or deleted) of one page or block, by slot."""
         return [TemplateRow(*r) for r in self._query(
@@ -417,10 +408,6 @@ class Store:
         found = self._query("SELECT MAX(loc) FROM templates WHERE collection_id=? AND key_version=? "
                             "AND tier=?", (collection_id, key_version, tier))[0][0]
         return -1 if found is None else int(found)
-
-    def count_live(self, collection_id: str) -> int:
-        return self._query("SELECT COUNT(*) FROM templates WHERE collection_id=? AND state=?",
-                           (collection_id, LIVE))[0][0]
 
     @staticmethod
     def _insert_templates(db: sqlite3.Connection, templates: list[TemplateRow]) -> None:
@@ -551,11 +538,6 @@ class Store:
         where, args = ("WHERE state=?", (state,)) if state else ("", ())
         return [KeyJobRow(*r) for r in self._query(
             f"SELECT {self._JOB_COLUMNS} FROM key_jobs {where} ORDER BY started_at", args)]
-
-    def set_job_progress(self, job_id: str, done: int, total: int) -> None:
-        with self.transaction() as db:
-            db.execute("UPDATE key_jobs SET blocks_done=?, blocks_total=? WHERE job_id=?",
-                       (done, total, job_id))
 
     def finish_job(self, job_id: str, state: str, error: str | None = None) -> None:
         with self.transaction() as db:

@@ -167,12 +167,6 @@ class CollectionGallery:
         with self._lock:
             self._sealed_pages.update(page_nos)
 
-    def new_page_numbers(self, count: int) -> list[int]:
-        with self._lock:
-            start = self._next_page_no
-            self._next_page_no += count
-            return list(range(start, start + count))
-
     def new_block_numbers(self, count: int) -> list[int]:
         with self._lock:
             start = max(self._next_block_no, max(self.blocks, default=-1) + 1)

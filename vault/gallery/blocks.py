@@ -65,11 +65,6 @@ def split_levels(cts: np.ndarray) -> list[np.ndarray]:
     return [np.ascontiguousarray(cts[:, :, level, :]) for level in range(cts.shape[2])]
 
 
-def join_levels(residues: list[np.ndarray]) -> np.ndarray:
-    """Per prime (D, 2, N) -> (D, 2, levels, N) uint64."""
-    return np.stack([np.asarray(r, dtype=np.uint64) for r in residues], axis=2)
-
-
 def score(block: Block, scalars: np.ndarray, q: int) -> np.ndarray:
     """The score ciphertext (2, 1, N), coefficient form, at the score prime ``q``."""
     out = np.empty((2, 1, block.residues.shape[2]), np.uint64)
