@@ -183,13 +183,10 @@ def move_block(vault, job: KeyJobRow, old: CollectionGallery, new: CollectionGal
             done = len(new.blocks) + (0 if block_no in new.blocks else 1)
             vault.store.write_moved_block(vault.block_row(new, moved, digest, sketch), rows,
                                           job.job_id, done, len(old.blocks))
-            if replaced is not None:
-                moved.groups = replaced.groups
-                moved.groups[:] = -1
-            new.install_block(moved)
-            for t in rows:
+            for t in rows:  # owners from the rows: an earlier move of this block is stale
                 if t.state == LIVE:
-                    new.set_live(BLOCK, block_no, t.slot, new.group(t.subject_hmac))
+                    moved.groups[t.slot] = new.group(t.subject_hmac)
+            new.install_block(moved, keep_owners=False)
         if replaced is not None:
             vault.retire(vault.files.path(cid, new.key_version, block_no, replaced.generation),
                          erase=True)

@@ -104,15 +104,17 @@ class CollectionGallery:
 
     # -- installing state ----------------------------------------------------------------
 
-    def install_block(self, block: Block, moved: Iterable[tuple[int, int, int]] = ()) -> None:
+    def install_block(self, block: Block, moved: Iterable[tuple[int, int, int]] = (),
+                      keep_owners: bool = True) -> None:
         """Make a block (new, or a new generation of one) visible to matching, with the
         owners of the templates ``moved`` into it from pages, (page_no, page slot, block
-        slot) each. A new generation keeps its predecessor's slot owners, so deletions
-        made meanwhile are not undone."""
+        slot) each. A new generation starts from a copy of its predecessor's slot owners
+        (``keep_owners``), so deletions made meanwhile are not undone, while a match still
+        scoring the predecessor's ciphertexts never sees the new slots as live."""
         with self._lock:
             old = self.blocks.get(block.block_no)
-            if old is not None:
-                block.groups = old.groups
+            if old is not None and keep_owners:
+                block.groups = old.groups.copy()
             for page_no, page_slot, block_slot in moved:
                 page = self.pages.get(page_no)
                 block.groups[block_slot] = page.groups[page_slot] if page is not None else -1
