@@ -40,7 +40,7 @@ from vault.gallery import blocks as block_ops
 from vault.gallery.blocks import Block
 from vault.he import linear, poly
 from vault.keys import envelope
-from vault.keys.integrity import encode
+from vault.service import secret_context_aad
 from vault.store import BLOCK, LIVE, CollectionKeyRow, KeyJobRow
 
 log = logs.get("vault.rotation")
@@ -70,7 +70,7 @@ def start(vault, collection_id: str) -> KeyJobRow:  # type: ignore[no-untyped-de
         secret, public = he.generate(params)
         params_json = params.to_json()
         sealed = envelope.seal(vault.hsm, secret,
-                               encode("ckks-secret", collection_id, new_version, params_json))
+                               secret_context_aad(collection_id, new_version, params_json))
         job = KeyJobRow(uuid.uuid4().hex, collection_id, row.key_version, new_version, RUNNING, 0,
                         len(gallery.blocks), time.time(), None, None)
         vault.store.insert_key_version(CollectionKeyRow(collection_id, new_version, params_json,

@@ -72,6 +72,11 @@ _PII_KEY = "pii"
 _SKETCH_KEY = "sketch"
 
 
+def secret_context_aad(collection_id: str, key_version: int, params_json: str) -> bytes:
+    """What a sealed CKKS secret key is bound to: its collection, key version, parameters."""
+    return encode("ckks-secret", collection_id, key_version, params_json)
+
+
 @dataclass(frozen=True)
 class AttemptLimits:
     """After ``max_failures`` failed 1:1 matches in a row (Face ID locks after 5), a subject
@@ -258,16 +263,17 @@ class Vault:
         return ("template", t.collection_id, t.template_id, t.subject_hmac, t.key_version,
                 t.tier, t.loc, t.slot, t.request_hmac, t.state, t.erased)
 
+    def _mac_fields(self, row) -> tuple:  # type: ignore[no-untyped-def]
+        """What a row's MAC covers, by row type."""
+        return {CollectionRow: self._collection_fields, BlockRow: self._block_fields,
+                PageRow: self._page_fields, TemplateRow: self._template_fields}[type(row)](row)
+
     def sign(self, row):  # type: ignore[no-untyped-def]
         """The row with its MAC (computed in the HSM) filled in."""
-        fields = {CollectionRow: self._collection_fields, BlockRow: self._block_fields,
-                  PageRow: self._page_fields, TemplateRow: self._template_fields}[type(row)](row)
-        return dataclasses.replace(row, mac=self.integrity.mac(*fields))
+        return dataclasses.replace(row, mac=self.integrity.mac(*self._mac_fields(row)))
 
     def verified(self, row) -> bool:  # type: ignore[no-untyped-def]
-        fields = {CollectionRow: self._collection_fields, BlockRow: self._block_fields,
-                  PageRow: self._page_fields, TemplateRow: self._template_fields}[type(row)](row)
-        return self.integrity.check(row.mac, *fields)
+        return self.integrity.check(row.mac, *self._mac_fields(row))
 
     def seal_sketch(self, collection_id: str, key_version: int, block_no: int,
                     centroid: np.ndarray) -> bytes:
@@ -307,17 +313,17 @@ class Vault:
             self._damaged.add(cid)
             self._integrity_failure("collection_key_missing", cid)
             return
+        self._galleries[cid] = self._load_key_version(key, row.dimension)
+
+    def _load_key_version(self, key: CollectionKeyRow, dimension: int) -> CollectionGallery:
+        """A stored key version: its secret key unsealed into the decider, its gallery loaded."""
+        cid, version = key.collection_id, key.key_version
         params = he.HeParams.from_json(key.he_params)
         secret = envelope.open_sealed(self.hsm, key.sealed_secret_context,
-                                      encode("ckks-secret", cid, row.key_version, key.he_params))
-        self.decider.load(cid, row.key_version, secret, params)
+                                      secret_context_aad(cid, version, key.he_params))
+        self.decider.load(cid, version, secret, params)
         del secret
-        self._galleries[cid] = self._load_gallery(cid, row.key_version, row.dimension, params,
-                                                  key.public_context)
-
-    def _load_gallery(self, cid: str, version: int, dimension: int, params: he.HeParams,
-                      public_context: bytes) -> CollectionGallery:
-        gallery = CollectionGallery(cid, version, dimension, params, public_context,
+        gallery = CollectionGallery(cid, version, dimension, params, key.public_context,
                                     self.tuning.routing)
         bad = self._load_blocks(gallery) + self._load_pages(gallery)
         gallery.reserve_page_numbers(self.store.max_loc(cid, version, PAGE) + 1)
@@ -337,14 +343,7 @@ class Vault:
             key = self.store.collection_key(job.collection_id, job.to_version)
             if key is None:
                 continue
-            params = he.HeParams.from_json(key.he_params)
-            secret = envelope.open_sealed(self.hsm, key.sealed_secret_context,
-                                          encode("ckks-secret", job.collection_id, job.to_version,
-                                                 key.he_params))
-            self.decider.load(job.collection_id, job.to_version, secret, params)
-            del secret
-            self.next_galleries[job.collection_id] = self._load_gallery(
-                job.collection_id, job.to_version, current.dimension, params, key.public_context)
+            self.next_galleries[job.collection_id] = self._load_key_version(key, current.dimension)
 
     def gallery(self, collection_id: str, key_version: int) -> CollectionGallery | None:
         """The gallery of a key version: the current one or a rotation's target."""
@@ -492,7 +491,7 @@ class Vault:
                 raise AlreadyExists("collection already exists")
             secret, public = he.generate(self.params)
             params_json = self.params.to_json()
-            sealed = envelope.seal(self.hsm, secret, encode("ckks-secret", collection_id, 1, params_json))
+            sealed = envelope.seal(self.hsm, secret, secret_context_aad(collection_id, 1, params_json))
             row = self.sign(CollectionRow(collection_id, dimension, threshold, 1, 1, b""))
             gallery = CollectionGallery(collection_id, 1, dimension, self.params, public,
                                         self.tuning.routing)
