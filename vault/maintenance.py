@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -123,14 +124,11 @@ def checkpoint(vault, gallery: CollectionGallery) -> int:  # type: ignore[no-unt
                 for t in store.templates_in(cid, version, PAGE, p.page_no):
                     if t.template_id in moved_ids:
                         b, slot = moved_ids[t.template_id]
-                        changed.append(vault.sign(TemplateRow(
-                            t.template_id, cid, t.subject_hmac, version, BLOCK, block_nos[b], slot,
-                            t.request_hmac, t.state, 0, b"")))
+                        changed.append(vault.sign(replace(t, tier=BLOCK, loc=block_nos[b],
+                                                          slot=slot, erased=0, mac=b"")))
                     elif t.state == DELETED and not t.erased:
                         # Deleted before the checkpoint: its page, values and all, is dropped.
-                        changed.append(vault.sign(TemplateRow(
-                            t.template_id, cid, t.subject_hmac, version, t.tier, t.loc, t.slot,
-                            t.request_hmac, t.state, 1, b"")))
+                        changed.append(vault.sign(replace(t, erased=1, mac=b"")))
             dropped = [(cid, version, p.page_no) for p in pages]
             store.write_relocation([row for _, row in new_blocks], changed, dropped)
             for b, (block, _row) in enumerate(new_blocks):
@@ -176,8 +174,7 @@ def compact(vault, gallery: CollectionGallery, block_no: int) -> int:  # type: i
                     np.ascontiguousarray(fresh[:, :, 0, :]), digest, block.groups, block.centroid)
         with gallery.write_lock:
             ids = {t.template_id for t in erase}
-            changed = [vault.sign(TemplateRow(t.template_id, cid, t.subject_hmac, version, t.tier,
-                                              t.loc, t.slot, t.request_hmac, t.state, 1, b""))
+            changed = [vault.sign(replace(t, erased=1, mac=b""))
                        for t in store.templates_in(cid, version, BLOCK, block_no)
                        if t.template_id in ids]
             store.write_relocation([vault.block_row(gallery, new, digest, row.sketch)], changed, [])

@@ -430,7 +430,7 @@ class Vault:
         bad = 0
         for subject_hmac, tier, loc, slot in self.store.live_places(gallery.collection_id,
                                                                      gallery.key_version):
-            holder = gallery.pages.get(loc) if tier == PAGE else gallery.blocks.get(loc)
+            holder = gallery.holder(tier, loc)
             place = (tier, loc, slot)
             if holder is None or not 0 <= slot < holder.fill or place in seen:
                 bad += 1

@@ -139,11 +139,15 @@ class CollectionGallery:
         with self._lock:
             self._next_page_no = max(self._next_page_no, at_least)
 
+    def holder(self, tier: int, loc: int) -> Block | Page | None:
+        """The page or block a template row names (tier, loc), if installed."""
+        return self.pages.get(loc) if tier == PAGE else self.blocks.get(loc)
+
     def set_live(self, tier: int, loc: int, slot: int, group: int) -> None:
         """Mark a slot live for ``group``, or not live with ``group = -1`` (a deletion:
         from this moment the slot's score is never released)."""
         with self._lock:
-            holder = self.pages.get(loc) if tier == PAGE else self.blocks.get(loc)
+            holder = self.holder(tier, loc)
             if holder is not None:
                 holder.groups[slot] = group
 
@@ -236,7 +240,7 @@ class CollectionGallery:
         found: dict[tuple[int, int], tuple[Block | Page, list[int]]] = {}
         with self._lock:
             for tier, loc, slot in places:
-                holder = self.pages.get(loc) if tier == PAGE else self.blocks.get(loc)
+                holder = self.holder(tier, loc)
                 if holder is None or not 0 <= slot < holder.groups.size or holder.groups[slot] != group:
                     return None
                 found.setdefault((tier, loc), (holder, []))[1].append(slot)
