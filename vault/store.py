@@ -319,25 +319,29 @@ class Store:
 
     # -- collections ---------------------------------------------------------------------
 
+    _COLLECTION_COLUMNS = "collection_id, dimension, threshold, key_version, min_key_version, mac"
+
     def collection(self, collection_id: str) -> CollectionRow | None:
-        rows = self._query(
-            "SELECT collection_id, dimension, threshold, key_version, min_key_version, mac "
-            "FROM collections WHERE collection_id=?", (collection_id,))
+        rows = self._query(f"SELECT {self._COLLECTION_COLUMNS} FROM collections "
+                           "WHERE collection_id=?", (collection_id,))
         return CollectionRow(*rows[0]) if rows else None
 
     def collections(self) -> list[CollectionRow]:
         return [CollectionRow(*r) for r in self._query(
-            "SELECT collection_id, dimension, threshold, key_version, min_key_version, mac "
-            "FROM collections ORDER BY collection_id")]
+            f"SELECT {self._COLLECTION_COLUMNS} FROM collections ORDER BY collection_id")]
 
     def insert_collection(self, row: CollectionRow, key: CollectionKeyRow) -> None:
         with self.transaction() as db:
             db.execute("INSERT INTO collections VALUES (?,?,?,?,?,?,?)",
                        (row.collection_id, row.dimension, row.threshold, row.key_version,
                         row.min_key_version, time.time(), row.mac))
-            db.execute("INSERT INTO collection_keys VALUES (?,?,?,?,?,?)",
-                       (key.collection_id, key.key_version, key.he_params, key.public_context,
-                        key.sealed_secret_context, time.time()))
+            self._put_collection_key(db, key)
+
+    @staticmethod
+    def _put_collection_key(db: sqlite3.Connection, key: CollectionKeyRow) -> None:
+        db.execute("INSERT INTO collection_keys VALUES (?,?,?,?,?,?)",
+                   (key.collection_id, key.key_version, key.he_params, key.public_context,
+                    key.sealed_secret_context, time.time()))
 
     def collection_key(self, collection_id: str, key_version: int) -> CollectionKeyRow | None:
         rows = self._query(
@@ -410,10 +414,12 @@ class Store:
         return -1 if found is None else int(found)
 
     @staticmethod
-    def _insert_templates(db: sqlite3.Connection, templates: list[TemplateRow]) -> None:
+    def _insert_templates(db: sqlite3.Connection, templates: list[TemplateRow],
+                          replace: bool = False) -> None:
         now = time.time()
         db.executemany(
-            "INSERT INTO templates VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            f"INSERT{' OR REPLACE' if replace else ''} INTO templates "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
             [(t.template_id, t.collection_id, t.subject_hmac, t.key_version, t.tier, t.loc,
               t.slot, t.request_hmac, t.state, t.erased, now, now if t.state == DELETED else None,
               t.mac) for t in templates])
@@ -502,17 +508,18 @@ class Store:
             "FROM pages WHERE collection_id=? AND key_version=? ORDER BY page_no",
             (collection_id, key_version))]
 
+    _BLOCK_COLUMNS = ("collection_id, key_version, block_no, kind, generation, levels, fill, "
+                      "digest, sketch, mac")
+
     def blocks(self, collection_id: str, key_version: int) -> list[BlockRow]:
         return [BlockRow(*r) for r in self._query(
-            "SELECT collection_id, key_version, block_no, kind, generation, levels, fill, digest, "
-            "sketch, mac FROM blocks WHERE collection_id=? AND key_version=? ORDER BY block_no",
-            (collection_id, key_version))]
+            f"SELECT {self._BLOCK_COLUMNS} FROM blocks WHERE collection_id=? AND key_version=? "
+            "ORDER BY block_no", (collection_id, key_version))]
 
     def block(self, collection_id: str, key_version: int, block_no: int) -> BlockRow | None:
         rows = self._query(
-            "SELECT collection_id, key_version, block_no, kind, generation, levels, fill, digest, "
-            "sketch, mac FROM blocks WHERE collection_id=? AND key_version=? AND block_no=?",
-            (collection_id, key_version, block_no))
+            f"SELECT {self._BLOCK_COLUMNS} FROM blocks WHERE collection_id=? AND key_version=? "
+            "AND block_no=?", (collection_id, key_version, block_no))
         return BlockRow(*rows[0]) if rows else None
 
     # -- key jobs and key versions ----------------------------------------------------
@@ -523,9 +530,7 @@ class Store:
     def insert_key_version(self, key: CollectionKeyRow, job: KeyJobRow) -> None:
         """A new key version of a collection, and the job that moves templates to it."""
         with self.transaction() as db:
-            db.execute("INSERT INTO collection_keys VALUES (?,?,?,?,?,?)",
-                       (key.collection_id, key.key_version, key.he_params, key.public_context,
-                        key.sealed_secret_context, time.time()))
+            self._put_collection_key(db, key)
             db.execute(f"INSERT INTO key_jobs({self._JOB_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
                        (job.job_id, job.collection_id, job.from_version, job.to_version, job.state,
                         job.blocks_done, job.blocks_total, job.started_at, job.finished_at, job.error))
@@ -549,14 +554,9 @@ class Store:
         """One transaction: a block moved to a new key version, its templates' rows under
         that version (replacing those of an earlier move of the same block), the job's
         progress."""
-        now = time.time()
         with self.transaction() as db:
             self._put_block(db, block)
-            db.executemany(
-                "INSERT OR REPLACE INTO templates VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                [(t.template_id, t.collection_id, t.subject_hmac, t.key_version, t.tier, t.loc,
-                  t.slot, t.request_hmac, t.state, t.erased, now,
-                  now if t.state == DELETED else None, t.mac) for t in templates])
+            self._insert_templates(db, templates, replace=True)
             db.execute("UPDATE key_jobs SET blocks_done=?, blocks_total=? WHERE job_id=?",
                        (done, total, job_id))
 
