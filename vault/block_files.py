@@ -32,15 +32,12 @@ from pathlib import Path
 import numpy as np
 
 from vault.errors import ResourceExhausted, Unavailable
+from vault.he.poly import residue_dtype
 
 MAGIC = b"VAULTBLK"
 _HEADER = 4096
 _ALIGN = 4096
 _NAME = re.compile(r"^(?P<block>[0-9]+)-(?P<generation>[0-9]+)\.blk$")
-
-
-def _dtype(q: int) -> np.dtype:
-    return np.dtype(np.uint32) if q < 2 ** 32 else np.dtype(np.uint64)
 
 
 def _aligned(n: int) -> int:
@@ -74,7 +71,7 @@ class BlockFiles:
         """
         path.parent.mkdir(parents=True, exist_ok=True)
         header = {"shape": list(residues[0].shape), "moduli": [int(q) for q in moduli],
-                  "dtypes": [_dtype(q).str for q in moduli]}
+                  "dtypes": [residue_dtype(q).str for q in moduli]}
         raw = MAGIC + json.dumps(header).encode()
         if len(raw) > _HEADER:
             raise ValueError("block header too large")
@@ -86,7 +83,7 @@ class BlockFiles:
                 f.write(head)
                 digest.update(head)
                 for arr, q in zip(residues, moduli):
-                    data = np.ascontiguousarray(arr, dtype=_dtype(q)).tobytes()
+                    data = np.ascontiguousarray(arr, dtype=residue_dtype(q)).tobytes()
                     data += b"\0" * (_aligned(len(data)) - len(data))
                     f.write(data)
                     digest.update(data)

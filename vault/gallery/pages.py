@@ -97,8 +97,7 @@ def score(ctx: PublicContext, pages: list[Page], scalars: np.ndarray,
 def pack(ct: np.ndarray, moduli: tuple[int, ...]) -> bytes:
     """A page ciphertext (2, levels, N) as stored: per prime, uint32 residues where the
     prime allows, else uint64."""
-    return b"".join(np.ascontiguousarray(ct[:, level, :],
-                                         dtype=np.uint32 if q < 2 ** 32 else np.uint64).tobytes()
+    return b"".join(np.ascontiguousarray(ct[:, level, :], dtype=poly.residue_dtype(q)).tobytes()
                     for level, q in enumerate(moduli[:ct.shape[1]]))
 
 
@@ -106,7 +105,7 @@ def unpack(data: bytes, levels: int, n: int, moduli: tuple[int, ...]) -> np.ndar
     out = np.empty((2, levels, n), np.uint64)
     offset = 0
     for level, q in enumerate(moduli[:levels]):
-        dtype = np.dtype(np.uint32 if q < 2 ** 32 else np.uint64)
+        dtype = poly.residue_dtype(q)
         size = 2 * n * dtype.itemsize
         out[:, level, :] = np.frombuffer(data, dtype, 2 * n, offset).reshape(2, n)
         offset += size
@@ -119,7 +118,7 @@ def packed_levels(data: bytes, n: int, moduli: tuple[int, ...]) -> int:
     """How many primes a packed page holds (pages keep the level they were written at)."""
     size = 0
     for level, q in enumerate(moduli):
-        size += 2 * n * (4 if q < 2 ** 32 else 8)
+        size += 2 * n * poly.residue_dtype(q).itemsize
         if size == len(data):
             return level + 1
     raise ValueError("page ciphertext has the wrong size")

@@ -50,6 +50,16 @@ def _random_u64(count: int) -> np.ndarray:
     return np.frombuffer(encryptor.update(bytes(8 * count)), np.uint64)
 
 
+def _uniform_below(count: int, bound: int) -> np.ndarray:
+    """``count`` integers exactly uniform in [0, bound): rejection sampling, no modulo bias."""
+    limit = np.uint64((2 ** 64 // bound) * bound)
+    got = np.empty(0, np.uint64)
+    while got.size < count:
+        draw = _random_u64(count + count // 8 + 16)
+        got = np.concatenate([got, draw[draw < limit]])
+    return got[:count] % np.uint64(bound)
+
+
 def uniform(shape: tuple[int, ...], moduli: Sequence[int]) -> np.ndarray:
     """Residues uniform in [0, q) per level, (*shape[:-1], levels, shape[-1]). Rejection
     sampling makes them exactly uniform: masks that hide a plaintext perfectly, as a
@@ -57,12 +67,7 @@ def uniform(shape: tuple[int, ...], moduli: Sequence[int]) -> np.ndarray:
     out = np.empty((*shape[:-1], len(moduli), shape[-1]), np.uint64)
     count = int(np.prod(shape))
     for level, q in enumerate(moduli):
-        limit = np.uint64((2 ** 64 // q) * q)
-        got = np.empty(0, np.uint64)
-        while got.size < count:
-            draw = _random_u64(count + count // 8 + 16)
-            got = np.concatenate([got, draw[draw < limit]])
-        out[..., level, :] = (got[:count] % np.uint64(q)).reshape(shape)
+        out[..., level, :] = _uniform_below(count, q).reshape(shape)
     return out
 
 
@@ -77,13 +82,12 @@ def uniform_interior(shape: tuple[int, ...], q: int, margin: int) -> np.ndarray:
     span = q - 2 * margin
     if span <= 0:
         raise ValueError("margin too large for the modulus")
-    count = int(np.prod(shape))
-    limit = np.uint64((2 ** 64 // span) * span)
-    got = np.empty(0, np.uint64)
-    while got.size < count:
-        draw = _random_u64(count + count // 8 + 16)
-        got = np.concatenate([got, draw[draw < limit]])
-    return (got[:count] % np.uint64(span) + np.uint64(margin)).reshape(shape)
+    return (_uniform_below(int(np.prod(shape)), span) + np.uint64(margin)).reshape(shape)
+
+
+def residue_dtype(q: int) -> np.dtype:
+    """How residues mod ``q`` are stored: uint32 where the prime allows, else uint64."""
+    return np.dtype(np.uint32) if q < 2 ** 32 else np.dtype(np.uint64)
 
 
 def quantise(values: np.ndarray, scale: float) -> np.ndarray:
