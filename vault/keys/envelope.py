@@ -28,12 +28,17 @@ def seal(hsm: Hsm, value: bytes, aad: bytes) -> bytes:
     return _LEN.pack(len(wrapped)) + wrapped + nonce + AESGCM(data_key).encrypt(nonce, value, aad)
 
 
-def open_sealed(hsm: Hsm, blob: bytes, aad: bytes) -> bytes:
-    """Inverse of :func:`seal`; raises DataLoss when the blob or ``aad`` do not match."""
+def _split(blob: bytes) -> tuple[bytes, bytes]:
+    """(wrapped data key, nonce and ciphertext) of a sealed value."""
     if len(blob) < _LEN.size:
         raise DataLoss("sealed value is truncated")
     (n,) = _LEN.unpack_from(blob)
-    wrapped, rest = blob[_LEN.size:_LEN.size + n], blob[_LEN.size + n:]
+    return blob[_LEN.size:_LEN.size + n], blob[_LEN.size + n:]
+
+
+def open_sealed(hsm: Hsm, blob: bytes, aad: bytes) -> bytes:
+    """Inverse of :func:`seal`; raises DataLoss when the blob or ``aad`` do not match."""
+    wrapped, rest = _split(blob)
     if len(rest) < 12 + 16:
         raise DataLoss("sealed value is truncated")
     data_key = hsm.unwrap(wrapped, aad)
@@ -45,17 +50,13 @@ def open_sealed(hsm: Hsm, blob: bytes, aad: bytes) -> bytes:
 
 def sealed_kek_version(blob: bytes) -> int:
     """The KEK version that wraps a sealed value's data key."""
-    (n,) = _LEN.unpack_from(blob)
-    return Hsm.wrapped_version(blob[_LEN.size:_LEN.size + n])
+    return Hsm.wrapped_version(_split(blob)[0])
 
 
 def rewrap_sealed(hsm: Hsm, blob: bytes, aad: bytes, version: int | None = None) -> bytes:
     """The same sealed value with its data key rewrapped under the current KEK version:
     the value itself is not decrypted (master key rotation)."""
-    if len(blob) < _LEN.size:
-        raise DataLoss("sealed value is truncated")
-    (n,) = _LEN.unpack_from(blob)
-    wrapped, rest = blob[_LEN.size:_LEN.size + n], blob[_LEN.size + n:]
+    wrapped, rest = _split(blob)
     rewrapped = hsm.rewrap(wrapped, aad, version)
     return _LEN.pack(len(rewrapped)) + rewrapped + rest
 

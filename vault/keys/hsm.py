@@ -157,18 +157,18 @@ class Hsm:
             self._keys[key_label] = key
         return key
 
+    @staticmethod
+    def _versions_in(session: pkcs11.Session, name: str) -> list[int]:
+        found = []
+        for obj in session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}):
+            m = _LABEL.match(obj.label or "")
+            if m and m.group("name") == name:
+                found.append(int(m.group("version")))
+        return sorted(found)
+
     def versions(self, name: str) -> list[int]:
         """Versions of key ``name`` present in the token, ascending."""
-
-        def run(session: pkcs11.Session) -> list[int]:
-            found = []
-            for obj in session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}):
-                m = _LABEL.match(obj.label or "")
-                if m and m.group("name") == name:
-                    found.append(int(m.group("version")))
-            return sorted(found)
-
-        return self._call(run)
+        return self._call(lambda session: self._versions_in(session, name))
 
     def ensure_keys(self, create: bool = True) -> list[str]:
         """Key ceremony: create every missing key. Returns the labels it created.
@@ -275,11 +275,8 @@ class Hsm:
         """A new version of the key-encryption key (non-extractable, in the token); new
         wraps use it from now on. Returns its version."""
 
-        def run(session: pkcs11.Session) -> int:
-            found = [int(m.group("version")) for obj in
-                     session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY})
-                     if (m := _LABEL.match(obj.label or "")) and m.group("name") == KEK]
-            version = max(found, default=0) + 1
+        def run(session: pkcs11.Session) -> int:  # one session: the scan and the new key
+            version = max(self._versions_in(session, KEK), default=0) + 1
             self._generate(session, KEK, version)
             return version
 
