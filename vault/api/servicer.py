@@ -7,6 +7,7 @@ by exception type only), never UNKNOWN and never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import secrets
 import time
@@ -50,26 +51,44 @@ def _code_of(exc: Exception) -> grpc.StatusCode:
     return exc.code if isinstance(exc, VaultError) else grpc.StatusCode.INTERNAL
 
 
+class _Call:
+    """One RPC in progress: its audit entries once admitted, and for a stream, how many
+    items it has stored (for its log line)."""
+
+    def __init__(self) -> None:
+        self.audit: _Audit | None = None
+        self.count: Callable[[], int] | None = None
+
+
+@contextlib.contextmanager
+def _handled(name: str, context: grpc.ServicerContext) -> Iterator[_Call]:
+    """The body of every RPC runs in here: a failure becomes its status (:func:`_abort`),
+    and one log line records the outcome."""
+    call = _Call()
+    start = time.perf_counter()
+    code = grpc.StatusCode.OK
+    try:
+        yield call
+    except Exception as exc:  # noqa: BLE001 - the last line of defence
+        code = _code_of(exc)
+        _abort(exc, name, context, call.audit)
+    finally:
+        fields = {} if call.count is None else {"count": call.count()}
+        log.info("rpc", method=name, code=code.name,
+                 duration_ms=round((time.perf_counter() - start) * 1e3, 2), **fields)
+
+
 def _guard(method: F) -> F:
     name = method.__name__
 
     @functools.wraps(method)
     def wrapper(self: TemplateVaultServicer, request: Any, context: grpc.ServicerContext) -> Any:
-        start = time.perf_counter()
-        code = grpc.StatusCode.OK
-        audit: _Audit | None = None
-        try:
-            audit = self._admit(name, request, context)
+        with _handled(name, context) as call:
+            call.audit = self._admit(name, request, context)
             response = method(self, request, context)
-            if audit is not None:
-                audit.end(response)
+            if call.audit is not None:
+                call.audit.end(response)
             return response
-        except Exception as exc:  # noqa: BLE001 - the last line of defence
-            code = _code_of(exc)
-            _abort(exc, name, context, audit)
-        finally:
-            log.info("rpc", method=name, code=code.name,
-                     duration_ms=round((time.perf_counter() - start) * 1e3, 2))
 
     return wrapper  # type: ignore[return-value]
 
@@ -221,16 +240,14 @@ class TemplateVaultServicer(vault_pb2_grpc.TemplateVaultServicer):
     def ImportTemplates(self, requests: Any, context: grpc.ServicerContext) -> Any:
         """Bulk import (client stream of batches, server stream of per-item results)."""
         name = "ImportTemplates"
-        start = time.perf_counter()
-        code = grpc.StatusCode.OK
-        audit: _Audit | None = None
         session = None
-        try:
+        with _handled(name, context) as call:
+            call.count = lambda: session.stored if session is not None else 0
             for request in requests:
                 if isinstance(request, Undecodable):
                     raise InvalidArgument(f"request is not a valid {request.type_name}")
                 if session is None:
-                    audit = self._admit(name, request, context)
+                    call.audit = self._admit(name, request, context)
                     session = self._vault().start_import(request.collection_id)
                 elif request.collection_id and request.collection_id != session.collection_id:
                     raise InvalidArgument("collection_id must be the same in every message of an import")
@@ -238,16 +255,9 @@ class TemplateVaultServicer(vault_pb2_grpc.TemplateVaultServicer):
                     [ImportItem(i.subject_id, i.embedding, i.request_id) for i in request.items]))
             if session is not None:
                 results = session.finish()
-                if audit is not None:
-                    audit.end(None, f"OK stored={session.stored} failed={session.failed}")
+                if call.audit is not None:
+                    call.audit.end(None, f"OK stored={session.stored} failed={session.failed}")
                 yield from _import_responses(results)
-        except Exception as exc:  # noqa: BLE001 - the last line of defence
-            code = _code_of(exc)
-            _abort(exc, name, context, audit)
-        finally:
-            log.info("rpc", method=name, code=code.name,
-                     count=session.stored if session is not None else 0,
-                     duration_ms=round((time.perf_counter() - start) * 1e3, 2))
 
     @_guard
     def ListKeyVersions(self, request: vault_pb2.ListKeyVersionsRequest,
