@@ -124,7 +124,6 @@ def audit_verify(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from vault import client
     from vault.demo import run
 
     with client.channel(args) as channel:
@@ -133,7 +132,7 @@ def demo(args: argparse.Namespace) -> int:
 
 def import_file(args: argparse.Namespace) -> int:
     """Stream a .npz file into a running vault; exit 1 if any item failed."""
-    from vault import client, import_client
+    from vault import import_client
 
     logs.configure()
     try:
@@ -157,7 +156,7 @@ def keys(args: argparse.Namespace) -> int:
     """Key lifecycle commands against a running vault (see vault.keys_client)."""
     import grpc
 
-    from vault import client, keys_client
+    from vault import keys_client
 
     try:
         with client.channel(args) as channel:
@@ -226,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="CA that signs client certificates; their OU values are the roles "
                         "enroller, matcher, admin (env VAULT_TLS_CLIENT_CA)")
     p.add_argument("--rate-limit", type=float,
-                   default=float(os.environ.get("VAULT_RATE_LIMIT", "1000")),
+                   default=_env_float("VAULT_RATE_LIMIT", "1000"),
                    help="calls per second per client, bursts of twice that; 0 disables "
                         "(env VAULT_RATE_LIMIT)")
     p.add_argument("--allow-insecure-remote", action="store_true",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -79,19 +78,17 @@ def run(collection_id: str, path: Path, batch: int, channel: grpc.Channel,
         from tqdm import tqdm
         bar = tqdm(total=len(emb), unit="tpl", desc="imported", file=sys.stderr)
     sent = [0]
-    lock = threading.Lock()
     start = time.perf_counter()
     try:
         stub = vault_pb2_grpc.TemplateVaultStub(channel)
         for response in stub.ImportTemplates(
                 _requests(collection_id, emb, subjects, requests, batch, sent)):
-            with lock:
-                for r in response.results:
-                    if r.code == 0:
-                        report.stored += 1
-                    else:
-                        report.failed += 1
-                        report.errors[r.message] = report.errors.get(r.message, 0) + 1
+            for r in response.results:
+                if r.code == 0:
+                    report.stored += 1
+                else:
+                    report.failed += 1
+                    report.errors[r.message] = report.errors.get(r.message, 0) + 1
             done = report.stored + report.failed
             if bar is not None:
                 bar.n = done

@@ -86,11 +86,6 @@ class Prefilter:
             self._sketches[block_no] = np.asarray(block_sketch, np.float32)
             self._index = None  # rebuilt on the next search: a few hundred vectors
 
-    def remove(self, block_no: int) -> None:
-        with self._lock:
-            if self._sketches.pop(block_no, None) is not None:
-                self._index = None
-
     def nearest(self, probe: np.ndarray, count: int) -> list[int]:
         """The ``count`` blocks whose sketches are nearest the probe, nearest first."""
         with self._lock:
