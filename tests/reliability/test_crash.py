@@ -128,7 +128,8 @@ def test_sigkill_during_enrollment_loses_nothing_acknowledged(tmp_path: Path, fa
                 assert time.monotonic() < deadline, "the key rotation did not finish"
                 time.sleep(0.5)
             version = stub.GetCollection(pb.GetCollectionRequest(collection_id="c")).key_version
-        _check_after_restart(server, faces, acked, attempted, len(acked), rng)
+        # The request in flight at the last kill was never retried: it may have been committed.
+        _check_after_restart(server, faces, acked, attempted + 1, len(acked), rng)
     finally:
         server.stop()
     log = server.log_path.read_text()
