@@ -8,7 +8,6 @@ import ipaddress
 import os
 import signal
 import sys
-import threading
 from pathlib import Path
 
 from vault import client, logs
@@ -25,6 +24,27 @@ def _is_loopback(listen: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _wait_for_signal(*signals: signal.Signals) -> None:
+    """Block the main thread until one of ``signals`` arrives.
+
+    The kernel may deliver a process signal to any thread (gRPC's, the pools'), and then
+    CPython never wakes a main thread asleep in an untimed lock wait: ``Event.wait()``
+    hung on SIGTERM now and then. The C-level handler writes to the wakeup fd from
+    whichever thread caught the signal, so a read on that pipe always returns.
+    """
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    previous = signal.set_wakeup_fd(write_fd)
+    for sig in signals:
+        signal.signal(sig, lambda *_: None)  # a Python handler is what arms the wakeup fd
+    try:
+        os.read(read_fd, 1)
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(read_fd)
+        os.close(write_fd)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -81,10 +101,7 @@ def serve(args: argparse.Namespace) -> int:
                     "(embedded default)", listen=args.listen)
     log.info("serving", listen=args.listen, data_dir=str(data_dir), tls=tls is not None)
 
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    _wait_for_signal(signal.SIGTERM, signal.SIGINT)
     log.info("shutting down")
     server.stop(grace=5).wait()
     holder.close()

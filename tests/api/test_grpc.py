@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
+import os
+import platform
 import subprocess
 import sys
 import uuid
@@ -221,6 +224,25 @@ def test_sigterm_shuts_down_cleanly_and_data_survives(tmp_path) -> None:
             assert r.matched
     finally:
         assert s.stop() == 0
+
+
+_SYS_TGKILL = {"x86_64": 234, "aarch64": 131}
+
+
+@pytest.mark.skipif(platform.machine() not in _SYS_TGKILL, reason="tgkill number unknown here")
+def test_sigterm_caught_by_another_thread_still_shuts_down(tmp_path) -> None:
+    """The kernel may hand a process's SIGTERM to any of its threads; the server must stop
+    whichever one catches it (an untimed Event.wait in the main thread never woke up)."""
+    s = ServerProcess(tmp_path / "data").start()
+    pid = s.proc.pid
+    others = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid)
+    assert others, "the server runs gRPC threads"
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.syscall(_SYS_TGKILL[platform.machine()], pid, others[-1], 15) == 0, ctypes.get_errno()
+    try:
+        assert s.proc.wait(timeout=20) == 0
+    finally:
+        s.kill()
 
 
 def test_failed_verifications_lock_the_subject(stub, collection: str) -> None:
