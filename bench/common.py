@@ -6,18 +6,13 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vault import logs  # noqa: E402
-
-T = TypeVar("T")
-log = logs.get("bench")
+from vault.progress import Progress, progress  # noqa: E402,F401  (re-exported to the benches)
 
 
 def clustered(n: int, dim: int, per_identity: int, rng: np.random.Generator,
@@ -43,35 +38,6 @@ def sample_of(centre_rows: np.ndarray, rng: np.random.Generator, spread: float =
     dim = centre_rows.shape[1]
     return (centre_rows + spread * rng.standard_normal(centre_rows.shape).astype(np.float32)
             / np.sqrt(dim)).astype(np.float32)
-
-
-class Progress:
-    """A bar on a terminal, structured log lines every 10% otherwise."""
-
-    def __init__(self, total: int, desc: str) -> None:
-        self.total, self.desc, self.done = total, desc, 0
-        self._step = max(1, total // 10)
-        self._bar = None
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-            self._bar = tqdm(total=total, desc=desc)
-
-    def advance(self, count: int = 1) -> None:
-        before, self.done = self.done, self.done + count
-        if self._bar is not None:
-            self._bar.update(count)
-            if self.done >= self.total:
-                self._bar.close()
-        elif self.done // self._step != before // self._step or self.done == self.total:
-            log.info("progress", kind=self.desc, count=self.done, status=f"{self.done}/{self.total}")
-
-
-def progress(iterable: Iterable[T], total: int, desc: str) -> Iterator[T]:
-    """Iterate with a :class:`Progress`."""
-    bar = Progress(total, desc)
-    for item in iterable:
-        yield item
-        bar.advance()
 
 
 def stats(seconds: list[float]) -> dict[str, float]:

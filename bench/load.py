@@ -36,11 +36,11 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vault import logs  # noqa: E402
+from vault.progress import Progress, progress  # noqa: E402
 from vault.testing import ServerProcess  # noqa: E402
 from vault.v1 import vault_pb2 as pb  # noqa: E402
 from vault.v1 import vault_pb2_grpc  # noqa: E402
@@ -276,45 +276,18 @@ def _pre_enroll(stub: vault_pb2_grpc.TemplateVaultStub, collection: str, faces: 
         return Ack(rid, subject, r.template_id, row)
 
     with ThreadPoolExecutor(workers) as pool:
-        return list(_progress(pool.map(one, faces.gallery), len(faces.gallery), "pre-enroll", show))
-
-
-def _progress(iterable, total: int, desc: str, show: bool = True):
-    """A bar on a terminal, structured log lines every 10% otherwise (as match_latency.py)."""
-    if not show:
-        yield from iterable
-        return
-    if sys.stderr.isatty():
-        yield from tqdm(iterable, total=total, desc=desc)
-        return
-    step = max(1, total // 10)
-    for i, item in enumerate(iterable, 1):
-        yield item
-        if i % step == 0 or i == total:
-            log.info("progress", kind=desc, count=i, status=f"{i}/{total}")
+        return list(progress(pool.map(one, faces.gallery), len(faces.gallery), "pre-enroll", quiet=not show))
 
 
 def _monitor(shared: Shared, stop: threading.Event, duration: float,
              timeline: list[tuple[float, float, int]], show: bool) -> None:
     """Every 0.5 s: server memory and completed count (for the plot), and progress."""
-    tty = show and sys.stderr.isatty()
-    bar = tqdm(total=shared.max_requests, desc="load", unit="req") if tty else None
-    log_every, next_log, shown = max(1.0, duration / 10), 0.0, 0
-    while not stop.wait(0.5):
-        now = time.monotonic() - shared.t0
-        done = shared.completed
-        timeline.append((now, rss_mb(shared.server_pid), done))
-        if bar is not None:
-            bar.update(done - shown)
-            bar.set_postfix_str(f"{now:.0f}/{duration:.0f} s")
-            shown = done
-        elif show and now >= next_log:
-            log.info("progress", kind="load", count=done, status=f"{done}/{shared.max_requests} "
-                     f"after {now:.0f}/{duration:.0f} s")
-            next_log += log_every
-    if bar is not None:
-        bar.update(shared.completed - shown)
-        bar.close()
+    with Progress(shared.max_requests, "load", "req", quiet=not show) as shown:
+        while not stop.wait(0.5):
+            now = time.monotonic() - shared.t0
+            timeline.append((now, rss_mb(shared.server_pid), shared.completed))
+            shown.update(shared.completed, note=f"{now:.0f}/{duration:.0f} s")
+        shown.update(shared.completed)
 
 
 def _check_lost(stub: vault_pb2_grpc.TemplateVaultStub, collection: str, faces: Faces,
@@ -346,8 +319,8 @@ def _check_lost(stub: vault_pb2_grpc.TemplateVaultStub, collection: str, faces: 
 
     sample = acks if len(acks) <= verify_sample else rng.sample(acks, verify_sample)
     with ThreadPoolExecutor(workers) as pool:
-        retried = list(_progress(pool.map(retry, acks), len(acks), "retry", show))
-        matched = list(_progress(pool.map(self_match, sample), len(sample), "self-match", show))
+        retried = list(progress(pool.map(retry, acks), len(acks), "retry", quiet=not show))
+        matched = list(progress(pool.map(self_match, sample), len(sample), "self-match", quiet=not show))
     count_after = stub.GetCollection(pb.GetCollectionRequest(collection_id=collection),
                                      timeout=timeout).template_count
     bad_retry = {a.request_id for a, e in zip(acks, retried) if e}

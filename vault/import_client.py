@@ -3,14 +3,13 @@
 The file holds ``embeddings`` (n, D) and ``subject_ids`` (n,), and optionally
 ``request_ids`` (n,); without them each item's request id is derived from the file's
 digest and the item's position, so re-running the same import after an interruption
-stores nothing twice. Progress: a bar on a terminal, a JSON log line per stored chunk
+stores nothing twice. Progress: a bar on a terminal, a JSON log line per stored tenth
 otherwise.
 """
 
 from __future__ import annotations
 
 import hashlib
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,10 +18,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from vault import logs
+from vault.progress import Progress
 from vault.v1 import vault_pb2, vault_pb2_grpc
-
-log = logs.get("vault.import")
 
 
 @dataclass
@@ -72,33 +69,21 @@ def run(collection_id: str, path: Path, batch: int, channel: grpc.Channel,
     error message)."""
     emb, subjects, requests = load(path)
     report = ImportReport(total=len(emb))
-    show_bar = sys.stderr.isatty() if progress is None else progress
-    bar = None
-    if show_bar:
-        from tqdm import tqdm
-        bar = tqdm(total=len(emb), unit="tpl", desc="imported", file=sys.stderr)
     sent = [0]
     start = time.perf_counter()
-    try:
-        stub = vault_pb2_grpc.TemplateVaultStub(channel)
-        for response in stub.ImportTemplates(
-                _requests(collection_id, emb, subjects, requests, batch, sent)):
-            for r in response.results:
-                if r.code == 0:
-                    report.stored += 1
-                else:
-                    report.failed += 1
-                    report.errors[r.message] = report.errors.get(r.message, 0) + 1
-            done = report.stored + report.failed
-            if bar is not None:
-                bar.n = done
-                bar.set_postfix(sent=sent[0], failed=report.failed, refresh=False)
-                bar.refresh()
-            else:
-                log.info("import progress", count=done, template_count=report.total,
-                         status=f"failed={report.failed}")
-    finally:
-        report.seconds = time.perf_counter() - start
-        if bar is not None:
-            bar.close()
+    with Progress(report.total, "imported", "tpl", bar=progress) as shown:
+        try:
+            stub = vault_pb2_grpc.TemplateVaultStub(channel)
+            for response in stub.ImportTemplates(
+                    _requests(collection_id, emb, subjects, requests, batch, sent)):
+                for r in response.results:
+                    if r.code == 0:
+                        report.stored += 1
+                    else:
+                        report.failed += 1
+                        report.errors[r.message] = report.errors.get(r.message, 0) + 1
+                shown.update(report.stored + report.failed,
+                             note=f"sent={sent[0]} failed={report.failed}")
+        finally:
+            report.seconds = time.perf_counter() - start
     return report

@@ -10,11 +10,11 @@
 
 from __future__ import annotations
 
-import sys
 import time
 
 import grpc
 
+from vault.progress import Progress
 from vault.v1 import vault_pb2 as pb
 from vault.v1 import vault_pb2_grpc
 
@@ -31,27 +31,13 @@ def _job_line(job: pb.KeyJob) -> str:
 
 def wait(stub: vault_pb2_grpc.TemplateVaultStub, job: pb.KeyJob, poll: float = 1.0,
          progress: bool | None = None) -> pb.KeyJob:
-    """Poll a rotation until it ends; a bar on a terminal, a line per change otherwise."""
-    show_bar = sys.stderr.isatty() if progress is None else progress
-    bar = None
-    if show_bar:
-        from tqdm import tqdm
-        bar = tqdm(total=max(job.blocks_total, 1), unit="block", desc="rotating", file=sys.stderr)
-    last = None
-    while job.state == pb.KeyJob.STATE_RUNNING:
-        time.sleep(poll)
-        job = stub.GetKeyJob(pb.GetKeyJobRequest(job_id=job.job_id), timeout=30)
-        if bar is not None:
-            bar.total = max(job.blocks_total, 1)
-            bar.n = job.blocks_done
-            bar.refresh()
-        elif (job.blocks_done, job.state) != last:
-            print(_job_line(job), file=sys.stderr)
-        last = (job.blocks_done, job.state)
-    if bar is not None:
-        bar.close()
+    """Poll a rotation until it ends; a bar on a terminal, log lines otherwise."""
+    with Progress(job.blocks_total, "rotating", "block", bar=progress) as shown:
+        while job.state == pb.KeyJob.STATE_RUNNING:
+            time.sleep(poll)
+            job = stub.GetKeyJob(pb.GetKeyJobRequest(job_id=job.job_id), timeout=30)
+            shown.update(job.blocks_done, total=job.blocks_total)
     return job
-
 
 def run(channel: grpc.Channel, command: str, collection: str = "", job_id: str = "",
         version: int = 0, wait_for_job: bool = False) -> int:
