@@ -12,8 +12,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vault.progress import Progress, progress  # noqa: E402,F401  (re-exported to the benches)
-
 
 def clustered(n: int, dim: int, per_identity: int, rng: np.random.Generator,
               spread: float = 0.65) -> tuple[np.ndarray, np.ndarray]:

@@ -25,12 +25,13 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from common import (Progress, clustered, dir_bytes, machine, peak_rss_mb, progress,  # isort: skip
+from common import (clustered, dir_bytes, machine, peak_rss_mb,  # isort: skip
                     sample_of, stats, timed)
 from vault import logs
 from vault.gallery import Routing
 from vault.gallery.prefilter import balanced_clusters, sketch
 from vault.imports import MAX_CHUNK_BLOCKS
+from vault.progress import Progress, progress
 from vault.service import Tuning
 from vault.testing import ServerProcess
 from vault.v1 import vault_pb2 as pb

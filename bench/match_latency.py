@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common import clustered, dir_bytes, machine, progress, stats, timed  # isort: skip
+from common import clustered, dir_bytes, machine, stats, timed  # isort: skip
 from vault import logs
+from vault.progress import progress
 from vault.testing import ServerProcess
 from vault.v1 import vault_pb2 as pb
 from vault.v1 import vault_pb2_grpc

@@ -71,19 +71,17 @@ def run(collection_id: str, path: Path, batch: int, channel: grpc.Channel,
     report = ImportReport(total=len(emb))
     sent = [0]
     start = time.perf_counter()
+    stub = vault_pb2_grpc.TemplateVaultStub(channel)
     with Progress(report.total, "imported", "tpl", bar=progress) as shown:
-        try:
-            stub = vault_pb2_grpc.TemplateVaultStub(channel)
-            for response in stub.ImportTemplates(
-                    _requests(collection_id, emb, subjects, requests, batch, sent)):
-                for r in response.results:
-                    if r.code == 0:
-                        report.stored += 1
-                    else:
-                        report.failed += 1
-                        report.errors[r.message] = report.errors.get(r.message, 0) + 1
-                shown.update(report.stored + report.failed,
-                             note=f"sent={sent[0]} failed={report.failed}")
-        finally:
-            report.seconds = time.perf_counter() - start
+        for response in stub.ImportTemplates(
+                _requests(collection_id, emb, subjects, requests, batch, sent)):
+            for r in response.results:
+                if r.code == 0:
+                    report.stored += 1
+                else:
+                    report.failed += 1
+                    report.errors[r.message] = report.errors.get(r.message, 0) + 1
+            shown.update(report.stored + report.failed,
+                         note=f"sent={sent[0]} failed={report.failed}")
+    report.seconds = time.perf_counter() - start
     return report

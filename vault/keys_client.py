@@ -39,6 +39,7 @@ def wait(stub: vault_pb2_grpc.TemplateVaultStub, job: pb.KeyJob, poll: float = 1
             shown.update(job.blocks_done, total=job.blocks_total)
     return job
 
+
 def run(channel: grpc.Channel, command: str, collection: str = "", job_id: str = "",
         version: int = 0, wait_for_job: bool = False) -> int:
     stub = vault_pb2_grpc.TemplateVaultStub(channel)

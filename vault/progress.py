@@ -34,10 +34,9 @@ class Progress:
             self.total = total
         if self._bar is not None:
             self._bar.total = self.total
-            self._bar.n = done
             if note:
                 self._bar.set_postfix_str(note, refresh=False)
-            self._bar.refresh()
+            self._bar.update(done - self._bar.n)  # tqdm limits how often it redraws
             return
         tenth = min(10, 10 * done // max(self.total, 1))
         if self._log and tenth > self._logged_tenth:

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import uuid
@@ -238,7 +239,7 @@ def test_sigterm_caught_by_another_thread_still_shuts_down(tmp_path) -> None:
     others = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid)
     assert others, "the server runs gRPC threads"
     libc = ctypes.CDLL(None, use_errno=True)
-    assert libc.syscall(_SYS_TGKILL[platform.machine()], pid, others[-1], 15) == 0, ctypes.get_errno()
+    assert libc.syscall(_SYS_TGKILL[platform.machine()], pid, others[-1], signal.SIGTERM) == 0, ctypes.get_errno()
     try:
         assert s.proc.wait(timeout=20) == 0
     finally:
