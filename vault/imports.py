@@ -8,10 +8,15 @@ encrypted in worker processes and written as one file, what does not fill a bloc
 the mixed tail block (then new mixed blocks), and everything commits in one transaction.
 Then the chunk's results go out. An item's ``request_id`` makes it idempotent, as for Enroll:
 a retried stream gets the first answers and stores nothing twice.
+
+Imports are first enrollments: an item for a subject that already had templates before
+this stream is refused (PERMISSION_DENIED, per item), since nothing checks its face 1:1
+against them; further faces of an enrolled subject go through Enroll, which does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,12 +24,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vault import logs
-from vault.errors import AlreadyExists, Unavailable, VaultError
+from vault.errors import AlreadyExists, PermissionDenied, Unavailable, VaultError
 from vault.gallery import blocks as block_ops
 from vault.gallery.blocks import Block
 from vault.gallery.prefilter import balanced_clusters, sketch
 from vault.he import poly
-from vault.protector import validate_embedding
+from vault.protector import centre, validate_embedding
 from vault.store import BLOCK, CLUSTERED, DELETED, LIVE, MIXED, TemplateRow
 from vault.validation import check_request_id, check_subject_id
 
@@ -73,6 +78,8 @@ class ImportSession:
         self._pending_requests: dict[bytes, _Pending] = {}
         self._followers: list[tuple[int, _Pending]] = []  # repeats of a pending request id
         self._next_index = 0
+        self._mean = vault.reference_mean(self.row)
+        self._new_subjects: set[bytes] = set()  # first enrolled by this stream
         self.stored = 0
         self.failed = 0
 
@@ -84,9 +91,10 @@ class ImportSession:
             index = self._next_index
             self._next_index += 1
             try:
-                check_subject_id(item.subject_id)
+                item = dataclasses.replace(item, subject_id=check_subject_id(item.subject_id))
                 check_request_id(item.request_id)
-                valid.append((index, item, validate_embedding(item.embedding, self.row.dimension)))
+                x = validate_embedding(item.embedding, self.row.dimension)
+                valid.append((index, item, x if self._mean is None else centre(x, self._mean)))
             except VaultError as exc:
                 results.append(self._failed(index, exc))
         if valid:
@@ -123,6 +131,12 @@ class ImportSession:
             return self._failed(index, exc)
         if previous is not None:
             return ImportResult(index, previous[0], previous[1])
+        if subject_hmac not in self._new_subjects:
+            if self.vault.store.subject_templates(self.collection_id, subject_hmac):
+                return self._failed(index, PermissionDenied(
+                    "subject_id is already enrolled: add faces to it with Enroll, which "
+                    "checks them against its templates"))
+            self._new_subjects.add(subject_hmac)
         pending = _Pending(index, template, item.subject_id, subject_hmac, request_hmac)
         if request_hmac is not None:
             first = self._pending_requests.get(request_hmac)

@@ -7,6 +7,13 @@ key, the collection id and the key version. A rotation keeps cosine similarity e
 It is invertible to whoever holds its seed, and one rotation shared by many templates falls
 to a known-plaintext attack: confidentiality rests on CKKS and the HSM; the transform gives
 renewability (docs/SECURITY.md).
+
+Wolves: face embeddings sit in a narrow cone (dlib: cosine about 0.92 to their mean
+direction), so a mean of public faces is close to everyone. A collection created with a
+*reference mean* (the embedding model's public population mean of L2-normalised
+embeddings) has every embedding centred on it before the transform: the score is then the
+cosine of centred embeddings, and a probe too close to the centre (centred norm below half
+the population's RMS spread, ``sqrt(1 - |mean|^2) / 2``) is refused as INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
@@ -25,6 +32,11 @@ MIN_DIMENSION = 2
 MAX_DIMENSION = 1024
 # A float32 zero vector, or one whose norm underflows, has no direction to compare.
 _MIN_NORM = 1e-12
+# Reference means: of unit vectors, so below norm 1; probes whose centred norm is below this
+# fraction of the population's RMS spread are refused (LFW dlib: genuine faces >= 0.76 of
+# it, a mean of other public faces 0.22; bench/protection.py).
+_MAX_MEAN_NORM = 0.999
+_QUALITY_FLOOR = 0.5
 
 
 def validate_embedding(values: Sequence[float], dimension: int, field: str = "embedding") -> np.ndarray:
@@ -44,6 +56,39 @@ def validate_embedding(values: Sequence[float], dimension: int, field: str = "em
     if not math.isfinite(norm) or norm < _MIN_NORM:
         raise InvalidArgument(f"{field} is a zero vector (or too close to it to normalise)")
     return x / norm
+
+
+def validate_reference_mean(values: Sequence[float], dimension: int) -> np.ndarray | None:
+    """A collection's reference mean as float64 (None when not given).
+
+    It is the mean of L2-normalised embeddings of a public population, so its norm is below
+    1 (a mean of unit vectors that are not all equal); anything else is INVALID_ARGUMENT."""
+    if len(values) == 0:
+        return None
+    if len(values) != dimension:
+        raise InvalidArgument(f"reference_mean has {len(values)} values, the collection's "
+                              f"dimension is {dimension}")
+    mean = np.asarray(values, dtype=np.float64)
+    if not np.all(np.isfinite(mean)):
+        raise InvalidArgument("reference_mean contains NaN or infinite values")
+    if not float(np.linalg.norm(mean)) < _MAX_MEAN_NORM:
+        raise InvalidArgument("reference_mean must be the mean of L2-normalised embeddings "
+                              f"(its norm must be below {_MAX_MEAN_NORM})")
+    return mean
+
+
+def centre(unit: np.ndarray, mean: np.ndarray, field: str = "embedding") -> np.ndarray:
+    """Unit embeddings (D,) or (n, D) centred on ``mean`` and normalised again.
+
+    A probe near the population centre (a mean face: close to everyone before centring,
+    a direction of noise after) carries no identity: INVALID_ARGUMENT."""
+    shifted = unit - mean
+    norms = np.linalg.norm(shifted, axis=-1, keepdims=True)
+    floor = _QUALITY_FLOOR * math.sqrt(max(0.0, 1.0 - float(mean @ mean)))
+    if np.any(norms < floor):
+        raise InvalidArgument(f"{field} is too close to the collection's reference mean to "
+                              "identify anyone (a population-average face)")
+    return shifted / norms
 
 
 class Transform:
@@ -97,7 +142,11 @@ class Protector:
                 del self._cache[key]
 
     def protect(self, collection_id: str, key_version: int, dimension: int,
-                values: Sequence[float], field: str = "embedding") -> np.ndarray:
-        """Validate, normalise and transform an embedding; returns a unit vector (D,)."""
+                values: Sequence[float], field: str = "embedding",
+                reference_mean: np.ndarray | None = None) -> np.ndarray:
+        """Validate, normalise, centre on the collection's reference mean (if it has one)
+        and transform an embedding; returns a unit vector (D,)."""
         x = validate_embedding(values, dimension, field)
+        if reference_mean is not None:
+            x = centre(x, reference_mean, field)
         return self.transform(collection_id, key_version, dimension).apply(x)

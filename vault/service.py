@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import re
 import threading
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from vault import he, logs
+from vault.attempts import AttemptLimits, Attempts
 from vault.audit import AuditLog
 from vault.block_files import BlockFiles
 from vault.decider import Decider, GroupScore
@@ -33,7 +33,7 @@ from vault.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    ResourceExhausted,
+    PermissionDenied,
     Unavailable,
 )
 from vault.gallery import CollectionGallery, Routing
@@ -44,8 +44,9 @@ from vault.gallery.workers import EncryptionPool
 from vault.keys import envelope
 from vault.keys.hsm import Hsm, HsmConfig
 from vault.keys.integrity import Integrity, encode
-from vault.protector import Protector
+from vault.protector import Protector, validate_reference_mean
 from vault.store import (
+    BLOCK,
     DELETED,
     LIVE,
     PAGE,
@@ -75,16 +76,6 @@ _SKETCH_KEY = "sketch"
 def secret_context_aad(collection_id: str, key_version: int, params_json: str) -> bytes:
     """What a sealed CKKS secret key is bound to: its collection, key version, parameters."""
     return encode("ckks-secret", collection_id, key_version, params_json)
-
-
-@dataclass(frozen=True)
-class AttemptLimits:
-    """After ``max_failures`` failed 1:1 matches in a row (Face ID locks after 5), a subject
-    is locked for ``lockout_seconds``: every verification, genuine or not, gets
-    RESOURCE_EXHAUSTED until then. A success resets the count."""
-
-    max_failures: int = 5  # 0: no limit (accuracy tests, trusted batch scripts)
-    lockout_seconds: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -138,11 +129,10 @@ class Vault:
         self.audit: AuditLog | None = None  # set by open(); see vault.audit
         self.limits = limits or AttemptLimits()
         self.tuning = tuning or Tuning()
-        self._clock = clock
-        self._attempts_lock = threading.Lock()
         self.hsm = hsm
         self.params = params
         self.integrity = Integrity(hsm)
+        self.attempts = Attempts(store, self.integrity, hsm, self.limits, clock, self._event)
         self.protector = Protector(hsm)
         self.decider = Decider()
         self.files = BlockFiles(data_dir / "blocks")
@@ -249,7 +239,7 @@ class Vault:
 
     def _collection_fields(self, row: CollectionRow) -> tuple:
         return ("collection", row.collection_id, row.dimension, float(row.threshold).hex(),
-                row.key_version, row.min_key_version)
+                row.key_version, row.min_key_version, row.reference_mean)
 
     def _block_fields(self, b: BlockRow) -> tuple:
         return ("block", b.collection_id, b.key_version, b.block_no, b.kind, b.generation,
@@ -284,6 +274,13 @@ class Vault:
         return self._pii.encrypt(subject_id.encode(), encode("subject-id", collection_id, subject_hmac))
 
     # -- loading ---------------------------------------------------------------------------
+
+    def _event(self, kind: str, collection_id: str, subject_hmac: bytes, outcome: str,
+               method: str = "Match", actor: str = "vault") -> None:
+        """An audit entry the vault writes on its own (alerts, integrity, admin overrides)."""
+        if self.audit is not None:
+            self.audit.append(kind, uuid.uuid4().hex[:16], actor, method, collection_id,
+                              [subject_hmac], outcome)
 
     def _integrity_failure(self, kind: str, collection_id: str, count: int = 1) -> None:
         """Log a damaged record found at load; it is audited once the audit log is open."""
@@ -481,18 +478,30 @@ class Vault:
 
     # -- operations ------------------------------------------------------------------------
 
-    def create_collection(self, collection_id: str, dimension: int, threshold: float) -> CollectionInfo:
-        """New collection with its own CKKS key pair and transform key version 1."""
+    def create_collection(self, collection_id: str, dimension: int, threshold: float | None,
+                          reference_mean: Sequence[float] = ()) -> CollectionInfo:
+        """New collection with its own CKKS key pair and transform key version 1.
+
+        ``threshold`` is required (None: INVALID_ARGUMENT). ``reference_mean``: the
+        embedding model's public population mean of normalised embeddings; every embedding
+        is centred on it (vault.protector, wolves), so the threshold applies to the cosine
+        of centred embeddings. Without one the collection is exposed to wolves."""
         check_collection_id(collection_id)
         check_dimension(dimension)
+        if threshold is None:
+            raise InvalidArgument("threshold is required: the decision threshold on cosine "
+                                  "similarity, in [-1, 1]")
         threshold = check_threshold(threshold)
+        mean = validate_reference_mean(reference_mean, dimension)
+        mean_bytes = None if mean is None else mean.astype("<f8").tobytes()
         with self._create_lock:
             if self.store.collection(collection_id) is not None:
                 raise AlreadyExists("collection already exists")
             secret, public = he.generate(self.params)
             params_json = self.params.to_json()
             sealed = envelope.seal(self.hsm, secret, secret_context_aad(collection_id, 1, params_json))
-            row = self.sign(CollectionRow(collection_id, dimension, threshold, 1, 1, b""))
+            row = self.sign(CollectionRow(collection_id, dimension, threshold, 1, 1, b"",
+                                          mean_bytes))
             gallery = CollectionGallery(collection_id, 1, dimension, self.params, public,
                                         self.tuning.routing)
             self.store.insert_collection(row, CollectionKeyRow(collection_id, 1, params_json,
@@ -500,8 +509,16 @@ class Vault:
             self.decider.load(collection_id, 1, secret, self.params)
             del secret
             self._galleries[collection_id] = gallery
-        log.info("collection created", collection_id=collection_id, dimension=dimension)
+        log.info("collection created", collection_id=collection_id, dimension=dimension,
+                 status="centred" if mean is not None else "no_reference_mean")
         return CollectionInfo(collection_id, dimension, threshold, 1, 0)
+
+    @staticmethod
+    def reference_mean(row: CollectionRow) -> np.ndarray | None:
+        """A collection's reference mean (vault.protector), or None."""
+        if row.reference_mean is None:
+            return None
+        return np.frombuffer(row.reference_mean, "<f8")
 
     def get_collection(self, collection_id: str) -> CollectionInfo:
         row, gallery = self._collection(collection_id)
@@ -529,30 +546,66 @@ class Vault:
         return previous.template_id, previous.key_version
 
     def enroll(self, collection_id: str, subject_id: str, embedding: Sequence[float],
-               request_id: str = "") -> tuple[str, int]:
+               request_id: str = "", credential: str = "local",
+               allow_new_face: bool = False) -> tuple[str, int]:
         """Store one protected, encrypted template in the journal. Returns (template_id,
-        key_version). A repeated ``request_id`` returns the first answer, stores nothing."""
+        key_version). A repeated ``request_id`` returns the first answer, stores nothing.
+
+        A subject that already has templates gets another one only if the new face passes
+        1:1 against them (an attempt of ``credential``, counted like a verification), else
+        PERMISSION_DENIED and nothing stored; ``allow_new_face`` (the API grants it to
+        admins only) skips the check, and is audited."""
         for _ in range(3):  # a key rotation may switch versions under us: start again
-            done = self._enroll(collection_id, subject_id, embedding, request_id)
+            done = self._enroll(collection_id, subject_id, embedding, request_id, credential,
+                                allow_new_face)
             if done is not None:
                 return done
         raise Unavailable("the collection's key version kept changing; retry")
 
+    def _same_face(self, collection_id: str, row: CollectionRow, gallery: CollectionGallery,
+                   subject_hmac: bytes, template: np.ndarray,
+                   credential: str) -> list[TemplateRow]:
+        """PERMISSION_DENIED unless ``template`` matches one of the subject's templates;
+        returns the rows it was checked against."""
+        rows, held = self._held(collection_id, gallery, subject_hmac)
+        if held is None:
+            return rows  # deleted meanwhile: a first enrollment again
+        reservation = self.attempts.reserve(collection_id, subject_hmac, f"enroll/{credential}")
+        parts = gallery.score_held(template, held)
+        matched = bool(self.decider.decide(collection_id, row.key_version, parts, row.threshold, 1))
+        self.attempts.settle(reservation, success=matched)
+        if not matched:
+            raise PermissionDenied("subject_id is already enrolled and this face does not match "
+                                   "its templates: nothing was stored (an admin may enroll a new "
+                                   "face with allow_new_face)")
+        return rows
+
     def _enroll(self, collection_id: str, subject_id: str, embedding: Sequence[float],
-                request_id: str) -> tuple[str, int] | None:
+                request_id: str, credential: str, allow_new_face: bool) -> tuple[str, int] | None:
         row, gallery = self._collection(collection_id)
-        check_subject_id(subject_id)
+        subject_id = check_subject_id(subject_id)
         check_request_id(request_id)
-        template = self.protector.protect(collection_id, row.key_version, row.dimension, embedding)
+        template = self.protector.protect(collection_id, row.key_version, row.dimension, embedding,
+                                          reference_mean=self.reference_mean(row))
         subject_hmac = self.integrity.subject_index(collection_id, subject_id)
         request_hmac = self.integrity.request_index(collection_id, request_id) if request_id else None
         version = row.key_version
+        previous = self._previous(request_hmac, subject_hmac)
+        if previous is not None:
+            return previous
+        existing = self.store.subject_templates(collection_id, subject_hmac, version)
+        if existing and not allow_new_face:
+            existing = self._same_face(collection_id, row, gallery, subject_hmac, template,
+                                       credential)
         with gallery.write_lock:
             if gallery.retired:
                 return None
             previous = self._previous(request_hmac, subject_hmac)
             if previous is not None:
                 return previous
+            now = self.store.subject_templates(collection_id, subject_hmac, version)
+            if {t.template_id for t in now} != {t.template_id for t in existing}:
+                return None  # enrolled or deleted meanwhile: check against what is there now
             page_no, slot, page = gallery.next_page_slot()
             ct = page_ops.write(gallery.ctx, page.ct if page is not None else None, slot,
                                 template[None, :])
@@ -568,6 +621,11 @@ class Vault:
                       else np.full(gallery.page_slots, -1, np.int32))
             groups[slot] = gallery.group(subject_hmac)
             gallery.install_page(Page(page_no, page_row.generation, page_row.fill, ct, groups))
+        if existing and allow_new_face:
+            log.warning("new face enrolled for an existing subject without a 1:1 check",
+                        collection_id=collection_id)
+            self._event("new_face", collection_id, subject_hmac, "OK allow_new_face",
+                        method="Enroll", actor=credential)
         return t.template_id, version
 
     def _subject_rows(self, collection_id: str, gallery: CollectionGallery,
@@ -576,58 +634,85 @@ class Vault:
         rows = self.store.subject_templates(collection_id, subject_hmac, gallery.key_version)
         if not rows:
             raise NotFound("subject not found in this collection")
+        self._check_rows(collection_id, rows)
+        return rows
+
+    def _check_rows(self, collection_id: str, rows: list[TemplateRow]) -> None:
         for t in rows:
             if not self.verified(t):
                 log.error("integrity failure", kind="template", collection_id=collection_id)
                 raise DataLoss("a stored template of this subject failed its integrity check")
-        return rows
 
-    def verify(self, collection_id: str, subject_id: str, embedding: Sequence[float],
-               threshold: float | None = None,
-               cancelled: Callable[[], bool] | None = None) -> MatchResult:
-        """1:1: does the probe match any template of ``subject_id``?"""
-        row, gallery = self._collection(collection_id)
-        check_subject_id(subject_id)
-        threshold = row.threshold if threshold is None else check_threshold(threshold)
-        probe = self.protector.protect(collection_id, row.key_version, row.dimension, embedding)
-        subject_hmac = self.integrity.subject_index(collection_id, subject_id)
-        with gallery.write_lock:  # rows and the holders they name, as of one moment
-            rows = self._subject_rows(collection_id, gallery, subject_hmac)
-            group = gallery.group(subject_hmac)
-            held = gallery.resolve([(t.tier, t.loc, t.slot) for t in rows], group)
+    def _held(self, collection_id: str, gallery: CollectionGallery,
+              subject_hmac: bytes) -> tuple[list[TemplateRow], list | None]:
+        """A subject's live rows (MACs checked) and the holders they name, as of one moment;
+        ([], None) for an unknown subject; DATA_LOSS when rows and memory disagree."""
+        with gallery.write_lock:  # a checkpoint moves templates under this lock
+            rows = self.store.subject_templates(collection_id, subject_hmac, gallery.key_version)
+            if not rows:
+                return rows, None
+            self._check_rows(collection_id, rows)
+            held = gallery.resolve([(t.tier, t.loc, t.slot) for t in rows],
+                                   gallery.group(subject_hmac))
         if held is None:
             log.error("integrity failure", kind="template_place", collection_id=collection_id)
             raise DataLoss("a stored template of this subject failed its integrity check")
-        self._check_not_locked(collection_id, subject_hmac)
-        parts = gallery.score_held(probe, held, cancelled)
-        decided = self.decider.decide(collection_id, row.key_version, parts, threshold, 1)
-        self._count_attempt(collection_id, subject_hmac, success=bool(decided))
+        return rows, held
+
+    def verify(self, collection_id: str, subject_id: str, embedding: Sequence[float],
+               threshold: float | None = None,
+               cancelled: Callable[[], bool] | None = None, credential: str = "local",
+               reveal_unknown: bool = True) -> MatchResult:
+        """1:1: does the probe match any template of ``subject_id``?
+
+        Each call is an attempt of ``credential`` on the subject, reserved before scoring
+        (vault.attempts). An unknown subject is NOT_FOUND only if ``reveal_unknown`` (the
+        API: admins); otherwise it is answered as a non-match, attempts and decoy scoring
+        included, so that a matcher cannot tell who is enrolled."""
+        row, gallery = self._collection(collection_id)
+        subject_id = check_subject_id(subject_id)
+        threshold = row.threshold if threshold is None else check_threshold(threshold)
+        probe = self.protector.protect(collection_id, row.key_version, row.dimension, embedding,
+                                       reference_mean=self.reference_mean(row))
+        subject_hmac = self.integrity.subject_index(collection_id, subject_id)
+        rows, held = self._held(collection_id, gallery, subject_hmac)
+        if not rows and reveal_unknown:
+            raise NotFound("subject not found in this collection")
+        reservation = self.attempts.reserve(collection_id, subject_hmac, credential)
+        if held is None:
+            self._decoy(gallery, probe, cancelled)
+            decided: list[GroupScore] = []
+        else:
+            parts = gallery.score_held(probe, held, cancelled)
+            decided = self.decider.decide(collection_id, row.key_version, parts, threshold, 1)
+        self.attempts.settle(reservation, success=bool(decided))
         if not decided:
             return MatchResult(False, [])
         return MatchResult(True, [Candidate(subject_id, decided[0].score)])
 
-    def _check_not_locked(self, collection_id: str, subject_hmac: bytes) -> None:
-        _, locked_until = self.store.verify_attempts(collection_id, subject_hmac)
-        wait = locked_until - self._clock()
-        if wait > 0:
-            raise ResourceExhausted("too many failed verifications for this subject: "
-                                    f"locked, retry in {math.ceil(wait)} s")
+    def _decoy(self, gallery: CollectionGallery, probe: np.ndarray,
+               cancelled: Callable[[], bool] | None) -> None:
+        """Score and decrypt one stored slot and release nothing: an unknown subject costs
+        about what a known one does (best effort; not constant time)."""
+        pages = list(gallery.pages.values())[:1]
+        blocks = list(gallery.blocks.values())[:1]
+        held = ([(PAGE, pages[0], np.zeros(1, np.int64))] if pages
+                else [(BLOCK, blocks[0], np.zeros(1, np.int64))] if blocks else [])
+        if held:
+            parts = gallery.score_held(probe, held, cancelled)
+            self.decider.decide(gallery.collection_id, gallery.key_version, parts, 2.0, 1)
 
-    def _count_attempt(self, collection_id: str, subject_hmac: bytes, success: bool) -> None:
-        """Persisted, so that restarting the server does not reset an attacker's count."""
-        with self._attempts_lock:
-            failures, _ = self.store.verify_attempts(collection_id, subject_hmac)
-            if success:
-                if failures:
-                    self.store.set_verify_attempts(collection_id, subject_hmac, 0, 0.0)
-                return
-            failures += 1
-            locked_until = 0.0
-            if 0 < self.limits.max_failures <= failures:
-                failures, locked_until = 0, self._clock() + self.limits.lockout_seconds
-                log.warning("subject locked after failed verifications", collection_id=collection_id,
-                            count=self.limits.max_failures)
-            self.store.set_verify_attempts(collection_id, subject_hmac, failures, locked_until)
+    def unlock_subject(self, collection_id: str, subject_id: str) -> int:
+        """Clear every attempt record of a subject (admin); returns how many credentials
+        were locked (or had a damaged record)."""
+        check_collection_id(collection_id)
+        if self.store.collection(collection_id) is None:
+            raise NotFound("collection not found")
+        subject_id = check_subject_id(subject_id)
+        subject_hmac = self.integrity.subject_index(collection_id, subject_id)
+        unlocked = self.attempts.unlock(collection_id, subject_hmac)
+        log.info("subject unlocked", collection_id=collection_id, count=unlocked)
+        return unlocked
 
     def identify(self, collection_id: str, embedding: Sequence[float], top_k: int = 1,
                  threshold: float | None = None,
@@ -636,7 +721,8 @@ class Vault:
         row, gallery = self._collection(collection_id)
         top_k = check_top_k(top_k)
         threshold = row.threshold if threshold is None else check_threshold(threshold)
-        probe = self.protector.protect(collection_id, row.key_version, row.dimension, embedding)
+        probe = self.protector.protect(collection_id, row.key_version, row.dimension, embedding,
+                                       reference_mean=self.reference_mean(row))
         parts = gallery.score_all(probe, cancelled)
         decided = self.decider.decide(collection_id, row.key_version, parts, threshold, top_k)
         candidates = [c for c in (self._release(collection_id, gallery, d) for d in decided) if c]
@@ -670,7 +756,7 @@ class Vault:
         """Tombstone every template of the subject: none of them matches from now on; their
         values leave the ciphertexts within ``Tuning.erase_after`` (maintenance)."""
         _, gallery = self._collection(collection_id)
-        check_subject_id(subject_id)
+        subject_id = check_subject_id(subject_id)
         subject_hmac = self.integrity.subject_index(collection_id, subject_id)
         with gallery.write_lock:
             if gallery.retired:

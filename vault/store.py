@@ -23,14 +23,14 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from vault.errors import ResourceExhausted, Unavailable
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -51,7 +51,8 @@ CREATE TABLE IF NOT EXISTS collections (
   key_version INTEGER NOT NULL,
   min_key_version INTEGER NOT NULL,
   created_at REAL NOT NULL,
-  mac BLOB NOT NULL
+  mac BLOB NOT NULL,
+  reference_mean BLOB
 );
 CREATE TABLE IF NOT EXISTS collection_keys (
   collection_id TEXT NOT NULL,
@@ -125,9 +126,12 @@ CREATE TABLE IF NOT EXISTS key_jobs (
 CREATE TABLE IF NOT EXISTS verify_attempts (
   collection_id TEXT NOT NULL,
   subject_hmac BLOB NOT NULL,
+  credential_hmac BLOB NOT NULL,
   failures INTEGER NOT NULL,
+  since REAL NOT NULL,
   locked_until REAL NOT NULL,
-  PRIMARY KEY (collection_id, subject_hmac)
+  mac BLOB NOT NULL,
+  PRIMARY KEY (collection_id, subject_hmac, credential_hmac)
 );
 """
 
@@ -150,6 +154,22 @@ class CollectionRow:
     threshold: float
     key_version: int
     min_key_version: int
+    mac: bytes
+    # The embedding model's public population mean (float64 bytes), or None: see
+    # vault.protector (wolves).
+    reference_mean: bytes | None = None
+
+
+@dataclass(frozen=True)
+class AttemptRow:
+    """Verification attempts of one subject by one credential (vault.attempts)."""
+
+    collection_id: str
+    subject_hmac: bytes
+    credential_hmac: bytes
+    failures: int  # reservations in flight included
+    since: float  # first failure of the current run
+    locked_until: float
     mac: bytes
 
 
@@ -319,7 +339,8 @@ class Store:
 
     # -- collections ---------------------------------------------------------------------
 
-    _COLLECTION_COLUMNS = "collection_id, dimension, threshold, key_version, min_key_version, mac"
+    _COLLECTION_COLUMNS = ("collection_id, dimension, threshold, key_version, min_key_version, mac, "
+                           "reference_mean")
 
     def collection(self, collection_id: str) -> CollectionRow | None:
         rows = self._query(f"SELECT {self._COLLECTION_COLUMNS} FROM collections "
@@ -332,9 +353,9 @@ class Store:
 
     def insert_collection(self, row: CollectionRow, key: CollectionKeyRow) -> None:
         with self.transaction() as db:
-            db.execute("INSERT INTO collections VALUES (?,?,?,?,?,?,?)",
+            db.execute("INSERT INTO collections VALUES (?,?,?,?,?,?,?,?)",
                        (row.collection_id, row.dimension, row.threshold, row.key_version,
-                        row.min_key_version, time.time(), row.mac))
+                        row.min_key_version, time.time(), row.mac, row.reference_mean))
             self._put_collection_key(db, key)
 
     @staticmethod
@@ -482,23 +503,35 @@ class Store:
             db.execute("DELETE FROM verify_attempts WHERE collection_id=? AND subject_hmac=?",
                        (collection_id, subject_hmac))
 
-    # -- failed verification attempts ----------------------------------------------------
+    # -- verification attempts (vault.attempts) ------------------------------------------
 
-    def verify_attempts(self, collection_id: str, subject_hmac: bytes) -> tuple[int, float]:
-        """(consecutive failures, locked until epoch seconds) of one subject."""
-        rows = self._query("SELECT failures, locked_until FROM verify_attempts "
-                           "WHERE collection_id=? AND subject_hmac=?", (collection_id, subject_hmac))
-        return (rows[0][0], rows[0][1]) if rows else (0, 0.0)
+    _ATTEMPT_COLUMNS = ("collection_id, subject_hmac, credential_hmac, failures, since, "
+                        "locked_until, mac")
 
-    def set_verify_attempts(self, collection_id: str, subject_hmac: bytes, failures: int,
-                            locked_until: float) -> None:
+    def attempt_rows(self, collection_id: str, subject_hmac: bytes) -> list[AttemptRow]:
+        return [AttemptRow(*r) for r in self._query(
+            f"SELECT {self._ATTEMPT_COLUMNS} FROM verify_attempts "
+            "WHERE collection_id=? AND subject_hmac=?", (collection_id, subject_hmac))]
+
+    def update_attempts(self, collection_id: str, subject_hmac: bytes,
+                        change: Callable[[list[AttemptRow]], AttemptRow | None]) -> None:
+        """Read a subject's attempt rows and write the row ``change`` returns, in one
+        transaction (an exception from ``change`` writes nothing)."""
         with self.transaction() as db:
-            if failures == 0 and locked_until == 0.0:
-                db.execute("DELETE FROM verify_attempts WHERE collection_id=? AND subject_hmac=?",
-                           (collection_id, subject_hmac))
-            else:
-                db.execute("INSERT OR REPLACE INTO verify_attempts VALUES (?,?,?,?)",
-                           (collection_id, subject_hmac, failures, locked_until))
+            rows = [AttemptRow(*r) for r in db.execute(
+                f"SELECT {self._ATTEMPT_COLUMNS} FROM verify_attempts "
+                "WHERE collection_id=? AND subject_hmac=?", (collection_id, subject_hmac))]
+            row = change(rows)
+            if row is not None:
+                db.execute(f"INSERT OR REPLACE INTO verify_attempts({self._ATTEMPT_COLUMNS}) "
+                           "VALUES (?,?,?,?,?,?,?)",
+                           (row.collection_id, row.subject_hmac, row.credential_hmac,
+                            row.failures, row.since, row.locked_until, row.mac))
+
+    def delete_attempt_rows(self, collection_id: str, subject_hmac: bytes) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM verify_attempts WHERE collection_id=? AND subject_hmac=?",
+                       (collection_id, subject_hmac))
 
     # -- pages and blocks ----------------------------------------------------------------
 

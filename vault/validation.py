@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 
 from vault.errors import InvalidArgument
 from vault.protector import MAX_DIMENSION, MIN_DIMENSION
@@ -36,8 +37,22 @@ def _check_text_id(value: str, name: str, limit: int, required: bool) -> str:
     return value
 
 
+# Control (Cc), format (Cf: zero-width and bidi marks), surrogate (Cs), private-use (Co)
+# and unassigned (Cn) characters, line and paragraph separators: invisible or unstable,
+# they would make two ids that read the same name two subjects.
+_REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
 def check_subject_id(value: str) -> str:
-    return _check_text_id(value, "subject_id", MAX_SUBJECT_ID_BYTES, required=True)
+    """The subject id in NFC form (so that NFC and NFD spellings are one subject);
+    INVALID_ARGUMENT for control, format (zero-width, bidi), private-use or unassigned
+    characters. Every path where a subject id enters uses the value this returns."""
+    _check_text_id(value, "subject_id", MAX_SUBJECT_ID_BYTES, required=True)
+    if any(unicodedata.category(c) in _REFUSED_CATEGORIES for c in value):
+        raise InvalidArgument("subject_id contains invisible characters (control, format such "
+                              "as zero-width or bidi marks, private-use or unassigned)")
+    normal = unicodedata.normalize("NFC", value)
+    return _check_text_id(normal, "subject_id", MAX_SUBJECT_ID_BYTES, required=True)
 
 
 def check_request_id(value: str) -> str:

@@ -6,7 +6,8 @@ the certificate's common name and its roles are its organizational unit (OU) val
 
 - ``enroller``: Enroll, ImportTemplates
 - ``matcher``: Match
-- ``admin``: CreateCollection, DeleteSubject and the key lifecycle
+- ``admin``: CreateCollection, DeleteSubject, UnlockSubject, the key lifecycle, and Enroll
+  with ``allow_new_face``
 - any role: GetCollection
 
 A call that reaches a method without a verified certificate gets UNAUTHENTICATED; one
@@ -36,7 +37,7 @@ from vault.errors import PermissionDenied, ResourceExhausted, Unauthenticated
 
 ROLES = frozenset({"enroller", "matcher", "admin"})
 METHOD_ROLES: dict[str, frozenset[str]] = {
-    "Enroll": frozenset({"enroller"}),
+    "Enroll": frozenset({"enroller", "admin"}),  # admins: a new face (allow_new_face)
     "ImportTemplates": frozenset({"enroller"}),
     "Match": frozenset({"matcher"}),
     "GetCollection": ROLES,
@@ -48,6 +49,7 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
     "RotateCollectionKey": frozenset({"admin"}),
     "GetKeyJob": frozenset({"admin"}),
     "SetMinKeyVersion": frozenset({"admin"}),
+    "UnlockSubject": frozenset({"admin"}),
 }
 
 
@@ -73,6 +75,12 @@ def caller(context: grpc.ServicerContext, tls: bool) -> Caller:
     units = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
     identity = str(names[0].value) if names else cert.subject.rfc4514_string()
     return Caller(identity, frozenset(str(u.value) for u in units) & ROLES)
+
+
+def credential(who: Caller, tls: bool) -> str:
+    """What attempt limits count per: the certificate's identity; without TLS (loopback,
+    where peer addresses change with every connection) one shared local credential."""
+    return who.identity if tls else "local"
 
 
 def authorize(who: Caller, method: str) -> None:

@@ -19,7 +19,7 @@ import grpc
 from vault import logs
 from vault.api import access
 from vault.api.codec import Undecodable
-from vault.errors import InvalidArgument, Unauthenticated, VaultError
+from vault.errors import InvalidArgument, PermissionDenied, Unauthenticated, VaultError
 from vault.imports import ImportItem, ImportResult
 from vault.service import CollectionInfo, MatchResult, Vault
 from vault.store import KeyJobRow
@@ -204,11 +204,16 @@ class TemplateVaultServicer(vault_pb2_grpc.TemplateVaultServicer):
             raise
         return audit
 
+    def _who(self, context: grpc.ServicerContext) -> access.Caller:
+        """The caller, again (``_admit`` has already authenticated it)."""
+        return access.caller(context, self._tls)
+
     @_guard
     def CreateCollection(self, request: vault_pb2.CreateCollectionRequest,
                          context: grpc.ServicerContext) -> vault_pb2.Collection:
+        threshold = request.threshold if request.HasField("threshold") else None
         return _collection(self._vault().create_collection(
-            request.collection_id, request.dimension, request.threshold))
+            request.collection_id, request.dimension, threshold, request.reference_mean))
 
     @_guard
     def GetCollection(self, request: vault_pb2.GetCollectionRequest,
@@ -218,8 +223,14 @@ class TemplateVaultServicer(vault_pb2_grpc.TemplateVaultServicer):
     @_guard
     def Enroll(self, request: vault_pb2.EnrollRequest,
                context: grpc.ServicerContext) -> vault_pb2.EnrollResponse:
+        who = self._who(context)
+        if request.allow_new_face and "admin" not in who.roles:
+            raise PermissionDenied("allow_new_face needs the role admin")
+        if not request.allow_new_face and "enroller" not in who.roles:
+            raise PermissionDenied("Enroll needs the role enroller (admin: with allow_new_face)")
         template_id, key_version = self._vault().enroll(
-            request.collection_id, request.subject_id, request.embedding, request.request_id)
+            request.collection_id, request.subject_id, request.embedding, request.request_id,
+            credential=access.credential(who, self._tls), allow_new_face=request.allow_new_face)
         return vault_pb2.EnrollResponse(template_id=template_id, key_version=key_version)
 
     @_guard
@@ -229,9 +240,12 @@ class TemplateVaultServicer(vault_pb2_grpc.TemplateVaultServicer):
         if request.subject_id:
             if request.top_k > 1:
                 raise InvalidArgument("top_k applies to 1:N identification only (subject_id is set)")
+            who = self._who(context)
             return _match(self._vault().verify(request.collection_id, request.subject_id,
                                                request.embedding, threshold,
-                                               cancelled=lambda: not context.is_active()))
+                                               cancelled=lambda: not context.is_active(),
+                                               credential=access.credential(who, self._tls),
+                                               reveal_unknown="admin" in who.roles))
         # A client that gave up (deadline, cancel) stops the scoring between ciphertexts.
         return _match(self._vault().identify(request.collection_id, request.embedding,
                                              request.top_k, threshold,
@@ -306,6 +320,12 @@ class TemplateVaultServicer(vault_pb2_grpc.TemplateVaultServicer):
                       context: grpc.ServicerContext) -> vault_pb2.DeleteSubjectResponse:
         deleted = self._vault().delete_subject(request.collection_id, request.subject_id)
         return vault_pb2.DeleteSubjectResponse(deleted_templates=deleted)
+
+    @_guard
+    def UnlockSubject(self, request: vault_pb2.UnlockSubjectRequest,
+                      context: grpc.ServicerContext) -> vault_pb2.UnlockSubjectResponse:
+        unlocked = self._vault().unlock_subject(request.collection_id, request.subject_id)
+        return vault_pb2.UnlockSubjectResponse(unlocked_credentials=unlocked)
 
 
 # Results per response message: a chunk's results (tens of thousands) would exceed the

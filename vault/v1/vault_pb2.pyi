@@ -8,14 +8,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class CreateCollectionRequest(_message.Message):
-    __slots__ = ("collection_id", "dimension", "threshold")
+    __slots__ = ("collection_id", "dimension", "threshold", "reference_mean")
     COLLECTION_ID_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_MEAN_FIELD_NUMBER: _ClassVar[int]
     collection_id: str
     dimension: int
     threshold: float
-    def __init__(self, collection_id: _Optional[str] = ..., dimension: _Optional[int] = ..., threshold: _Optional[float] = ...) -> None: ...
+    reference_mean: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, collection_id: _Optional[str] = ..., dimension: _Optional[int] = ..., threshold: _Optional[float] = ..., reference_mean: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class GetCollectionRequest(_message.Message):
     __slots__ = ("collection_id",)
@@ -40,16 +42,18 @@ class Collection(_message.Message):
     def __init__(self, collection_id: _Optional[str] = ..., dimension: _Optional[int] = ..., threshold: _Optional[float] = ..., key_version: _Optional[int] = ..., template_count: _Optional[int] = ..., min_key_version: _Optional[int] = ...) -> None: ...
 
 class EnrollRequest(_message.Message):
-    __slots__ = ("collection_id", "subject_id", "embedding", "request_id")
+    __slots__ = ("collection_id", "subject_id", "embedding", "request_id", "allow_new_face")
     COLLECTION_ID_FIELD_NUMBER: _ClassVar[int]
     SUBJECT_ID_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_NEW_FACE_FIELD_NUMBER: _ClassVar[int]
     collection_id: str
     subject_id: str
     embedding: _containers.RepeatedScalarFieldContainer[float]
     request_id: str
-    def __init__(self, collection_id: _Optional[str] = ..., subject_id: _Optional[str] = ..., embedding: _Optional[_Iterable[float]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    allow_new_face: bool
+    def __init__(self, collection_id: _Optional[str] = ..., subject_id: _Optional[str] = ..., embedding: _Optional[_Iterable[float]] = ..., request_id: _Optional[str] = ..., allow_new_face: _Optional[bool] = ...) -> None: ...
 
 class EnrollResponse(_message.Message):
     __slots__ = ("template_id", "key_version")
@@ -232,3 +236,17 @@ class SetMinKeyVersionRequest(_message.Message):
     collection_id: str
     min_key_version: int
     def __init__(self, collection_id: _Optional[str] = ..., min_key_version: _Optional[int] = ...) -> None: ...
+
+class UnlockSubjectRequest(_message.Message):
+    __slots__ = ("collection_id", "subject_id")
+    COLLECTION_ID_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    collection_id: str
+    subject_id: str
+    def __init__(self, collection_id: _Optional[str] = ..., subject_id: _Optional[str] = ...) -> None: ...
+
+class UnlockSubjectResponse(_message.Message):
+    __slots__ = ("unlocked_credentials",)
+    UNLOCKED_CREDENTIALS_FIELD_NUMBER: _ClassVar[int]
+    unlocked_credentials: int
+    def __init__(self, unlocked_credentials: _Optional[int] = ...) -> None: ...

@@ -94,6 +94,11 @@ class TemplateVaultStub:
                 request_serializer=vault_dot_v1_dot_vault__pb2.SetMinKeyVersionRequest.SerializeToString,
                 response_deserializer=vault_dot_v1_dot_vault__pb2.Collection.FromString,
                 _registered_method=True)
+        self.UnlockSubject = channel.unary_unary(
+                '/vault.v1.TemplateVault/UnlockSubject',
+                request_serializer=vault_dot_v1_dot_vault__pb2.UnlockSubjectRequest.SerializeToString,
+                response_deserializer=vault_dot_v1_dot_vault__pb2.UnlockSubjectResponse.FromString,
+                _registered_method=True)
 
 
 class TemplateVaultServicer:
@@ -191,6 +196,14 @@ class TemplateVaultServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UnlockSubject(self, request, context):
+        """Clears a subject's failed-verification records for every credential (admin): its
+        locks end at once. Audited.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TemplateVaultServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -253,6 +266,11 @@ def add_TemplateVaultServicer_to_server(servicer, server):
                     servicer.SetMinKeyVersion,
                     request_deserializer=vault_dot_v1_dot_vault__pb2.SetMinKeyVersionRequest.FromString,
                     response_serializer=vault_dot_v1_dot_vault__pb2.Collection.SerializeToString,
+            ),
+            'UnlockSubject': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnlockSubject,
+                    request_deserializer=vault_dot_v1_dot_vault__pb2.UnlockSubjectRequest.FromString,
+                    response_serializer=vault_dot_v1_dot_vault__pb2.UnlockSubjectResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -579,6 +597,33 @@ class TemplateVault:
             '/vault.v1.TemplateVault/SetMinKeyVersion',
             vault_dot_v1_dot_vault__pb2.SetMinKeyVersionRequest.SerializeToString,
             vault_dot_v1_dot_vault__pb2.Collection.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnlockSubject(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vault.v1.TemplateVault/UnlockSubject',
+            vault_dot_v1_dot_vault__pb2.UnlockSubjectRequest.SerializeToString,
+            vault_dot_v1_dot_vault__pb2.UnlockSubjectResponse.FromString,
             options,
             channel_credentials,
             insecure,

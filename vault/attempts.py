@@ -1,0 +1,164 @@
+"""Attempt limits for 1:1 verification, per (subject, credential), that hold under concurrency.
+
+An attempt is *reserved* before anything is scored, in one SQL transaction that checks the
+lock and counts the reservation as a failure; the outcome only turns it into a success
+afterwards. So at most ``max_failures`` verifications of a subject are ever evaluated for
+one credential before it locks, however many arrive at once. Rules:
+
+- ``max_failures`` failures (reservations in flight included) within ``lockout_seconds``
+  of the first lock the (subject, credential) pair for ``lockout_seconds``: every
+  verification, genuine or not, gets RESOURCE_EXHAUSTED until then;
+- a success releases its own reservation and nothing else: it never clears a lock nor
+  resets earlier failures (four failures and a success, repeated, lock);
+- the count is per credential, so one matcher cannot lock a subject for everyone; a
+  subject locked for ``alert_credentials`` credentials at once raises an alert (log line
+  and audit entry);
+- each row carries a MAC keyed in the HSM and names the credential by an HMAC only; a row
+  that fails its MAC keeps the subject locked (DATA_LOSS) until an admin unlocks it.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from vault import logs
+from vault.errors import DataLoss, ResourceExhausted
+from vault.keys.hsm import INDEX
+from vault.keys.integrity import Integrity, encode
+from vault.store import AttemptRow, Store
+
+log = logs.get("vault.attempts")
+
+
+@dataclass(frozen=True)
+class AttemptLimits:
+    """After ``max_failures`` failed 1:1 matches (Face ID locks after 5) within
+    ``lockout_seconds``, the (subject, credential) pair is locked for ``lockout_seconds``.
+    ``alert_credentials``: locked for that many credentials at once raises an alert."""
+
+    max_failures: int = 5  # 0: no limit (accuracy tests, trusted batch scripts)
+    lockout_seconds: float = 300.0
+    alert_credentials: int = 3
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """One reserved attempt, to be settled with its outcome."""
+
+    collection_id: str
+    subject_hmac: bytes
+    credential_hmac: bytes
+
+
+class Attempts:
+    """Reserves and settles verification attempts in the store (see the module docstring)."""
+
+    def __init__(self, store: Store, integrity: Integrity, hsm, limits: AttemptLimits,  # type: ignore[no-untyped-def]
+                 clock: Callable[[], float], on_event: Callable[[str, str, bytes, str], None]) -> None:
+        self._store = store
+        self._integrity = integrity
+        self._hsm = hsm
+        self.limits = limits
+        self._clock = clock
+        self._on_event = on_event  # (kind, collection, subject_hmac, outcome): audited
+        self._lock = threading.Lock()  # one process serves a store; SQL guards the rest
+
+    def credential_index(self, collection_id: str, credential: str) -> bytes:
+        """The credential as stored: an HMAC keyed in the HSM, never the name."""
+        return self._hsm.hmac(INDEX, encode("credential", collection_id, credential))
+
+    def _fields(self, row: AttemptRow) -> tuple:
+        return ("attempts", row.collection_id, row.subject_hmac, row.credential_hmac,
+                row.failures, float(row.since).hex(), float(row.locked_until).hex())
+
+    def _sign(self, row: AttemptRow) -> AttemptRow:
+        return AttemptRow(row.collection_id, row.subject_hmac, row.credential_hmac, row.failures,
+                          row.since, row.locked_until, self._integrity.mac(*self._fields(row)))
+
+    def _checked(self, row: AttemptRow) -> AttemptRow:
+        if not self._integrity.check(row.mac, *self._fields(row)):
+            log.error("integrity failure", kind="verify_attempts", collection_id=row.collection_id)
+            self._on_event("integrity", row.collection_id, row.subject_hmac,
+                           "DATA_LOSS verify_attempts")
+            raise DataLoss("the attempt record of this subject failed its integrity check: it "
+                           "stays locked until an administrator unlocks it")
+        return row
+
+    def reserve(self, collection_id: str, subject_hmac: bytes, credential: str) -> Reservation | None:
+        """Count one attempt as a failure before it is evaluated; RESOURCE_EXHAUSTED when
+        the pair is locked or its attempts (in flight included) are used up. Every row of
+        the subject is MAC-checked: one that fails keeps the subject locked (DATA_LOSS)."""
+        if self.limits.max_failures <= 0:
+            return None
+        cred = self.credential_index(collection_id, credential)
+        now = self._clock()
+
+        def reserved(rows: list[AttemptRow]) -> AttemptRow:
+            rows = [self._checked(r) for r in rows]
+            row = next((r for r in rows if r.credential_hmac == cred),
+                       AttemptRow(collection_id, subject_hmac, cred, 0, now, 0.0, b""))
+            wait = row.locked_until - now
+            if wait > 0:
+                raise ResourceExhausted("too many failed verifications for this subject: "
+                                        f"locked, retry in {math.ceil(wait)} s")
+            failures, since = row.failures, row.since
+            if since + self.limits.lockout_seconds <= now:
+                failures, since = 0, now  # failures long ago are forgotten
+            if failures >= self.limits.max_failures:
+                raise ResourceExhausted("too many verifications of this subject in flight "
+                                        "or failed: retry later")
+            return self._sign(AttemptRow(collection_id, subject_hmac, cred, failures + 1, since,
+                                         row.locked_until, b""))
+
+        with self._lock:  # check and reserve in one transaction
+            self._store.update_attempts(collection_id, subject_hmac, reserved)
+        return Reservation(collection_id, subject_hmac, cred)
+
+    def settle(self, reservation: Reservation | None, success: bool) -> None:
+        """A success releases the reservation; a failure keeps it, and locks the pair once
+        the failures reach the limit. A lock is never shortened."""
+        if reservation is None:
+            return
+        cid, subject_hmac, cred = (reservation.collection_id, reservation.subject_hmac,
+                                   reservation.credential_hmac)
+        now = self._clock()
+        locked_for = 0
+
+        def settled(rows: list[AttemptRow]) -> AttemptRow | None:
+            nonlocal locked_for
+            rows = [self._checked(r) for r in rows]
+            row = next((r for r in rows if r.credential_hmac == cred), None)
+            if row is None:  # unlocked by an admin or deleted with the subject meanwhile
+                return None
+            failures, locked_until = row.failures, row.locked_until
+            if success:
+                failures = max(0, failures - 1)
+            elif failures >= self.limits.max_failures and locked_until <= now:
+                locked_until, failures = now + self.limits.lockout_seconds, 0
+                locked_for = 1 + sum(r.locked_until > now for r in rows if r.credential_hmac != cred)
+            return self._sign(AttemptRow(cid, subject_hmac, cred, failures, row.since,
+                                         locked_until, b""))
+
+        with self._lock:
+            self._store.update_attempts(cid, subject_hmac, settled)
+        if locked_for:
+            log.warning("subject locked after failed verifications", collection_id=cid,
+                        count=self.limits.max_failures)
+        if locked_for >= self.limits.alert_credentials > 0:
+            log.warning("subject locked for several credentials", collection_id=cid,
+                        count=locked_for)
+            self._on_event("alert", cid, subject_hmac, f"LOCKED credentials={locked_for}")
+
+    def unlock(self, collection_id: str, subject_hmac: bytes) -> int:
+        """Forget every attempt record of the subject (damaged ones too); returns how many
+        credentials were locked."""
+        now = self._clock()
+        with self._lock:
+            rows = self._store.attempt_rows(collection_id, subject_hmac)
+            self._store.delete_attempt_rows(collection_id, subject_hmac)
+        return sum(r.locked_until > now or not self._integrity.check(r.mac, *self._fields(r))
+                   for r in rows)
+
