@@ -17,6 +17,13 @@ the run, for collection "a" at key versions 1 and 2 and collection "b" at versio
   two halves of the non-mated scores (what estimation noise alone gives). For contrast,
   D_sys without any transform, and with both keys stolen (they undo the transforms).
   D_sys depends on the pair of keys, so it is also measured over many pairs.
+- Wolves, and centring on a reference mean (``CreateCollectionRequest.reference_mean``):
+  people with one image are the public; half of them give the vault's reference mean,
+  the other half the attacker's "mean face". Everyone else is held out: each person with
+  several images enrolls the first one, and the mean face is probed against all of them.
+  Before (plain cosine) and after (centred), on the held-out images: acceptances of the mean
+  face at 0.92 and at each system's threshold for 0.1% false accepts, EER, FRR at FAR 0.1%,
+  D_sys, and what the probe-quality gate refuses (the mean face; genuine probes).
 
     .venv/bin/python bench/protection.py --json bench/results/protection.json
 """
@@ -75,6 +82,79 @@ def _pairs(ids: np.ndarray, rng: np.random.Generator, nonmated: int) -> tuple[np
     return np.array(mated), np.stack([a[keep], b[keep]], axis=1)[:nonmated]
 
 
+def _wolves(unit: np.ndarray, ids: np.ndarray, rng: np.random.Generator, nonmated: int,
+            protector, key_pairs: int) -> dict:  # type: ignore[no-untyped-def]
+    """Mean-face acceptances, accuracy and D_sys, uncentred against centred (held-out)."""
+    from vault.errors import InvalidArgument
+    from vault.protector import CENTRING, centre
+
+    counts = {p: n for p, n in zip(*np.unique(ids, return_counts=True))}
+    single = np.array([counts[p] == 1 for p in ids])
+    public = np.unique(ids[single])
+    rng.shuffle(public)
+    reference_people = set(public[: public.size // 2].tolist())
+    in_reference = np.array([p in reference_people for p in ids])
+    attacker = single & ~in_reference
+    mean = unit[in_reference].mean(axis=0)  # what the vault is given
+    face = unit[attacker].mean(axis=0)
+    face /= np.linalg.norm(face)  # the attacker's mean face, from other public people
+    held = np.flatnonzero(~in_reference)
+    h_unit, h_ids = unit[held], ids[held]
+    mated, non = _pairs(h_ids, rng, nonmated)
+    enrolled = np.array([np.flatnonzero(h_ids == p)[0] for p in np.unique(h_ids) if counts[p] > 1])
+    dim = unit.shape[1]
+    t1, t2 = protector.transform("w", 1, dim), protector.transform("w", 2, dim)
+
+    spread = float(np.sqrt(1 - mean @ mean))
+    ratios = np.linalg.norm(h_unit - mean, axis=1) / spread
+    try:
+        centre(face, mean)
+        face_refused = False
+    except InvalidArgument:
+        face_refused = True
+    out: dict = {"reference_images": int(in_reference.sum()), "attacker_images": int(attacker.sum()),
+                 "held_out_images": int(held.size), "enrolled_people": int(enrolled.size),
+                 "reference_mean_norm": float(np.linalg.norm(mean)),
+                 "gate": {"mean_face_refused": face_refused,
+                          "mean_face_centred_norm_over_spread": float(
+                              np.linalg.norm(face - mean) / spread),
+                          "genuine_min_centred_norm_over_spread": float(ratios.min()),
+                          "genuine_refused": int((ratios < 0.5).sum())}}
+    def shift(x: np.ndarray, by: float) -> np.ndarray:  # without the gate
+        y = x - by * mean
+        return y / np.linalg.norm(y, axis=-1, keepdims=True)
+
+    # "centred" is what the vault does (CENTRING, gate aside: the mean face is probed as if
+    # it had passed); "full" centring is the contrast.
+    out["centring"] = CENTRING
+    assert np.allclose(centre(h_unit, mean), shift(h_unit, CENTRING))
+    for name, x, w in (("plain", h_unit, face), ("centred", shift(h_unit, CENTRING),
+                                                 shift(face, CENTRING)),
+                       ("full", shift(h_unit, 1.0), shift(face, 1.0))):
+        a, b = t1.apply(x), t2.apply(x)  # protected under two key versions
+        gen = np.einsum("ij,ij->i", a[mated[:, 0]], a[mated[:, 1]])
+        imp = np.einsum("ij,ij->i", a[non[:, 0]], a[non[:, 1]])
+        eer, frr, thr = eer_and_frr(gen, imp)
+        probe = t1.apply(w)  # the mean face under the collection's key, as if not gated
+        wolf = a[enrolled] @ probe
+        over = []
+        for k in range(key_pairs):
+            u, v = protector.transform(f"wk{k}", 1, dim), protector.transform(f"wk{k}", 2, dim)
+            xu, xv = u.apply(x), v.apply(x)
+            over.append(dsys(np.einsum("ij,ij->i", xu[mated[:, 0]], xv[mated[:, 1]]),
+                             np.einsum("ij,ij->i", xu[non[:, 0]], xv[non[:, 1]])))
+        out[name] = {
+            "eer": eer, "frr_at_far_0001": frr, "threshold_at_far_0001": thr,
+            "mean_face_accepted_at_0.92": int((wolf >= 0.92).sum()),
+            "mean_face_accepted_at_far_0001": int((wolf >= thr).sum()),
+            "mean_face_best_score": float(wolf.max()),
+            "dsys_key_versions": dsys(np.einsum("ij,ij->i", a[mated[:, 0]], b[mated[:, 1]]),
+                                      np.einsum("ij,ij->i", a[non[:, 0]], b[non[:, 1]])),
+            "dsys_over_key_pairs": {"pairs": key_pairs, "median": float(np.median(over)),
+                                    "min": float(np.min(over)), "max": float(np.max(over))}}
+    return out
+
+
 def run(nonmated: int, seed: int, key_pairs: int) -> dict:
     with np.load(DATA) as f:
         emb, ids = f["emb"].astype(np.float64), f["ids"]
@@ -100,6 +180,7 @@ def run(nonmated: int, seed: int, key_pairs: int) -> dict:
                            for k in range(key_pairs)]
         # An attacker with both keys maps version-1 templates onto version 2.
         undone = protected["a1"] @ a1.change_to(a2).T
+        wolves = _wolves(unit, ids, np.random.default_rng(seed + 1), nonmated, protector, key_pairs)
         hsm.close()
 
     def scores(x: np.ndarray, y: np.ndarray, pairs: np.ndarray) -> np.ndarray:
@@ -139,6 +220,7 @@ def run(nonmated: int, seed: int, key_pairs: int) -> dict:
     result["dsys_key_versions_over_key_pairs"] = {
         "pairs": key_pairs, "median": float(np.median(over_keys)),
         "min": float(np.min(over_keys)), "max": float(np.max(over_keys))}
+    result["wolves"] = wolves
     result["_scores"] = {  # for the plot only
         "versions_mated": scores(protected["a1"], protected["a2"], mated),
         "versions_nonmated": scores(protected["a1"], protected["a2"], non),
@@ -165,6 +247,22 @@ def table(r: dict) -> str:
               f"{'no transform (contrast)':<30} {r['dsys_no_transform']:>8.3f}",
               f"{'both keys stolen (undone)':<30} {r['dsys_both_keys_stolen']:>8.3f}",
               f"({r['mated_pairs']} mated, {r['nonmated_pairs']} non-mated pairs, {r['images']} images)"]
+    w = r["wolves"]
+    lines += ["", f"wolves: mean of {w['attacker_images']} public faces against "
+              f"{w['enrolled_people']} enrolled people ({w['held_out_images']} held-out images; "
+              f"reference mean from {w['reference_images']} others)",
+              f"{'':<10} {'EER':>7} {'FRR@0.1%':>9} {'thr':>6} {'acc@0.92':>9} {'acc@thr':>8} "
+              f"{'best':>6} {'D_sys':>6} {'D_sys med':>9}"]
+    for name in ("plain", "centred", "full"):
+        x = w[name]
+        lines.append(f"{name:<10} {x['eer']:>7.2%} {x['frr_at_far_0001']:>9.2%} "
+                     f"{x['threshold_at_far_0001']:>6.3f} {x['mean_face_accepted_at_0.92']:>9} "
+                     f"{x['mean_face_accepted_at_far_0001']:>8} {x['mean_face_best_score']:>6.3f} "
+                     f"{x['dsys_key_versions']:>6.3f} {x['dsys_over_key_pairs']['median']:>9.3f}")
+    g = w["gate"]
+    lines.append(f"gate: mean face refused {g['mean_face_refused']} (centred norm "
+                 f"{g['mean_face_centred_norm_over_spread']:.2f} of the spread, floor 0.5); genuine "
+                 f"probes refused {g['genuine_refused']} (lowest {g['genuine_min_centred_norm_over_spread']:.2f})")
     return "\n".join(lines)
 
 
