@@ -82,10 +82,26 @@ def _pairs(ids: np.ndarray, rng: np.random.Generator, nonmated: int) -> tuple[np
     return np.array(mated), np.stack([a[keep], b[keep]], axis=1)[:nonmated]
 
 
+def _blend_shift(name: str, v: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    from vault.protector import CENTRING
+    by = {"plain": 0.0, "centred": CENTRING, "full": 1.0}[name]
+    y = v - by * mean
+    return y / np.linalg.norm(y)
+
+
+def _refused(x: np.ndarray, mean: np.ndarray) -> bool:
+    from vault.errors import InvalidArgument
+    from vault.protector import centre
+    try:
+        centre(x, mean)
+    except InvalidArgument:
+        return True
+    return False
+
+
 def _wolves(unit: np.ndarray, ids: np.ndarray, rng: np.random.Generator, nonmated: int,
             protector, key_pairs: int) -> dict:  # type: ignore[no-untyped-def]
     """Mean-face acceptances, accuracy and D_sys, uncentred against centred (held-out)."""
-    from vault.errors import InvalidArgument
     from vault.protector import CENTRING, centre
 
     counts = {p: n for p, n in zip(*np.unique(ids, return_counts=True))}
@@ -107,19 +123,26 @@ def _wolves(unit: np.ndarray, ids: np.ndarray, rng: np.random.Generator, nonmate
 
     spread = float(np.sqrt(1 - mean @ mean))
     ratios = np.linalg.norm(h_unit - mean, axis=1) / spread
-    try:
-        centre(face, mean)
-        face_refused = False
-    except InvalidArgument:
-        face_refused = True
+    face_refused = _refused(face, mean)
+    # Blends of k public faces (near the centre for k of 3 and more): how many enrolled
+    # people accept each, among those the gate lets through.
+    blends = {k: [] for k in (1, 2, 3, 5)}
+    attacker_faces = unit[attacker]
+    for k, found in blends.items():
+        for _ in range(100):
+            b = attacker_faces[rng.choice(len(attacker_faces), k, replace=False)].mean(axis=0)
+            b /= np.linalg.norm(b)
+            if not _refused(b, mean):
+                found.append(b)
     out: dict = {"reference_images": int(in_reference.sum()), "attacker_images": int(attacker.sum()),
                  "held_out_images": int(held.size), "enrolled_people": int(enrolled.size),
                  "reference_mean_norm": float(np.linalg.norm(mean)),
                  "gate": {"mean_face_refused": face_refused,
                           "mean_face_centred_norm_over_spread": float(
                               np.linalg.norm(face - mean) / spread),
+                          "floor": 0.6,
                           "genuine_min_centred_norm_over_spread": float(ratios.min()),
-                          "genuine_refused": int((ratios < 0.5).sum())}}
+                          "genuine_refused": int(sum(_refused(x, mean) for x in h_unit))}}
     def shift(x: np.ndarray, by: float) -> np.ndarray:  # without the gate
         y = x - by * mean
         return y / np.linalg.norm(y, axis=-1, keepdims=True)
@@ -148,6 +171,10 @@ def _wolves(unit: np.ndarray, ids: np.ndarray, rng: np.random.Generator, nonmate
             "mean_face_accepted_at_0.92": int((wolf >= 0.92).sum()),
             "mean_face_accepted_at_far_0001": int((wolf >= thr).sum()),
             "mean_face_best_score": float(wolf.max()),
+            "blends_passing_gate": {
+                str(k): {"count": len(b), "mean_accepted": float(np.mean(
+                    [(a[enrolled] @ t1.apply(_blend_shift(name, v, mean)) >= thr).sum() for v in b]))
+                    if b else None} for k, b in blends.items()},
             "dsys_key_versions": dsys(np.einsum("ij,ij->i", a[mated[:, 0]], b[mated[:, 1]]),
                                       np.einsum("ij,ij->i", a[non[:, 0]], b[non[:, 1]])),
             "dsys_over_key_pairs": {"pairs": key_pairs, "median": float(np.median(over)),
@@ -261,8 +288,14 @@ def table(r: dict) -> str:
                      f"{x['dsys_key_versions']:>6.3f} {x['dsys_over_key_pairs']['median']:>9.3f}")
     g = w["gate"]
     lines.append(f"gate: mean face refused {g['mean_face_refused']} (centred norm "
-                 f"{g['mean_face_centred_norm_over_spread']:.2f} of the spread, floor 0.5); genuine "
+                 f"{g['mean_face_centred_norm_over_spread']:.2f} of the spread, floor {g['floor']}); genuine "
                  f"probes refused {g['genuine_refused']} (lowest {g['genuine_min_centred_norm_over_spread']:.2f})")
+    for name in ("plain", "centred", "full"):
+        b = w[name]["blends_passing_gate"]
+        lines.append(f"blends of k public faces passing the gate, enrolled people accepting each "
+                     f"({name}): " + ", ".join(
+                         f"k={k}: {v['mean_accepted']:.2f} (of {v['count']})" for k, v in b.items()
+                         if v["mean_accepted"] is not None))
     return "\n".join(lines)
 
 

@@ -13,8 +13,8 @@ direction), so a mean of public faces is close to everyone. A collection created
 *reference mean* (the embedding model's public population mean of L2-normalised
 embeddings) has ``0.7 * mean`` subtracted from every normalised embedding before the
 transform: the score is then the cosine of (mostly) centred embeddings. A probe too close
-to the centre (``|x - mean|`` below half the population's RMS spread,
-``sqrt(1 - |mean|^2) / 2``) is refused as INVALID_ARGUMENT. Why 0.7 and not 1: on LFW,
+to the centre (``|x - mean|`` below 0.6 of the population's RMS spread,
+``sqrt(1 - |mean|^2)``) is refused as INVALID_ARGUMENT. Why 0.7 and not 1: on LFW,
 full centring alone brings a mean face's acceptances to zero but raises false rejects at
 0.1% false accepts from 3.8% to 6.1%; 0.7 keeps accuracy (3.8%) and, with the gate, still
 accepts a mean face as nobody (bench/protection.py, docs/SECURITY.md "Wolves").
@@ -37,10 +37,10 @@ MAX_DIMENSION = 1024
 # A float32 zero vector, or one whose norm underflows, has no direction to compare.
 _MIN_NORM = 1e-12
 # Reference means: of unit vectors, so below norm 1; probes whose centred norm is below this
-# fraction of the population's RMS spread are refused (LFW dlib: genuine faces >= 0.76 of
-# it, a mean of other public faces 0.22; bench/protection.py).
+# fraction of the population's RMS spread are refused (LFW dlib: genuine faces >= 0.74 of
+# it, a mean of other public faces 0.22, of 3 faces about 0.6; bench/protection.py).
 _MAX_MEAN_NORM = 0.999
-_QUALITY_FLOOR = 0.5
+_QUALITY_FLOOR = 0.6
 CENTRING = 0.7
 
 
