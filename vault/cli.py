@@ -12,6 +12,7 @@ from pathlib import Path
 
 from vault import client, logs
 from vault.errors import VaultError
+from vault.lockfile import DataDirLock
 
 log = logs.get("vault.cli")
 
@@ -70,6 +71,11 @@ def serve(args: argparse.Namespace) -> int:
         log.error("VAULT_HSM_PIN must be set with --hsm-module")
         return 2
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        dir_lock = DataDirLock(data_dir).acquire()
+    except VaultError as exc:
+        log.error(exc.message)
+        return 1
 
     def open_vault() -> Vault:
         if args.hsm_module:
@@ -105,6 +111,7 @@ def serve(args: argparse.Namespace) -> int:
     log.info("shutting down")
     server.stop(grace=5).wait()
     holder.close()
+    dir_lock.release()
     log.info("stopped")
     return 0
 
