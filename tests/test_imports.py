@@ -137,3 +137,40 @@ def test_a_large_import_keeps_within_its_chunk_budget(tmp_path: Path, hsm_config
         assert v.verify("c", "q3", x[3].tolist()).matched and v.verify("c", "p0", x[0].tolist()).matched
     finally:
         v.close()
+
+
+def test_an_import_after_a_damaged_block_keeps_its_templates(tmp_path: Path,
+                                                             hsm_config: HsmConfig) -> None:
+    """Block numbers come from the store: a block file that fails its check at load keeps
+    its number, so the next import does not overwrite its row and the new templates live
+    through a restart (the second import used to answer DATA_LOSS for all 4,096)."""
+    from vault.errors import DataLoss
+
+    data = tmp_path / "data"
+    tuning = Tuning(maintenance_interval=0, workers=0)
+    first, _ = _people(N, 1, seed=1)
+    second, _ = _people(N, 1, seed=2)
+    v = Vault.open(data, hsm_config, tuning=tuning)
+    try:
+        v.create_collection("c", DIM, 0.8)
+        _run(v, [ImportItem(f"a{i}", f.tolist(), f"ra{i}") for i, f in enumerate(first)])
+    finally:
+        v.close()
+    (damaged,) = (data / "blocks").rglob("*.blk")
+    raw = bytearray(damaged.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(raw))
+    v = Vault.open(data, hsm_config, tuning=tuning)
+    try:
+        results = _run(v, [ImportItem(f"b{i}", f.tolist(), f"rb{i}") for i, f in enumerate(second)])
+        assert all(r.error is None for r in results.values())
+    finally:
+        v.close()
+    v = Vault.open(data, hsm_config, tuning=tuning)
+    try:
+        for i in (0, 1234, N - 1):
+            assert v.verify("c", f"b{i}", second[i].tolist()).matched
+        with pytest.raises(DataLoss):
+            v.verify("c", "a0", first[0].tolist())
+    finally:
+        v.close()

@@ -254,3 +254,35 @@ def test_a_token_outage_pauses_a_rotation_which_then_finishes(
         assert vault.verify("c", "b3", bulk[3].tolist()).matched
     finally:
         vault.close()
+
+
+def test_a_paused_rotation_stays_one_job_in_one_thread(
+        data: Path, hsm_config: HsmConfig, monkeypatch) -> None:
+    """After a token outage the job retries in its own thread: it stays registered, a
+    second RotateCollectionKey is refused, and close() waits for it (a relaunched thread
+    used to be unregistered by its predecessor's clean-up, and a second thread ran the job)."""
+    from vault import rotation
+    from vault.store import Store
+    from vault.testing import BreakableHsm
+
+    monkeypatch.setattr(rotation, "RETRY_SECONDS", 0.1)
+    hsm = BreakableHsm(hsm_config)
+    vault = Vault(Store(data / "vault.db"), hsm, data, tuning=TUNING)
+    try:
+        _populate(vault, 2 * N)
+        gallery = vault.galleries()[0]
+        with gallery.block_lock:
+            job = vault.rotate_collection_key("c")
+            hsm.broken = True
+        time.sleep(1.0)  # several pauses and retries
+        threads = list(vault.job_threads.values())
+        assert len(threads) == 1 and threads[0].is_alive()
+        with pytest.raises(FailedPrecondition, match="already running"):
+            vault.rotate_collection_key("c")
+        assert [t for t in vault.job_threads.values()] == threads
+        hsm.broken = False
+        _wait(vault, job.job_id)
+        threads[0].join(timeout=30)
+        assert not threads[0].is_alive() and not vault.job_threads
+    finally:
+        vault.close()

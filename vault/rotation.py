@@ -100,38 +100,43 @@ def pending(old: CollectionGallery, new: CollectionGallery) -> list[int]:
 
 def run(vault, job: KeyJobRow) -> None:  # type: ignore[no-untyped-def]
     """The job's thread: move blocks until few are left, then switch. Token outages are
-    waited out; any other failure marks the job failed (``rotate`` resumes it)."""
+    waited out in this same thread (a relaunched thread raced its predecessor's clean-up,
+    which unregistered it, and a second rotation of the job was then accepted); any other
+    failure marks the job failed (``rotate`` resumes it)."""
     cid = job.collection_id
     try:
         while not vault.stopping.is_set():
-            old = vault.gallery(cid, job.from_version)
-            new = vault.next_galleries.get(cid)
-            if old is None or new is None:
-                raise NotFound("the collection's key versions are not loaded")
-            todo = pending(old, new)
-            if len(todo) > 1:
-                for block_no in todo:
-                    if vault.stopping.is_set():
-                        return
-                    move_block(vault, job, old, new, block_no)
-                continue
-            if switch(vault, job, old, new):
-                return
-    except VaultError as exc:
-        log.warning("key rotation paused", collection_id=cid, error_type=type(exc).__name__)
-        if not vault.stopping.wait(RETRY_SECONDS):
-            _relaunch_later(vault, job)
+            try:
+                if _advance(vault, job):
+                    return
+            except VaultError as exc:
+                log.warning("key rotation paused", collection_id=cid, error_type=type(exc).__name__)
+                vault.stopping.wait(RETRY_SECONDS)
     except Exception as exc:  # noqa: BLE001 - the job must record why it stopped
         log.error("key rotation failed", collection_id=cid, error_type=type(exc).__name__)
         vault.store.finish_job(job.job_id, FAILED, type(exc).__name__)
     finally:
-        vault.job_threads.pop(job.job_id, None)
+        with vault.jobs_lock:
+            if vault.job_threads.get(job.job_id) is threading.current_thread():
+                del vault.job_threads[job.job_id]
 
 
-def _relaunch_later(vault, job: KeyJobRow) -> None:  # type: ignore[no-untyped-def]
-    with vault.jobs_lock:
-        if not vault.stopping.is_set():
-            _launch(vault, job)
+def _advance(vault, job: KeyJobRow) -> bool:  # type: ignore[no-untyped-def]
+    """One round of a job: move the pending blocks, or switch when one is left. True when
+    the job is over (switched, or the vault is stopping)."""
+    cid = job.collection_id
+    old = vault.gallery(cid, job.from_version)
+    new = vault.next_galleries.get(cid)
+    if old is None or new is None:
+        raise NotFound("the collection's key versions are not loaded")
+    todo = pending(old, new)
+    if len(todo) <= 1:
+        return switch(vault, job, old, new)
+    for block_no in todo:
+        if vault.stopping.is_set():
+            return True
+        move_block(vault, job, old, new, block_no)
+    return False
 
 
 def move_block(vault, job: KeyJobRow, old: CollectionGallery, new: CollectionGallery,

@@ -324,6 +324,7 @@ class Vault:
                                     self.tuning.routing)
         bad = self._load_blocks(gallery) + self._load_pages(gallery)
         gallery.reserve_page_numbers(self.store.max_loc(cid, version, PAGE) + 1)
+        gallery.reserve_block_numbers(self.store.max_loc(cid, version, BLOCK) + 1)
         bad_templates = self._load_templates(gallery)
         if bad or bad_templates:
             self._integrity_failure("records", cid, bad + bad_templates)

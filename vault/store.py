@@ -429,9 +429,15 @@ class Store:
                            (collection_id, key_version, DELETED))
 
     def max_loc(self, collection_id: str, key_version: int, tier: int) -> int:
-        """The highest page or block number any template row names (-1 if none)."""
-        found = self._query("SELECT MAX(loc) FROM templates WHERE collection_id=? AND key_version=? "
-                            "AND tier=?", (collection_id, key_version, tier))[0][0]
+        """The highest page or block number any row names (-1 if none): template rows and
+        the page or block rows themselves, loadable or not. New numbers start above it, so a
+        damaged holder's row (the evidence) and its templates are never overwritten."""
+        table, column = ("pages", "page_no") if tier == PAGE else ("blocks", "block_no")
+        found = self._query(
+            "SELECT MAX(n) FROM (SELECT MAX(loc) AS n FROM templates WHERE collection_id=? "
+            "AND key_version=? AND tier=? "
+            f"UNION ALL SELECT MAX({column}) FROM {table} WHERE collection_id=? AND key_version=?)",
+            (collection_id, key_version, tier, collection_id, key_version))[0][0]
         return -1 if found is None else int(found)
 
     @staticmethod

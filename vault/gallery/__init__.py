@@ -173,6 +173,11 @@ class CollectionGallery:
         with self._lock:
             self._sealed_pages.update(page_nos)
 
+    def reserve_block_numbers(self, at_least: int) -> None:
+        """Never hand out block numbers below ``at_least`` (rows of blocks not loaded)."""
+        with self._lock:
+            self._next_block_no = max(self._next_block_no, at_least)
+
     def new_block_numbers(self, count: int) -> list[int]:
         with self._lock:
             start = max(self._next_block_no, max(self.blocks, default=-1) + 1)

@@ -21,9 +21,6 @@ import threading
 import faiss
 import numpy as np
 
-# faiss parallelises with OpenMP on its own; the server's threads already share the cores.
-faiss.omp_set_num_threads(1)
-
 
 def balanced_clusters(x: np.ndarray, size: int, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
     """Split ``x`` (n, D) unit vectors into ``n // size`` groups of exactly ``size``.

@@ -8,6 +8,7 @@ import hashlib
 import multiprocessing
 import os
 import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -28,6 +29,30 @@ def _encrypt(key: bytes, public_context: bytes, params_json: str,
     if ctx is None:
         ctx = _contexts[key] = PublicContext(public_context, HeParams.from_json(params_json))
     return encrypt_plaintexts(ctx, plaintexts)
+
+
+# How often a worker checks that the server that started it is still alive.
+_PARENT_CHECK_SECONDS = 1.0
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Worker initializer: exit as soon as the server process is gone.
+
+    A server killed with SIGKILL runs no shutdown code, and its workers, blocked on the
+    task queue, would live on (about 240 MB each). PR_SET_PDEATHSIG is no answer: it fires
+    when the *thread* that started the worker ends, and pools start workers from whichever
+    thread first needs them. Re-parenting is what the kernel does when the parent dies, so
+    a daemon thread watches for it.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(_PARENT_CHECK_SECONDS)
+        os._exit(0)  # nothing of the worker's is worth flushing: it holds public data only
+
+    if os.getppid() != parent:
+        os._exit(0)
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _ready() -> int:
@@ -51,7 +76,8 @@ class EncryptionPool:
             if self._pool is None:
                 # spawn: never fork a process that holds gRPC, PKCS#11 and SEAL state
                 self._pool = ProcessPoolExecutor(
-                    self.workers, mp_context=multiprocessing.get_context("spawn"))
+                    self.workers, mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_exit_with_parent, initargs=(os.getpid(),))
             return self._pool
 
     def warm(self) -> None:

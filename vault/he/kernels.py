@@ -7,8 +7,17 @@ decryption in ``tests/he/test_kernels.py``.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
-from numba import njit
+
+# numba's cache goes beside the package by default, which a read-only install (a wheel in
+# an image, a system site-packages) cannot write: keep it in the user's cache instead.
+os.environ.setdefault("NUMBA_CACHE_DIR", str(
+    Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vault-numba"))
+
+from numba import njit  # noqa: E402 - reads NUMBA_CACHE_DIR when first imported
 
 # Residues are split in halves of _SPLIT bits so that a signed probe scalar (at most
 # 2^21) times a half fits in 47 bits and D <= 1024 of them sum below 2^63.
