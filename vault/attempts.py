@@ -1,13 +1,13 @@
 """Attempt limits for 1:1 verification, per (subject, credential), that hold under concurrency.
 
-An attempt is *reserved* before anything is scored, in one SQL transaction that checks the
-lock and counts the reservation as a failure; the outcome only turns it into a success
-afterwards. So at most ``max_failures`` verifications of a subject are ever evaluated for
-one credential before it locks, however many arrive at once. Rules:
+An attempt is *reserved* before anything is scored, under one lock that checks the stored
+lock and counts the attempts in flight with the recorded failures; a failure is written
+(fsynced) before its answer leaves. So at most ``max_failures`` verifications of a subject
+are ever evaluated for one credential before it locks, however many arrive at once. Rules:
 
-- ``max_failures`` failures (reservations in flight included) within ``lockout_seconds``
-  of the first lock the (subject, credential) pair for ``lockout_seconds``: every
-  verification, genuine or not, gets RESOURCE_EXHAUSTED until then;
+- ``max_failures`` failures within ``lockout_seconds`` of the first lock the (subject,
+  credential) pair for ``lockout_seconds``: every verification, genuine or not, gets
+  RESOURCE_EXHAUSTED until then; attempts in flight count against the limit;
 - a success releases its own reservation and nothing else: it never clears a lock nor
   resets earlier failures (four failures and a success, repeated, lock);
 - the count is per credential, so one matcher cannot lock a subject for everyone; a
@@ -64,7 +64,11 @@ class Attempts:
         self.limits = limits
         self._clock = clock
         self._on_event = on_event  # (kind, collection, subject_hmac, outcome): audited
-        self._lock = threading.Lock()  # one process serves a store; SQL guards the rest
+        self._lock = threading.RLock()
+        # Attempts being evaluated, per (collection, subject, credential): in memory, since
+        # one server serves a data directory (serve.lock) and an evaluation whose answer
+        # never left (a crash) gives nothing away.
+        self._inflight: dict[tuple[str, bytes, bytes], int] = {}
 
     def credential_index(self, collection_id: str, credential: str) -> bytes:
         """The credential as stored: an HMAC keyed in the HSM, never the name."""
@@ -88,38 +92,40 @@ class Attempts:
         return row
 
     def reserve(self, collection_id: str, subject_hmac: bytes, credential: str) -> Reservation | None:
-        """Count one attempt as a failure before it is evaluated; RESOURCE_EXHAUSTED when
-        the pair is locked or its attempts (in flight included) are used up. Every row of
-        the subject is MAC-checked: one that fails keeps the subject locked (DATA_LOSS)."""
+        """Take one attempt before it is evaluated: RESOURCE_EXHAUSTED when the pair is
+        locked or its recorded failures and the attempts in flight reach the limit. Every
+        row of the subject is MAC-checked: one that fails keeps it locked (DATA_LOSS)."""
         if self.limits.max_failures <= 0:
             return None
         cred = self.credential_index(collection_id, credential)
+        key = (collection_id, subject_hmac, cred)
         now = self._clock()
-
-        def reserved(rows: list[AttemptRow]) -> AttemptRow:
-            rows = [self._checked(r) for r in rows]
-            row = next((r for r in rows if r.credential_hmac == cred),
-                       AttemptRow(collection_id, subject_hmac, cred, 0, now, 0.0, b""))
+        with self._lock:  # check and reserve under one lock (one server per data directory)
+            row = self._row(collection_id, subject_hmac, cred, now)
             wait = row.locked_until - now
             if wait > 0:
                 raise ResourceExhausted("too many failed verifications for this subject: "
                                         f"locked, retry in {math.ceil(wait)} s")
-            failures, since = row.failures, row.since
-            if since + self.limits.lockout_seconds <= now:
-                failures, since = 0, now  # failures long ago are forgotten
-            if failures >= self.limits.max_failures:
+            if self._failures(row, now) + self._inflight.get(key, 0) >= self.limits.max_failures:
                 raise ResourceExhausted("too many verifications of this subject in flight "
                                         "or failed: retry later")
-            return self._sign(AttemptRow(collection_id, subject_hmac, cred, failures + 1, since,
-                                         row.locked_until, b""))
-
-        with self._lock:  # check and reserve in one transaction
-            self._store.update_attempts(collection_id, subject_hmac, reserved)
+            self._inflight[key] = self._inflight.get(key, 0) + 1
         return Reservation(collection_id, subject_hmac, cred)
 
+    def release(self, reservation: Reservation | None) -> None:
+        """Give back an attempt whose answer never left (the call failed or was cancelled)."""
+        if reservation is None:
+            return
+        key = (reservation.collection_id, reservation.subject_hmac, reservation.credential_hmac)
+        with self._lock:
+            left = self._inflight.pop(key, 1) - 1
+            if left > 0:
+                self._inflight[key] = left
+
     def settle(self, reservation: Reservation | None, success: bool) -> None:
-        """A success releases the reservation; a failure keeps it, and locks the pair once
-        the failures reach the limit. A lock is never shortened."""
+        """Record the outcome before the answer leaves: a success writes nothing; a failure
+        is persisted, and locks the pair once the failures reach the limit. A lock is never
+        shortened. If the failure cannot be written, this raises and no answer leaves."""
         if reservation is None:
             return
         cid, subject_hmac, cred = (reservation.collection_id, reservation.subject_hmac,
@@ -127,23 +133,27 @@ class Attempts:
         now = self._clock()
         locked_for = 0
 
-        def settled(rows: list[AttemptRow]) -> AttemptRow | None:
+        def failed(rows: list[AttemptRow]) -> AttemptRow:
             nonlocal locked_for
             rows = [self._checked(r) for r in rows]
-            row = next((r for r in rows if r.credential_hmac == cred), None)
-            if row is None:  # unlocked by an admin or deleted with the subject meanwhile
-                return None
-            failures, locked_until = row.failures, row.locked_until
-            if success:
-                failures = max(0, failures - 1)
-            elif failures >= self.limits.max_failures and locked_until <= now:
+            row = next((r for r in rows if r.credential_hmac == cred),
+                       AttemptRow(cid, subject_hmac, cred, 0, now, 0.0, b""))
+            failures, since = self._failures(row, now) + 1, row.since
+            if failures == 1:
+                since = now
+            locked_until = row.locked_until
+            if failures >= self.limits.max_failures and locked_until <= now:
                 locked_until, failures = now + self.limits.lockout_seconds, 0
                 locked_for = 1 + sum(r.locked_until > now for r in rows if r.credential_hmac != cred)
-            return self._sign(AttemptRow(cid, subject_hmac, cred, failures, row.since,
-                                         locked_until, b""))
+            return self._sign(AttemptRow(cid, subject_hmac, cred, failures, since, locked_until,
+                                         b""))
 
-        with self._lock:
-            self._store.update_attempts(cid, subject_hmac, settled)
+        try:
+            if not success:
+                with self._lock:
+                    self._store.update_attempts(cid, subject_hmac, failed)
+        finally:
+            self.release(reservation)
         if locked_for:
             log.warning("subject locked after failed verifications", collection_id=cid,
                         count=self.limits.max_failures)
@@ -151,6 +161,16 @@ class Attempts:
             log.warning("subject locked for several credentials", collection_id=cid,
                         count=locked_for)
             self._on_event("alert", cid, subject_hmac, f"LOCKED credentials={locked_for}")
+
+    def _row(self, collection_id: str, subject_hmac: bytes, cred: bytes, now: float) -> AttemptRow:
+        """The pair's row (every row of the subject MAC-checked), or an empty one."""
+        rows = [self._checked(r) for r in self._store.attempt_rows(collection_id, subject_hmac)]
+        return next((r for r in rows if r.credential_hmac == cred),
+                    AttemptRow(collection_id, subject_hmac, cred, 0, now, 0.0, b""))
+
+    def _failures(self, row: AttemptRow, now: float) -> int:
+        """Recorded failures still in the window (older ones are forgotten)."""
+        return 0 if row.since + self.limits.lockout_seconds <= now else row.failures
 
     def unlock(self, collection_id: str, subject_hmac: bytes) -> int:
         """Forget every attempt record of the subject (damaged ones too); returns how many

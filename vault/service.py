@@ -572,8 +572,13 @@ class Vault:
         if held is None:
             return rows  # deleted meanwhile: a first enrollment again
         reservation = self.attempts.reserve(collection_id, subject_hmac, f"enroll/{credential}")
-        parts = gallery.score_held(template, held)
-        matched = bool(self.decider.decide(collection_id, row.key_version, parts, row.threshold, 1))
+        try:
+            parts = gallery.score_held(template, held)
+            matched = bool(self.decider.decide(collection_id, row.key_version, parts,
+                                               row.threshold, 1))
+        except BaseException:
+            self.attempts.release(reservation)
+            raise
         self.attempts.settle(reservation, success=matched)
         if not matched:
             raise PermissionDenied("subject_id is already enrolled and this face does not match "
@@ -680,12 +685,16 @@ class Vault:
         if not rows and reveal_unknown:
             raise NotFound("subject not found in this collection")
         reservation = self.attempts.reserve(collection_id, subject_hmac, credential)
-        if held is None:
-            self._decoy(gallery, probe, cancelled)
-            decided: list[GroupScore] = []
-        else:
-            parts = gallery.score_held(probe, held, cancelled)
-            decided = self.decider.decide(collection_id, row.key_version, parts, threshold, 1)
+        try:
+            if held is None:
+                self._decoy(gallery, probe, cancelled)
+                decided: list[GroupScore] = []
+            else:
+                parts = gallery.score_held(probe, held, cancelled)
+                decided = self.decider.decide(collection_id, row.key_version, parts, threshold, 1)
+        except BaseException:
+            self.attempts.release(reservation)  # no answer leaves: nothing was learnt
+            raise
         self.attempts.settle(reservation, success=bool(decided))
         if not decided:
             return MatchResult(False, [])
