@@ -132,3 +132,33 @@ def test_per_credential_with_an_alert_and_an_audited_integrity_failure(
         assert vault.verify("c", "alice", alice, credential="gate-1").matched
     finally:
         vault.close()
+
+
+def test_expired_rows_are_pruned_but_a_forged_one_stays(tmp_path: Path, hsm_config: HsmConfig,
+                                                        lfw) -> None:
+    alice, bob, _, _ = _faces(lfw)
+    clock = Clock()
+    vault = Vault.open(tmp_path / "data", hsm_config, clock=clock,
+                       limits=AttemptLimits(max_failures=3, lockout_seconds=60))
+    try:
+        vault.create_collection("c", 128, 0.9)
+        vault.enroll("c", "alice", alice)
+        for subject in ("alice", "nobody", "no-one"):  # unknown subjects leave rows too
+            assert not vault.verify("c", subject, bob, credential="gate",
+                                    reveal_unknown=False).matched
+        count = "SELECT COUNT(*) FROM verify_attempts"
+        assert vault.store._query(count)[0][0] == 3
+        vault.maintain()
+        assert vault.store._query(count)[0][0] == 3  # still in their window
+        clock.now += 61
+        db = sqlite3.connect(tmp_path / "data" / "vault.db")
+        with db:  # a forged row: edited, so its MAC no longer holds
+            db.execute("UPDATE verify_attempts SET failures=2 WHERE subject_hmac=?",
+                       (vault.integrity.subject_index("c", "alice"),))
+        db.close()
+        vault.maintain()
+        assert vault.store._query(count)[0][0] == 1
+        with pytest.raises(DataLoss):
+            vault.verify("c", "alice", alice, credential="gate")
+    finally:
+        vault.close()

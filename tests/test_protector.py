@@ -56,3 +56,29 @@ def test_transform_keeps_cosine_and_is_keyed(hsm: Hsm, lfw: dict[str, np.ndarray
 def test_transform_repr_hides_the_matrix(hsm: Hsm) -> None:
     t = Protector(hsm).transform("c1", 1, 4)
     assert repr(t) == "Transform(dimension=4)"
+
+
+def test_reference_mean_is_checked_and_a_probe_at_it_refused() -> None:
+    from vault.protector import CENTRING, centre, validate_reference_mean
+
+    assert validate_reference_mean([], 3) is None
+    for values, message in (([0.1, 0.1], "has 2 values"), ([math.nan, 0, 0], "NaN"),
+                            ([1.0, 0.0, 0.0], "norm must be below")):
+        with pytest.raises(InvalidArgument, match=message):
+            validate_reference_mean(values, 3)
+    mean = validate_reference_mean([0.9, 0.0, 0.0], 3)
+    with pytest.raises(InvalidArgument, match="too close to the collection's reference mean"):
+        centre(np.array([1.0, 0.0, 0.0]), mean)
+    x = np.array([0.6, 0.8, 0.0])
+    expected = (x - CENTRING * mean) / np.linalg.norm(x - CENTRING * mean)
+    assert np.allclose(centre(x, mean), expected)
+
+
+def test_subject_ids_are_nfc_and_invisible_characters_refused() -> None:
+    from vault.validation import check_subject_id
+
+    assert check_subject_id("Zoe\u0301") == check_subject_id("Zo\u00e9") == "Zo\u00e9"
+    assert check_subject_id("\u0645\u062d\u0645\u062f") == "\u0645\u062d\u0645\u062f"  # RTL text is fine
+    for bad in ("a\u200b", "\u202ea", "a\u2066", "\ufeffa", "a\x7f", "a\u2028", "a\ue000", "a\U000e0001"):
+        with pytest.raises(InvalidArgument, match="subject_id contains invisible"):
+            check_subject_id(bad)

@@ -172,6 +172,18 @@ class Attempts:
         """Recorded failures still in the window (older ones are forgotten)."""
         return 0 if row.since + self.limits.lockout_seconds <= now else row.failures
 
+    def prune(self) -> int:
+        """Forget rows that hold nothing any more (expired, e.g. tries on unknown subjects);
+        a row that fails its MAC stays, to be reported when its subject is next tried."""
+        now = self._clock()
+        pruned = 0
+        with self._lock:
+            for row in self._store.expired_attempt_rows(now, self.limits.lockout_seconds):
+                if self._integrity.check(row.mac, *self._fields(row)):
+                    self._store.delete_attempt_row(row)
+                    pruned += 1
+        return pruned
+
     def unlock(self, collection_id: str, subject_hmac: bytes) -> int:
         """Forget every attempt record of the subject (damaged ones too); returns how many
         credentials were locked."""

@@ -202,6 +202,10 @@ def run_once(vault, force: bool = False) -> None:  # type: ignore[no-untyped-def
         except VaultError as exc:
             log.warning("maintenance deferred", collection_id=cid, error_type=type(exc).__name__)
     vault.sweep_retired(RETIRE_GRACE, everything=force)
+    try:
+        vault.attempts.prune()
+    except VaultError as exc:
+        log.warning("maintenance deferred", error_type=type(exc).__name__)
 
 
 def run_forever(vault, stop: threading.Event) -> None:  # type: ignore[no-untyped-def]

@@ -534,6 +534,19 @@ class Store:
                            (row.collection_id, row.subject_hmac, row.credential_hmac,
                             row.failures, row.since, row.locked_until, row.mac))
 
+    def expired_attempt_rows(self, now: float, window: float) -> list[AttemptRow]:
+        """Rows neither locked nor holding failures still in their window."""
+        return [AttemptRow(*r) for r in self._query(
+            f"SELECT {self._ATTEMPT_COLUMNS} FROM verify_attempts "
+            "WHERE locked_until <= ? AND since + ? <= ?", (now, window, now))]
+
+    def delete_attempt_row(self, row: AttemptRow) -> None:
+        """Delete one row as it was read (same MAC), nothing newer."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM verify_attempts WHERE collection_id=? AND subject_hmac=? "
+                       "AND credential_hmac=? AND mac=?",
+                       (row.collection_id, row.subject_hmac, row.credential_hmac, row.mac))
+
     def delete_attempt_rows(self, collection_id: str, subject_hmac: bytes) -> None:
         with self.transaction() as db:
             db.execute("DELETE FROM verify_attempts WHERE collection_id=? AND subject_hmac=?",
