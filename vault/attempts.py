@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from vault import logs
 from vault.errors import DataLoss, ResourceExhausted
-from vault.keys.hsm import INDEX
+from vault.keys.hsm import INDEX, Hsm
 from vault.keys.integrity import Integrity, encode
 from vault.store import AttemptRow, Store
 
@@ -56,7 +56,7 @@ class Reservation:
 class Attempts:
     """Reserves and settles verification attempts in the store (see the module docstring)."""
 
-    def __init__(self, store: Store, integrity: Integrity, hsm, limits: AttemptLimits,  # type: ignore[no-untyped-def]
+    def __init__(self, store: Store, integrity: Integrity, hsm: Hsm, limits: AttemptLimits,
                  clock: Callable[[], float], on_event: Callable[[str, str, bytes, str], None]) -> None:
         self._store = store
         self._integrity = integrity
