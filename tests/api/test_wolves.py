@@ -101,6 +101,21 @@ def test_a_mean_face_is_accepted_as_nobody_with_a_reference_mean(world) -> None:
             assert err.code() == Code.INVALID_ARGUMENT
         else:
             raise AssertionError("the mean face was scored")
+    # Nor can it be enrolled, one by one or in an import (a per-item error).
+    enroll = vault_pb2_grpc.TemplateVaultStub(pki.channel(server.target, "enroll-svc"))
+    try:
+        enroll.Enroll(pb.EnrollRequest(collection_id="centred", subject_id="wolf",
+                                       embedding=split["face"].tolist()), timeout=60)
+    except grpc.RpcError as err:
+        assert err.code() == Code.INVALID_ARGUMENT
+    else:
+        raise AssertionError("the mean face was enrolled")
+    results = [r for m in enroll.ImportTemplates(iter([pb.ImportTemplatesRequest(
+        collection_id="centred", items=[pb.ImportItem(subject_id="wolf",
+                                                      embedding=split["face"].tolist())])]),
+        timeout=60) for r in m.results]
+    assert [r.code for r in results] == [Code.INVALID_ARGUMENT.value[0]]
+    assert "reference mean" in results[0].message
     # Blends of 2 or 3 other public faces that pass the quality gate: accepted by far fewer
     # people than without centring (bench/protection.py: 1.4-1.8 each, a single face 0.6).
     rng = np.random.default_rng(11)
