@@ -275,11 +275,11 @@ def table(r: dict) -> str:
               f"{'both keys stolen (undone)':<30} {r['dsys_both_keys_stolen']:>8.3f}",
               f"({r['mated_pairs']} mated, {r['nonmated_pairs']} non-mated pairs, {r['images']} images)"]
     w = r["wolves"]
-    lines += ["", f"wolves: mean of {w['attacker_images']} public faces against "
-              f"{w['enrolled_people']} enrolled people ({w['held_out_images']} held-out images; "
-              f"reference mean from {w['reference_images']} others)",
-              f"{'':<10} {'EER':>7} {'FRR@0.1%':>9} {'thr':>6} {'acc@0.92':>9} {'acc@thr':>8} "
-              f"{'best':>6} {'D_sys':>6} {'D_sys med':>9}"]
+    lines += ["", (f"wolves: mean of {w['attacker_images']} public faces against "
+                   f"{w['enrolled_people']} enrolled people ({w['held_out_images']} held-out "
+                   f"images; reference mean from {w['reference_images']} others)"),
+              (f"{'':<10} {'EER':>7} {'FRR@0.1%':>9} {'thr':>6} {'acc@0.92':>9} {'acc@thr':>8} "
+               f"{'best':>6} {'D_sys':>6} {'D_sys med':>9}")]
     for name in ("plain", "centred", "full"):
         x = w[name]
         lines.append(f"{name:<10} {x['eer']:>7.2%} {x['frr_at_far_0001']:>9.2%} "

@@ -56,7 +56,7 @@ def _count(server: ServerProcess) -> int:
 def test_an_enroller_cannot_attach_an_impostor_face_to_an_existing_subject(world, tmp_path) -> None:
     server, pki, faces = world
     enroll, gate = _stub(server, pki, "enroll-svc"), _stub(server, pki, "gate")
-    request = lambda s, f, **kw: pb.EnrollRequest(collection_id="c", subject_id=s, embedding=f, **kw)  # noqa: E731
+    request = lambda s, f, **kw: pb.EnrollRequest(collection_id="c", subject_id=s, embedding=f, **kw)
     assert _call(enroll.Enroll, request("p0", faces["p0"][0]))[0] == Code.OK
     before = _count(server)
     code, message, _ = _call(enroll.Enroll, request("p0", faces["p1"][0]))

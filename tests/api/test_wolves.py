@@ -137,7 +137,7 @@ def test_the_server_identifies_as_centred_cosine_predicts(world) -> None:
     server, pki, split = world
     gate = _gate(server, pki)
     mean = split["mean"]
-    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
     for cid, threshold, prepare in (("plain", 0.92, unit),
                                     ("centred", CENTRED_THRESHOLD, lambda x: centre(unit(x), mean))):
         gallery = prepare(split["first"])
