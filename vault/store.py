@@ -51,7 +51,8 @@ CREATE TABLE IF NOT EXISTS collections (
   key_version INTEGER NOT NULL,
   min_key_version INTEGER NOT NULL,
   created_at REAL NOT NULL,
-  mac BLOB NOT NULL
+  mac BLOB NOT NULL,
+  policy TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS collection_keys (
   collection_id TEXT NOT NULL,
@@ -151,6 +152,8 @@ class CollectionRow:
     key_version: int
     min_key_version: int
     mac: bytes
+    # Release settings (vault.service.CollectionPolicy as JSON; '' = defaults), under the MAC.
+    policy: str = ""
 
 
 @dataclass(frozen=True)
@@ -319,7 +322,8 @@ class Store:
 
     # -- collections ---------------------------------------------------------------------
 
-    _COLLECTION_COLUMNS = "collection_id, dimension, threshold, key_version, min_key_version, mac"
+    _COLLECTION_COLUMNS = ("collection_id, dimension, threshold, key_version, min_key_version, mac, "
+                           "policy")
 
     def collection(self, collection_id: str) -> CollectionRow | None:
         rows = self._query(f"SELECT {self._COLLECTION_COLUMNS} FROM collections "
@@ -332,9 +336,10 @@ class Store:
 
     def insert_collection(self, row: CollectionRow, key: CollectionKeyRow) -> None:
         with self.transaction() as db:
-            db.execute("INSERT INTO collections VALUES (?,?,?,?,?,?,?)",
+            db.execute("INSERT INTO collections(collection_id, dimension, threshold, key_version, "
+                       "min_key_version, created_at, mac, policy) VALUES (?,?,?,?,?,?,?,?)",
                        (row.collection_id, row.dimension, row.threshold, row.key_version,
-                        row.min_key_version, time.time(), row.mac))
+                        row.min_key_version, time.time(), row.mac, row.policy))
             self._put_collection_key(db, key)
 
     @staticmethod
@@ -592,9 +597,10 @@ class Store:
 
     def update_collection(self, row: CollectionRow) -> None:
         with self.transaction() as db:
-            db.execute("UPDATE collections SET threshold=?, key_version=?, min_key_version=?, mac=? "
-                       "WHERE collection_id=?", (row.threshold, row.key_version, row.min_key_version,
-                                                 row.mac, row.collection_id))
+            db.execute("UPDATE collections SET threshold=?, key_version=?, min_key_version=?, mac=?, "
+                       "policy=? WHERE collection_id=?",
+                       (row.threshold, row.key_version, row.min_key_version, row.mac, row.policy,
+                        row.collection_id))
 
     # -- wrapped blobs (master key rotation) ----------------------------------------------
 

@@ -5,7 +5,9 @@ With TLS, the server requires a client certificate signed by the configured clie
 the certificate's common name and its roles are its organizational unit (OU) values:
 
 - ``enroller``: Enroll, ImportTemplates
-- ``matcher``: Match
+- ``matcher``: Match, decisions only
+- ``analyst``: Match, and the only role that may ask for scores (``release_scores``:
+  threshold tuning, benchmarks), within its score budget (:mod:`vault.api.budget`)
 - ``admin``: CreateCollection, DeleteSubject and the key lifecycle
 - any role: GetCollection
 
@@ -14,8 +16,9 @@ whose certificate lacks the method's role gets PERMISSION_DENIED. Without TLS (t
 embedded default, loopback only) every caller has every role: the server says so at
 start.
 
-Rate limits: a token bucket per caller identity (per peer address without TLS), refilled
-at ``rate`` calls per second up to ``2 * rate``; a call beyond it gets RESOURCE_EXHAUSTED
+Rate limits: a token bucket per caller identity (without TLS: the peer address without
+its port, so that a new connection per call does not get a new bucket), refilled at
+``rate`` calls per second up to ``2 * rate``; a call beyond it gets RESOURCE_EXHAUSTED
 with how long to wait.
 """
 
@@ -34,11 +37,12 @@ from cryptography.x509.oid import NameOID
 
 from vault.errors import PermissionDenied, ResourceExhausted, Unauthenticated
 
-ROLES = frozenset({"enroller", "matcher", "admin"})
+ROLES = frozenset({"enroller", "matcher", "analyst", "admin"})
+SCORE_ROLES = frozenset({"analyst"})
 METHOD_ROLES: dict[str, frozenset[str]] = {
     "Enroll": frozenset({"enroller"}),
     "ImportTemplates": frozenset({"enroller"}),
-    "Match": frozenset({"matcher"}),
+    "Match": frozenset({"matcher", "analyst"}),
     "GetCollection": ROLES,
     "CreateCollection": frozenset({"admin"}),
     "DeleteSubject": frozenset({"admin"}),
@@ -63,7 +67,7 @@ class Caller:
 def caller(context: grpc.ServicerContext, tls: bool) -> Caller:
     """The caller of an RPC; UNAUTHENTICATED on a TLS server without a verified cert."""
     if not tls:
-        return Caller(context.peer() or "", ROLES)
+        return Caller(peer_address(context.peer() or ""), ROLES)
     auth = context.auth_context() or {}
     pems = auth.get("x509_pem_cert") or []
     if not pems:
@@ -73,6 +77,22 @@ def caller(context: grpc.ServicerContext, tls: bool) -> Caller:
     units = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
     identity = str(names[0].value) if names else cert.subject.rfc4514_string()
     return Caller(identity, frozenset(str(u.value) for u in units) & ROLES)
+
+
+def peer_address(peer: str) -> str:
+    """``ipv4:10.0.0.1:5123`` -> ``ipv4:10.0.0.1``, ``ipv6:[::1]:5123`` -> ``ipv6:[::1]``."""
+    scheme, _, rest = peer.partition(":")
+    if scheme in ("ipv4", "ipv6") and ":" in rest:
+        return f"{scheme}:{rest.rsplit(':', 1)[0]}"
+    return peer
+
+
+def authorize_scores(who: Caller) -> None:
+    """PERMISSION_DENIED unless ``who`` may ask for scores."""
+    if not SCORE_ROLES & who.roles:
+        held = ", ".join(sorted(who.roles)) or "none"
+        raise PermissionDenied("release_scores needs the role analyst; this client "
+                               f"certificate has: {held}")
 
 
 def authorize(who: Caller, method: str) -> None:
