@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import secrets
 import sqlite3
 import threading
@@ -53,7 +54,8 @@ from vault.keys.integrity import encode
 log = logs.get("vault.audit")
 
 CHECKPOINT_EVERY = 64
-REFUSED_INTERVAL = 10.0
+# Seconds between ``refused`` entries (env VAULT_AUDIT_REFUSED_INTERVAL; tests use 0).
+REFUSED_INTERVAL = float(os.environ.get("VAULT_AUDIT_REFUSED_INTERVAL", "10"))
 GENESIS = b"\x00" * 32
 
 _SCHEMA = """
