@@ -28,7 +28,8 @@ def tls_server(tmp_path_factory) -> Iterator[tuple[ServerProcess, CertificateAut
     root = tmp_path_factory.mktemp("mtls")
     pki = CertificateAuthority(root / "pki")
     for name, roles in (("enroll-svc", ("enroller",)), ("gate-svc", ("matcher",)),
-                        ("both-svc", ("enroller", "matcher")), ("nobody", ())):
+                        ("both-svc", ("enroller", "matcher")), ("tuning", ("analyst",)),
+                        ("nobody", ())):
         pki.issue(name, roles)
     server = ServerProcess(root / "data", pki=pki, env={"VAULT_RATE_LIMIT": "0",
                                                         "VAULT_AUDIT_REFUSED_INTERVAL": "0"})
@@ -79,6 +80,23 @@ def test_each_rpc_checks_the_role_in_the_client_certificate(tls_server) -> None:
     assert _code(_stub(server, pki, "both-svc").Match, match)[0] == Code.OK
     assert _code(admin.GetCollection, get)[0] == Code.OK
     assert _code(admin.DeleteSubject, delete)[0] == Code.OK
+
+
+def test_scores_leave_only_for_the_analyst_role(tls_server) -> None:
+    server, pki = tls_server
+    _code(_stub(server, pki, "enroll-svc").Enroll,
+          pb.EnrollRequest(collection_id="gate", subject_id="sam", embedding=FACE))
+    probe = pb.MatchRequest(collection_id="gate", subject_id="sam", embedding=FACE)
+    matcher, analyst = _stub(server, pki, "gate-svc"), _stub(server, pki, "tuning")
+    decision = matcher.Match(probe, timeout=20)
+    assert decision.matched and not decision.scores_released and decision.candidates[0].score == 0
+    asked = pb.MatchRequest(collection_id="gate", subject_id="sam", embedding=FACE,
+                            release_scores=True)
+    code, details = _code(matcher.Match, asked)
+    assert code == Code.PERMISSION_DENIED and "release_scores needs the role analyst" in details
+    scored = analyst.Match(asked, timeout=20)
+    assert scored.scores_released and 0.98 <= scored.candidates[0].score <= 1.0
+    assert scored.candidates[0].score == round(scored.candidates[0].score, 2)
 
 
 def test_no_certificate_or_a_foreign_one_never_gets_in(tls_server, tmp_path) -> None:
