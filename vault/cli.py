@@ -91,7 +91,8 @@ def serve(args: argparse.Namespace) -> int:
     try:
         server, port, _health = build_server(holder, args.listen, tls=tls,
                                              rate_limit=args.rate_limit,
-                                             budgets=_budget_config(args))
+                                             budgets=_budget_config(args),
+                                             budget_clock=_budget_clock())
     except (OSError, ValueError) as exc:
         log.error("cannot listen", listen=args.listen, error_type=type(exc).__name__)
         return 1
@@ -141,14 +142,20 @@ def audit_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _budget_clock():  # type: ignore[no-untyped-def]
+    from vault.api.budget import file_clock
+
+    path = os.environ.get("VAULT_BUDGET_CLOCK_FILE")
+    return file_clock(path) if path else None
+
+
 def _budget_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from vault.api.budget import BudgetConfig
 
     return BudgetConfig(verify_per_hour=args.verify_budget, identify_per_hour=args.identify_budget,
                         scores_per_day=args.score_budget, probe_radius=args.probe_radius,
                         probe_cluster=args.probe_cluster, probe_window=args.probe_window,
-                        probe_cooldown=args.probe_cooldown,
-                        time_scale=_env_float("VAULT_BUDGET_TIME_SCALE", "1"))
+                        probe_cooldown=args.probe_cooldown)
 
 
 def audit_searches(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
@@ -79,6 +80,7 @@ class TlsFiles:
 def build_server(vault: Vault | VaultHolder, listen: str, max_workers: int = 8,
                  tls: TlsFiles | None = None, rate_limit: float = 0.0,
                  budgets: BudgetConfig | None = None,
+                 budget_clock: Callable[[], float] | None = None,
                  ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A started-ready server bound to ``listen``; returns (server, bound port, health).
 
@@ -98,7 +100,8 @@ def build_server(vault: Vault | VaultHolder, listen: str, max_workers: int = 8,
     )
     _add_template_vault(TemplateVaultServicer(vault, tls=tls is not None,
                                               limiter=RateLimiter(rate_limit),
-                                              budgets=Budgets(budgets)), server)
+                                              budgets=Budgets(budgets, budget_clock or time.monotonic)),
+                         server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
