@@ -271,14 +271,14 @@ class TemplateVaultServicer(vault_pb2_grpc.TemplateVaultServicer):
             def observe(probe: Any) -> None:
                 try:
                     self.budgets.observe(identity, cid, probe)
-                except Tripped as exc:
+                except Tripped:
                     log.warning("probing pattern detected", method="Match", collection_id=cid)
                     if audit is not None:
                         audit.alert("ALERT probing_detected")
-                    raise exc
+                    raise
 
             # A client that gave up (deadline, cancel) stops the scoring between ciphertexts.
-            cancelled = lambda: not context.is_active()  # noqa: E731
+            cancelled = lambda: not context.is_active()
             if request.subject_id:
                 if request.top_k > 1:
                     raise InvalidArgument("top_k applies to 1:N identification only "
