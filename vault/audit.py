@@ -56,6 +56,7 @@ log = logs.get("vault.audit")
 CHECKPOINT_EVERY = 64
 # Seconds between ``refused`` entries (env VAULT_AUDIT_REFUSED_INTERVAL; tests use 0).
 REFUSED_INTERVAL = float(os.environ.get("VAULT_AUDIT_REFUSED_INTERVAL", "10"))
+REFUSED_KEYS = 1000
 GENESIS = b"\x00" * 32
 
 _SCHEMA = """
@@ -151,7 +152,10 @@ class AuditLog:
     def refused(self, actor: str, method: str, collection_id: str, code: str) -> None:
         """Count a call refused before it ran; written in the next ``refused`` entry."""
         with self._lock:
-            self._refused[(actor, method, collection_id, code)] += 1
+            key = (actor, method, collection_id, code)
+            if key not in self._refused and len(self._refused) >= REFUSED_KEYS:
+                key = ("<other>", method, "", code)  # bounded memory under a flood of names
+            self._refused[key] += 1
             if time.monotonic() - self._refused_since >= REFUSED_INTERVAL:
                 try:
                     self._flush_refused()

@@ -224,8 +224,11 @@ class TemplateVaultServicer(vault_pb2_grpc.TemplateVaultServicer):
         except VaultError as exc:
             if vault.audit is not None:
                 cid = getattr(request, "collection_id", "")
-                vault.audit.refused(actor, method, cid[:64] if cid.isprintable() else "<invalid>",
-                                    exc.code.name)
+                try:
+                    cid = check_collection_id(cid) if cid else ""
+                except VaultError:
+                    cid = "<invalid>"
+                vault.audit.refused(actor, method, cid, exc.code.name)
             raise
         return _Audit.begin(vault, method, request, actor)
 
