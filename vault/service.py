@@ -186,6 +186,7 @@ class Vault:
         self.job_threads: dict[str, threading.Thread] = {}
         self.stopping = threading.Event()
         self._damaged: set[str] = set()
+        self._checked_rows: set[CollectionRow] = set()  # collection rows whose MAC held
         self.integrity_events: list[tuple[str, str, int]] = []
         self._create_lock = threading.Lock()
         self._retired: list[tuple[float, Path, bool]] = []
@@ -487,6 +488,20 @@ class Vault:
             raise FailedPrecondition("collection key version is below its minimum")
         return row, gallery
 
+    def _release_settings(self, row: CollectionRow) -> CollectionPolicy:
+        """The collection's threshold and policy are what the decider applies: the row read
+        for this match must carry its MAC (a row edited under a running server would
+        otherwise lower the threshold or drop the purpose requirement). One HSM MAC per
+        distinct row state, not per match."""
+        if row not in self._checked_rows:
+            if not self.verified(row):
+                log.error("integrity failure", kind="collection", collection_id=row.collection_id)
+                raise DataLoss("collection record failed its integrity check")
+            if len(self._checked_rows) > 1024:
+                self._checked_rows.clear()
+            self._checked_rows.add(row)
+        return CollectionPolicy.from_json(row.policy)
+
     def galleries(self) -> list[CollectionGallery]:
         return list(self._galleries.values())
 
@@ -628,6 +643,7 @@ class Vault:
         reaches it.) ``release_scores``: the caller was granted scores."""
         row, gallery = self._collection(collection_id)
         check_subject_id(subject_id)
+        self._release_settings(row)
         threshold = row.threshold if threshold is None else check_threshold(threshold)
         probe = self.protector.protect(collection_id, row.key_version, row.dimension, embedding)
         if observe is not None:
@@ -683,7 +699,7 @@ class Vault:
         row, gallery = self._collection(collection_id)
         top_k = check_top_k(top_k)
         purpose = check_purpose(purpose)
-        if not purpose and CollectionPolicy.from_json(row.policy).require_purpose:
+        if not purpose and self._release_settings(row).require_purpose:
             raise FailedPrecondition("this collection requires a purpose (a case reference) "
                                      "on every 1:N identification")
         threshold = row.threshold if threshold is None else check_threshold(threshold)

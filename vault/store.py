@@ -269,6 +269,9 @@ class Store:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
+            if "policy" not in {r[1] for r in db.execute("PRAGMA table_info(collections)")}:
+                # A database from before release policies: every collection has the defaults.
+                db.execute("ALTER TABLE collections ADD COLUMN policy TEXT NOT NULL DEFAULT ''")
             db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
                        (SCHEMA_VERSION,))
             (found,) = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()

@@ -127,3 +127,26 @@ def test_rate_limit_ignores_the_source_port_and_refusals_cost_no_audit_write(tmp
                   if c["code"] == "RESOURCE_EXHAUSTED" and c["method"] == "GetCollection")
     db.close()
     assert counted == 41  # every refusal is on the record once the server closed its log
+
+
+def test_release_settings_edited_under_a_running_vault_are_refused(vault) -> None:
+    """Write access to vault.db while it serves: dropping the purpose requirement or
+    lowering the threshold makes matches DATA_LOSS, not looser."""
+    from vault.errors import DataLoss
+
+    vault.create_collection("p", DIM, 0.8, require_purpose=True)
+    vault.create_collection("t", DIM, 0.99)
+    for cid in ("p", "t"):
+        vault.enroll(cid, "p0", FACES[0].tolist())
+    assert vault.identify("p", FACES[0].tolist(), purpose="case 1").matched
+    db = sqlite3.connect(vault.store.path)
+    with db:
+        db.execute("UPDATE collections SET policy='' WHERE collection_id='p'")
+        db.execute("UPDATE collections SET threshold=-1.0 WHERE collection_id='t'")
+    db.close()
+    with pytest.raises(DataLoss):
+        vault.identify("p", FACES[0].tolist())
+    with pytest.raises(DataLoss):
+        vault.identify("t", FACES[1].tolist())
+    with pytest.raises(DataLoss):
+        vault.verify("t", "p0", FACES[1].tolist())
