@@ -68,6 +68,23 @@ def test_score_and_verification_budgets_are_per_credential_and_collection(budget
                    for c, m in results[5:])
 
 
+def test_a_score_budget_holds_under_parallel_requests(budgeted) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with budgeted.channel() as channel:
+        stub = vault_pb2_grpc.TemplateVaultStub(channel)
+        stub.CreateCollection(pb.CreateCollectionRequest(collection_id="par", dimension=DIM,
+                                                         threshold=0.8))
+        stub.Enroll(pb.EnrollRequest(collection_id="par", subject_id="p0",
+                                     embedding=FACES[0].tolist()))
+        request = pb.MatchRequest(collection_id="par", embedding=FACES[0].tolist(),
+                                  release_scores=True)
+        with ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(lambda _: _code(stub.Match, request)[0], range(24)))
+    assert codes.count(Code.OK) == 5
+    assert codes.count(Code.RESOURCE_EXHAUSTED) == 19
+
+
 def test_identification_needs_a_purpose_where_the_collection_says_so(budgeted) -> None:
     with budgeted.channel() as channel:
         stub = vault_pb2_grpc.TemplateVaultStub(channel)
