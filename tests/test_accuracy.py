@@ -124,7 +124,8 @@ def test_encrypted_decisions_and_scores_agree_with_plaintext(server: ServerProce
     assert ident_agree / ident_out >= 0.999, \
         f"1:N decisions agree for {ident_agree}/{ident_out} ({ident_wrong_subject} other subject)"
     assert ident_wrong_subject <= 0.001 * n
-    # The random band moves FRR and FAR by little: unbiased noise flips both ways.
-    assert abs(frr["vault"] - frr["plain"]) <= 0.005, frr
-    assert abs(far["vault"] - far["plain"]) <= 0.005, far
+    # The random band moves FRR and FAR by little: unbiased noise flips both ways (measured
+    # 2.84% -> 3.00% and 0.59% -> 0.50%; a point is several standard deviations away).
+    assert abs(frr["vault"] - frr["plain"]) <= 0.01, frr
+    assert abs(far["vault"] - far["plain"]) <= 0.01, far
     assert max(score_errors) <= SCORE_ERROR, f"largest score error {max(score_errors):.2e}"

@@ -285,6 +285,7 @@ class Search:
     purpose: str
     outcome: str
     threshold: float | None
+    named: int  # subjects the answer named
 
 
 def searches(path: Path, collection_id: str, purpose: str | None = None
@@ -308,7 +309,8 @@ def searches(path: Path, collection_id: str, purpose: str | None = None
         if purpose is not None and why != purpose:
             continue
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
-        found.append(Search(when, actor, why, outcome, info.get("threshold")))
+        found.append(Search(when, actor, why, outcome, info.get("threshold"),
+                            int(info.get("candidates", 0))))
         by_outcome = counts.setdefault((actor, why), {})
         by_outcome[outcome] = by_outcome.get(outcome, 0) + 1
     return found, counts

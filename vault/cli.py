@@ -165,7 +165,7 @@ def audit_searches(args: argparse.Namespace) -> int:
     rows, counts = searches(Path(args.data_dir) / "audit.db", args.collection, args.purpose)
     for row in rows:
         print(f"{row.when}  {row.actor}  purpose={row.purpose or '-'}  {row.outcome}  "
-              f"threshold={row.threshold}")
+              f"named={row.named}  threshold={row.threshold}")
     print(f"searches: {len(rows)}")
     for (actor, purpose), by_outcome in sorted(counts.items()):
         shown = ", ".join(f"{k}={v}" for k, v in sorted(by_outcome.items()))
