@@ -25,7 +25,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from common import (clustered, dir_bytes, machine, peak_rss_mb,  # isort: skip
+from common import (TRUSTED_ENV, clustered, dir_bytes, machine, peak_rss_mb,  # isort: skip
                     sample_of, stats, timed)
 from vault import logs
 from vault.gallery import Routing
@@ -127,24 +127,25 @@ def run(n: int, dim: int, queries: int, verifies: int, enrolls: int, workdir: Pa
     result: dict = {"n": n, "dim": dim, "queries": queries, "machine": machine(),
                     "server": {"route_fraction": tuning.routing.fraction,
                                "route_min_blocks": tuning.routing.min_blocks}}
-    env = {"VAULT_MAX_FAILED_VERIFICATIONS": "0",
+    env = {**TRUSTED_ENV,
            "VAULT_ROUTE_FRACTION": str(tuning.routing.fraction),
            "VAULT_ROUTE_MIN_BLOCKS": str(tuning.routing.min_blocks)}
     with tempfile.TemporaryDirectory(prefix="vault-scale-", dir=workdir) as tmp:
         server = ServerProcess(Path(tmp) / "data", log_path=Path(tmp) / "server.log", env=env)
         with server, server.channel() as channel:
             stub = vault_pb2_grpc.TemplateVaultStub(channel)
+            # Threshold -1: every probe gets its best candidate (rank-1 accuracy).
             stub.CreateCollection(pb.CreateCollectionRequest(collection_id="bench", dimension=dim,
-                                                             threshold=0.5))
+                                                             threshold=-1.0))
             seconds = _import(stub, x, owner)
             result["bulk_enroll_per_s"] = n / seconds
             result["bytes_per_template"] = dir_bytes(Path(tmp) / "data") / n
             for p in probes[:5]:  # warm-up: compiled kernels, caches
-                stub.Match(pb.MatchRequest(collection_id="bench", embedding=p, top_k=1, threshold=-1.0))
+                stub.Match(pb.MatchRequest(collection_id="bench", embedding=p, top_k=1))
             identify, got = [], []
             for p in progress(probes, queries, "identify"):
                 dt, r = timed(stub.Match, pb.MatchRequest(collection_id="bench", embedding=p,
-                                                          top_k=1, threshold=-1.0), timeout=600)
+                                                          top_k=1), timeout=600)
                 identify.append(dt)
                 got.append(int(r.candidates[0].subject_id[2:]) if r.candidates else -1)
             verify = []

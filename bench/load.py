@@ -378,9 +378,11 @@ def run(clients: int = 4, duration: float = 60.0, max_requests: int = 12_000,
     with tempfile.TemporaryDirectory(prefix="vault-load-") as tmp:
         root = Path(data_dir) if data_dir else Path(tmp) / "data"
         # 1:1 impostor claims are part of the mix: without this the lock-out after 5 failed
-        # verifications (tested in tests/test_attempts.py) would turn them into errors.
+        # verifications (tested in tests/test_attempts.py) would turn them into errors; and
+        # the load's rate is the point, not the budgets (tests/test_probing.py).
         server = ServerProcess(root, log_path=Path(tmp) / "server.log",
-                               env={"VAULT_MAX_FAILED_VERIFICATIONS": "0"})
+                               env={"VAULT_MAX_FAILED_VERIFICATIONS": "0", "VAULT_VERIFY_BUDGET": "0",
+                                    "VAULT_IDENTIFY_BUDGET": "0", "VAULT_PROBE_CLUSTER": "0"})
         with server, server.channel() as channel:
             stub = vault_pb2_grpc.TemplateVaultStub(channel)
             stub.CreateCollection(pb.CreateCollectionRequest(

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import clustered, dir_bytes, machine, stats, timed  # isort: skip
+from common import TRUSTED_ENV, clustered, dir_bytes, machine, stats, timed  # isort: skip
 from vault import logs
 from vault.progress import progress
 from vault.testing import ServerProcess
@@ -38,13 +38,14 @@ def run(n: int, dim: int, queries: int, out: Path) -> dict:
 
     results: dict = {"n": n, "dim": dim, "queries": queries, "machine": machine()}
     with tempfile.TemporaryDirectory(prefix="vault-bench-") as tmp:
-        # Latency, not abuse limits, is measured: no lock-out after failed 1:1 matches.
+        # Latency, not abuse limits, is measured.
         server = ServerProcess(Path(tmp) / "data", log_path=Path(tmp) / "server.log",
-                               env={"VAULT_MAX_FAILED_VERIFICATIONS": "0"})
+                               env=TRUSTED_ENV)
         with server, server.channel() as channel:
             stub = vault_pb2_grpc.TemplateVaultStub(channel)
+            # Threshold -1: every 1:N probe gets its best candidate (top-1 hits).
             stub.CreateCollection(pb.CreateCollectionRequest(collection_id="bench", dimension=dim,
-                                                             threshold=0.5))
+                                                             threshold=-1.0))
             enroll = []
             for i in progress(range(n), n, "enroll"):
                 req = pb.EnrollRequest(collection_id="bench", subject_id=f"id-{gallery_ids[i]}",
@@ -57,7 +58,7 @@ def run(n: int, dim: int, queries: int, out: Path) -> dict:
                     collection_id="bench", subject_id=claimed, embedding=probes[q].tolist()))[0])
                 t = time.perf_counter()
                 r = stub.Match(pb.MatchRequest(collection_id="bench", embedding=probes[q].tolist(),
-                                               top_k=1, threshold=-1.0))
+                                               top_k=1))
                 identify.append(time.perf_counter() - t)
                 hits += bool(r.candidates) and r.candidates[0].subject_id == claimed
             results["data_dir_bytes"] = dir_bytes(Path(tmp) / "data")

@@ -150,3 +150,59 @@ def test_requests_fail_closed_when_the_audit_log_cannot_be_written(vault, lfw) -
     finally:
         server.stop(0)
         vault.audit = None  # its connection is closed already
+
+
+def test_audit_subject_references_link_no_two_calls_and_no_blind_index(audited) -> None:
+    """An attacker with a copy of both databases: the subject references of two calls
+    never match (each is keyed by its entry), and the blind index of vault.db is absent."""
+    data, _ = audited
+    db = sqlite3.connect(data / "audit.db")
+    refs: dict[str, set[str]] = {}
+    for ref, hmacs in db.execute("SELECT ref, subject_hmacs FROM entries WHERE subject_hmacs != ''"):
+        for h in hmacs.split(","):
+            refs.setdefault(h, set()).add(ref)
+    db.close()
+    assert len(refs) >= 80  # 40 1:1 and 40 1:N calls name a subject
+    assert all(len(calls) == 1 for calls in refs.values())  # one call each, never two
+    index = {bytes(h).hex() for (h,) in sqlite3.connect(data / "vault.db").execute(
+        "SELECT DISTINCT subject_hmac FROM templates")}
+    raw = b"".join(p.read_bytes() for p in data.glob("audit.db*"))
+    assert index and not any(h.encode() in raw or bytes.fromhex(h) in raw for h in index)
+
+
+def test_an_investigator_finds_a_subjects_entries_until_it_is_deleted(vault, lfw) -> None:
+    from vault.api.server import build_server
+
+    emb = lfw["emb"].astype(np.float64)
+    server, port, _ = build_server(vault, "127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = vault_pb2_grpc.TemplateVaultStub(channel)
+            stub.CreateCollection(pb.CreateCollectionRequest(collection_id="c", dimension=128,
+                                                             threshold=0.9))
+            for i, name in enumerate(("a", "b")):
+                stub.Enroll(pb.EnrollRequest(collection_id="c", subject_id=name,
+                                             embedding=emb[i].tolist()))
+            for _ in range(2):
+                stub.Match(pb.MatchRequest(collection_id="c", subject_id="a",
+                                           embedding=emb[0].tolist()))
+            assert stub.Match(pb.MatchRequest(collection_id="c", embedding=emb[0].tolist())).matched
+
+            def entries_of(subject: str) -> int:
+                index = vault.integrity.subject_index("c", subject)
+                db = sqlite3.connect(vault.audit.path)
+                rows = db.execute("SELECT ref, subject_hmacs FROM entries").fetchall()
+                db.close()
+                return sum(vault.audit_subject_ref("c", index, ref).hex() in hmacs.split(",")
+                           for ref, hmacs in rows if hmacs)
+
+            # The enrolment's response, 2 x (request, response) of 1:1, the 1:N response.
+            assert entries_of("a") == 6
+            assert entries_of("b") == 1  # its enrolment only
+            stub.DeleteSubject(pb.DeleteSubjectRequest(collection_id="c", subject_id="a"))
+            assert entries_of("a") == 0  # its sealed record, the key of its references, is gone
+            stub.Enroll(pb.EnrollRequest(collection_id="c", subject_id="a", embedding=emb[0].tolist()))
+            assert entries_of("a") == 1  # a new record, a new key: only the new enrolment
+    finally:
+        server.stop(0)

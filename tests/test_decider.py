@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from vault import he
-from vault.decider import NOISE_BOUND, Decider, Moves, ScoreCiphertext
+from vault.decider import DECISION_NOISE, MAX_TOP_K, NOISE_BOUND, Decider, Moves, ScoreCiphertext
 from vault.gallery import blocks
 from vault.he import poly
 
@@ -34,11 +34,11 @@ def test_releases_best_per_group_flooded_rounded_and_only_what_was_asked(public,
     values = np.array([0.10, 0.95, 0.40, 0.97, 0.99, 0.30])
     # Slot 4 (0.99) is not asked for: it must not influence anything.
     part = _score_part(public, values, [0, 1, 2, 3, 5], [7, 7, 8, 9, 9])
-    out = decider.decide("c", 1, [part], -1.0, 5)
+    out = decider.decide("c", 1, [part], -1.0, 5, release_scores=True)
     assert [g.group for g in out] == [9, 7, 8]
     for g, truth in zip(out, (0.97, 0.95, 0.40)):
-        assert abs(g.score - truth) <= 5e-4 + NOISE_BOUND + 1e-5
-        assert g.score == round(g.score, 3)
+        assert abs(g.score - truth) <= 5e-3 + NOISE_BOUND + 1e-5
+        assert g.score == round(g.score, 2)
     assert [(g.tier, g.loc, g.slot) for g in out] == [(1, 0, 3), (1, 0, 1), (1, 0, 2)]
     assert "0.97" not in repr(out[0])
     top = decider.decide("c", 1, [part], 0.9, 1)
@@ -46,14 +46,45 @@ def test_releases_best_per_group_flooded_rounded_and_only_what_was_asked(public,
     assert decider.decide("c", 1, [part], 0.98, 5) == []
 
 
+def test_decisions_only_unless_scores_are_granted_and_top_k_is_capped(public, decider) -> None:
+    values = np.linspace(0.5, 0.99, 40)
+    part = _score_part(public, values, range(40), range(40))
+    out = decider.decide("c", 1, [part], -1.0, 100)
+    assert len(out) == MAX_TOP_K == 10
+    assert all(g.score is None for g in out)
+    assert [g.group for g in out] == list(range(39, 29, -1))
+
+
+def test_decision_near_the_threshold_cannot_be_bisected_to_the_exact_score(public, decider) -> None:
+    """A caller who moves a probe until the decision flips learns the score only to about
+    the release precision: within DECISION_NOISE of the threshold the decision is random,
+    so no sharp boundary exists to bisect (before: the exact value, to 4e-7)."""
+    threshold = 0.8
+    accepted = {}
+    for offset in (-0.004, -0.001, 0.0, 0.001, 0.004):
+        part = _score_part(public, np.array([threshold + offset]), [0], [0])
+        accepted[offset] = sum(bool(decider.decide("c", 1, [part], threshold, 1))
+                               for _ in range(300)) / 300
+    for offset, rate in accepted.items():  # accepted with probability (offset + b) / 2b
+        assert abs(rate - (offset + DECISION_NOISE) / (2 * DECISION_NOISE)) < 0.12, accepted
+    far = _score_part(public, np.array([threshold - 2 * DECISION_NOISE,
+                                        threshold + 2 * DECISION_NOISE]), [0, 1], [0, 1])
+    for _ in range(50):  # outside the band the decision is the plaintext one
+        assert [g.group for g in decider.decide("c", 1, [far], threshold, 5)] == [1]
+
+
 def test_accepted_score_floor_does_not_round_a_float32_threshold_up(public, decider) -> None:
-    # Regression: a float32 threshold (0.9200000167) once lifted accepted scores of 0.920 to
-    # 0.921, one thousandth away from the plaintext cosine.
+    # Regression: a float32 threshold (0.9200000167) must not lift the floor of accepted
+    # scores to 0.93; an accepted score is never shown below its threshold.
+    part = _score_part(public, np.array([0.9155, 0.5]), [0, 1], [0, 1])
+    for _ in range(40):  # accepted now and then (noise): then shown at the floor, 0.92
+        out = decider.decide("c", 1, [part], float(np.float32(0.92)), 5, release_scores=True)
+        assert out == [] or out[0].score == 0.92
     threshold = float(np.float32(0.92))
     part = _score_part(public, np.array([0.92002, 0.5]), [0, 1], [0, 1])
-    for _ in range(20):  # the flooding noise is random: try it several times
-        out = decider.decide("c", 1, [part], threshold, 5)
-        assert [g.group for g in out] == [0] and out[0].score == 0.92
+    for _ in range(40):  # the flooding noise is random: try it several times
+        out = decider.decide("c", 1, [part], threshold, 5, release_scores=True)
+        assert out == [] or ([g.group for g in out] == [0] and out[0].score in (0.92, 0.93))
 
 
 def test_unknown_key_version_is_refused(public, decider) -> None:

@@ -51,7 +51,7 @@ def test_checkpoint_moves_the_journal_into_a_block_and_matching_is_unchanged(vau
     for i, f in enumerate(faces):
         vault.enroll("c", f"s{i}", f.tolist())
     probe = faces[7] + 0.1 * _faces(1, 9)[0]
-    before = vault.verify("c", "s7", probe.tolist())
+    before = vault.verify("c", "s7", probe.tolist(), release_scores=True)
     ident_before = vault.identify("c", probe.tolist(), top_k=3, threshold=-1.0)
     vault.maintain(force=True)
     gallery = vault.galleries()[0]
@@ -59,10 +59,11 @@ def test_checkpoint_moves_the_journal_into_a_block_and_matching_is_unchanged(vau
     db = sqlite3.connect(vault.store.path)
     assert db.execute("SELECT count(*) FROM pages").fetchone()[0] == 0
     assert db.execute("SELECT DISTINCT tier FROM templates").fetchall() == [(BLOCK,)]
-    after = vault.verify("c", "s7", probe.tolist())
+    after = vault.verify("c", "s7", probe.tolist(), release_scores=True)
     ident_after = vault.identify("c", probe.tolist(), top_k=3, threshold=-1.0)
     assert before.matched and after.matched
-    assert abs(before.candidates[0].score - after.candidates[0].score) <= 2e-3
+    # Each released score is within 0.005 (rounding) + 0.005 (flooding) of the cosine.
+    assert abs(before.candidates[0].score - after.candidates[0].score) <= 0.02 + 1e-6
     assert [c.subject_id for c in ident_before.candidates] == [c.subject_id for c in ident_after.candidates]
     # The block holds exactly the protected templates, at their slots.
     values = _block_plaintext(vault, 0)

@@ -1,11 +1,24 @@
 """Append-only audit log: hash-chained entries, checkpoints signed by an Ed25519 key in the HSM.
 
-Every RPC leaves two entries: ``request`` before anything runs and ``response`` with the
-outcome (the status, and for matches the decision). Entries hold who (the peer), what
-(method, collection, subject ids only as their HMAC), when and the outcome; never scores,
-embeddings or subject ids. It fails closed: when the request entry cannot be written the
-request is refused before it runs, and when the response entry cannot be written the
-answer is withheld.
+Every admitted RPC leaves two entries: ``request`` before anything runs and ``response``
+with the outcome (the status, and for matches the decision). Entries hold who (the
+credential), what (method, collection, subjects only as unlinkable references, see
+below), when, the outcome and details (``detail``, JSON: for matches the threshold used,
+1:1 or 1:N, the purpose, whether scores were released); never scores, embeddings or
+subject ids. It fails closed: when the request entry cannot be written the request is
+refused before it runs, and when the response entry cannot be written the answer is
+withheld.
+
+Subject references (column ``subject_hmacs``) are per entry: an HMAC of the entry's
+``ref`` under a key derived from the subject's sealed record
+(:meth:`vault.service.Vault.audit_subject_ref`). Two entries of one subject look
+unrelated; with the vault's keys and the subject's live record an investigator can test
+whether an entry names that subject; once the subject is deleted, nobody can.
+
+Calls refused before they run (no credential, wrong role, rate limit, budget, probing
+guard) cost no fsync and no HSM call each: they are counted in memory and written as one
+``refused`` entry per ``REFUSED_INTERVAL`` seconds (and at close) with the counts per
+(credential, method, collection, status).
 
 Each entry's hash covers the previous hash, so editing, inserting or deleting an entry
 breaks the chain from there on. Every ``CHECKPOINT_EVERY`` entries (and at close) the
@@ -20,9 +33,13 @@ from the templates.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import secrets
 import sqlite3
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +54,9 @@ from vault.keys.integrity import encode
 log = logs.get("vault.audit")
 
 CHECKPOINT_EVERY = 64
+# Seconds between ``refused`` entries (env VAULT_AUDIT_REFUSED_INTERVAL; tests use 0).
+REFUSED_INTERVAL = float(os.environ.get("VAULT_AUDIT_REFUSED_INTERVAL", "10"))
+REFUSED_KEYS = 1000
 GENESIS = b"\x00" * 32
 
 _SCHEMA = """
@@ -50,7 +70,8 @@ CREATE TABLE IF NOT EXISTS entries (
   collection_id TEXT NOT NULL,
   subject_hmacs TEXT NOT NULL,
   outcome TEXT NOT NULL,
-  hash BLOB NOT NULL
+  hash BLOB NOT NULL,
+  detail TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS checkpoints (
   seq INTEGER PRIMARY KEY,
@@ -59,7 +80,7 @@ CREATE TABLE IF NOT EXISTS checkpoints (
   signature BLOB NOT NULL
 );
 """
-_COLUMNS = "seq, ts, kind, ref, actor, method, collection_id, subject_hmacs, outcome, hash"
+_COLUMNS = "seq, ts, kind, ref, actor, method, collection_id, subject_hmacs, outcome, detail, hash"
 
 
 @dataclass(frozen=True)
@@ -71,13 +92,16 @@ class Entry:
     actor: str
     method: str
     collection_id: str
-    subject_hmacs: str  # comma-separated hex HMACs (blind index), never ids
+    subject_hmacs: str  # comma-separated hex per-entry subject references, never ids
     outcome: str
+    detail: str = ""
     hash: bytes = field(repr=False, default=b"")
 
     def digest(self, prev: bytes) -> bytes:
-        body = encode("audit-entry", self.seq, repr(self.ts), self.kind, self.ref, self.actor,
-                      self.method, self.collection_id, self.subject_hmacs, self.outcome)
+        fields = (self.seq, repr(self.ts), self.kind, self.ref, self.actor, self.method,
+                  self.collection_id, self.subject_hmacs, self.outcome)
+        # Entries written before details existed keep their hashes.
+        body = encode("audit-entry", *fields, *((self.detail,) if self.detail else ()))
         return hashlib.sha256(prev + body).digest()
 
 
@@ -103,33 +127,67 @@ class AuditLog:
         for statement in _SCHEMA.split(";"):
             if statement.strip():
                 self._db.execute(statement)
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(entries)")}
+        if "detail" not in columns:  # a log from before details
+            self._db.execute("ALTER TABLE entries ADD COLUMN detail TEXT NOT NULL DEFAULT ''")
         hsm.ensure_audit_key()
+        self._refused: Counter[tuple[str, str, str, str]] = Counter()
+        self._refused_since = time.monotonic()
         row = self._db.execute("SELECT seq, hash FROM entries ORDER BY seq DESC LIMIT 1").fetchone()
         self._seq, self._head = (row[0], bytes(row[1])) if row else (0, GENESIS)
         signed = self._db.execute("SELECT MAX(seq) FROM checkpoints").fetchone()[0] or 0
         self._unsigned = self._seq - signed
 
     def append(self, kind: str, ref: str, actor: str, method: str, collection_id: str = "",
-               subject_hmacs: list[bytes] | tuple[bytes, ...] = (), outcome: str = "") -> int:
+               subject_hmacs: list[bytes] | tuple[bytes, ...] = (), outcome: str = "",
+               detail: str = "") -> int:
         """Write one entry durably; raise :class:`AuditUnavailable` if that is impossible."""
         with self._lock:
-            entry = Entry(self._seq + 1, time.time(), kind, ref, actor, method, collection_id,
-                          ",".join(h.hex() for h in subject_hmacs), outcome)
-            entry_hash = entry.digest(self._head)
-            try:
-                self._db.execute(f"INSERT INTO entries({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                                 (entry.seq, entry.ts, entry.kind, entry.ref, entry.actor,
-                                  entry.method, entry.collection_id, entry.subject_hmacs,
-                                  entry.outcome, entry_hash))
-            except sqlite3.Error as exc:
-                log.error("audit write failed", error_type=type(exc).__name__)
-                raise AuditUnavailable("audit log unavailable (storage full or unwritable): "
-                                       "the request was refused") from exc
-            self._seq, self._head = entry.seq, entry_hash
-            self._unsigned += 1
-            if self._unsigned >= self._every:
-                self._checkpoint()
-            return entry.seq
+            if self._refused and time.monotonic() - self._refused_since >= REFUSED_INTERVAL:
+                self._flush_refused()
+            return self._append(Entry(self._seq + 1, time.time(), kind, ref, actor, method,
+                                      collection_id, ",".join(h.hex() for h in subject_hmacs if h),
+                                      outcome, detail))
+
+    def refused(self, actor: str, method: str, collection_id: str, code: str) -> None:
+        """Count a call refused before it ran; written in the next ``refused`` entry."""
+        with self._lock:
+            key = (actor, method, collection_id, code)
+            if key not in self._refused and len(self._refused) >= REFUSED_KEYS:
+                key = ("<other>", method, "", code)  # bounded memory under a flood of names
+            self._refused[key] += 1
+            if time.monotonic() - self._refused_since >= REFUSED_INTERVAL:
+                try:
+                    self._flush_refused()
+                except AuditUnavailable:
+                    pass  # kept in memory; the next flush writes them
+
+    def _flush_refused(self) -> None:
+        counts = [{"actor": a, "method": m, "collection_id": c, "code": k, "count": n}
+                  for (a, m, c, k), n in sorted(self._refused.items())]
+        self._append(Entry(self._seq + 1, time.time(), "refused", secrets.token_hex(8), "vault",
+                           "refused", "", "", f"refused={sum(self._refused.values())}",
+                           json.dumps(counts, sort_keys=True)))
+        self._refused.clear()
+        self._refused_since = time.monotonic()
+
+    def _append(self, entry: Entry) -> int:
+        """Write ``entry`` (the caller holds the lock)."""
+        entry_hash = entry.digest(self._head)
+        try:
+            self._db.execute(f"INSERT INTO entries({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                             (entry.seq, entry.ts, entry.kind, entry.ref, entry.actor,
+                              entry.method, entry.collection_id, entry.subject_hmacs,
+                              entry.outcome, entry.detail, entry_hash))
+        except sqlite3.Error as exc:
+            log.error("audit write failed", error_type=type(exc).__name__)
+            raise AuditUnavailable("audit log unavailable (storage full or unwritable): "
+                                   "the request was refused") from exc
+        self._seq, self._head = entry.seq, entry_hash
+        self._unsigned += 1
+        if self._unsigned >= self._every:
+            self._checkpoint()
+        return entry.seq
 
     def _checkpoint(self) -> None:
         """Sign the head. A failure (token out) leaves the tail unsigned until the next try."""
@@ -145,6 +203,11 @@ class AuditLog:
     def close(self) -> None:
         """Sign what is unsigned, then close."""
         with self._lock:
+            if self._refused:
+                try:
+                    self._flush_refused()
+                except AuditUnavailable:
+                    pass
             if self._unsigned:
                 self._checkpoint()
             self._db.close()
@@ -181,7 +244,7 @@ def verify(path: Path, public_key: bytes) -> Report:
         head, expected = GENESIS, 1
         hashes: dict[int, bytes] = {}
         for row in db.execute(f"SELECT {_COLUMNS} FROM entries ORDER BY seq"):
-            entry = Entry(*row[:9], hash=bytes(row[9]))
+            entry = Entry(*row[:10], hash=bytes(row[10]))
             if entry.seq != expected:
                 report.problems.append(f"entry {expected}: missing (next entry is {entry.seq})")
                 break
@@ -211,3 +274,43 @@ def verify(path: Path, public_key: bytes) -> Report:
     finally:
         db.close()
     return report
+
+
+@dataclass(frozen=True)
+class Search:
+    """One 1:N identification as the audit log records it."""
+
+    when: str
+    actor: str
+    purpose: str
+    outcome: str
+    threshold: float | None
+    named: int  # subjects the answer named
+
+
+def searches(path: Path, collection_id: str, purpose: str | None = None
+             ) -> tuple[list[Search], dict[tuple[str, str], dict[str, int]]]:
+    """The 1:N searches of a collection (response entries, oldest first), and their
+    outcome counts per (credential, purpose). Run ``verify`` to trust them."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = db.execute("SELECT ts, actor, outcome, detail FROM entries WHERE kind='response' "
+                          "AND method='Match' AND collection_id=? ORDER BY seq",
+                          (collection_id,)).fetchall()
+    finally:
+        db.close()
+    found: list[Search] = []
+    counts: dict[tuple[str, str], dict[str, int]] = {}
+    for ts, actor, outcome, detail in rows:
+        info = json.loads(detail) if detail else {}
+        if info.get("mode") != "1:N":
+            continue
+        why = info.get("purpose", "")
+        if purpose is not None and why != purpose:
+            continue
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+        found.append(Search(when, actor, why, outcome, info.get("threshold"),
+                            int(info.get("candidates", 0))))
+        by_outcome = counts.setdefault((actor, why), {})
+        by_outcome[outcome] = by_outcome.get(outcome, 0) + 1
+    return found, counts

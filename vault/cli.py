@@ -102,7 +102,9 @@ def serve(args: argparse.Namespace) -> int:
     holder = VaultHolder(open_vault, interval=args.hsm_check_interval)
     try:
         server, port, _health = build_server(holder, args.listen, tls=tls,
-                                             rate_limit=args.rate_limit)
+                                             rate_limit=args.rate_limit,
+                                             budgets=_budget_config(args),
+                                             budget_clock=_budget_clock())
     except (OSError, ValueError) as exc:
         log.error("cannot listen", listen=args.listen, error_type=type(exc).__name__)
         return 1
@@ -151,6 +153,37 @@ def audit_verify(args: argparse.Namespace) -> int:
         print(f"BAD: {problem}")
     print("OK" if report.ok else "FAILED")
     return 0 if report.ok else 1
+
+
+def _budget_clock():  # type: ignore[no-untyped-def]
+    from vault.api.budget import file_clock
+
+    path = os.environ.get("VAULT_BUDGET_CLOCK_FILE")
+    return file_clock(path) if path else None
+
+
+def _budget_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from vault.api.budget import BudgetConfig
+
+    return BudgetConfig(verify_per_hour=args.verify_budget, identify_per_hour=args.identify_budget,
+                        scores_per_day=args.score_budget, probe_radius=args.probe_radius,
+                        probe_cluster=args.probe_cluster, probe_window=args.probe_window,
+                        probe_cooldown=args.probe_cooldown)
+
+
+def audit_searches(args: argparse.Namespace) -> int:
+    """Who searched a collection (1:N), when, why, and with what outcome."""
+    from vault.audit import searches
+
+    rows, counts = searches(Path(args.data_dir) / "audit.db", args.collection, args.purpose)
+    for row in rows:
+        print(f"{row.when}  {row.actor}  purpose={row.purpose or '-'}  {row.outcome}  "
+              f"named={row.named}  threshold={row.threshold}")
+    print(f"searches: {len(rows)}")
+    for (actor, purpose), by_outcome in sorted(counts.items()):
+        shown = ", ".join(f"{k}={v}" for k, v in sorted(by_outcome.items()))
+        print(f"  {actor}  purpose={purpose or '-'}: {shown}")
+    return 0
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -253,11 +286,28 @@ def main(argv: list[str] | None = None) -> int:
                    help="server private key (PEM) (env VAULT_TLS_KEY)")
     p.add_argument("--tls-client-ca", default=os.environ.get("VAULT_TLS_CLIENT_CA"),
                    help="CA that signs client certificates; their OU values are the roles "
-                        "enroller, matcher, admin (env VAULT_TLS_CLIENT_CA)")
+                        "enroller, matcher, analyst, admin (env VAULT_TLS_CLIENT_CA)")
     p.add_argument("--rate-limit", type=float,
                    default=_env_float("VAULT_RATE_LIMIT", "1000"),
                    help="calls per second per client, bursts of twice that; 0 disables "
                         "(env VAULT_RATE_LIMIT)")
+    for flag, env, default, what in [
+            ("--verify-budget", "VAULT_VERIFY_BUDGET", "6000", "1:1 verifications per hour"),
+            ("--identify-budget", "VAULT_IDENTIFY_BUDGET", "6000", "1:N identifications per hour"),
+            ("--score-budget", "VAULT_SCORE_BUDGET", "1000", "score releases (analyst) per day")]:
+        p.add_argument(flag, type=float, default=_env_float(env, default),
+                       help=f"{what} per credential and collection, 0: unlimited (env {env})")
+    p.add_argument("--probe-radius", type=float, default=_env_float("VAULT_PROBE_RADIUS", "0.95"),
+                   help="cosine within which two probes count as one point (env VAULT_PROBE_RADIUS)")
+    p.add_argument("--probe-cluster", type=int,
+                   default=int(os.environ.get("VAULT_PROBE_CLUSTER", "32")),
+                   help="earlier probes near a new one that trip the probing guard, 0: off "
+                        "(env VAULT_PROBE_CLUSTER)")
+    p.add_argument("--probe-window", type=float, default=_env_float("VAULT_PROBE_WINDOW", "600"),
+                   help="seconds of probes the guard looks back on (env VAULT_PROBE_WINDOW)")
+    p.add_argument("--probe-cooldown", type=float,
+                   default=_env_float("VAULT_PROBE_COOLDOWN", "3600"),
+                   help="seconds a tripped credential's matches are refused (env VAULT_PROBE_COOLDOWN)")
     p.add_argument("--allow-insecure-remote", action="store_true",
                    help="serve plaintext gRPC on a non-loopback address (containers behind a "
                         "private network only)")
@@ -302,6 +352,11 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--public-key", help="verify offline with this hex Ed25519 public key "
                                         "instead of the token's")
     v.set_defaults(func=audit_verify)
+    se = audit_sub.add_parser("searches", help="who ran 1:N searches on a collection, when, why")
+    se.add_argument("--data-dir", default=os.environ.get("VAULT_DATA_DIR", "./data"))
+    se.add_argument("--collection", required=True)
+    se.add_argument("--purpose", help="only searches with this purpose")
+    se.set_defaults(func=audit_searches)
 
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)

@@ -5,8 +5,9 @@ It decrypts two kinds of ciphertexts, and releases nothing it decrypts:
 - **score ciphertexts** computed by the gallery. Of each it reads only the coefficients
   the caller names (live templates' scores; journal pages arrive with every other
   coefficient masked by uniform values mod q), keeps the best per group (subject), and
-  releases decisions and, for groups at or above the threshold, scores flooded with
-  bounded noise and rounded to 3 decimals. CKKS decryptions handed to someone who chose
+  releases decisions made on the flooded score and, only when granted, for groups at or
+  above the threshold, those flooded scores rounded to 2 decimals (see the release
+  policy below). CKKS decryptions handed to someone who chose
   the ciphertext leak the secret key (IND-CPA^D), and raw score vectors allow template
   reconstruction: neither ever leaves.
 - **masked ciphertexts** for blind re-encryption (:meth:`Decider.reencrypt`): the matcher
@@ -22,6 +23,7 @@ run as its own process later.
 
 from __future__ import annotations
 
+import math
 import secrets
 import threading
 from collections.abc import Callable, Sequence
@@ -32,11 +34,19 @@ import numpy as np
 from vault.errors import FailedPrecondition
 from vault.he import HeParams, SecretContext, poly
 
-SCORE_DECIMALS = 3
-# Flooding noise, uniform in [-bound, bound], added to released scores before rounding.
-# Bounded so that a returned score stays within 1e-3 of the plaintext cosine: 5e-4
-# (rounding) + 1e-4 (noise) + about 1e-5 (CKKS and quantisation error, see vault.he).
-NOISE_BOUND = 1e-4
+# What may leave (the release policy; the servicer only says who asks):
+# - decisions, made on the score flooded with uniform noise in [-DECISION_NOISE,
+#   DECISION_NOISE]: a caller bisecting a probe along a line learns where the decision
+#   flips only to about the release precision, never to the exact value (4e-7 before). The
+#   cost: a score within DECISION_NOISE of the threshold is decided at random, accepted
+#   with probability (score - threshold + DECISION_NOISE) / (2 * DECISION_NOISE) (see
+#   docs/SECURITY.md for the measured FRR/FAR effect);
+# - at most MAX_TOP_K subjects, all at or above the threshold, best first;
+# - scores only when asked and granted: the same flooded value, rounded to SCORE_DECIMALS.
+SCORE_DECIMALS = 2
+DECISION_NOISE = 0.005
+NOISE_BOUND = DECISION_NOISE  # released scores carry the decision's noise, then rounding
+MAX_TOP_K = 10
 
 
 @dataclass(frozen=True)
@@ -56,10 +66,11 @@ class ScoreCiphertext:
 
 @dataclass(frozen=True)
 class GroupScore:
-    """A group's released score, and the template that gave it."""
+    """A group that reached the threshold, its released score (None unless scores were
+    granted), and the template that gave it."""
 
     group: int
-    score: float
+    score: float | None
     tier: int
     loc: int
     slot: int
@@ -126,10 +137,12 @@ class Decider:
     # -- decisions ------------------------------------------------------------------------
 
     def decide(self, collection_id: str, key_version: int, parts: Sequence[ScoreCiphertext],
-               threshold: float, top_k: int) -> list[GroupScore]:
-        """Best score per group, flooded and rounded; only groups reaching ``threshold``,
-        best first, at most ``top_k``."""
+               threshold: float, top_k: int, release_scores: bool = False) -> list[GroupScore]:
+        """The groups whose flooded best score reaches ``threshold``, best first, at most
+        ``min(top_k, MAX_TOP_K)``; with ``release_scores``, their flooded scores rounded
+        to :data:`SCORE_DECIMALS`."""
         ctx = self._context(collection_id, key_version)
+        top_k = max(1, min(int(top_k), MAX_TOP_K))
         params = ctx.public.params
         q = ctx.public.moduli[0]
         scale = params.template_scale * params.probe_scale
@@ -146,22 +159,24 @@ class Decider:
         value = np.concatenate(values)
         group = np.concatenate(groups)
         where = np.concatenate(origin, axis=1)
-        keep = np.flatnonzero(value >= threshold)  # decide on the decrypted value (below)
-        chosen = keep[_top_groups(value[keep], group[keep], top_k)]
-        best = value[chosen]
+        # Fresh noise on every score, before the comparison: the exact decrypted value
+        # decides nothing and never leaves.
         with self._lock:
-            noise = self._rng.uniform(-NOISE_BOUND, NOISE_BOUND, size=best.size)
-        released = np.clip(np.round(best + noise, SCORE_DECIMALS), -1.0, 1.0)
-        # Decisions and ranks come from the decrypted value: the decision is one bit
-        # whatever noise is added, and rounding would otherwise flip decisions near the
-        # threshold. An accepted score is never shown below its threshold rounded like a
-        # score (not rounded up: a float32 threshold such as 0.9200000167 would lift 0.920
-        # to 0.921).
-        released = np.maximum(released, round(threshold, SCORE_DECIMALS))
+            value = value + self._rng.uniform(-DECISION_NOISE, DECISION_NOISE, size=value.size)
+        keep = np.flatnonzero(value >= threshold)
+        chosen = keep[_top_groups(value[keep], group[keep], top_k)]
+        released: list[float | None] = [None] * chosen.size
+        if release_scores:
+            # Never shown below the threshold as rounded up to the release precision (the
+            # inner rounding drops float32 dust such as 0.9200000167).
+            floor = math.ceil(round(threshold * 10**SCORE_DECIMALS, 4)) / 10**SCORE_DECIMALS
+            shown = np.clip(np.round(value[chosen], SCORE_DECIMALS), -1.0, 1.0)
+            released = np.maximum(shown, min(floor, 1.0)).tolist()
         out = []
-        for i, score in zip(chosen.tolist(), released.tolist()):
+        for i, score in zip(chosen.tolist(), released):
             part = parts[int(where[0, i])]
-            out.append(GroupScore(int(group[i]), float(score), part.tier, part.loc, int(where[1, i])))
+            out.append(GroupScore(int(group[i]), None if score is None else float(score),
+                                  part.tier, part.loc, int(where[1, i])))
         return out
 
     # -- blind re-encryption --------------------------------------------------------------

@@ -39,16 +39,19 @@ def run(channel: grpc.Channel) -> int:
     for claimed in ("person-2", "person-3"):
         r = stub.Match(vault_pb2.MatchRequest(collection_id=collection, subject_id=claimed,
                                               embedding=probe), timeout=30)
-        score = f" score {r.candidates[0].score:.3f}" if r.matched else ""
-        print(f"1:1 probe of person-2 claiming {claimed}: matched={r.matched}{score}")
+        print(f"1:1 probe of person-2 claiming {claimed}: matched={r.matched}")
     r = stub.Match(vault_pb2.MatchRequest(collection_id=collection, embedding=probe, top_k=3),
                    timeout=30)
-    print("1:N probe of person-2:", [(c.subject_id, round(c.score, 3)) for c in r.candidates])
+    print("1:N probe of person-2 (decisions only):", [c.subject_id for c in r.candidates])
+    r = stub.Match(vault_pb2.MatchRequest(collection_id=collection, embedding=probe, top_k=3,
+                                          release_scores=True), timeout=30)
+    print("the same as an analyst (scores, 2 decimals, budgeted):",
+          [(c.subject_id, round(c.score, 2)) for c in r.candidates])
     stub.DeleteSubject(vault_pb2.DeleteSubjectRequest(collection_id=collection,
                                                       subject_id="person-2"), timeout=30)
     r = stub.Match(vault_pb2.MatchRequest(collection_id=collection, embedding=probe, top_k=3),
                    timeout=30)
-    print("after deleting person-2, 1:N:", [(c.subject_id, round(c.score, 3)) for c in r.candidates])
+    print("after deleting person-2, 1:N:", [c.subject_id for c in r.candidates])
     try:
         stub.Enroll(vault_pb2.EnrollRequest(collection_id=collection, subject_id="x",
                                             embedding=[0.0] * DIM), timeout=30)

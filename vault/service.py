@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import hmac
+import json
 import re
 import threading
 import time
@@ -61,6 +63,7 @@ from vault.store import (
 from vault.validation import (
     check_collection_id,
     check_dimension,
+    check_purpose,
     check_request_id,
     check_subject_id,
     check_threshold,
@@ -71,6 +74,7 @@ log = logs.get("vault.service")
 
 _PII_KEY = "pii"
 _SKETCH_KEY = "sketch"
+_AUDIT_REF_KEY = "audit-ref"
 
 
 def secret_context_aad(collection_id: str, key_version: int, params_json: str) -> bytes:
@@ -98,6 +102,21 @@ class Tuning:
 
 
 @dataclass(frozen=True)
+class CollectionPolicy:
+    """A collection's release settings, stored as JSON in its row, under its MAC."""
+
+    require_purpose: bool = False
+
+    def to_json(self) -> str:
+        return "" if self == CollectionPolicy() else json.dumps(dataclasses.asdict(self),
+                                                                 sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> CollectionPolicy:
+        return cls(**json.loads(text)) if text else cls()
+
+
+@dataclass(frozen=True)
 class CollectionInfo:
     collection_id: str
     dimension: int
@@ -105,18 +124,28 @@ class CollectionInfo:
     key_version: int
     template_count: int
     min_key_version: int = 1
+    require_purpose: bool = False
 
 
 @dataclass(frozen=True)
 class Candidate:
     subject_id: str = field(repr=False)
-    score: float = field(repr=False)
+    score: float | None = field(repr=False, default=None)  # None unless scores were granted
+    subject_hmac: bytes = field(repr=False, default=b"")
 
 
 @dataclass(frozen=True)
 class MatchResult:
+    """A decision, the subjects it names, and the threshold it was made at (audited)."""
+
     matched: bool
     candidates: list[Candidate]
+    threshold: float = 0.0
+    scores_released: bool = False
+
+
+# Called with the protected probe before it is scored (vault.api.budget's probing guard).
+Observer = Callable[[np.ndarray], None]
 
 
 class Vault:
@@ -147,6 +176,7 @@ class Vault:
         self.job_threads: dict[str, threading.Thread] = {}
         self.stopping = threading.Event()
         self._damaged: set[str] = set()
+        self._checked_rows: set[CollectionRow] = set()  # collection rows whose MAC held
         self.integrity_events: list[tuple[str, str, int]] = []
         self._create_lock = threading.Lock()
         self._retired: list[tuple[float, Path, bool]] = []
@@ -157,6 +187,7 @@ class Vault:
             log.info("key ceremony: created keys in the HSM", count=len(created))
         self._pii = envelope.DataKey(self._data_key(_PII_KEY))
         self._sketch_key = envelope.DataKey(self._data_key(_SKETCH_KEY))
+        self._audit_ref_key = self._data_key(_AUDIT_REF_KEY)
         for row in store.collections():
             self._load_collection(row)
         self._load_rotations()
@@ -239,7 +270,7 @@ class Vault:
 
     def _collection_fields(self, row: CollectionRow) -> tuple:
         return ("collection", row.collection_id, row.dimension, float(row.threshold).hex(),
-                row.key_version, row.min_key_version, row.reference_mean)
+                row.key_version, row.min_key_version, row.reference_mean, row.policy)
 
     def _block_fields(self, b: BlockRow) -> tuple:
         return ("block", b.collection_id, b.key_version, b.block_no, b.kind, b.generation,
@@ -454,6 +485,20 @@ class Vault:
             raise FailedPrecondition("collection key version is below its minimum")
         return row, gallery
 
+    def _release_settings(self, row: CollectionRow) -> CollectionPolicy:
+        """The collection's threshold and policy are what the decider applies: the row read
+        for this match must carry its MAC (a row edited under a running server would
+        otherwise lower the threshold or drop the purpose requirement). One HSM MAC per
+        distinct row state, not per match."""
+        if row not in self._checked_rows:
+            if not self.verified(row):
+                log.error("integrity failure", kind="collection", collection_id=row.collection_id)
+                raise DataLoss("collection record failed its integrity check")
+            if len(self._checked_rows) > 1024:
+                self._checked_rows.clear()
+            self._checked_rows.add(row)
+        return CollectionPolicy.from_json(row.policy)
+
     def galleries(self) -> list[CollectionGallery]:
         return list(self._galleries.values())
 
@@ -480,13 +525,15 @@ class Vault:
     # -- operations ------------------------------------------------------------------------
 
     def create_collection(self, collection_id: str, dimension: int, threshold: float | None,
-                          reference_mean: Sequence[float] = ()) -> CollectionInfo:
+                          reference_mean: Sequence[float] = (),
+                          require_purpose: bool = False) -> CollectionInfo:
         """New collection with its own CKKS key pair and transform key version 1.
 
         ``threshold`` is required (None: INVALID_ARGUMENT). ``reference_mean``: the
         embedding model's public population mean of normalised embeddings; every embedding
         is centred on it (vault.protector, wolves), so the threshold applies to the cosine
-        of centred embeddings. Without one the collection is exposed to wolves."""
+        of centred embeddings. Without one the collection is exposed to wolves.
+        ``require_purpose``: every 1:N identification must give a purpose."""
         check_collection_id(collection_id)
         check_dimension(dimension)
         if threshold is None:
@@ -501,8 +548,9 @@ class Vault:
             secret, public = he.generate(self.params)
             params_json = self.params.to_json()
             sealed = envelope.seal(self.hsm, secret, secret_context_aad(collection_id, 1, params_json))
+            policy = CollectionPolicy(require_purpose=bool(require_purpose))
             row = self.sign(CollectionRow(collection_id, dimension, threshold, 1, 1, b"",
-                                          mean_bytes))
+                                          mean_bytes, policy.to_json()))
             gallery = CollectionGallery(collection_id, 1, dimension, self.params, public,
                                         self.tuning.routing)
             self.store.insert_collection(row, CollectionKeyRow(collection_id, 1, params_json,
@@ -512,7 +560,7 @@ class Vault:
             self._galleries[collection_id] = gallery
         log.info("collection created", collection_id=collection_id, dimension=dimension,
                  status="centred" if mean is not None else "no_reference_mean")
-        return CollectionInfo(collection_id, dimension, threshold, 1, 0)
+        return CollectionInfo(collection_id, dimension, threshold, 1, 0, 1, policy.require_purpose)
 
     @staticmethod
     def reference_mean(row: CollectionRow) -> np.ndarray | None:
@@ -524,7 +572,8 @@ class Vault:
     def get_collection(self, collection_id: str) -> CollectionInfo:
         row, gallery = self._collection(collection_id)
         return CollectionInfo(row.collection_id, row.dimension, row.threshold, row.key_version,
-                              gallery.template_count(), row.min_key_version)
+                              gallery.template_count(), row.min_key_version,
+                              CollectionPolicy.from_json(row.policy).require_purpose)
 
     def get_collection_info(self, collection_id: str) -> CollectionInfo:
         """As :meth:`get_collection`, also for a collection stopped by its minimum key
@@ -533,7 +582,8 @@ class Vault:
         gallery = self._galleries.get(collection_id)
         count = gallery.template_count() if gallery is not None else 0
         return CollectionInfo(row.collection_id, row.dimension, row.threshold, row.key_version,
-                              count, row.min_key_version)
+                              count, row.min_key_version,
+                              CollectionPolicy.from_json(row.policy).require_purpose)
 
     def _previous(self, request_hmac: bytes | None, subject_hmac: bytes) -> tuple[str, int] | None:
         """The first answer to a retried request id, if any."""
@@ -667,9 +717,12 @@ class Vault:
 
     def verify(self, collection_id: str, subject_id: str, embedding: Sequence[float],
                threshold: float | None = None,
-               cancelled: Callable[[], bool] | None = None, credential: str = "local",
+               cancelled: Callable[[], bool] | None = None, release_scores: bool = False,
+               observe: Observer | None = None, credential: str = "local",
                reveal_unknown: bool = True) -> MatchResult:
-        """1:1: does the probe match any template of ``subject_id``?
+        """1:1: does the probe match any template of ``subject_id``, at the collection's
+        threshold? (``threshold`` overrides it for in-process callers, e.g. tests; no RPC
+        reaches it.) ``release_scores``: the caller was granted scores.
 
         Each call is an attempt of ``credential`` on the subject, reserved before scoring
         (vault.attempts). An unknown subject is NOT_FOUND only if ``reveal_unknown`` (the
@@ -677,9 +730,12 @@ class Vault:
         included, so that a matcher cannot tell who is enrolled."""
         row, gallery = self._collection(collection_id)
         subject_id = check_subject_id(subject_id)
+        self._release_settings(row)
         threshold = row.threshold if threshold is None else check_threshold(threshold)
         probe = self.protector.protect(collection_id, row.key_version, row.dimension, embedding,
                                        reference_mean=self.reference_mean(row))
+        if observe is not None:
+            observe(probe)
         subject_hmac = self.integrity.subject_index(collection_id, subject_id)
         rows, held = self._held(collection_id, gallery, subject_hmac)
         if not rows and reveal_unknown:
@@ -691,14 +747,16 @@ class Vault:
                 decided: list[GroupScore] = []
             else:
                 parts = gallery.score_held(probe, held, cancelled)
-                decided = self.decider.decide(collection_id, row.key_version, parts, threshold, 1)
+                decided = self.decider.decide(collection_id, row.key_version, parts, threshold, 1,
+                                              release_scores)
         except BaseException:
             self.attempts.release(reservation)  # no answer leaves: nothing was learnt
             raise
         self.attempts.settle(reservation, success=bool(decided))
         if not decided:
-            return MatchResult(False, [])
-        return MatchResult(True, [Candidate(subject_id, decided[0].score)])
+            return MatchResult(False, [], threshold, release_scores)
+        return MatchResult(True, [Candidate(subject_id, decided[0].score, subject_hmac)],
+                           threshold, release_scores)
 
     def _decoy(self, gallery: CollectionGallery, probe: np.ndarray,
                cancelled: Callable[[], bool] | None) -> None:
@@ -726,17 +784,27 @@ class Vault:
 
     def identify(self, collection_id: str, embedding: Sequence[float], top_k: int = 1,
                  threshold: float | None = None,
-                 cancelled: Callable[[], bool] | None = None) -> MatchResult:
-        """1:N: the best ``top_k`` subjects whose score reaches the threshold."""
+                 cancelled: Callable[[], bool] | None = None, release_scores: bool = False,
+                 purpose: str = "", observe: Observer | None = None) -> MatchResult:
+        """1:N: the best ``top_k`` subjects whose score reaches the collection's threshold
+        (``threshold``: in-process override, as for :meth:`verify`). A collection created
+        with ``require_purpose`` refuses a search without a ``purpose``."""
         row, gallery = self._collection(collection_id)
         top_k = check_top_k(top_k)
+        purpose = check_purpose(purpose)
+        if not purpose and self._release_settings(row).require_purpose:
+            raise FailedPrecondition("this collection requires a purpose (a case reference) "
+                                     "on every 1:N identification")
         threshold = row.threshold if threshold is None else check_threshold(threshold)
         probe = self.protector.protect(collection_id, row.key_version, row.dimension, embedding,
                                        reference_mean=self.reference_mean(row))
+        if observe is not None:
+            observe(probe)
         parts = gallery.score_all(probe, cancelled)
-        decided = self.decider.decide(collection_id, row.key_version, parts, threshold, top_k)
+        decided = self.decider.decide(collection_id, row.key_version, parts, threshold, top_k,
+                                      release_scores)
         candidates = [c for c in (self._release(collection_id, gallery, d) for d in decided) if c]
-        return MatchResult(bool(candidates), candidates)
+        return MatchResult(bool(candidates), candidates, threshold, release_scores)
 
     def _release(self, collection_id: str, gallery: CollectionGallery,
                  decided: GroupScore) -> Candidate | None:
@@ -760,7 +828,20 @@ class Vault:
         if sealed is None:
             return None
         subject_id = self._pii.decrypt(sealed, encode("subject-id", collection_id, subject_hmac))
-        return Candidate(subject_id.decode(), decided.score)
+        return Candidate(subject_id.decode(), decided.score, subject_hmac)
+
+    def audit_subject_ref(self, collection_id: str, subject_hmac: bytes, entry_ref: str) -> bytes:
+        """What an audit entry records of a subject: an HMAC of the entry's reference under
+        a key derived from the subject's sealed id record. Entries of one subject cannot be
+        linked without that record and the audit-ref data key (wrapped in the HSM); once
+        the subject is deleted its record is gone and no one can link them to it any more.
+        Empty when the subject has no record (unknown or already deleted)."""
+        sealed = self.store.sealed_subject_id(collection_id, subject_hmac)
+        if sealed is None:
+            return b""
+        key = hmac.new(self._audit_ref_key, encode("audit-subject", collection_id, sealed),
+                       hashlib.sha256).digest()
+        return hmac.new(key, entry_ref.encode(), hashlib.sha256).digest()[:16]
 
     def delete_subject(self, collection_id: str, subject_id: str) -> int:
         """Tombstone every template of the subject: none of them matches from now on; their

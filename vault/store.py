@@ -52,7 +52,8 @@ CREATE TABLE IF NOT EXISTS collections (
   min_key_version INTEGER NOT NULL,
   created_at REAL NOT NULL,
   mac BLOB NOT NULL,
-  reference_mean BLOB
+  reference_mean BLOB,
+  policy TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS collection_keys (
   collection_id TEXT NOT NULL,
@@ -158,6 +159,8 @@ class CollectionRow:
     # The embedding model's public population mean (float64 bytes), or None: see
     # vault.protector (wolves).
     reference_mean: bytes | None = None
+    # Release settings (vault.service.CollectionPolicy as JSON; '' = defaults), under the MAC.
+    policy: str = ""
 
 
 @dataclass(frozen=True)
@@ -340,7 +343,7 @@ class Store:
     # -- collections ---------------------------------------------------------------------
 
     _COLLECTION_COLUMNS = ("collection_id, dimension, threshold, key_version, min_key_version, mac, "
-                           "reference_mean")
+                           "reference_mean, policy")
 
     def collection(self, collection_id: str) -> CollectionRow | None:
         rows = self._query(f"SELECT {self._COLLECTION_COLUMNS} FROM collections "
@@ -353,9 +356,11 @@ class Store:
 
     def insert_collection(self, row: CollectionRow, key: CollectionKeyRow) -> None:
         with self.transaction() as db:
-            db.execute("INSERT INTO collections VALUES (?,?,?,?,?,?,?,?)",
+            db.execute("INSERT INTO collections(collection_id, dimension, threshold, key_version, "
+                       "min_key_version, created_at, mac, reference_mean, policy) "
+                       "VALUES (?,?,?,?,?,?,?,?,?)",
                        (row.collection_id, row.dimension, row.threshold, row.key_version,
-                        row.min_key_version, time.time(), row.mac, row.reference_mean))
+                        row.min_key_version, time.time(), row.mac, row.reference_mean, row.policy))
             self._put_collection_key(db, key)
 
     @staticmethod
@@ -644,9 +649,10 @@ class Store:
 
     def update_collection(self, row: CollectionRow) -> None:
         with self.transaction() as db:
-            db.execute("UPDATE collections SET threshold=?, key_version=?, min_key_version=?, mac=? "
-                       "WHERE collection_id=?", (row.threshold, row.key_version, row.min_key_version,
-                                                 row.mac, row.collection_id))
+            db.execute("UPDATE collections SET threshold=?, key_version=?, min_key_version=?, mac=?, "
+                       "policy=? WHERE collection_id=?",
+                       (row.threshold, row.key_version, row.min_key_version, row.mac, row.policy,
+                        row.collection_id))
 
     # -- wrapped blobs (master key rotation) ----------------------------------------------
 

@@ -9,7 +9,7 @@ import unicodedata
 from vault.errors import InvalidArgument
 from vault.protector import MAX_DIMENSION, MIN_DIMENSION
 
-MAX_TOP_K = 100
+MAX_TOP_K = 10  # the decider releases no more (vault.decider.MAX_TOP_K)
 MAX_SUBJECT_ID_BYTES = 256
 MAX_REQUEST_ID_BYTES = 128
 _COLLECTION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -76,4 +76,16 @@ def check_top_k(value: int) -> int:
 def check_dimension(value: int) -> int:
     if not MIN_DIMENSION <= value <= MAX_DIMENSION:
         raise InvalidArgument(f"dimension must be between {MIN_DIMENSION} and {MAX_DIMENSION}")
+    return value
+
+
+MAX_PURPOSE = 128
+
+
+def check_purpose(value: str) -> str:
+    """A search purpose (case reference): empty, or 1..128 printable characters."""
+    if len(value) > MAX_PURPOSE:
+        raise InvalidArgument(f"purpose must be at most {MAX_PURPOSE} characters")
+    if not value.isprintable():
+        raise InvalidArgument("purpose must not contain control characters")
     return value

@@ -123,5 +123,6 @@ def test_a_cleared_lock_row_keeps_the_subject_locked_until_an_admin_unlocks(worl
                          "AND kind='response'").fetchall()
     integrity = audit.execute("SELECT COUNT(*) FROM entries WHERE kind='integrity'").fetchone()[0]
     audit.close()
-    assert ("gate-3", "PERMISSION_DENIED") in rows and rows.count(("admin", "OK")) == 3
+    # The matcher's refused try is counted in a batched `refused` entry (tests/api/test_release.py).
+    assert rows == [("admin", "OK")] * 3
     assert integrity >= 1

@@ -272,15 +272,16 @@ class Fuzzer:
             # RESOURCE_EXHAUSTED: too many such tries (the attempt limit).
             allowed = {Code.OK, Code.PERMISSION_DENIED, Code.RESOURCE_EXHAUSTED}
             return problems or (allowed | {Code.ALREADY_EXISTS} if r.request_id else allowed)
-        if r.HasField("threshold") and not threshold_ok(r.threshold):
+        if len(r.purpose) > 128 or not r.purpose.isprintable():
             problems.add(Code.INVALID_ARGUMENT)
         if r.subject_id:  # 1:1; NOT_FOUND: no such subject; RESOURCE_EXHAUSTED: locked out
             if r.top_k > 1:
                 problems.add(Code.INVALID_ARGUMENT)
             return problems or {Code.OK, Code.NOT_FOUND, Code.RESOURCE_EXHAUSTED}
-        if r.top_k > 100:
+        if r.top_k > 10:
             problems.add(Code.INVALID_ARGUMENT)
-        return problems or {Code.OK}
+        # RESOURCE_EXHAUSTED: the probing guard (hypothesis repeats its probes).
+        return problems or {Code.OK, Code.RESOURCE_EXHAUSTED}
 
     def would_write_elsewhere(self, method: str, payload: bytes) -> bool:
         """A valid write to a collection other than ours (another test's, or a new one)."""
@@ -536,8 +537,9 @@ def match_requests(draw: st.DrawFn) -> pb.MatchRequest:
         collection_id=cid,
         subject_id=draw(either(valid_subjects, subject_ids)) if one_to_one else "",
         embedding=draw(either(valid_embeddings(FIXED.get(cid, 16)), embeddings)),
-        top_k=draw(either(st.integers(0, 1) if one_to_one else st.integers(0, 100), uint32s)),
-        threshold=draw(either(st.none() | valid_thresholds, thresholds)))
+        top_k=draw(either(st.integers(0, 1) if one_to_one else st.integers(0, 10), uint32s)),
+        release_scores=draw(st.booleans()),
+        purpose=draw(either(st.text(max_size=128).filter(str.isprintable), st.text(max_size=200))))
 
 
 @st.composite

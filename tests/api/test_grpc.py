@@ -72,40 +72,50 @@ def test_collection_lifecycle(stub, collection: str) -> None:
 
 
 def test_enroll_verify_identify_delete(stub, collection: str) -> None:
+    loose = collection + "-any"  # an admin's collection that accepts everyone
+    stub.CreateCollection(pb.CreateCollectionRequest(collection_id=loose, dimension=DIM,
+                                                     threshold=-1.0))
     for subject in range(6):
         for sample in range(2):  # a subject may hold several templates
-            r = stub.Enroll(pb.EnrollRequest(collection_id=collection, subject_id=f"s{subject}",
-                                             embedding=_capture(subject, subject * 10 + sample)))
-            assert r.key_version == 1 and len(r.template_id) == 32
+            for cid in (collection, loose):
+                r = stub.Enroll(pb.EnrollRequest(collection_id=cid, subject_id=f"s{subject}",
+                                                 embedding=_capture(subject, subject * 10 + sample)))
+                assert r.key_version == 1 and len(r.template_id) == 32
     assert stub.GetCollection(pb.GetCollectionRequest(collection_id=collection)).template_count == 12
 
     probe = _capture(3, 99)
     expected = max(_cos(probe, _capture(3, 30)), _cos(probe, _capture(3, 31)))
     genuine = stub.Match(pb.MatchRequest(collection_id=collection, subject_id="s3", embedding=probe))
-    assert genuine.matched
+    assert genuine.matched and not genuine.scores_released
     assert [c.subject_id for c in genuine.candidates] == ["s3"]
-    assert abs(genuine.candidates[0].score - expected) < 1e-3
-    assert round(genuine.candidates[0].score, 3) == pytest.approx(genuine.candidates[0].score, abs=1e-6)
+    assert genuine.candidates[0].score == 0  # decisions only by default
+    scored = stub.Match(pb.MatchRequest(collection_id=collection, subject_id="s3", embedding=probe,
+                                        release_scores=True))  # without TLS: every role
+    assert scored.matched and scored.scores_released
+    assert abs(scored.candidates[0].score - expected) <= 0.01 + 1e-5
+    assert round(scored.candidates[0].score, 2) == pytest.approx(scored.candidates[0].score, abs=1e-6)
 
     impostor = stub.Match(pb.MatchRequest(collection_id=collection, subject_id="s4", embedding=probe))
     assert not impostor.matched and not impostor.candidates  # no score for a rejection
 
     ident = stub.Match(pb.MatchRequest(collection_id=collection, embedding=probe, top_k=3))
     assert ident.matched and ident.candidates[0].subject_id == "s3"
+    ident = stub.Match(pb.MatchRequest(collection_id=collection, embedding=probe, top_k=3,
+                                       release_scores=True))
     assert all(c.score >= 0.8 - 1e-6 for c in ident.candidates)
 
-    # A lower threshold admits more subjects, best first, at most top_k.
-    loose = stub.Match(pb.MatchRequest(collection_id=collection, embedding=probe, top_k=4,
-                                       threshold=-1.0))
-    scores = [c.score for c in loose.candidates]
+    # A collection with a lower threshold admits more subjects, best first, at most top_k.
+    wide = stub.Match(pb.MatchRequest(collection_id=loose, embedding=probe, top_k=4,
+                                      release_scores=True))
+    scores = [c.score for c in wide.candidates]
     assert len(scores) == 4 and scores == sorted(scores, reverse=True)
-    assert len({c.subject_id for c in loose.candidates}) == 4
+    assert len({c.subject_id for c in wide.candidates}) == 4
 
     deleted = stub.DeleteSubject(pb.DeleteSubjectRequest(collection_id=collection, subject_id="s3"))
     assert deleted.deleted_templates == 2
-    after = stub.Match(pb.MatchRequest(collection_id=collection, embedding=probe, top_k=100,
-                                       threshold=-1.0))
-    assert "s3" not in {c.subject_id for c in after.candidates}
+    stub.DeleteSubject(pb.DeleteSubjectRequest(collection_id=loose, subject_id="s3"))
+    after = stub.Match(pb.MatchRequest(collection_id=loose, embedding=probe, top_k=10))
+    assert len(after.candidates) == 5 and "s3" not in {c.subject_id for c in after.candidates}
     code, _ = _status(stub.Match, pb.MatchRequest(collection_id=collection, subject_id="s3",
                                                   embedding=probe))
     assert code == Code.NOT_FOUND
@@ -151,9 +161,9 @@ GOOD = [1.0] * DIM
     (lambda c: pb.EnrollRequest(collection_id=c, subject_id="s" * 257, embedding=GOOD), "subject_id"),
     (lambda c: pb.EnrollRequest(collection_id=c, subject_id="a\x00b", embedding=GOOD), "subject_id"),
     (lambda c: pb.EnrollRequest(collection_id=c, subject_id="s", embedding=GOOD, request_id="r" * 129), "request_id"),
-    (lambda c: pb.MatchRequest(collection_id=c, embedding=GOOD, top_k=101), "top_k"),
-    (lambda c: pb.MatchRequest(collection_id=c, embedding=GOOD, threshold=-1.01), "threshold"),
-    (lambda c: pb.MatchRequest(collection_id=c, embedding=GOOD, threshold=math.inf), "threshold"),
+    (lambda c: pb.MatchRequest(collection_id=c, embedding=GOOD, top_k=11), "top_k"),
+    (lambda c: pb.MatchRequest(collection_id=c, embedding=GOOD, purpose="x" * 129), "purpose"),
+    (lambda c: pb.MatchRequest(collection_id=c, embedding=GOOD, purpose="case\n42"), "purpose"),
     (lambda c: pb.MatchRequest(collection_id=c, subject_id="s", embedding=GOOD, top_k=5), "top_k"),
     (lambda c: pb.MatchRequest(collection_id=c, embedding=[0.0] * DIM), "embedding"),
     (lambda c: pb.DeleteSubjectRequest(collection_id=c, subject_id=""), "subject_id"),

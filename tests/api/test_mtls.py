@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -26,9 +27,11 @@ def tls_server(tmp_path_factory) -> Iterator[tuple[ServerProcess, CertificateAut
     root = tmp_path_factory.mktemp("mtls")
     pki = CertificateAuthority(root / "pki")
     for name, roles in (("enroll-svc", ("enroller",)), ("gate-svc", ("matcher",)),
-                        ("both-svc", ("enroller", "matcher")), ("nobody", ())):
+                        ("both-svc", ("enroller", "matcher")), ("tuning", ("analyst",)),
+                        ("nobody", ())):
         pki.issue(name, roles)
-    server = ServerProcess(root / "data", pki=pki, env={"VAULT_RATE_LIMIT": "0"})
+    server = ServerProcess(root / "data", pki=pki, env={"VAULT_RATE_LIMIT": "0",
+                                                        "VAULT_AUDIT_REFUSED_INTERVAL": "0"})
     with server:
         with server.channel() as admin:
             vault_pb2_grpc.TemplateVaultStub(admin).CreateCollection(
@@ -78,6 +81,23 @@ def test_each_rpc_checks_the_role_in_the_client_certificate(tls_server) -> None:
     assert _code(admin.DeleteSubject, delete)[0] == Code.OK
 
 
+def test_scores_leave_only_for_the_analyst_role(tls_server) -> None:
+    server, pki = tls_server
+    _code(_stub(server, pki, "enroll-svc").Enroll,
+          pb.EnrollRequest(collection_id="gate", subject_id="sam", embedding=FACE))
+    probe = pb.MatchRequest(collection_id="gate", subject_id="sam", embedding=FACE)
+    matcher, analyst = _stub(server, pki, "gate-svc"), _stub(server, pki, "tuning")
+    decision = matcher.Match(probe, timeout=20)
+    assert decision.matched and not decision.scores_released and decision.candidates[0].score == 0
+    asked = pb.MatchRequest(collection_id="gate", subject_id="sam", embedding=FACE,
+                            release_scores=True)
+    code, details = _code(matcher.Match, asked)
+    assert code == Code.PERMISSION_DENIED and "release_scores needs the role analyst" in details
+    scored = analyst.Match(asked, timeout=20)
+    assert scored.scores_released and 0.98 <= scored.candidates[0].score <= 1.0
+    assert scored.candidates[0].score == round(scored.candidates[0].score, 2)
+
+
 def test_no_certificate_or_a_foreign_one_never_gets_in(tls_server, tmp_path) -> None:
     server, pki = tls_server
     # The server requires a client certificate: the handshake itself fails.
@@ -99,9 +119,11 @@ def test_the_audit_log_names_the_certificate(tls_server) -> None:
     _code(_stub(server, pki, "gate-svc").Enroll,
           pb.EnrollRequest(collection_id="gate", subject_id="x", embedding=FACE))
     db = sqlite3.connect(f"file:{server.data_dir / 'audit.db'}?mode=ro", uri=True)
-    rows = db.execute("SELECT actor, method, outcome FROM entries WHERE actor='gate-svc' "
-                      "AND method='Enroll'").fetchall()
-    assert ("gate-svc", "Enroll", "PERMISSION_DENIED") in rows
+    # Refused before it ran: counted into a "refused" entry (no fsync per refused call).
+    counts = [c for (detail,) in db.execute("SELECT detail FROM entries WHERE kind='refused'")
+              for c in json.loads(detail)]
+    assert any((c["actor"], c["method"], c["code"]) == ("gate-svc", "Enroll", "PERMISSION_DENIED")
+               for c in counts)
 
 
 def test_a_call_without_a_verified_certificate_is_unauthenticated() -> None:

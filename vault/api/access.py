@@ -5,7 +5,9 @@ With TLS, the server requires a client certificate signed by the configured clie
 the certificate's common name and its roles are its organizational unit (OU) values:
 
 - ``enroller``: Enroll, ImportTemplates
-- ``matcher``: Match
+- ``matcher``: Match, decisions only
+- ``analyst``: Match, and the only role that may ask for scores (``release_scores``:
+  threshold tuning, benchmarks), within its score budget (:mod:`vault.api.budget`)
 - ``admin``: CreateCollection, DeleteSubject, UnlockSubject, the key lifecycle, and Enroll
   with ``allow_new_face``
 - any role: GetCollection
@@ -15,8 +17,9 @@ whose certificate lacks the method's role gets PERMISSION_DENIED. Without TLS (t
 embedded default, loopback only) every caller has every role: the server says so at
 start.
 
-Rate limits: a token bucket per caller identity (per peer address without TLS), refilled
-at ``rate`` calls per second up to ``2 * rate``; a call beyond it gets RESOURCE_EXHAUSTED
+Rate limits: a token bucket per caller identity (without TLS: the peer address without
+its port, so that a new connection per call does not get a new bucket), refilled at
+``rate`` calls per second up to ``2 * rate``; a call beyond it gets RESOURCE_EXHAUSTED
 with how long to wait.
 """
 
@@ -35,11 +38,12 @@ from cryptography.x509.oid import NameOID
 
 from vault.errors import PermissionDenied, ResourceExhausted, Unauthenticated
 
-ROLES = frozenset({"enroller", "matcher", "admin"})
+ROLES = frozenset({"enroller", "matcher", "analyst", "admin"})
+SCORE_ROLES = frozenset({"analyst"})
 METHOD_ROLES: dict[str, frozenset[str]] = {
     "Enroll": frozenset({"enroller", "admin"}),  # admins: a new face (allow_new_face)
     "ImportTemplates": frozenset({"enroller"}),
-    "Match": frozenset({"matcher"}),
+    "Match": frozenset({"matcher", "analyst"}),
     "GetCollection": ROLES,
     "CreateCollection": frozenset({"admin"}),
     "DeleteSubject": frozenset({"admin"}),
@@ -65,7 +69,7 @@ class Caller:
 def caller(context: grpc.ServicerContext, tls: bool) -> Caller:
     """The caller of an RPC; UNAUTHENTICATED on a TLS server without a verified cert."""
     if not tls:
-        return Caller(context.peer() or "", ROLES)
+        return Caller(peer_address(context.peer() or ""), ROLES)
     auth = context.auth_context() or {}
     pems = auth.get("x509_pem_cert") or []
     if not pems:
@@ -81,6 +85,22 @@ def credential(who: Caller, tls: bool) -> str:
     """What attempt limits count per: the certificate's identity; without TLS (loopback,
     where peer addresses change with every connection) one shared local credential."""
     return who.identity if tls else "local"
+
+
+def peer_address(peer: str) -> str:
+    """``ipv4:10.0.0.1:5123`` -> ``ipv4:10.0.0.1``, ``ipv6:[::1]:5123`` -> ``ipv6:[::1]``."""
+    scheme, _, rest = peer.partition(":")
+    if scheme in ("ipv4", "ipv6") and ":" in rest:
+        return f"{scheme}:{rest.rsplit(':', 1)[0]}"
+    return peer
+
+
+def authorize_scores(who: Caller) -> None:
+    """PERMISSION_DENIED unless ``who`` may ask for scores."""
+    if not SCORE_ROLES & who.roles:
+        held = ", ".join(sorted(who.roles)) or "none"
+        raise PermissionDenied("release_scores needs the role analyst; this client "
+                               f"certificate has: {held}")
 
 
 def authorize(who: Caller, method: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from vault import logs
 from vault.api.access import RateLimiter
+from vault.api.budget import BudgetConfig, Budgets
 from vault.api.codec import Undecodable
 from vault.api.codec import lenient as _lenient
 from vault.api.lifecycle import VaultHolder
@@ -77,13 +79,16 @@ class TlsFiles:
 
 def build_server(vault: Vault | VaultHolder, listen: str, max_workers: int = 8,
                  tls: TlsFiles | None = None, rate_limit: float = 0.0,
+                 budgets: BudgetConfig | None = None,
+                 budget_clock: Callable[[], float] | None = None,
                  ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A started-ready server bound to ``listen``; returns (server, bound port, health).
 
     Given a :class:`VaultHolder`, health follows it (NOT_SERVING while the HSM is out);
     given an open :class:`Vault`, the server reports SERVING. With ``tls``, clients need a
     certificate from its client CA and are given the roles their certificate names
-    (:mod:`vault.api.access`); ``rate_limit``: calls per second per client (0: none).
+    (:mod:`vault.api.access`); ``rate_limit``: calls per second per client (0: none);
+    ``budgets``: match budgets and the probing guard (:mod:`vault.api.budget`).
     """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
@@ -94,7 +99,9 @@ def build_server(vault: Vault | VaultHolder, listen: str, max_workers: int = 8,
         ],
     )
     _add_template_vault(TemplateVaultServicer(vault, tls=tls is not None,
-                                              limiter=RateLimiter(rate_limit)), server)
+                                              limiter=RateLimiter(rate_limit),
+                                              budgets=Budgets(budgets, budget_clock or time.monotonic)),
+                         server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -18,13 +19,14 @@ import grpc
 
 from vault import logs
 from vault.api import access
+from vault.api.budget import Budgets, Tripped
 from vault.api.codec import Undecodable
-from vault.errors import InvalidArgument, PermissionDenied, Unauthenticated, VaultError
+from vault.errors import InvalidArgument, PermissionDenied, VaultError
 from vault.imports import ImportItem, ImportResult
 from vault.service import CollectionInfo, MatchResult, Vault
 from vault.store import KeyJobRow
 from vault.v1 import vault_pb2, vault_pb2_grpc
-from vault.validation import check_collection_id, check_subject_id
+from vault.validation import check_collection_id, check_purpose, check_subject_id
 
 log = logs.get("vault.api")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -94,17 +96,17 @@ def _guard(method: F) -> F:
 
 
 class _Audit:
-    """The two audit entries of one RPC (see :mod:`vault.audit`): subject ids as HMACs only."""
+    """The two audit entries of one admitted RPC (see :mod:`vault.audit`): subjects as
+    per-entry references only (:meth:`Vault.audit_subject_ref`)."""
 
     def __init__(self, vault: Vault, method: str, actor: str, collection_id: str,
-                 subjects: list[bytes]) -> None:
+                 subject_hmac: bytes | None, detail: dict[str, Any]) -> None:
         self.vault, self.method, self.actor = vault, method, actor
-        self.collection_id, self.subjects = collection_id, subjects
+        self.collection_id, self.subject_hmac, self.detail = collection_id, subject_hmac, detail
         self.ref = secrets.token_hex(8)
 
     @classmethod
-    def begin(cls, vault: Vault, method: str, request: Any, context: grpc.ServicerContext,
-              actor: str) -> _Audit | None:
+    def begin(cls, vault: Vault, method: str, request: Any, actor: str) -> _Audit | None:
         """Write the request entry; raises (refusing the request) if it cannot be written."""
         if vault.audit is None:
             return None
@@ -113,32 +115,53 @@ class _Audit:
             cid = check_collection_id(cid)
         except VaultError:
             cid = "<invalid>" if cid else ""
-        subjects = []
+        subject_hmac = None
         subject_id = getattr(request, "subject_id", "")
         if cid and cid != "<invalid>" and subject_id:
             try:
-                subjects = [vault.integrity.subject_index(cid, check_subject_id(subject_id))]
+                subject_hmac = vault.integrity.subject_index(cid, check_subject_id(subject_id))
             except VaultError:
                 pass  # invalid ids are refused by the method itself; nothing to index
-        self = cls(vault, method, actor, cid, subjects)
-        vault.audit.append("request", self.ref, self.actor, method, cid, subjects)
+        detail: dict[str, Any] = {}
+        if isinstance(request, vault_pb2.MatchRequest):
+            detail = {"mode": "1:1" if subject_id else "1:N",
+                      "release": "values" if request.release_scores else "decisions"}
+            if request.purpose:  # validated by the method; bounded here for the record
+                detail["purpose"] = request.purpose[:128]
+        self = cls(vault, method, actor, cid, subject_hmac, detail)
+        vault.audit.append("request", self.ref, self.actor, method, cid, self._refs(),
+                           detail=self._detail())
         return self
 
-    def end(self, response: Any, outcome: str = "OK") -> None:
+    def _refs(self, hmacs: list[bytes] | None = None) -> list[bytes]:
+        if hmacs is None:
+            hmacs = [self.subject_hmac] if self.subject_hmac else []
+        return [self.vault.audit_subject_ref(self.collection_id, h, self.ref) for h in hmacs]
+
+    def _detail(self) -> str:
+        return json.dumps(self.detail, sort_keys=True) if self.detail else ""
+
+    def end(self, response: Any, outcome: str = "OK", result: MatchResult | None = None) -> None:
         """Write the response entry; if it cannot be written the answer is withheld."""
-        subjects = self.subjects
-        if isinstance(response, vault_pb2.MatchResponse):
-            outcome = "OK matched" if response.matched else "OK no_match"
-            if not subjects:  # 1:N: which subjects were named (as HMACs), never their scores
-                subjects = [self.vault.integrity.subject_index(self.collection_id, c.subject_id)
-                            for c in response.candidates]
+        refs = self._refs()
+        if result is not None:
+            outcome = "OK matched" if result.matched else "OK no_match"
+            self.detail["threshold"] = round(float(result.threshold), 6)
+            self.detail["candidates"] = len(result.candidates)
+            if self.subject_hmac is None:  # 1:N: which subjects were named, never their scores
+                refs = self._refs([c.subject_hmac for c in result.candidates])
         self.vault.audit.append("response", self.ref, self.actor, self.method,
-                                self.collection_id, subjects, outcome)
+                                self.collection_id, refs, outcome, self._detail())
+
+    def alert(self, what: str) -> None:
+        """An audited alert (the probing guard tripped) tied to this call."""
+        self.vault.audit.append("alert", self.ref, self.actor, self.method, self.collection_id,
+                                (), what, self._detail())
 
     def failed(self, code: grpc.StatusCode) -> None:
         try:
             self.vault.audit.append("response", self.ref, self.actor, self.method,
-                                    self.collection_id, self.subjects, code.name)
+                                    self.collection_id, self._refs(), code.name, self._detail())
         except VaultError:
             pass  # the request fails anyway; the missing response entry shows in the log
 
@@ -147,7 +170,8 @@ def _collection(info: CollectionInfo) -> vault_pb2.Collection:
     return vault_pb2.Collection(collection_id=info.collection_id, dimension=info.dimension,
                                 threshold=info.threshold, key_version=info.key_version,
                                 template_count=info.template_count,
-                                min_key_version=info.min_key_version)
+                                min_key_version=info.min_key_version,
+                                require_purpose=info.require_purpose)
 
 
 _JOB_STATES = {"running": vault_pb2.KeyJob.STATE_RUNNING, "done": vault_pb2.KeyJob.STATE_DONE,
@@ -170,39 +194,56 @@ def _rotation(result: tuple[int, int, list[int]]) -> vault_pb2.MasterKeyRotation
 
 def _match(result: MatchResult) -> vault_pb2.MatchResponse:
     return vault_pb2.MatchResponse(
-        matched=result.matched,
-        candidates=[vault_pb2.Candidate(subject_id=c.subject_id, score=c.score)
+        matched=result.matched, scores_released=result.scores_released,
+        candidates=[vault_pb2.Candidate(subject_id=c.subject_id, score=c.score or 0.0)
                     for c in result.candidates])
 
 
 class TemplateVaultServicer(vault_pb2_grpc.TemplateVaultServicer):
     def __init__(self, vault: Vault | Callable[[], Vault], tls: bool = False,
-                 limiter: access.RateLimiter | None = None) -> None:
+                 limiter: access.RateLimiter | None = None, budgets: Budgets | None = None) -> None:
         # A callable gives the vault once it is open and raises UNAVAILABLE until then.
         self._vault: Callable[[], Vault] = (lambda: vault) if isinstance(vault, Vault) else vault
         self._tls = tls
         self._limiter = limiter or access.RateLimiter(0)
+        self.budgets = budgets or Budgets()
 
     def _admit(self, method: str, request: Any, context: grpc.ServicerContext) -> _Audit | None:
-        """Identify the caller, write the audit entry, check its role and its rate."""
+        """Identify the caller and check its role, rate and budgets, then write the audit
+        request entry. A refused call costs no fsync and no HSM call: it is counted into
+        the audit log's next ``refused`` entry."""
         vault = self._vault()
+        actor = f"unauthenticated {access.peer_address(context.peer() or '')}"
         try:
-            who: access.Caller | None = access.caller(context, self._tls)
-        except Unauthenticated:
-            who = None
-        audit = _Audit.begin(vault, method, request, context,
-                             who.identity if who is not None else f"unauthenticated {context.peer()}")
-        try:
-            if who is None:
-                raise Unauthenticated("a client certificate signed by the vault's client CA is "
-                                      "required")
+            who = access.caller(context, self._tls)
+            actor = who.identity
             access.authorize(who, method)
             self._limiter.take(who.identity)
+            if isinstance(request, vault_pb2.MatchRequest):
+                self._admit_match(who, request)
         except VaultError as exc:
-            if audit is not None:
-                audit.failed(exc.code)  # refused calls are on the record too
+            if vault.audit is not None:
+                cid = getattr(request, "collection_id", "")
+                try:
+                    cid = check_collection_id(cid) if cid else ""
+                except VaultError:
+                    cid = "<invalid>"
+                vault.audit.refused(actor, method, cid, exc.code.name)
             raise
-        return audit
+        return _Audit.begin(vault, method, request, actor)
+
+    def _admit_match(self, who: access.Caller, request: vault_pb2.MatchRequest) -> None:
+        """Scores only for the analyst role; the credential's budgets on this collection."""
+        if request.release_scores:
+            access.authorize_scores(who)
+        try:
+            cid = check_collection_id(request.collection_id)
+        except VaultError:
+            return  # the method refuses it with the precise message
+        self.budgets.check_blocked(who.identity, cid)
+        self.budgets.take(who.identity, cid, "verify" if request.subject_id else "identify")
+        if request.release_scores:
+            self.budgets.take(who.identity, cid, "scores")
 
     def _who(self, context: grpc.ServicerContext) -> access.Caller:
         """The caller, again (``_admit`` has already authenticated it)."""
@@ -213,7 +254,8 @@ class TemplateVaultServicer(vault_pb2_grpc.TemplateVaultServicer):
                          context: grpc.ServicerContext) -> vault_pb2.Collection:
         threshold = request.threshold if request.HasField("threshold") else None
         return _collection(self._vault().create_collection(
-            request.collection_id, request.dimension, threshold, request.reference_mean))
+            request.collection_id, request.dimension, threshold, request.reference_mean,
+            request.require_purpose))
 
     @_guard
     def GetCollection(self, request: vault_pb2.GetCollectionRequest,
@@ -233,23 +275,47 @@ class TemplateVaultServicer(vault_pb2_grpc.TemplateVaultServicer):
             credential=access.credential(who, self._tls), allow_new_face=request.allow_new_face)
         return vault_pb2.EnrollResponse(template_id=template_id, key_version=key_version)
 
-    @_guard
     def Match(self, request: vault_pb2.MatchRequest,
               context: grpc.ServicerContext) -> vault_pb2.MatchResponse:
-        threshold = request.threshold if request.HasField("threshold") else None
-        if request.subject_id:
-            if request.top_k > 1:
-                raise InvalidArgument("top_k applies to 1:N identification only (subject_id is set)")
-            who = self._who(context)
-            return _match(self._vault().verify(request.collection_id, request.subject_id,
-                                               request.embedding, threshold,
-                                               cancelled=lambda: not context.is_active(),
-                                               credential=access.credential(who, self._tls),
-                                               reveal_unknown="admin" in who.roles))
-        # A client that gave up (deadline, cancel) stops the scoring between ciphertexts.
-        return _match(self._vault().identify(request.collection_id, request.embedding,
-                                             request.top_k, threshold,
-                                             cancelled=lambda: not context.is_active()))
+        """1:1 or 1:N at the collection's threshold; what leaves is the decider's call."""
+        with _handled("Match", context) as call:
+            call.audit = audit = self._admit("Match", request, context)
+            identity = audit.actor if audit is not None else ""
+            cid = request.collection_id
+
+            def observe(probe: Any) -> None:
+                try:
+                    self.budgets.observe(identity, cid, probe)
+                except Tripped:
+                    log.warning("probing pattern detected", method="Match", collection_id=cid)
+                    if audit is not None:
+                        audit.alert("ALERT probing_detected")
+                    raise
+
+            # A client that gave up (deadline, cancel) stops the scoring between ciphertexts.
+            cancelled = lambda: not context.is_active()
+            if request.subject_id:
+                if request.top_k > 1:
+                    raise InvalidArgument("top_k applies to 1:N identification only "
+                                          "(subject_id is set)")
+                if request.purpose:
+                    check_purpose(request.purpose)
+                who = self._who(context)
+                result = self._vault().verify(cid, request.subject_id, request.embedding,
+                                              cancelled=cancelled,
+                                              release_scores=request.release_scores,
+                                              observe=observe,
+                                              credential=access.credential(who, self._tls),
+                                              reveal_unknown="admin" in who.roles)
+            else:
+                result = self._vault().identify(cid, request.embedding, request.top_k,
+                                                cancelled=cancelled,
+                                                release_scores=request.release_scores,
+                                                purpose=request.purpose, observe=observe)
+            response = _match(result)
+            if audit is not None:
+                audit.end(response, result=result)
+            return response
 
     def ImportTemplates(self, requests: Any, context: grpc.ServicerContext) -> Any:
         """Bulk import (client stream of batches, server stream of per-item results)."""

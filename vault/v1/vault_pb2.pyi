@@ -8,16 +8,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class CreateCollectionRequest(_message.Message):
-    __slots__ = ("collection_id", "dimension", "threshold", "reference_mean")
+    __slots__ = ("collection_id", "dimension", "threshold", "require_purpose", "reference_mean")
     COLLECTION_ID_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    REQUIRE_PURPOSE_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_MEAN_FIELD_NUMBER: _ClassVar[int]
     collection_id: str
     dimension: int
     threshold: float
+    require_purpose: bool
     reference_mean: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, collection_id: _Optional[str] = ..., dimension: _Optional[int] = ..., threshold: _Optional[float] = ..., reference_mean: _Optional[_Iterable[float]] = ...) -> None: ...
+    def __init__(self, collection_id: _Optional[str] = ..., dimension: _Optional[int] = ..., threshold: _Optional[float] = ..., require_purpose: _Optional[bool] = ..., reference_mean: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class GetCollectionRequest(_message.Message):
     __slots__ = ("collection_id",)
@@ -26,20 +28,22 @@ class GetCollectionRequest(_message.Message):
     def __init__(self, collection_id: _Optional[str] = ...) -> None: ...
 
 class Collection(_message.Message):
-    __slots__ = ("collection_id", "dimension", "threshold", "key_version", "template_count", "min_key_version")
+    __slots__ = ("collection_id", "dimension", "threshold", "key_version", "template_count", "min_key_version", "require_purpose")
     COLLECTION_ID_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     KEY_VERSION_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_COUNT_FIELD_NUMBER: _ClassVar[int]
     MIN_KEY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUIRE_PURPOSE_FIELD_NUMBER: _ClassVar[int]
     collection_id: str
     dimension: int
     threshold: float
     key_version: int
     template_count: int
     min_key_version: int
-    def __init__(self, collection_id: _Optional[str] = ..., dimension: _Optional[int] = ..., threshold: _Optional[float] = ..., key_version: _Optional[int] = ..., template_count: _Optional[int] = ..., min_key_version: _Optional[int] = ...) -> None: ...
+    require_purpose: bool
+    def __init__(self, collection_id: _Optional[str] = ..., dimension: _Optional[int] = ..., threshold: _Optional[float] = ..., key_version: _Optional[int] = ..., template_count: _Optional[int] = ..., min_key_version: _Optional[int] = ..., require_purpose: _Optional[bool] = ...) -> None: ...
 
 class EnrollRequest(_message.Message):
     __slots__ = ("collection_id", "subject_id", "embedding", "request_id", "allow_new_face")
@@ -64,18 +68,20 @@ class EnrollResponse(_message.Message):
     def __init__(self, template_id: _Optional[str] = ..., key_version: _Optional[int] = ...) -> None: ...
 
 class MatchRequest(_message.Message):
-    __slots__ = ("collection_id", "embedding", "subject_id", "top_k", "threshold")
+    __slots__ = ("collection_id", "embedding", "subject_id", "top_k", "release_scores", "purpose")
     COLLECTION_ID_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     SUBJECT_ID_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
-    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_SCORES_FIELD_NUMBER: _ClassVar[int]
+    PURPOSE_FIELD_NUMBER: _ClassVar[int]
     collection_id: str
     embedding: _containers.RepeatedScalarFieldContainer[float]
     subject_id: str
     top_k: int
-    threshold: float
-    def __init__(self, collection_id: _Optional[str] = ..., embedding: _Optional[_Iterable[float]] = ..., subject_id: _Optional[str] = ..., top_k: _Optional[int] = ..., threshold: _Optional[float] = ...) -> None: ...
+    release_scores: bool
+    purpose: str
+    def __init__(self, collection_id: _Optional[str] = ..., embedding: _Optional[_Iterable[float]] = ..., subject_id: _Optional[str] = ..., top_k: _Optional[int] = ..., release_scores: _Optional[bool] = ..., purpose: _Optional[str] = ...) -> None: ...
 
 class Candidate(_message.Message):
     __slots__ = ("subject_id", "score")
@@ -86,12 +92,14 @@ class Candidate(_message.Message):
     def __init__(self, subject_id: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
 
 class MatchResponse(_message.Message):
-    __slots__ = ("matched", "candidates")
+    __slots__ = ("matched", "candidates", "scores_released")
     MATCHED_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    SCORES_RELEASED_FIELD_NUMBER: _ClassVar[int]
     matched: bool
     candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
-    def __init__(self, matched: _Optional[bool] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ...) -> None: ...
+    scores_released: bool
+    def __init__(self, matched: _Optional[bool] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., scores_released: _Optional[bool] = ...) -> None: ...
 
 class DeleteSubjectRequest(_message.Message):
     __slots__ = ("collection_id", "subject_id")

@@ -126,7 +126,10 @@ class TemplateVaultServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Match(self, request, context):
-        """1:1 verification when subject_id is set, 1:N identification when it is empty.
+        """1:1 verification when subject_id is set, 1:N identification when it is empty, always
+        at the collection's own threshold. Decisions only, unless an analyst asks for scores.
+        Budgets per credential and collection; a probing pattern (many probes around one
+        point) refuses the credential's matches for a while (RESOURCE_EXHAUSTED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
