@@ -219,7 +219,7 @@ def test_replaying_the_old_version_after_a_rotation_is_detected(data: Path, hsm_
     with db:
         row = backup.execute("SELECT * FROM collections").fetchone()
         db.execute("DELETE FROM collections")
-        db.execute("INSERT INTO collections VALUES (?,?,?,?,?,?,?)", row)
+        db.execute(f"INSERT INTO collections VALUES ({','.join('?' * len(row))})", row)
     db.close()
     vault = _open(data, hsm_config)
     try:

@@ -1,9 +1,11 @@
 """Someone with write access to the data directory: swap, flip, replay, strip MACs.
 
 Every record the vault stores is bound by an HSM-keyed MAC (collections, template rows,
-journal pages, block rows over their file's digest). Each attack below must be caught at
-load or at match: the record never matches, the call gets DATA_LOSS, and the damage is
-logged.
+journal pages, block rows over their file's digest), and each collection's live set by a
+MACed commitment. Each attack below must be caught at load or at match: the record never
+matches, the call gets DATA_LOSS (never a silent non-match), and the damage is logged.
+Attacks on whole sets (rows deleted, restored, replayed) against a real server are in
+tests/test_writer_attacks.py.
 """
 
 from __future__ import annotations
@@ -51,13 +53,13 @@ def _enroll_two(vault: Vault, lfw, into_blocks: bool) -> tuple[np.ndarray, np.nd
 
 
 def _swap_subjects(db: sqlite3.Connection, _data: Path) -> None:
-    (ta, sa), (tb, sb) = db.execute("SELECT template_id, subject_hmac FROM templates ORDER BY created_at")
+    (ta, sa), (tb, sb) = db.execute("SELECT template_id, subject_hmac FROM templates ORDER BY rowid")
     db.execute("UPDATE templates SET subject_hmac=? WHERE template_id=?", (sb, ta))
     db.execute("UPDATE templates SET subject_hmac=? WHERE template_id=?", (sa, tb))
 
 
 def _swap_slots(db: sqlite3.Connection, _data: Path) -> None:
-    (ta, sa), (tb, sb) = db.execute("SELECT template_id, slot FROM templates ORDER BY created_at")
+    (ta, sa), (tb, sb) = db.execute("SELECT template_id, slot FROM templates ORDER BY rowid")
     db.execute("UPDATE templates SET slot=? WHERE template_id=?", (sb, ta))
     db.execute("UPDATE templates SET slot=? WHERE template_id=?", (sa, tb))
 
@@ -109,10 +111,10 @@ def test_tampering_is_detected_and_never_matches(vault: Vault, hsm_config: HsmCo
         with pytest.raises(DataLoss, match="integrity"):
             vault.verify("c", "alice", a.tolist())
         for probe in (a, b):
-            found = vault.identify("c", probe.tolist(), top_k=2, threshold=-1.0)
-            # A tampered record is never named: neither subject of a swap, no one from a
-            # damaged ciphertext.
-            assert "alice" not in [c.subject_id for c in found.candidates]
+            # A tampered record is never named, nor silently skipped: 1:N cannot answer.
+            with pytest.raises(DataLoss, match="integrity"):
+                vault.identify("c", probe.tolist(), top_k=2, threshold=-1.0)
+        assert vault.integrity_events
     finally:
         vault.close()
 
@@ -142,10 +144,12 @@ def test_replaying_an_old_journal_page_is_detected(vault: Vault, hsm_config: Hsm
         db.executemany("INSERT INTO pages VALUES (?,?,?,?,?,?,?)", old_page)
     db.close()
     vault = _reopen(vault, hsm_config)
-    try:
-        assert vault.verify("c", "alice", a.tolist()).matched
+    try:  # the collection no longer matches its committed live set: nothing is answered
+        for name, probe in (("alice", a), ("carol", c)):
+            with pytest.raises(DataLoss, match="replayed"):
+                vault.verify("c", name, probe.tolist())
         with pytest.raises(DataLoss):
-            vault.verify("c", "carol", c.tolist())
+            vault.identify("c", c.tolist())
     finally:
         vault.close()
 
@@ -171,9 +175,11 @@ def test_replaying_an_old_block_state_is_detected(vault: Vault, hsm_config: HsmC
     shutil.copy(saved, old_file)
     vault = _open(data, hsm_config)
     try:
-        assert vault.verify("c", "alice", a.tolist()).matched
+        for name, probe in (("alice", a), ("carol", c)):
+            with pytest.raises(DataLoss, match="replayed"):
+                vault.verify("c", name, probe.tolist())
         with pytest.raises(DataLoss):
-            vault.verify("c", "carol", c.tolist())
+            vault.identify("c", c.tolist())
     finally:
         vault.close()
 
