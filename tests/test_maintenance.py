@@ -17,7 +17,7 @@ from vault.block_files import BlockFiles
 from vault.he import poly
 from vault.keys.hsm import HsmConfig
 from vault.service import Tuning, Vault
-from vault.store import BLOCK, MIXED, PAGE
+from vault.store import BLOCK, MIXED
 
 DIM = 64
 

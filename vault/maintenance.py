@@ -215,7 +215,7 @@ def run_once(vault, force: bool = False) -> None:  # type: ignore[no-untyped-def
                 if tier == BLOCK:
                     rewrote = compact(vault, gallery, loc) > 0 or rewrote
             left = set(vault.store.unerased(cid, version))
-            for key in [k for k in vault.deleted_since if k[:2] == (cid, version)]:
+            for key in [k for k in list(vault.deleted_since) if k[:2] == (cid, version)]:
                 if key[2:] not in left:
                     del vault.deleted_since[key]
         except VaultError as exc:
