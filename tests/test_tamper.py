@@ -196,3 +196,52 @@ def test_tampered_collection_record_is_data_loss(vault: Vault, hsm_config: HsmCo
             vault.identify("c", a.tolist())
     finally:
         vault.close()
+
+
+def test_a_forged_or_missing_commitment_is_data_loss(vault: Vault, hsm_config: HsmConfig,
+                                                      lfw) -> None:
+    """The state row itself: changed under a running vault, the next write refuses to build
+    on it and writes nothing; deleted while it is stopped, the collection is DATA_LOSS."""
+    a, b = _enroll_two(vault, lfw, into_blocks=False)
+    db = sqlite3.connect(vault.store.path)
+    with db:
+        db.execute("UPDATE collection_state SET digest=zeroblob(32)")
+    count = db.execute("SELECT count(*) FROM templates").fetchone()[0]
+    with pytest.raises(DataLoss, match="commitment"):
+        vault.enroll("c", "carol", lfw["emb"][9].tolist())
+    assert db.execute("SELECT count(*) FROM templates").fetchone()[0] == count
+    vault.close()
+    with db:
+        db.execute("DELETE FROM collection_state")
+    db.close()
+    vault = _open(vault.store.path.parent, hsm_config)
+    try:
+        assert "c" in vault.damaged()
+        for call in (lambda: vault.verify("c", "alice", a.tolist()),
+                     lambda: vault.identify("c", b.tolist())):
+            with pytest.raises(DataLoss, match="commitment is missing"):
+                call()
+    finally:
+        vault.close()
+
+
+def test_a_subject_can_be_deleted_from_a_collection_whose_set_failed(
+        vault: Vault, hsm_config: HsmConfig, lfw) -> None:
+    """An erasure request must not wait for a repair: DeleteSubject still works (and the
+    collection stays DATA_LOSS for everything else)."""
+    a, b = _enroll_two(vault, lfw, into_blocks=True)
+    alice = vault.integrity.subject_index("c", "alice")
+    vault.close()
+    db = sqlite3.connect(vault.store.path)
+    with db:
+        db.execute("DELETE FROM templates WHERE subject_hmac=?", (alice,))
+    db.close()
+    vault = _open(vault.store.path.parent, hsm_config)
+    try:
+        with pytest.raises(DataLoss, match="deleted, restored or replayed"):
+            vault.verify("c", "bob", b.tolist())
+        assert vault.delete_subject("c", "bob") == 1
+        with pytest.raises(DataLoss):
+            vault.identify("c", b.tolist())
+    finally:
+        vault.close()
