@@ -229,7 +229,7 @@ def test_a_subject_can_be_deleted_from_a_collection_whose_set_failed(
         vault: Vault, hsm_config: HsmConfig, lfw) -> None:
     """An erasure request must not wait for a repair: DeleteSubject still works (and the
     collection stays DATA_LOSS for everything else)."""
-    a, b = _enroll_two(vault, lfw, into_blocks=True)
+    _, b = _enroll_two(vault, lfw, into_blocks=True)
     alice = vault.integrity.subject_index("c", "alice")
     vault.close()
     db = sqlite3.connect(vault.store.path)
@@ -245,3 +245,39 @@ def test_a_subject_can_be_deleted_from_a_collection_whose_set_failed(
             vault.identify("c", b.tolist())
     finally:
         vault.close()
+
+
+@pytest.mark.parametrize("in_blocks", [False, True], ids=["page", "block"])
+def test_a_deleted_subject_restored_from_an_old_copy_never_matches(
+        vault: Vault, hsm_config: HsmConfig, lfw, in_blocks: bool) -> None:
+    """Bob is deleted; before his values are erased, a writer puts back his rows (valid
+    MACs) from an older copy of vault.db: while the vault runs, and after a restart."""
+    _, b = _enroll_two(vault, lfw, in_blocks)
+    old = vault.store.path.parent.parent / "old.db"
+    src = sqlite3.connect(vault.store.path)
+    with sqlite3.connect(old) as dst:
+        src.backup(dst)
+    bob = vault.integrity.subject_index("c", "bob")
+    vault.delete_subject("c", "bob")
+    db = sqlite3.connect(vault.store.path)
+    copy = sqlite3.connect(old)
+    with db:
+        for table in ("templates", "subjects"):
+            for row in copy.execute(f"SELECT * FROM {table} WHERE subject_hmac=?", (bob,)):
+                db.execute(f"INSERT OR REPLACE INTO {table} VALUES ({','.join('?' * len(row))})",
+                           row)
+    db.close()
+    # Running: the restored rows and the vault's memory disagree; bob is never named.
+    with pytest.raises(DataLoss, match="integrity"):
+        vault.verify("c", "bob", b.tolist())
+    found = vault.identify("c", b.tolist(), threshold=-1.0, top_k=2)
+    assert "bob" not in [c.subject_id for c in found.candidates]
+    # Restarted: the rows are not the set the collection committed to.
+    vault = _reopen(vault, hsm_config)
+    with pytest.raises(DataLoss, match="deleted, restored or replayed"):
+        vault.verify("c", "bob", b.tolist())
+    with pytest.raises(DataLoss, match="deleted, restored or replayed"):
+        vault.identify("c", b.tolist(), threshold=-1.0, top_k=2)
+    vault.close()
+    copy.close()
+    src.close()
