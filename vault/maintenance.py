@@ -9,7 +9,12 @@
   deleted while in the journal) leave the database.
 - **Compaction**: a block holding deleted templates' values is re-encrypted the same way
   with those coefficients left out: after it, decrypting the block shows zeros there. The
-  replaced block file is zero-filled before it is removed.
+  replaced block file is zero-filled before it is removed; the erased templates'
+  tombstones are deleted.
+- **Reaching the disk**: a pass that rewrote anything ends by truncating the WAL, so that
+  no older page image of an erased row or ciphertext stays in it, and the zeroed pages
+  (``secure_delete``) are copied over the main file. :func:`schedule` starts erasure early
+  enough that the replaced files are gone too within ``erase_after``.
 
 Both run with the gallery's block lock (one block job at a time) and commit under its
 write lock, re-reading template rows there, so a deletion made meanwhile is kept: the
@@ -35,7 +40,8 @@ from vault.store import BLOCK, DELETED, LIVE, MIXED, PAGE, TemplateRow
 
 log = logs.get("vault.maintenance")
 
-# Seconds a replaced block file is kept for matches that may still read its mapping.
+# Seconds a replaced block file (at most; see schedule) and a replaced key version are kept
+# for matches that may still use them.
 RETIRE_GRACE = 30.0
 
 
@@ -230,7 +236,8 @@ def run_once(vault, force: bool = False) -> None:  # type: ignore[no-untyped-def
             vault.wal_dirty = False
         except VaultError as exc:
             log.warning("WAL truncation deferred", error_type=type(exc).__name__)
-    vault.sweep_retired(grace, everything=force)
+    # Keys of a replaced version hold no deleted values: matches in flight keep them longer.
+    vault.sweep_retired(grace, everything=force, key_grace=RETIRE_GRACE)
 
 
 def run_forever(vault, stop: threading.Event) -> None:  # type: ignore[no-untyped-def]

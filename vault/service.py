@@ -501,15 +501,19 @@ class Vault:
         with self._retired_lock:
             self._retired.append((time.monotonic(), path, erase))
 
-    def sweep_retired(self, grace: float, everything: bool = False) -> None:
+    def sweep_retired(self, grace: float, everything: bool = False,
+                      key_grace: float | None = None) -> None:
+        """Remove retired block files older than ``grace`` seconds and forget retired key
+        versions older than ``key_grace`` (default: ``grace``)."""
         now = time.monotonic()
+        key_grace = grace if key_grace is None else key_grace
         with self._retired_lock:
             due = [r for r in self._retired if everything or now - r[0] >= grace]
             self._retired = [r for r in self._retired if r not in due]
         for _, path, erase in due:
             BlockFiles.remove(path, erase=erase)
         with self._retired_lock:
-            keys = [r for r in self._retired_keys if everything or now - r[0] >= grace]
+            keys = [r for r in self._retired_keys if everything or now - r[0] >= key_grace]
             self._retired_keys = [r for r in self._retired_keys if r not in keys]
         for _, cid, version in keys:
             self.decider.forget(cid, version)
