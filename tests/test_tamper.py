@@ -281,3 +281,38 @@ def test_a_deleted_subject_restored_from_an_old_copy_never_matches(
     vault.close()
     copy.close()
     src.close()
+
+
+def test_parallel_writers_keep_the_commitment_exact(vault: Vault, hsm_config: HsmConfig) -> None:
+    """Enrollments, imports, deletions and maintenance passes at once: every transaction
+    folds its own change into the digest, so the reopened vault finds its set intact."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vault.imports import ImportItem
+
+    vault.create_collection("c", 32, 0.9)
+    faces = np.random.default_rng(7).standard_normal((60, 32))
+
+    def enroll(k: int) -> None:
+        vault.enroll("c", f"e{k}", faces[k].tolist())
+        if k % 3 == 0:
+            vault.delete_subject("c", f"e{k}")
+
+    def bulk(start: int) -> None:
+        session = vault.start_import("c")
+        session.add([ImportItem(f"i{k}", faces[k].tolist()) for k in range(start, start + 10)])
+        session.finish()
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        jobs = [pool.submit(enroll, k) for k in range(30)]
+        jobs += [pool.submit(bulk, s) for s in (30, 40, 50)]
+        jobs += [pool.submit(vault.maintain, True) for _ in range(3)]
+        for job in jobs:
+            job.result()
+    vault = _reopen(vault, hsm_config)
+    try:
+        assert vault.damaged() == {} and vault.integrity_events == []
+        assert vault.get_collection("c").template_count == 30 - 10 + 30
+        assert vault.verify("c", "e1", faces[1].tolist()).matched
+    finally:
+        vault.close()
