@@ -104,6 +104,7 @@ def run(tmp_path_factory) -> dict:
                 stub.CreateCollection(pb.CreateCollectionRequest(collection_id=cid, dimension=DIM,
                                                                  threshold=0.9))
                 hmacs[cid] = {}
+
                 def enroll(name: str, cid: str = cid) -> None:
                     stub.Enroll(pb.EnrollRequest(collection_id=cid, subject_id=name,
                                                  embedding=people[name].tolist()))
@@ -119,13 +120,14 @@ def run(tmp_path_factory) -> dict:
                     step()
                     after = _subject_rows(data, cid)
                     new = [h for h in after if h not in before]
+                    assert len(new) == (1 if name != "dave" else 1 + PADDING)
                     if name == "dave":  # the import added dave and the padding: his row is
                         # that of the template in slot 0 of the block the import wrote
                         db = _ro(data / "vault.db")
                         new = [db.execute("SELECT subject_hmac FROM templates WHERE collection_id=? "
                                           "AND tier=1 AND slot=0", (cid,)).fetchone()[0]]
                         db.close()
-                    (hmacs[cid][name],) = new[:1]
+                    hmacs[cid][name] = new[0]
                     if name in ("bob", "dave"):
                         needles["sealed_id"].append(after[new[0]])
                         needles["subject_hmac"].append(new[0])

@@ -195,7 +195,8 @@ def schedule(tuning) -> tuple[float, float]:  # type: ignore[no-untyped-def]
     """(seconds after a deletion at which its erasure starts, grace before a replaced block
     file is zero-filled and removed), so that a deletion's last byte leaves the data
     directory within ``erase_after``: erasure, then the WAL truncation in the same pass,
-    then the file after its grace, each up to one maintenance interval late."""
+    then the file after its grace, each up to one maintenance interval late (an
+    ``erase_after`` shorter than that: as soon as possible)."""
     grace = min(RETIRE_GRACE, tuning.erase_after / 4)
     return max(0.0, tuning.erase_after - grace - 2 * tuning.maintenance_interval), grace
 
