@@ -218,14 +218,14 @@ def store_chunk(vault, gallery, chunk: list[_Pending]) -> list[str]:  # type: ig
             for slot, i in enumerate(members.tolist(), first):
                 places[i] = (block_no, slot)
 
-        def template_row(i: int, state: int, request_hmac: bytes | None) -> TemplateRow:
+        def template_row(i: int, live: bool) -> TemplateRow:
             block_no, slot = places[i]
-            return vault.sign(TemplateRow(ids[i], cid, chunk[i].subject_hmac, version, BLOCK,
-                                          block_no, slot, request_hmac, state, 0, b""))
+            p = chunk[i]  # a tombstone names no subject and no request
+            return vault.sign(TemplateRow(ids[i], cid, p.subject_hmac if live else b"", version,
+                                          BLOCK, block_no, slot, p.request_hmac if live else None,
+                                          LIVE if live else DELETED, 0, b""))
 
-        rows = [template_row(i, LIVE, p.request_hmac) for i, p in enumerate(chunk)]
-        subjects = [(cid, p.subject_hmac, vault.seal_subject(cid, p.subject_hmac, p.subject_id))
-                    for p in chunk]
+        rows = [template_row(i, True) for i in range(len(chunk))]
         with gallery.write_lock:
             if gallery.retired:  # a key rotation switched versions meanwhile
                 raise Unavailable("the collection's key version changed during the import; "
@@ -235,8 +235,10 @@ def store_chunk(vault, gallery, chunk: list[_Pending]) -> list[str]:  # type: ig
             taken = vault.store.existing_requests([p.request_hmac for p in chunk if p.request_hmac])
             for i, p in enumerate(chunk):
                 if p.request_hmac in taken:
-                    rows[i] = template_row(i, DELETED, None)
+                    rows[i] = template_row(i, False)
                     ids[i] = vault.store.template_by_request(p.request_hmac).template_id
+            subjects = [(cid, p.subject_hmac, vault.seal_subject(cid, p.subject_hmac, p.subject_id))
+                        for p, row in zip(chunk, rows) if row.state == LIVE]
             vault.store.write_templates([], block_rows, rows, subjects)
             for block in blocks:
                 gallery.install_block(block)
@@ -244,7 +246,7 @@ def store_chunk(vault, gallery, chunk: list[_Pending]) -> list[str]:  # type: ig
                 if row.state == LIVE:
                     gallery.set_live(BLOCK, row.loc, row.slot, gallery.group(row.subject_hmac))
         for path in retired:
-            vault.retire(path, erase=False)
+            vault.retire(path, erase=True)
     log.info("import chunk stored", collection_id=cid, count=len(chunk), blocks=len(blocks))
     return ids
 

@@ -9,7 +9,12 @@
   deleted while in the journal) leave the database.
 - **Compaction**: a block holding deleted templates' values is re-encrypted the same way
   with those coefficients left out: after it, decrypting the block shows zeros there. The
-  replaced block file is zero-filled before it is removed.
+  replaced block file is zero-filled before it is removed; the erased templates'
+  tombstones are deleted.
+- **Reaching the disk**: a pass that rewrote anything ends by truncating the WAL, so that
+  no older page image of an erased row or ciphertext stays in it, and the zeroed pages
+  (``secure_delete``) are copied over the main file. :func:`schedule` starts erasure early
+  enough that the replaced files are gone too within ``erase_after``.
 
 Both run with the gallery's block lock (one block job at a time) and commit under its
 write lock, re-reading template rows there, so a deletion made meanwhile is kept: the
@@ -35,7 +40,8 @@ from vault.store import BLOCK, DELETED, LIVE, MIXED, PAGE, TemplateRow
 
 log = logs.get("vault.maintenance")
 
-# Seconds a replaced block file is kept for matches that may still read its mapping.
+# Seconds a replaced block file (at most; see schedule) and a replaced key version are kept
+# for matches that may still use them.
 RETIRE_GRACE = 30.0
 
 
@@ -119,6 +125,7 @@ def checkpoint(vault, gallery: CollectionGallery) -> int:  # type: ignore[no-unt
 
         with gallery.write_lock:
             changed: list[TemplateRow] = []
+            erased: list[tuple[str, int]] = []
             moved_ids = {t.template_id: places[k] for k, (_, t) in enumerate(moving)}
             for p in pages:
                 for t in store.templates_in(cid, version, PAGE, p.page_no):
@@ -126,18 +133,19 @@ def checkpoint(vault, gallery: CollectionGallery) -> int:  # type: ignore[no-unt
                         b, slot = moved_ids[t.template_id]
                         changed.append(vault.sign(replace(t, tier=BLOCK, loc=block_nos[b],
                                                           slot=slot, erased=0, mac=b"")))
-                    elif t.state == DELETED and not t.erased:
-                        # Deleted before the checkpoint: its page, values and all, is dropped.
-                        changed.append(vault.sign(replace(t, erased=1, mac=b"")))
+                    elif t.state == DELETED:
+                        # Deleted before the checkpoint: its page, values and all, is dropped,
+                        # and its tombstone with it.
+                        erased.append((t.template_id, version))
             dropped = [(cid, version, p.page_no) for p in pages]
-            store.write_relocation([row for _, row in new_blocks], changed, dropped)
+            store.write_relocation([row for _, row in new_blocks], changed, dropped, erased)
             for b, (block, _row) in enumerate(new_blocks):
                 moved = [(pages[i].page_no, t.slot, places[k][1])
                          for k, (i, t) in enumerate(moving) if places[k][0] == b]
                 gallery.install_block(block, moved)
             gallery.drop_pages(p.page_no for p in pages)
         for path in old_paths:
-            vault.retire(path, erase=False)
+            vault.retire(path, erase=True)
     log.info("journal checkpoint", collection_id=cid, count=count, blocks=len(new_blocks))
     return count
 
@@ -173,35 +181,64 @@ def compact(vault, gallery: CollectionGallery, block_no: int) -> int:  # type: i
         new = Block(block_no, block.kind, generation, block.fill, block.levels,
                     np.ascontiguousarray(fresh[:, :, 0, :]), digest, block.groups, block.centroid)
         with gallery.write_lock:
-            ids = {t.template_id for t in erase}
-            changed = [vault.sign(replace(t, erased=1, mac=b""))
-                       for t in store.templates_in(cid, version, BLOCK, block_no)
-                       if t.template_id in ids]
-            store.write_relocation([vault.block_row(gallery, new, digest, row.sketch)], changed, [])
+            # The tombstones of the values left out go (a row deleted meanwhile is still
+            # live in the rows erased here: it is erased by the next pass).
+            store.write_relocation([vault.block_row(gallery, new, digest, row.sketch)], [], [],
+                                   [(t.template_id, version) for t in erase])
             gallery.install_block(new)
         vault.retire(vault.files.path(cid, version, block_no, block.generation), erase=True)
     log.info("erased deleted templates", collection_id=cid, count=len(erase), blocks=1)
     return len(erase)
 
 
+def schedule(tuning) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """(seconds after a deletion at which its erasure starts, grace before a replaced block
+    file is zero-filled and removed), so that a deletion's last byte leaves the data
+    directory within ``erase_after``: erasure, then the WAL truncation in the same pass,
+    then the file after its grace, each up to one maintenance interval late (an
+    ``erase_after`` shorter than that: as soon as possible)."""
+    grace = min(RETIRE_GRACE, tuning.erase_after / 4)
+    return max(0.0, tuning.erase_after - grace - 2 * tuning.maintenance_interval), grace
+
+
 def run_once(vault, force: bool = False) -> None:  # type: ignore[no-untyped-def]
     """Checkpoint full journals, erase deletions that are due, remove retired files."""
-    now = time.time()
+    now = time.monotonic()
     tuning = vault.tuning
+    start, grace = schedule(tuning)
+    rewrote = False
     for gallery in vault.galleries():
-        cid = gallery.collection_id
+        cid, version = gallery.collection_id, gallery.key_version
         try:
-            due = [(tier, loc) for tier, loc, oldest in vault.store.unerased(cid, gallery.key_version)
-                   if force or now - (oldest or now) >= tuning.erase_after]
+            pending = vault.store.unerased(cid, version)
+            # Holders not in deleted_since hold deletions from before this process: due.
+            due = [(tier, loc) for tier, loc in pending
+                   if force or now - vault.deleted_since.get((cid, version, tier, loc), -1e18) >= start]
             if (len(gallery.pages) >= tuning.journal_pages
                     or any(tier == PAGE for tier, _ in due) or (force and gallery.pages)):
                 checkpoint(vault, gallery)
+                rewrote = True
             for tier, loc in due:
                 if tier == BLOCK:
-                    compact(vault, gallery, loc)
+                    rewrote = compact(vault, gallery, loc) > 0 or rewrote
+            left = set(vault.store.unerased(cid, version))
+            for key in [k for k in list(vault.deleted_since) if k[:2] == (cid, version)]:
+                if key[2:] not in left:
+                    del vault.deleted_since[key]
         except VaultError as exc:
             log.warning("maintenance deferred", collection_id=cid, error_type=type(exc).__name__)
-    vault.sweep_retired(RETIRE_GRACE, everything=force)
+    # Dropped pages, erased rows and older page images of what they held are still in the
+    # WAL (and the main file) until a checkpoint copies the zeroed pages over them; a busy
+    # database (a reader) is tried again on the next pass.
+    vault.wal_dirty = vault.wal_dirty or rewrote
+    if vault.wal_dirty:
+        try:
+            vault.store.checkpoint_wal()
+            vault.wal_dirty = False
+        except VaultError as exc:
+            log.warning("WAL truncation deferred", error_type=type(exc).__name__)
+    # Keys of a replaced version hold no deleted values: matches in flight keep them longer.
+    vault.sweep_retired(grace, everything=force, key_grace=RETIRE_GRACE)
     try:
         vault.attempts.prune()
     except VaultError as exc:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-import time
 import uuid
 
 import numpy as np
@@ -72,7 +71,7 @@ def start(vault, collection_id: str) -> KeyJobRow:  # type: ignore[no-untyped-de
         sealed = envelope.seal(vault.hsm, secret,
                                secret_context_aad(collection_id, new_version, params_json))
         job = KeyJobRow(uuid.uuid4().hex, collection_id, row.key_version, new_version, RUNNING, 0,
-                        len(gallery.blocks), time.time(), None, None)
+                        len(gallery.blocks), None)
         vault.store.insert_key_version(CollectionKeyRow(collection_id, new_version, params_json,
                                                         public, sealed), job)
         vault.decider.load(collection_id, new_version, secret, params)

@@ -45,7 +45,7 @@ from vault.gallery.pages import Page
 from vault.gallery.workers import EncryptionPool
 from vault.keys import envelope
 from vault.keys.hsm import Hsm, HsmConfig
-from vault.keys.integrity import Integrity, encode
+from vault.keys.integrity import Integrity, LiveSet, encode
 from vault.protector import Protector, validate_reference_mean
 from vault.store import (
     BLOCK,
@@ -75,6 +75,7 @@ log = logs.get("vault.service")
 _PII_KEY = "pii"
 _SKETCH_KEY = "sketch"
 _AUDIT_REF_KEY = "audit-ref"
+_LIVE_SET_KEY = "live-set"
 
 
 def secret_context_aad(collection_id: str, key_version: int, params_json: str) -> bytes:
@@ -175,9 +176,14 @@ class Vault:
         self.switch_lock = threading.Lock()
         self.job_threads: dict[str, threading.Thread] = {}
         self.stopping = threading.Event()
-        self._damaged: set[str] = set()
+        # Collections found damaged at load, with what their RPCs answer (DATA_LOSS).
+        self._damaged: dict[str, str] = {}
         self._checked_rows: set[CollectionRow] = set()  # collection rows whose MAC held
         self.integrity_events: list[tuple[str, str, int]] = []
+        # (collection, key version, tier, loc) -> monotonic time of its first deletion not
+        # yet erased; holders not in it (found at start) are due at once.
+        self.deleted_since: dict[tuple[str, int, int, int], float] = {}
+        self.wal_dirty = False  # erased bytes may linger in the WAL (vault.maintenance)
         self._create_lock = threading.Lock()
         self._retired: list[tuple[float, Path, bool]] = []
         self._retired_keys: list[tuple[float, str, int]] = []
@@ -188,6 +194,7 @@ class Vault:
         self._pii = envelope.DataKey(self._data_key(_PII_KEY))
         self._sketch_key = envelope.DataKey(self._data_key(_SKETCH_KEY))
         self._audit_ref_key = self._data_key(_AUDIT_REF_KEY)
+        store.live_set = LiveSet(self._data_key(_LIVE_SET_KEY), self.integrity)
         for row in store.collections():
             self._load_collection(row)
         self._load_rotations()
@@ -318,11 +325,34 @@ class Vault:
         log.error("integrity failure", kind=kind, collection_id=collection_id, count=count)
         self.integrity_events.append((kind, collection_id, count))
 
+    def _damage(self, collection_id: str, kind: str, message: str, count: int = 1) -> None:
+        """Stop serving a collection (DATA_LOSS with ``message``) and record why."""
+        self._damaged.setdefault(collection_id, message)
+        self._integrity_failure(kind, collection_id, count)
+
+    def damaged(self) -> dict[str, str]:
+        """Collections that answer DATA_LOSS, with the reason (for health and operators)."""
+        return dict(self._damaged)
+
+    def _check_live_set(self, cid: str, version: int) -> None:
+        """The stored rows must be the set the collection committed to: a row deleted,
+        restored from an older copy or replayed changes their digest."""
+        state = self.store.live_set_state(cid, version)
+        if state is None or not self.store.live_set.check(state[2], cid, version, *state[:2]):
+            self._damage(cid, "live_set_commitment", "collection record failed its integrity "
+                         "check: its live-set commitment is missing or forged")
+        elif self.store.live_set_digest(cid, version) != state[1]:
+            self._damage(cid, "live_set", "collection record failed its integrity check: stored "
+                         "templates, pages or blocks were deleted, restored or replayed")
+        missing = self.store.subjects_missing(cid, version)
+        if missing:
+            self._damage(cid, "subject_missing", "collection record failed its integrity check: "
+                         "subject records of live templates are missing", missing)
+
     def _load_collection(self, row: CollectionRow) -> None:
         cid = row.collection_id
         if not self.verified(row):
-            self._damaged.add(cid)
-            self._integrity_failure("collection", cid)
+            self._damage(cid, "collection", "collection record failed its integrity check")
             return
         rotating = {j.to_version for j in self.store.key_jobs()
                     if j.collection_id == cid and j.state != "done"}
@@ -330,16 +360,16 @@ class Vault:
         if newest > row.key_version and newest not in rotating:
             # A valid but old collection row behind newer data: a replayed record (a
             # rollback to before a key rotation, say).
-            self._damaged.add(cid)
-            self._integrity_failure("collection_replayed", cid)
+            self._damage(cid, "collection_replayed", "collection record failed its integrity "
+                         "check: it is older than the data it names")
             return
         stale = self.store.count_below(cid, row.min_key_version)
         if stale:
             self._integrity_failure("below_min_key_version", cid, stale)
         key = self.store.collection_key(cid, row.key_version)
         if key is None:
-            self._damaged.add(cid)
-            self._integrity_failure("collection_key_missing", cid)
+            self._damage(cid, "collection_key_missing", "collection record failed its integrity "
+                         "check: its key version is missing")
             return
         self._galleries[cid] = self._load_key_version(key, row.dimension)
 
@@ -358,7 +388,10 @@ class Vault:
         gallery.reserve_block_numbers(self.store.max_loc(cid, version, BLOCK) + 1)
         bad_templates = self._load_templates(gallery)
         if bad or bad_templates:
+            # A 1:N over a missing holder would be a silent non-match: DATA_LOSS instead.
+            gallery.damaged = True
             self._integrity_failure("records", cid, bad + bad_templates)
+        self._check_live_set(cid, version)
         log.info("collection loaded", collection_id=cid, key_version=version,
                  template_count=gallery.template_count(), blocks_total=len(gallery.blocks))
         return gallery
@@ -470,15 +503,18 @@ class Vault:
             gallery.set_live(tier, loc, slot, gallery.group(subject_hmac))
         return bad
 
-    def _collection(self, collection_id: str) -> tuple[CollectionRow, CollectionGallery]:
+    def _collection(self, collection_id: str,
+                    damaged_ok: bool = False) -> tuple[CollectionRow, CollectionGallery]:
+        """The collection's row and current gallery; ``damaged_ok``: also when its stored
+        rows failed their live-set check (a deletion must still be possible)."""
         check_collection_id(collection_id)
         with self.switch_lock:  # the row and the gallery, both before or both after a switch
             row = self.store.collection(collection_id)
             gallery = self._galleries.get(collection_id)
         if row is None:
             raise NotFound("collection not found")
-        if collection_id in self._damaged:
-            raise DataLoss("collection record failed its integrity check")
+        if collection_id in self._damaged and not (damaged_ok and gallery is not None):
+            raise DataLoss(self._damaged[collection_id])
         if gallery is None or gallery.key_version != row.key_version:
             raise DataLoss("collection record does not match the loaded key version")
         if row.key_version < row.min_key_version:
@@ -508,15 +544,19 @@ class Vault:
         with self._retired_lock:
             self._retired.append((time.monotonic(), path, erase))
 
-    def sweep_retired(self, grace: float, everything: bool = False) -> None:
+    def sweep_retired(self, grace: float, everything: bool = False,
+                      key_grace: float | None = None) -> None:
+        """Remove retired block files older than ``grace`` seconds and forget retired key
+        versions older than ``key_grace`` (default: ``grace``)."""
         now = time.monotonic()
+        key_grace = grace if key_grace is None else key_grace
         with self._retired_lock:
             due = [r for r in self._retired if everything or now - r[0] >= grace]
             self._retired = [r for r in self._retired if r not in due]
         for _, path, erase in due:
             BlockFiles.remove(path, erase=erase)
         with self._retired_lock:
-            keys = [r for r in self._retired_keys if everything or now - r[0] >= grace]
+            keys = [r for r in self._retired_keys if everything or now - r[0] >= key_grace]
             self._retired_keys = [r for r in self._retired_keys if r not in keys]
         for _, cid, version in keys:
             self.decider.forget(cid, version)
@@ -796,6 +836,9 @@ class Vault:
             raise FailedPrecondition("this collection requires a purpose (a case reference) "
                                      "on every 1:N identification")
         threshold = row.threshold if threshold is None else check_threshold(threshold)
+        if gallery.damaged:
+            raise DataLoss("a block or journal page of this collection failed its integrity "
+                           "check: a 1:N match cannot cover every template")
         probe = self.protector.protect(collection_id, row.key_version, row.dimension, embedding,
                                        reference_mean=self.reference_mean(row))
         if observe is not None:
@@ -809,7 +852,7 @@ class Vault:
     def _release(self, collection_id: str, gallery: CollectionGallery,
                  decided: GroupScore) -> Candidate | None:
         """The subject id behind a decided group, after checking its rows' MACs; a
-        tampered record is logged and never named."""
+        tampered record is never named: DATA_LOSS (logged), not a silent non-match."""
         subject_hmac = gallery.subject(decided.group)
         try:
             try:
@@ -822,11 +865,15 @@ class Vault:
                 if current is None or current is gallery:
                     return None
                 self._subject_rows(collection_id, current, subject_hmac)
-        except (NotFound, DataLoss):
-            return None  # DataLoss is logged by _subject_rows
+        except NotFound:
+            return None
         sealed = self.store.sealed_subject_id(collection_id, subject_hmac)
         if sealed is None:
-            return None
+            if not self.store.subject_templates(collection_id, subject_hmac):
+                return None  # deleted meanwhile
+            log.error("integrity failure", kind="subject_missing", collection_id=collection_id)
+            raise DataLoss("the subject record of a matching template is missing: failed its "
+                           "integrity check")
         subject_id = self._pii.decrypt(sealed, encode("subject-id", collection_id, subject_hmac))
         return Candidate(subject_id.decode(), decided.score, subject_hmac)
 
@@ -846,7 +893,7 @@ class Vault:
     def delete_subject(self, collection_id: str, subject_id: str) -> int:
         """Tombstone every template of the subject: none of them matches from now on; their
         values leave the ciphertexts within ``Tuning.erase_after`` (maintenance)."""
-        _, gallery = self._collection(collection_id)
+        _, gallery = self._collection(collection_id, damaged_ok=True)
         subject_id = check_subject_id(subject_id)
         subject_hmac = self.integrity.subject_index(collection_id, subject_id)
         with gallery.write_lock:
@@ -856,9 +903,14 @@ class Vault:
             rows = self.store.subject_templates(collection_id, subject_hmac)
             if not any(t.key_version == gallery.key_version for t in rows):
                 raise NotFound("subject not found in this collection")
-            dead = [self.sign(dataclasses.replace(t, state=DELETED)) for t in rows]
+            # A tombstone keeps only where the values sit (for their erasure): nothing
+            # links it to the subject or to the request that enrolled it.
+            dead = [self.sign(dataclasses.replace(t, subject_hmac=b"", request_hmac=None,
+                                                  state=DELETED)) for t in rows]
             self.store.mark_deleted(collection_id, subject_hmac, dead)
+            now = time.monotonic()
             for t in rows:
+                self.deleted_since.setdefault((collection_id, t.key_version, t.tier, t.loc), now)
                 holder = self.gallery(collection_id, t.key_version)
                 if holder is not None:
                     holder.set_live(t.tier, t.loc, t.slot, -1)

@@ -15,7 +15,15 @@ What is stored, and in what form:
 - journal pages: CKKS ciphertexts under the collection's public key;
 - block sketches (pre-filter centroids): AES-GCM under a data key wrapped by the HSM;
 - CKKS secret contexts and data keys: wrapped by the HSM key-encryption key;
-- a MAC keyed in the HSM on every collection, template, page and block row.
+- a MAC keyed in the HSM on every collection, template, page and block row;
+- per (collection, key version), a commitment to the live set (``collection_state``:
+  a counter and an order-independent digest of the live template, page and block rows,
+  MACed in the HSM), updated inside every transaction that changes those rows, so that a
+  row deleted, restored or replayed behind the vault's back is found at load;
+- no timestamps: nothing the engine does needs to know when a row was written.
+
+A deleted template's row (tombstone) keeps only its place, and goes once its values are
+erased from the ciphertexts; the subject's sealed id goes at once.
 """
 
 from __future__ import annotations
@@ -28,7 +36,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from vault.errors import ResourceExhausted, Unavailable
+from vault.errors import DataLoss, ResourceExhausted, Unavailable
+from vault.keys.integrity import LiveSet
 
 SCHEMA_VERSION = 4
 
@@ -41,7 +50,6 @@ CREATE TABLE IF NOT EXISTS wrapped_keys (
   name TEXT NOT NULL,
   version INTEGER NOT NULL,
   blob BLOB NOT NULL,
-  created_at REAL NOT NULL,
   PRIMARY KEY (name, version)
 );
 CREATE TABLE IF NOT EXISTS collections (
@@ -50,7 +58,6 @@ CREATE TABLE IF NOT EXISTS collections (
   threshold REAL NOT NULL,
   key_version INTEGER NOT NULL,
   min_key_version INTEGER NOT NULL,
-  created_at REAL NOT NULL,
   mac BLOB NOT NULL,
   reference_mean BLOB,
   policy TEXT NOT NULL DEFAULT ''
@@ -61,7 +68,6 @@ CREATE TABLE IF NOT EXISTS collection_keys (
   he_params TEXT NOT NULL,
   public_context BLOB NOT NULL,
   sealed_secret_context BLOB NOT NULL,
-  created_at REAL NOT NULL,
   PRIMARY KEY (collection_id, key_version)
 );
 CREATE TABLE IF NOT EXISTS subjects (
@@ -81,8 +87,6 @@ CREATE TABLE IF NOT EXISTS templates (
   request_hmac BLOB,
   state INTEGER NOT NULL,
   erased INTEGER NOT NULL,
-  created_at REAL NOT NULL,
-  deleted_at REAL,
   mac BLOB NOT NULL,
   PRIMARY KEY (template_id, key_version)
 );
@@ -120,9 +124,15 @@ CREATE TABLE IF NOT EXISTS key_jobs (
   state TEXT NOT NULL,
   blocks_done INTEGER NOT NULL,
   blocks_total INTEGER NOT NULL,
-  started_at REAL NOT NULL,
-  finished_at REAL,
   error TEXT
+);
+CREATE TABLE IF NOT EXISTS collection_state (
+  collection_id TEXT NOT NULL,
+  key_version INTEGER NOT NULL,
+  counter INTEGER NOT NULL,
+  digest BLOB NOT NULL,
+  mac BLOB NOT NULL,
+  PRIMARY KEY (collection_id, key_version)
 );
 CREATE TABLE IF NOT EXISTS verify_attempts (
   collection_id TEXT NOT NULL,
@@ -246,8 +256,6 @@ class KeyJobRow:
     state: str
     blocks_done: int
     blocks_total: int
-    started_at: float
-    finished_at: float | None
     error: str | None
 
 
@@ -280,6 +288,9 @@ class Store:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        # Set by the vault: keys the live-set commitment every write transaction updates.
+        self.live_set: LiveSet | None = None
+        self._delta: dict[tuple[str, int], int] = {}
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -310,8 +321,10 @@ class Store:
         """
         with self._lock, _storage_errors():
             self._db.execute("BEGIN IMMEDIATE")
+            self._delta = {}
             try:
                 yield self._db
+                self._commit_states(self._db)
                 self._db.execute("COMMIT")
             except BaseException:
                 if self._db.in_transaction:  # SQLite may have rolled back by itself already
@@ -320,6 +333,108 @@ class Store:
                     except sqlite3.Error:
                         pass
                 raise
+
+    def checkpoint_wal(self) -> None:
+        """Copy the WAL into the main file and truncate it to zero bytes: older page images
+        (a deleted row, a replaced ciphertext) leave the WAL, and the pages they were
+        freed from are zeroed in the main file (``secure_delete``)."""
+        with self._lock, _storage_errors():
+            busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            raise Unavailable("the database was busy: its write-ahead log was not truncated")
+
+    # -- live-set commitments -------------------------------------------------------------
+
+    def _change(self, collection_id: str, key_version: int, delta: int) -> None:
+        key = (collection_id, key_version)
+        self._delta[key] = self._delta.get(key, 0) + delta
+
+    def _template_leaf(self, row: tuple) -> int:
+        """``row``: (template_id, collection_id, subject_hmac, key_version, tier, loc,
+        slot, mac) of a live template."""
+        assert self.live_set is not None
+        tid, cid, subject_hmac, version, tier, loc, slot, mac = row
+        return self.live_set.template(cid, version, tid, subject_hmac, tier, loc, slot, mac)
+
+    _LEAF_COLUMNS = "template_id, collection_id, subject_hmac, key_version, tier, loc, slot, mac"
+
+    def _forget_template(self, db: sqlite3.Connection, template_id: str, key_version: int) -> None:
+        """Take a stored template row out of its commitment, if it is live (before it is
+        updated, replaced or deleted)."""
+        found = db.execute(f"SELECT {self._LEAF_COLUMNS} FROM templates WHERE template_id=? "
+                           "AND key_version=? AND state=?", (template_id, key_version, LIVE)).fetchone()
+        if found is not None:
+            self._change(found[1], found[3], -self._template_leaf(found))
+
+    def _add_template(self, t: TemplateRow) -> None:
+        if t.state == LIVE:
+            self._change(t.collection_id, t.key_version, self._template_leaf(
+                (t.template_id, t.collection_id, t.subject_hmac, t.key_version, t.tier, t.loc,
+                 t.slot, t.mac)))
+
+    def _holder_leaf(self, cid: str, version: int, tier: int, loc: int, generation: int,
+                     mac: bytes) -> int:
+        assert self.live_set is not None
+        return self.live_set.holder(cid, version, tier, loc, generation, mac)
+
+    def _forget_holder(self, db: sqlite3.Connection, tier: int, cid: str, version: int,
+                       loc: int) -> None:
+        table, column = ("pages", "page_no") if tier == PAGE else ("blocks", "block_no")
+        found = db.execute(f"SELECT generation, mac FROM {table} WHERE collection_id=? AND "
+                           f"key_version=? AND {column}=?", (cid, version, loc)).fetchone()
+        if found is not None:
+            self._change(cid, version, -self._holder_leaf(cid, version, tier, loc, *found))
+
+    def _new_state(self, db: sqlite3.Connection, collection_id: str, key_version: int) -> None:
+        assert self.live_set is not None
+        digest = bytes(32)
+        db.execute("INSERT INTO collection_state VALUES (?,?,?,?,?)",
+                   (collection_id, key_version, 0, digest,
+                    self.live_set.seal(collection_id, key_version, 0, digest)))
+
+    def _commit_states(self, db: sqlite3.Connection) -> None:
+        """Fold this transaction's changes into the state rows it touched (checked first:
+        a state row changed behind the vault's back is not built upon)."""
+        delta, self._delta = self._delta, {}
+        for (cid, version), change in delta.items():
+            assert self.live_set is not None
+            found = db.execute("SELECT counter, digest, mac FROM collection_state WHERE "
+                               "collection_id=? AND key_version=?", (cid, version)).fetchone()
+            if found is None or not self.live_set.check(found[2], cid, version, found[0], found[1]):
+                raise DataLoss("the collection's live-set commitment is missing or failed its "
+                               "integrity check; nothing was written")
+            counter, digest = found[0] + 1, LiveSet.add(found[1], change)
+            db.execute("UPDATE collection_state SET counter=?, digest=?, mac=? WHERE "
+                       "collection_id=? AND key_version=?",
+                       (counter, digest, self.live_set.seal(cid, version, counter, digest),
+                        cid, version))
+
+    def live_set_state(self, collection_id: str, key_version: int) -> tuple[int, bytes, bytes] | None:
+        """(counter, digest, MAC) of a key version's commitment, if stored."""
+        rows = self._query("SELECT counter, digest, mac FROM collection_state WHERE "
+                           "collection_id=? AND key_version=?", (collection_id, key_version))
+        return rows[0] if rows else None
+
+    def live_set_digest(self, collection_id: str, key_version: int) -> bytes:
+        """The commitment recomputed from every stored live template, page and block row."""
+        args = (collection_id, key_version)
+        total = sum(self._template_leaf(r) for r in self._query(
+            f"SELECT {self._LEAF_COLUMNS} FROM templates WHERE collection_id=? AND key_version=? "
+            "AND state=?", args + (LIVE,)))
+        for tier, table, column in ((PAGE, "pages", "page_no"), (BLOCK, "blocks", "block_no")):
+            total += sum(self._holder_leaf(collection_id, key_version, tier, loc, generation, mac)
+                         for loc, generation, mac in self._query(
+                             f"SELECT {column}, generation, mac FROM {table} WHERE collection_id=? "
+                             "AND key_version=?", args))
+        return LiveSet.add(bytes(32), total)
+
+    def subjects_missing(self, collection_id: str, key_version: int) -> int:
+        """Subjects with a live template but no sealed id row (a deleted subjects row)."""
+        return self._query(
+            "SELECT COUNT(DISTINCT t.subject_hmac) FROM templates t LEFT JOIN subjects s ON "
+            "s.collection_id=t.collection_id AND s.subject_hmac=t.subject_hmac WHERE "
+            "t.collection_id=? AND t.key_version=? AND t.state=? AND s.subject_hmac IS NULL",
+            (collection_id, key_version, LIVE))[0][0]
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock, _storage_errors():
@@ -337,8 +452,8 @@ class Store:
 
     def put_wrapped_key(self, name: str, version: int, blob: bytes) -> None:
         with self.transaction() as db:
-            db.execute("INSERT INTO wrapped_keys(name, version, blob, created_at) VALUES (?,?,?,?)",
-                       (name, version, blob, time.time()))
+            db.execute("INSERT INTO wrapped_keys(name, version, blob) VALUES (?,?,?)",
+                       (name, version, blob))
 
     # -- collections ---------------------------------------------------------------------
 
@@ -357,17 +472,17 @@ class Store:
     def insert_collection(self, row: CollectionRow, key: CollectionKeyRow) -> None:
         with self.transaction() as db:
             db.execute("INSERT INTO collections(collection_id, dimension, threshold, key_version, "
-                       "min_key_version, created_at, mac, reference_mean, policy) "
-                       "VALUES (?,?,?,?,?,?,?,?,?)",
+                       "min_key_version, mac, reference_mean, policy) VALUES (?,?,?,?,?,?,?,?)",
                        (row.collection_id, row.dimension, row.threshold, row.key_version,
-                        row.min_key_version, time.time(), row.mac, row.reference_mean, row.policy))
+                        row.min_key_version, row.mac, row.reference_mean, row.policy))
             self._put_collection_key(db, key)
 
-    @staticmethod
-    def _put_collection_key(db: sqlite3.Connection, key: CollectionKeyRow) -> None:
-        db.execute("INSERT INTO collection_keys VALUES (?,?,?,?,?,?)",
+    def _put_collection_key(self, db: sqlite3.Connection, key: CollectionKeyRow) -> None:
+        """A key version, and its (empty) live-set commitment."""
+        db.execute("INSERT INTO collection_keys VALUES (?,?,?,?,?)",
                    (key.collection_id, key.key_version, key.he_params, key.public_context,
-                    key.sealed_secret_context, time.time()))
+                    key.sealed_secret_context))
+        self._new_state(db, key.collection_id, key.key_version)
 
     def collection_key(self, collection_id: str, key_version: int) -> CollectionKeyRow | None:
         rows = self._query(
@@ -426,11 +541,11 @@ class Store:
                            "WHERE collection_id=? AND key_version=? AND state=?",
                            (collection_id, key_version, LIVE))
 
-    def unerased(self, collection_id: str, key_version: int) -> list[tuple[int, int, float]]:
-        """(tier, loc, oldest deletion time) of the pages and blocks still holding values
-        of deleted templates."""
-        return self._query("SELECT tier, loc, MIN(deleted_at) FROM templates WHERE collection_id=? "
-                           "AND key_version=? AND state=? AND erased=0 GROUP BY tier, loc",
+    def unerased(self, collection_id: str, key_version: int) -> list[tuple[int, int]]:
+        """(tier, loc) of the pages and blocks still holding values of deleted templates
+        (a tombstone row stays until its values are erased, then goes)."""
+        return self._query("SELECT DISTINCT tier, loc FROM templates WHERE collection_id=? "
+                           "AND key_version=? AND state=? AND erased=0",
                            (collection_id, key_version, DELETED))
 
     def max_loc(self, collection_id: str, key_version: int, tier: int) -> int:
@@ -445,37 +560,41 @@ class Store:
             (collection_id, key_version, tier, collection_id, key_version))[0][0]
         return -1 if found is None else int(found)
 
-    @staticmethod
-    def _insert_templates(db: sqlite3.Connection, templates: list[TemplateRow],
-                          replace: bool = False) -> None:
-        now = time.time()
+    def _insert_templates(self, db: sqlite3.Connection, templates: list[TemplateRow]) -> None:
         db.executemany(
-            f"INSERT{' OR REPLACE' if replace else ''} INTO templates "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "INSERT INTO templates VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             [(t.template_id, t.collection_id, t.subject_hmac, t.key_version, t.tier, t.loc,
-              t.slot, t.request_hmac, t.state, t.erased, now, now if t.state == DELETED else None,
-              t.mac) for t in templates])
+              t.slot, t.request_hmac, t.state, t.erased, t.mac) for t in templates])
+        for t in templates:
+            self._add_template(t)
 
-    @staticmethod
-    def _update_templates(db: sqlite3.Connection, templates: list[TemplateRow]) -> None:
+    def _update_templates(self, db: sqlite3.Connection, templates: list[TemplateRow]) -> None:
+        for t in templates:
+            self._forget_template(db, t.template_id, t.key_version)
+            self._add_template(t)
         db.executemany(
             "UPDATE templates SET tier=?, loc=?, slot=?, state=?, erased=?, mac=? "
             "WHERE template_id=? AND key_version=?",
             [(t.tier, t.loc, t.slot, t.state, t.erased, t.mac, t.template_id, t.key_version)
              for t in templates])
 
-    @staticmethod
-    def _put_page(db: sqlite3.Connection, page: PageRow) -> None:
+    def _put_page(self, db: sqlite3.Connection, page: PageRow) -> None:
+        self._forget_holder(db, PAGE, page.collection_id, page.key_version, page.page_no)
         db.execute("INSERT OR REPLACE INTO pages VALUES (?,?,?,?,?,?,?)",
                    (page.collection_id, page.key_version, page.page_no, page.generation,
                     page.fill, page.ciphertext, page.mac))
+        self._change(page.collection_id, page.key_version, self._holder_leaf(
+            page.collection_id, page.key_version, PAGE, page.page_no, page.generation, page.mac))
 
-    @staticmethod
-    def _put_block(db: sqlite3.Connection, block: BlockRow) -> None:
+    def _put_block(self, db: sqlite3.Connection, block: BlockRow) -> None:
+        self._forget_holder(db, BLOCK, block.collection_id, block.key_version, block.block_no)
         db.execute("INSERT OR REPLACE INTO blocks VALUES (?,?,?,?,?,?,?,?,?,?)",
                    (block.collection_id, block.key_version, block.block_no, block.kind,
                     block.generation, block.levels, block.fill, block.digest, block.sketch,
                     block.mac))
+        self._change(block.collection_id, block.key_version, self._holder_leaf(
+            block.collection_id, block.key_version, BLOCK, block.block_no, block.generation,
+            block.mac))
 
     def write_templates(self, pages: list[PageRow], blocks: list[BlockRow],
                         templates: list[TemplateRow],
@@ -491,24 +610,33 @@ class Store:
             self._insert_templates(db, templates)
 
     def write_relocation(self, blocks: list[BlockRow], moved: list[TemplateRow],
-                         dropped_pages: list[tuple[str, int, int]]) -> None:
-        """One transaction: new block states, templates moved or erased (their new rows),
-        journal pages dropped (a checkpoint, a compaction)."""
+                         dropped_pages: list[tuple[str, int, int]],
+                         erased: list[tuple[str, int]]) -> None:
+        """One transaction: new block states, templates moved (their new rows), tombstones
+        whose values were erased (template id, key version: the rows go), journal pages
+        dropped (a checkpoint, a compaction)."""
         with self.transaction() as db:
             for block in blocks:
                 self._put_block(db, block)
             self._update_templates(db, moved)
+            db.executemany("DELETE FROM templates WHERE template_id=? AND key_version=? AND state=?",
+                           [(tid, version, DELETED) for tid, version in erased])
+            for cid, version, page_no in dropped_pages:
+                self._forget_holder(db, PAGE, cid, version, page_no)
             db.executemany("DELETE FROM pages WHERE collection_id=? AND key_version=? AND page_no=?",
                            dropped_pages)
 
     def mark_deleted(self, collection_id: str, subject_hmac: bytes,
                      templates: list[TemplateRow]) -> None:
-        """Tombstone the given templates (rows with their new MACs), forget the subject id."""
+        """Tombstone the given templates (rows with their new MACs: no subject HMAC, no
+        request HMAC left), forget the subject id."""
         with self.transaction() as db:
-            db.executemany("UPDATE templates SET state=?, mac=?, deleted_at=? "
+            for t in templates:
+                self._forget_template(db, t.template_id, t.key_version)
+            db.executemany("UPDATE templates SET subject_hmac=?, request_hmac=?, state=?, mac=? "
                            "WHERE template_id=? AND key_version=? AND state=?",
-                           [(t.state, t.mac, time.time(), t.template_id, t.key_version, LIVE)
-                            for t in templates])
+                           [(t.subject_hmac, t.request_hmac, t.state, t.mac, t.template_id,
+                             t.key_version, LIVE) for t in templates])
             db.execute("DELETE FROM subjects WHERE collection_id=? AND subject_hmac=?",
                        (collection_id, subject_hmac))
             db.execute("DELETE FROM verify_attempts WHERE collection_id=? AND subject_hmac=?",
@@ -582,15 +710,15 @@ class Store:
     # -- key jobs and key versions ----------------------------------------------------
 
     _JOB_COLUMNS = ("job_id, collection_id, from_version, to_version, state, blocks_done, "
-                    "blocks_total, started_at, finished_at, error")
+                    "blocks_total, error")
 
     def insert_key_version(self, key: CollectionKeyRow, job: KeyJobRow) -> None:
         """A new key version of a collection, and the job that moves templates to it."""
         with self.transaction() as db:
             self._put_collection_key(db, key)
-            db.execute(f"INSERT INTO key_jobs({self._JOB_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            db.execute(f"INSERT INTO key_jobs({self._JOB_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)",
                        (job.job_id, job.collection_id, job.from_version, job.to_version, job.state,
-                        job.blocks_done, job.blocks_total, job.started_at, job.finished_at, job.error))
+                        job.blocks_done, job.blocks_total, job.error))
 
     def key_job(self, job_id: str) -> KeyJobRow | None:
         rows = self._query(f"SELECT {self._JOB_COLUMNS} FROM key_jobs WHERE job_id=?", (job_id,))
@@ -599,12 +727,11 @@ class Store:
     def key_jobs(self, state: str | None = None) -> list[KeyJobRow]:
         where, args = ("WHERE state=?", (state,)) if state else ("", ())
         return [KeyJobRow(*r) for r in self._query(
-            f"SELECT {self._JOB_COLUMNS} FROM key_jobs {where} ORDER BY started_at", args)]
+            f"SELECT {self._JOB_COLUMNS} FROM key_jobs {where} ORDER BY rowid", args)]
 
     def finish_job(self, job_id: str, state: str, error: str | None = None) -> None:
         with self.transaction() as db:
-            db.execute("UPDATE key_jobs SET state=?, finished_at=?, error=? WHERE job_id=?",
-                       (state, time.time(), error, job_id))
+            db.execute("UPDATE key_jobs SET state=?, error=? WHERE job_id=?", (state, error, job_id))
 
     def write_moved_block(self, block: BlockRow, templates: list[TemplateRow], job_id: str,
                           done: int, total: int) -> None:
@@ -613,7 +740,15 @@ class Store:
         progress."""
         with self.transaction() as db:
             self._put_block(db, block)
-            self._insert_templates(db, templates, replace=True)
+            earlier = db.execute("SELECT template_id FROM templates WHERE collection_id=? AND "
+                                 "key_version=? AND tier=? AND loc=?",
+                                 (block.collection_id, block.key_version, BLOCK,
+                                  block.block_no)).fetchall()
+            for (tid,) in earlier:
+                self._forget_template(db, tid, block.key_version)
+            db.executemany("DELETE FROM templates WHERE template_id=? AND key_version=?",
+                           [(tid, block.key_version) for (tid,) in earlier])
+            self._insert_templates(db, templates)
             db.execute("UPDATE key_jobs SET blocks_done=?, blocks_total=? WHERE job_id=?",
                        (done, total, job_id))
 
@@ -629,11 +764,10 @@ class Store:
         with self.transaction() as db:
             db.execute("UPDATE collections SET key_version=?, min_key_version=?, mac=? "
                        "WHERE collection_id=?", (row.key_version, row.min_key_version, row.mac, cid))
-            for table in ("templates", "blocks", "pages", "collection_keys"):
+            for table in ("templates", "blocks", "pages", "collection_keys", "collection_state"):
                 db.execute(f"DELETE FROM {table} WHERE collection_id=? AND key_version=?",
                            (cid, old_version))
-            db.execute("UPDATE key_jobs SET state='done', finished_at=? WHERE job_id=?",
-                       (time.time(), job_id))
+            db.execute("UPDATE key_jobs SET state='done' WHERE job_id=?", (job_id,))
 
     def newest_key_version(self, collection_id: str) -> int:
         """The highest key version any row of the collection names."""

@@ -22,6 +22,14 @@ log = logs.get("vault.lifecycle")
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# A health service name of its own: NOT_SERVING while a collection failed its integrity
+# checks at load (its RPCs answer DATA_LOSS; the others serve on).
+INTEGRITY_SERVICE = "vault.v1.Integrity"
+
+
+def integrity_status(vault: Vault | None) -> int:
+    """SERVING when the vault is open and no collection of it is damaged."""
+    return SERVING if vault is not None and not vault.damaged() else NOT_SERVING
 
 
 class VaultHolder:
@@ -96,6 +104,7 @@ class VaultHolder:
         if self._health is not None:
             for name in self._services:
                 self._health.set(name, SERVING if serving else NOT_SERVING)
+            self._health.set(INTEGRITY_SERVICE, integrity_status(self._vault))
 
     def start(self) -> None:
         """Check once now, then keep checking in the background."""

@@ -19,7 +19,7 @@ from vault.api.access import RateLimiter
 from vault.api.budget import BudgetConfig, Budgets
 from vault.api.codec import Undecodable
 from vault.api.codec import lenient as _lenient
-from vault.api.lifecycle import VaultHolder
+from vault.api.lifecycle import INTEGRITY_SERVICE, VaultHolder, integrity_status
 from vault.api.servicer import TemplateVaultServicer
 from vault.service import Vault
 from vault.v1 import vault_pb2
@@ -116,4 +116,5 @@ def build_server(vault: Vault | VaultHolder, listen: str, max_workers: int = 8,
     else:
         for name in ("", SERVICE_NAME):
             health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        health_servicer.set(INTEGRITY_SERVICE, integrity_status(vault))
     return server, port, health_servicer

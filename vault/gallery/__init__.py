@@ -82,6 +82,8 @@ class CollectionGallery:
         # Set when a key rotation has replaced this key version: writers that acquire its
         # locks afterwards must start again on the collection's new gallery.
         self.retired = False
+        # Set at load when a block or page failed its checks: 1:N answers DATA_LOSS.
+        self.damaged = False
 
     @property
     def page_slots(self) -> int:

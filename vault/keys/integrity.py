@@ -8,6 +8,7 @@ swap, replay or forge templates.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import struct
 
@@ -52,3 +53,51 @@ class Integrity:
 
     def request_index(self, collection_id: str, request_id: str) -> bytes:
         return self._hsm.hmac(INDEX, encode("request", collection_id, request_id))
+
+
+_DIGEST_MOD = 1 << 256
+
+
+class LiveSet:
+    """An order-independent commitment to the live set of one (collection, key version).
+
+    The digest is the sum mod 2^256 of one keyed leaf per live template (its id, subject
+    HMAC, place and row MAC) and per journal page and block row (its place, generation
+    and row MAC): an enrollment, a move or a deletion changes it in O(1), inside the
+    transaction that changes the rows. The leaves are keyed (BLAKE2b under a data key
+    wrapped by the HSM) so that nobody without the key can compute or combine them; the
+    state row (counter, digest) carries a MAC computed in the HSM. Deleting, restoring or
+    replaying any row changes the sum of what is stored, and the load finds it.
+    """
+
+    def __init__(self, key: bytes, integrity: Integrity) -> None:
+        self._key = key
+        self._integrity = integrity
+
+    def _leaf(self, tag: str, *fields: str | bytes | int | None) -> int:
+        return int.from_bytes(hashlib.blake2b(encode(tag, *fields), key=self._key,
+                                              digest_size=32).digest(), "big")
+
+    def template(self, collection_id: str, key_version: int, template_id: str,
+                 subject_hmac: bytes, tier: int, loc: int, slot: int, mac: bytes) -> int:
+        """The leaf of one live template row."""
+        return self._leaf("live-template", collection_id, key_version, template_id, subject_hmac,
+                          tier, loc, slot, mac)
+
+    def holder(self, collection_id: str, key_version: int, tier: int, loc: int,
+               generation: int, mac: bytes) -> int:
+        """The leaf of one journal page (tier 0) or block (tier 1) row."""
+        return self._leaf("live-holder", collection_id, key_version, tier, loc, generation, mac)
+
+    @staticmethod
+    def add(digest: bytes, delta: int) -> bytes:
+        return ((int.from_bytes(digest, "big") + delta) % _DIGEST_MOD).to_bytes(32, "big")
+
+    def seal(self, collection_id: str, key_version: int, counter: int, digest: bytes) -> bytes:
+        """The HSM MAC of a state row."""
+        return self._integrity.mac("collection-state", collection_id, key_version, counter, digest)
+
+    def check(self, mac: bytes, collection_id: str, key_version: int, counter: int,
+              digest: bytes) -> bool:
+        return self._integrity.check(mac, "collection-state", collection_id, key_version, counter,
+                                     digest)
