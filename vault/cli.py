@@ -136,6 +136,8 @@ def serve(args: argparse.Namespace) -> int:
         log.error("cannot listen", listen=args.listen, error_type=type(exc).__name__)
         return 1
     holder.start()
+    if holder.refused is not None:
+        return 2  # said why in the log; not a NOT_SERVING limbo
     server.start()
     if tls is None:
         log.warning("serving without TLS: every caller has every role; loopback only "
