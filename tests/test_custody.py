@@ -35,7 +35,8 @@ def _vault(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
                           env=env or _env(), timeout=120, check=False)
 
 
-def _serve(data: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def _serve(data: Path, *args: str,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return _vault("serve", "--data-dir", str(data), "--listen", f"127.0.0.1:{free_port()}",
                   *args, env=env)
 
@@ -75,7 +76,8 @@ def faces(lfw: dict) -> np.ndarray:
     return _faces(lfw, 6)
 
 
-def test_default_token_store_is_beside_the_data_directory(tmp_path: Path, faces: np.ndarray) -> None:
+def test_default_token_store_is_beside_the_data_directory(tmp_path: Path,
+                                                          faces: np.ndarray) -> None:
     data = tmp_path / "data"
     server = ServerProcess(data, env=_env(), hsm_dir=None)  # `vault serve --data-dir DIR` only
     with server:
@@ -156,7 +158,8 @@ def test_hsm_move_migrates_an_old_layout(tmp_path: Path, faces: np.ndarray) -> N
         assert _matches(server, faces[:3]) == [True] * 3
 
 
-def test_whole_directory_rollback_is_refused_until_accepted(tmp_path: Path, faces: np.ndarray) -> None:
+def test_whole_directory_rollback_is_refused_until_accepted(tmp_path: Path,
+                                                            faces: np.ndarray) -> None:
     data, hsm, old = tmp_path / "data", tmp_path / "hsm", tmp_path / "old"
     server = ServerProcess(data, env=_env(), hsm_dir=hsm).start()
     try:
@@ -175,7 +178,8 @@ def test_whole_directory_rollback_is_refused_until_accepted(tmp_path: Path, face
     assert out.returncode == 2, out.stderr[-2000:]
     assert "rollback detected" in out.stderr and "vault restore --accept-rollback" in out.stderr
     assert "audit entries back" in out.stderr
-    accepted = _vault("restore", "--accept-rollback", "--data-dir", str(data), "--hsm-dir", str(hsm))
+    accepted = _vault("restore", "--accept-rollback", "--data-dir", str(data),
+                      "--hsm-dir", str(hsm))
     assert accepted.returncode == 0, accepted.stderr
     assert "restore accepted" in accepted.stdout
     verify = _vault("audit", "verify", "--data-dir", str(data), "--hsm-dir", str(hsm))

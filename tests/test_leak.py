@@ -181,7 +181,8 @@ def _probe_server(server: ServerProcess, leaked: dict) -> list[str]:
         for subject, emb in zip(leaked["subjects"], leaked["emb"]):
             for request in (pb.MatchRequest(collection_id="staff", subject_id=subject,
                                             embedding=emb.tolist()),
-                            pb.MatchRequest(collection_id="staff", embedding=emb.tolist(), top_k=3)):
+                            pb.MatchRequest(collection_id="staff", embedding=emb.tolist(),
+                                            top_k=3)):
                 try:
                     reply = stub.Match(request, timeout=30)
                 except grpc.RpcError as exc:
@@ -264,7 +265,8 @@ def test_the_projects_own_code_recovers_no_key(leaked: dict, tmp_path: Path) -> 
         "hsm = Hsm(softhsm.provision(Path(sys.argv[1]), token_label='vault'))\n"
         "hsm.ensure_keys()\n"
         "db = sqlite3.connect(Path(sys.argv[2]) / 'vault.db')\n"
-        "p, sealed = db.execute('SELECT he_params, sealed_secret_context FROM collection_keys').fetchone()\n"
+        "p, sealed = db.execute('SELECT he_params, sealed_secret_context '\n"
+        "                       'FROM collection_keys').fetchone()\n"
         "try:\n"
         "    envelope.open_sealed(hsm, sealed, encode('ckks-secret', 'staff', 1, p))\n"
         "    print('DECRYPTED')\n"

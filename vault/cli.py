@@ -104,7 +104,7 @@ def serve(args: argparse.Namespace) -> int:
     if tls is None and not _is_loopback(args.listen) and not args.allow_insecure_remote:
         log.error("refusing to serve without TLS on a non-loopback address", listen=args.listen)
         return 2
-    if args.hsm_module and not (os.environ.get("VAULT_HSM_PIN") or os.environ.get("VAULT_HSM_PIN_FILE")):
+    if args.hsm_module and not any(map(os.environ.get, ("VAULT_HSM_PIN", "VAULT_HSM_PIN_FILE"))):
         log.error("VAULT_HSM_PIN or VAULT_HSM_PIN_FILE must be set with --hsm-module")
         return 2
     hsm_dir = _checked_layout(args, data_dir)

@@ -57,17 +57,17 @@ def check_layout(data_dir: Path, hsm_dir: Path | None) -> None:
     outside pointing in is not.
     """
     if (data_dir / OLD_LAYOUT).exists():
-        raise Refused(f"the data directory {data_dir} still holds the SoftHSM token ({OLD_LAYOUT}/): "
-                      f"move it out with `vault hsm move --data-dir {data_dir} --to DIR`, then "
-                      "start with --hsm-dir DIR")
+        raise Refused(f"the data directory {data_dir} still holds the SoftHSM token "
+                      f"({OLD_LAYOUT}/): move it out with `vault hsm move --data-dir {data_dir} "
+                      "--to DIR`, then start with --hsm-dir DIR")
     places = {}
     if hsm_dir is not None:
         places["the HSM directory (--hsm-dir)"] = hsm_dir
         tokendir = softhsm_tokendir(hsm_dir / "softhsm2.conf")
         if tokendir is not None:
             places["the SoftHSM token store"] = tokendir
-    conf = os.environ.get("SOFTHSM2_CONF")
-    if conf:
+    conf = os.environ.get("SOFTHSM2_CONF")  # the embedded default sets its own
+    if conf and hsm_dir is None:
         places["SOFTHSM2_CONF"] = Path(conf)
         tokendir = softhsm_tokendir(Path(conf))
         if tokendir is not None:
@@ -143,10 +143,10 @@ def guard_rollback(store: Store, hsm: Hsm, audit: AuditLog) -> None:
     signed = audit.signed_seq
     if seen is not None and seen > signed:
         raise RollbackDetected(
-            f"rollback detected: the token has seen audit checkpoint {seen}, this data directory's "
-            f"last signed checkpoint is {signed} ({seen - signed} audit entries back): it is an older "
-            "copy. If this restore is intended, run `vault restore --accept-rollback --data-dir DIR "
-            "--hsm-dir HSM_DIR`")
+            f"rollback detected: the token has seen audit checkpoint {seen}, this data "
+            f"directory's last signed checkpoint is {signed} ({seen - signed} audit entries "
+            "back): it is an older copy. If this restore is intended, run `vault restore "
+            "--accept-rollback --data-dir DIR --hsm-dir HSM_DIR`")
     hsm.set_counter(label, signed)
     audit.on_checkpoint = lambda seq: hsm.set_counter(label, seq)
 

@@ -396,7 +396,8 @@ class Hsm:
 
         def run(session: pkcs11.Session) -> int:
             old = self._counter_objects(session, counter_label)
-            current = max((_COUNTER.unpack(bytes(o[Attribute.VALUE]))[0] for o in old), default=None)
+            current = max((_COUNTER.unpack(bytes(o[Attribute.VALUE]))[0] for o in old),
+                          default=None)
             if current is not None and (current == value or (current > value and not backward)):
                 return current
             session.create_object({Attribute.CLASS: ObjectClass.DATA, Attribute.TOKEN: True,
