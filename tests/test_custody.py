@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2
 
 from vault.keys.softhsm import CONF_TEMPLATE
 from vault.testing import ServerProcess, free_port
@@ -111,6 +112,29 @@ def test_refuses_a_token_or_pin_inside_the_data_directory(tmp_path: Path) -> Non
         assert len([ln for ln in out.stderr.splitlines() if "refusing" in ln]) == 1  # one line
     assert sorted(p.name for p in data.iterdir()) == [], "a refused start wrote into the data"
     assert not (tmp_path / "hsm").exists()
+    (data / "tokens").mkdir()  # a token provisioned into the data directory by mistake
+    out = _serve(data, "--hsm-dir", str(tmp_path / "hsm"))
+    assert out.returncode == 2 and "holds SoftHSM files (tokens)" in out.stderr
+
+
+def test_pin_from_a_secret_file(tmp_path: Path, faces: np.ndarray) -> None:
+    data, hsm, secret = tmp_path / "data", tmp_path / "hsm", tmp_path / "secrets" / "pin"
+    secret.parent.mkdir()
+    secret.write_text("5f1c-secret-pin\n")
+    env = _env(VAULT_HSM_PIN_FILE=str(secret))
+    with ServerProcess(data, env=env, hsm_dir=hsm) as server:
+        _enroll(server, faces[:1])
+    assert not (hsm / "pin").exists()  # the token took the secret's PIN; none generated
+    secret.write_text("0000-not-the-pin")
+    server = ServerProcess(data, env=env, hsm_dir=hsm).start(serving=False)
+    try:
+        server.wait_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert "rejected the PIN" in server.log_path.read_text()
+    finally:
+        server.stop()
+    secret.write_text("5f1c-secret-pin")
+    with ServerProcess(data, env=env, hsm_dir=hsm) as server:
+        assert _matches(server, faces[:1]) == [True]
 
 
 def test_refuses_a_different_or_new_token_for_an_existing_directory(

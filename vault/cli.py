@@ -408,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     hm.add_argument("--to", required=True, help="new HSM directory, outside the data directory")
     hm.set_defaults(func=hsm_move)
 
-    r = sub.add_parser("restore", help="accept a data directory restored from an older copy")
+    r = sub.add_parser("restore", help="accept a data directory restored from an older copy "
+                                       "(with the server stopped)")
     r.add_argument("--accept-rollback", action="store_true",
                    help="set the token's rollback counter back to this directory's last "
                         "signed audit checkpoint (recorded in the audit log)")

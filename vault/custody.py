@@ -22,6 +22,7 @@ from vault.keys.integrity import encode
 from vault.store import Store
 
 OLD_LAYOUT = "hsm"  # where the token used to live, inside the data directory
+_STRAYS = ("tokens", "pin", "softhsm2.conf")  # an HSM directory's contents
 _TOKENDIR = re.compile(r"^\s*directories\.tokendir\s*=\s*(.+?)\s*$", re.MULTILINE)
 
 
@@ -60,6 +61,11 @@ def check_layout(data_dir: Path, hsm_dir: Path | None) -> None:
         raise Refused(f"the data directory {data_dir} still holds the SoftHSM token "
                       f"({OLD_LAYOUT}/): move it out with `vault hsm move --data-dir {data_dir} "
                       "--to DIR`, then start with --hsm-dir DIR")
+    strays = [name for name in _STRAYS if (data_dir / name).exists()]
+    if strays:  # e.g. hsm/provision.sh given the data directory: a token nobody refers to
+        raise Refused(f"the data directory {data_dir} holds SoftHSM files ({', '.join(strays)}): "
+                      "a copy of the data would carry them; move them to the HSM directory "
+                      "(--hsm-dir) or delete them")
     places = {}
     if hsm_dir is not None:
         places["the HSM directory (--hsm-dir)"] = hsm_dir
