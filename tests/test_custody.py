@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -159,13 +160,37 @@ def test_refuses_a_different_or_new_token_for_an_existing_directory(
         assert _matches(server, faces[:2]) == [True, True]
 
 
+_FORGET_COUNTERS = """
+import sys
+from pathlib import Path
+import pkcs11
+from pkcs11 import Attribute, ObjectClass
+hsm = Path(sys.argv[1])
+token = pkcs11.lib('/usr/lib/softhsm/libsofthsm2.so').get_token(token_label='vault')
+with token.open(rw=True, user_pin=(hsm / 'pin').read_text().strip()) as session:
+    for obj in list(session.get_objects({Attribute.CLASS: ObjectClass.DATA})):
+        obj.destroy()
+"""
+
+
+def _strip_binding(data: Path) -> None:
+    db = sqlite3.connect(data / "vault.db")
+    db.execute("DELETE FROM meta WHERE key IN ('vault_id', 'token_binding')")
+    db.commit()
+    db.close()
+
+
 def test_hsm_move_migrates_an_old_layout(tmp_path: Path, faces: np.ndarray) -> None:
-    data = tmp_path / "data"
-    with ServerProcess(data, env=_env(), hsm_dir=tmp_path / "staging") as server:
+    data, staging = tmp_path / "data", tmp_path / "staging"
+    with ServerProcess(data, env=_env(), hsm_dir=staging) as server:
         _enroll(server, faces[:3])
-    # The layout before this change: DATA/hsm holding tokens/, pin, softhsm2.conf.
+    # What the previous release left: DATA/hsm holding tokens/, pin and a softhsm2.conf
+    # naming DATA/hsm/tokens; no token binding in the database, no counter in the token.
+    subprocess.run([sys.executable, "-c", _FORGET_COUNTERS, str(staging)],
+                   env=_env(SOFTHSM2_CONF=str(staging / "softhsm2.conf")), check=True, timeout=60)
+    _strip_binding(data)
     old = data / "hsm"
-    (tmp_path / "staging").rename(old)
+    staging.rename(old)
     (old / "softhsm2.conf").write_text(CONF_TEMPLATE.format(tokendir=(old / "tokens").resolve()))
     out = _serve(data)
     assert out.returncode == 2 and "vault hsm move" in out.stderr, out.stderr[-2000:]
@@ -177,9 +202,13 @@ def test_hsm_move_migrates_an_old_layout(tmp_path: Path, faces: np.ndarray) -> N
     assert not old.exists() and (target / "pin").exists()
     assert f"directories.tokendir = {(target / 'tokens').resolve()}" in \
         (target / "softhsm2.conf").read_text()
-    with ServerProcess(data, env=_env(), hsm_dir=target) as server:
+    with ServerProcess(data, env=_env(), hsm_dir=target) as server:  # binds on this start
         assert _count(server) == 3
         assert _matches(server, faces[:3]) == [True] * 3
+    # Now bound: stripping the binding from the database does not make it bind afresh.
+    _strip_binding(data)
+    out = _serve(data, "--hsm-dir", str(target))
+    assert out.returncode == 2 and "no token binding" in out.stderr, out.stderr[-2000:]
 
 
 def test_whole_directory_rollback_is_refused_until_accepted(tmp_path: Path,
