@@ -148,11 +148,8 @@ def serve(args: argparse.Namespace) -> int:
     log.info("shutting down")
     server.stop(grace=5).wait()
     holder.close()
-    if holder.refused is not None:
-        log.error("stopped: " + holder.refused.message)
-        return 2
     log.info("stopped")
-    return 0
+    return 2 if holder.refused is not None else 0
 
 
 def audit_verify(args: argparse.Namespace) -> int:

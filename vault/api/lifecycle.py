@@ -74,12 +74,13 @@ class VaultHolder:
                     self._vault = self._opener()
                 except HsmUnavailable as exc:
                     return self._set(False, exc)
-                except Refused as exc:
+                except Refused as exc:  # one line says why and what to do; then exit
                     log.error("refusing to serve: " + exc.message, error_type=type(exc).__name__)
-                    self.refused = exc
+                    self.refused, self._error, self._serving = exc, exc, False
+                    self._publish(False)
                     if self._on_refused is not None:
                         self._on_refused()
-                    return self._set(False, exc)
+                    return False
                 except VaultError as exc:
                     log.error("cannot open the vault: " + exc.message, error_type=type(exc).__name__)
                     return self._set(False, exc)

@@ -191,7 +191,8 @@ class Hsm:
             missing += [(name, 1) for name in _HMAC_KEYS if label(name, 1) not in present]
             if missing and not create:
                 raise WrongToken("wrong token: it does not hold the keys of this data directory "
-                                     f"({len(missing)} missing); refusing to create new ones")
+                                 f"({len(missing)} missing); refusing to create new ones: "
+                                 "start it with its own token (--hsm-dir, --hsm-token)")
             for name, version in missing:
                 self._generate(session, name, version)
             return [label(name, version) for name, version in missing]
