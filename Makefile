@@ -1,8 +1,10 @@
-# Two commands: `make run` serves the vault on 127.0.0.1:50051 (SQLite + SoftHSM under ./data),
+# Two commands: `make run` serves the vault on 127.0.0.1:50051 (SQLite in ./data, SoftHSM token
+# in ./hsm: apart, so that a copy of the data holds no key),
 # `make test` runs the whole test suite. Both install what is missing first.
 PYTHON ?= python3.11
 VENV := .venv
 DATA_DIR ?= ./data
+HSM_DIR ?= ./hsm
 LISTEN ?= 127.0.0.1:50051
 
 .PHONY: setup run test stress demo bench proto lint clean
@@ -17,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 run: setup
-	$(VENV)/bin/vault serve --data-dir $(DATA_DIR) --listen $(LISTEN)
+	$(VENV)/bin/vault serve --data-dir $(DATA_DIR) --hsm-dir $(HSM_DIR) --listen $(LISTEN)
 
 test: setup
 	$(VENV)/bin/python -m pytest -q

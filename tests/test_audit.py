@@ -15,14 +15,17 @@ import numpy as np
 import pytest
 
 from vault import audit
+from vault.custody import default_hsm_dir
 from vault.testing import ServerProcess
 from vault.v1 import vault_pb2 as pb
 from vault.v1 import vault_pb2_grpc
 
 
-def _verify(data_dir: Path) -> subprocess.CompletedProcess:
+def _verify(data_dir: Path, hsm_dir: Path) -> subprocess.CompletedProcess:
+    """``vault audit verify`` of ``data_dir`` with the vault's own token (``hsm_dir``)."""
     env = {"PATH": "/usr/bin:/bin"}  # the CLI provisions nothing: it reads the existing token
-    return subprocess.run([sys.executable, "-m", "vault", "audit", "verify", "--data-dir", str(data_dir)],
+    return subprocess.run([sys.executable, "-m", "vault", "audit", "verify", "--data-dir",
+                           str(data_dir), "--hsm-dir", str(hsm_dir)],
                           capture_output=True, text=True, env=env, check=False)
 
 
@@ -48,7 +51,7 @@ def audited(tmp_path_factory: pytest.TempPathFactory, lfw) -> Iterator[tuple[Pat
 
 
 def _copy(src: Path, dst: Path) -> Path:
-    """A copy of the data directory to tamper with (the token directory included)."""
+    """A copy of the data directory to tamper with (the token stays where it is)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run(["cp", "-a", str(src), str(dst)], check=True)
     return dst
@@ -72,7 +75,7 @@ def test_every_call_is_audited_without_personal_data(audited) -> None:
     for vec in emb[:40]:
         assert vec.astype(np.float32).tobytes()[:16] not in raw
     assert b"score" not in raw.lower()
-    done = _verify(data)
+    done = _verify(data, default_hsm_dir(data))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "OK" in done.stdout and "unsigned tail: 0" in done.stdout
 
@@ -83,7 +86,7 @@ def _tampered(audited, tmp_path: Path, sql: str, args: tuple = ()) -> subprocess
     db.execute(sql, args)
     db.commit()
     db.close()
-    return _verify(data)
+    return _verify(data, default_hsm_dir(audited[0]))
 
 
 def test_an_edited_entry_is_named(audited, tmp_path: Path) -> None:
@@ -109,7 +112,7 @@ def test_a_rewritten_chain_is_caught_by_the_signed_checkpoint(audited, tmp_path:
         db.execute("UPDATE entries SET hash=? WHERE seq=?", (head, entry.seq))
     db.commit()
     db.close()
-    done = _verify(data)
+    done = _verify(data, default_hsm_dir(audited[0]))
     assert done.returncode == 1
     assert "differs from its signed checkpoint" in done.stdout
 

@@ -1,4 +1,7 @@
-"""Play the attacker who copies the whole data directory, and read the logs."""
+"""Play the attacker who copies the whole data directory, and read the logs.
+
+The vault is started as the README says (``vault serve --data-dir DIR``, nothing else), and
+the copy is taken as it is: nothing is removed from it before any test attacks it."""
 
 from __future__ import annotations
 
@@ -11,9 +14,11 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import tenseal as ts
+from grpc_health.v1 import health_pb2
 
 from vault import he
 from vault.testing import ServerProcess
@@ -54,8 +59,8 @@ def leaked(tmp_path_factory, lfw) -> dict:
     subjects = [f"{names[ids[i]]}-{i}@example.org" for i in picks]
     imported_subjects = [f"{names[ids[i]]}-{i}@example.org" for i in imported]
     padding = np.random.default_rng(5).standard_normal((PADDING, 128)).astype(np.float32)
-    server = ServerProcess(root / "data", env={"VAULT_JOURNAL_PAGES": "1",
-                                               "VAULT_ERASE_AFTER": "0"})
+    server = ServerProcess(root / "data", hsm_dir=None,  # the default token store
+                           env={"VAULT_JOURNAL_PAGES": "1", "VAULT_ERASE_AFTER": "0"})
     with server:
         with server.channel() as channel:
             stub = vault_pb2_grpc.TemplateVaultStub(channel)
@@ -92,9 +97,10 @@ def leaked(tmp_path_factory, lfw) -> dict:
             time.sleep(0.5)
         assert pending == 0, "maintenance did not checkpoint and erase in time"
         assert len(list(blocks.rglob("*.blk"))) >= 2  # a clustered and a mixed block
-    copy = root / "stolen"
-    shutil.copytree(root / "data", copy)
-    return {"copy": copy, "emb": emb[picks], "imported_emb": emb[imported],
+        copy = root / "stolen"
+        shutil.copytree(root / "data", copy, symlinks=True)  # while it runs, as it is
+    return {"copy": copy, "pin": (server.hsm_dir / "pin").read_text().strip(),
+            "hsm_dir": server.hsm_dir, "emb": emb[picks], "imported_emb": emb[imported],
             "subjects": subjects + imported_subjects, "log": server.log_path.read_text()}
 
 
@@ -149,9 +155,85 @@ def test_database_holds_only_ciphertexts_wrapped_keys_and_macs(leaked: dict) -> 
                     "fill", "digest", "sketch", "mac"}
 
 
-def test_without_the_token_nothing_decrypts(leaked: dict, tmp_path: Path) -> None:
+def test_no_token_or_pin_in_the_copy(leaked: dict) -> None:
+    files = _all_files(leaked["copy"])
+    softhsm = [p for p in files if p.suffix in (".object", ".lock") or
+               p.name in ("generation", "softhsm2.conf", "pin")]
+    assert softhsm == [], f"SoftHSM token files in the copy: {softhsm}"
+    assert not [p for p in leaked["copy"].rglob("*") if p.is_symlink()]
+    pin = leaked["pin"].encode()
+    for path in files:
+        assert pin not in path.read_bytes(), f"the PIN is in {path.name}"
+    # The token is where the server said, outside the directory that was copied.
+    assert list((leaked["hsm_dir"] / "tokens").rglob("token.object"))
+
+
+def _clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items()
+            if not (k.startswith("VAULT_") or k == "SOFTHSM2_CONF")}
+
+
+def _probe_server(server: ServerProcess, leaked: dict) -> list[str]:
+    """Every enrolled face against the copy, 1:1 and 1:N: what the attacker gets back."""
+    outcomes = []
+    with server.channel() as channel:
+        stub = vault_pb2_grpc.TemplateVaultStub(channel)
+        for subject, emb in zip(leaked["subjects"], leaked["emb"]):
+            for request in (pb.MatchRequest(collection_id="staff", subject_id=subject,
+                                            embedding=emb.tolist()),
+                            pb.MatchRequest(collection_id="staff", embedding=emb.tolist(),
+                                            top_k=3)):
+                try:
+                    reply = stub.Match(request, timeout=30)
+                except grpc.RpcError as exc:
+                    outcomes.append(exc.code().name)
+                else:
+                    assert not reply.matched and not reply.candidates, "the copy matched a face"
+                    outcomes.append("no match")
+    return outcomes
+
+
+def test_the_copy_alone_serves_nothing(leaked: dict, tmp_path: Path) -> None:
+    """A clean machine: no token, no PIN, no environment; the copy under a new path, then
+    with a fresh HSM directory of the attacker's choosing."""
+    copy = tmp_path / "data"
+    shutil.copytree(leaked["copy"], copy)
+    for hsm_dir in (None, tmp_path / "fresh-hsm"):
+        server = ServerProcess(copy, env=_clean_env(), hsm_dir=hsm_dir)
+        server.launch()
+        try:
+            deadline = time.monotonic() + 60
+            while server.proc.poll() is None and server.health(timeout=1) is None:
+                assert time.monotonic() < deadline, "server neither answered nor exited"
+                time.sleep(0.2)
+            if server.proc.poll() is None:
+                assert server.health() == health_pb2.HealthCheckResponse.NOT_SERVING
+                assert set(_probe_server(server, leaked)) == {"UNAVAILABLE"}
+        finally:
+            server.stop()
+        assert not list((hsm_dir or server.hsm_dir).rglob("*.object")), "a new token was made"
+
+
+def test_the_copy_with_an_attackers_own_token_is_refused(leaked: dict, tmp_path: Path) -> None:
+    """The attacker provisions a token of their own (same label, full key ceremony) and
+    points the copy at it: the server refuses to start, having matched nothing."""
+    copy, hsm_dir = tmp_path / "data", tmp_path / "attacker-hsm"
+    shutil.copytree(leaked["copy"], copy)
+    subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
+                    "from vault.keys import softhsm; from vault.keys.hsm import Hsm; "
+                    "Hsm(softhsm.provision(Path(sys.argv[1]))).ensure_keys()", str(hsm_dir)],
+                   env=_clean_env(), check=True, timeout=120)
+    server = ServerProcess(copy, env=_clean_env(), hsm_dir=hsm_dir)
+    server.launch()
+    try:
+        assert server.proc.wait(timeout=120) == 2
+    finally:
+        server.stop()
+    assert "wrong token" in server.log_path.read_text()
+
+
+def test_the_projects_own_code_recovers_no_key(leaked: dict, tmp_path: Path) -> None:
     copy = leaked["copy"]
-    shutil.rmtree(copy / "hsm")  # the attacker has the files, not the token
     db = sqlite3.connect(copy / "vault.db")
     params_json, public, sealed = db.execute(
         "SELECT he_params, public_context, sealed_secret_context FROM collection_keys").fetchone()
@@ -162,30 +244,45 @@ def test_without_the_token_nothing_decrypts(leaked: dict, tmp_path: Path) -> Non
         he.SecretContext(public, params)
     # The sealed secret context is AES-GCM under a key wrapped by the token's KEK.
     assert b"CKKS" not in sealed and len(sealed) > 1000
-    # A token of their own, with the same labels, cannot unwrap the vault's keys. In a
-    # separate process: SoftHSM reads its configuration once per process.
+    # The vault's own code, given the copy and every token it can make: each wrapped key
+    # and the sealed secret key fail to open. In a separate process: SoftHSM reads its
+    # configuration once per process. The default token store of the copy's path is
+    # tried first (it does not exist: provision refuses), then a token of their own.
     script = tmp_path / "attack.py"
     script.write_text(
         "import sys, sqlite3\n"
         "from pathlib import Path\n"
+        "from vault.custody import default_hsm_dir\n"
         "from vault.keys import envelope, softhsm\n"
         "from vault.keys.hsm import Hsm\n"
         "from vault.keys.integrity import encode\n"
-        "from vault.errors import DataLoss\n"
+        "from vault.errors import DataLoss, HsmUnavailable\n"
+        "try:\n"
+        "    softhsm.provision(default_hsm_dir(Path(sys.argv[2])), create=False)\n"
+        "    print('TOKEN FOUND')\n"
+        "except HsmUnavailable:\n"
+        "    print('no token')\n"
         "hsm = Hsm(softhsm.provision(Path(sys.argv[1]), token_label='vault'))\n"
         "hsm.ensure_keys()\n"
-        "db = sqlite3.connect(sys.argv[2])\n"
-        "p, sealed = db.execute('SELECT he_params, sealed_secret_context FROM collection_keys').fetchone()\n"
+        "db = sqlite3.connect(Path(sys.argv[2]) / 'vault.db')\n"
+        "p, sealed = db.execute('SELECT he_params, sealed_secret_context '\n"
+        "                       'FROM collection_keys').fetchone()\n"
         "try:\n"
         "    envelope.open_sealed(hsm, sealed, encode('ckks-secret', 'staff', 1, p))\n"
         "    print('DECRYPTED')\n"
         "except DataLoss:\n"
-        "    print('refused')\n")
-    env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
-    out = subprocess.run([sys.executable, str(script), str(tmp_path / "attacker-hsm"),
-                          str(copy / "vault.db")], capture_output=True, text=True, env=env,
-                         timeout=120)
-    assert out.stdout.strip() == "refused", out.stderr[-2000:]
+        "    print('refused')\n"
+        "for name, version, blob in db.execute('SELECT name, version, blob FROM wrapped_keys'):\n"
+        "    try:\n"
+        "        hsm.unwrap(blob, encode('data-key', name, version))\n"
+        "        print('UNWRAPPED', name)\n"
+        "    except (DataLoss, HsmUnavailable):\n"
+        "        print('refused')\n")
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "attacker-hsm"), str(copy)],
+                         capture_output=True, text=True, env=_clean_env(), timeout=120, check=False)
+    lines = out.stdout.split()
+    assert lines[0:2] == ["no", "token"], out.stderr[-2000:]
+    assert len(lines) >= 4 and set(lines[2:]) == {"refused"}, out.stdout + out.stderr[-2000:]
 
 
 def test_logs_hold_no_embedding_score_or_subject_id(leaked: dict) -> None:

@@ -40,6 +40,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,8 +136,11 @@ class AuditLog:
         self._refused_since = time.monotonic()
         row = self._db.execute("SELECT seq, hash FROM entries ORDER BY seq DESC LIMIT 1").fetchone()
         self._seq, self._head = (row[0], bytes(row[1])) if row else (0, GENESIS)
-        signed = self._db.execute("SELECT MAX(seq) FROM checkpoints").fetchone()[0] or 0
-        self._unsigned = self._seq - signed
+        self.signed_seq = self._db.execute("SELECT MAX(seq) FROM checkpoints").fetchone()[0] or 0
+        self._unsigned = self._seq - self.signed_seq
+        # Called with each new checkpoint's seq, after its row is durable (vault.custody
+        # keeps it in the token to detect a restored older directory).
+        self.on_checkpoint: Callable[[int], None] | None = None
 
     def append(self, kind: str, ref: str, actor: str, method: str, collection_id: str = "",
                subject_hmacs: list[bytes] | tuple[bytes, ...] = (), outcome: str = "",
@@ -198,7 +202,12 @@ class AuditLog:
         except (VaultError, sqlite3.Error) as exc:
             log.warning("audit checkpoint deferred", error_type=type(exc).__name__)
             return
-        self._unsigned = 0
+        self._unsigned, self.signed_seq = 0, self._seq
+        if self.on_checkpoint is not None:
+            try:
+                self.on_checkpoint(self._seq)
+            except VaultError as exc:  # the token lags: a later checkpoint catches it up
+                log.warning("rollback counter not advanced", error_type=type(exc).__name__)
 
     def close(self) -> None:
         """Sign what is unsigned, then close."""

@@ -6,12 +6,15 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import shutil
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from vault import client, logs
-from vault.errors import VaultError
+from vault.errors import Refused, VaultError
+from vault.keys.hsm import HsmConfig
 from vault.lockfile import DataDirLock
 
 log = logs.get("vault.cli")
@@ -27,33 +30,69 @@ def _is_loopback(listen: str) -> bool:
         return False
 
 
-def _wait_for_signal(*signals: signal.Signals) -> None:
-    """Block the main thread until one of ``signals`` arrives.
+def _arm_signals(*signals: signal.Signals) -> Callable[[], None]:
+    """Catch ``signals`` from now on; returns a function that blocks until one arrives.
 
     The kernel may deliver a process signal to any thread (gRPC's, the pools'), and then
     CPython never wakes a main thread asleep in an untimed lock wait: ``Event.wait()``
     hung on SIGTERM now and then. The C-level handler writes to the wakeup fd from
-    whichever thread caught the signal, so a read on that pipe always returns.
+    whichever thread caught the signal, so a read on that pipe always returns. Armed
+    before the server starts, so that a refusal found by the watcher (which signals the
+    process) cannot arrive before the handler.
     """
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
     previous = signal.set_wakeup_fd(write_fd)
     for sig in signals:
         signal.signal(sig, lambda *_: None)  # a Python handler is what arms the wakeup fd
+
+    def wait() -> None:
+        try:
+            os.read(read_fd, 1)
+        finally:
+            signal.set_wakeup_fd(previous)
+            os.close(read_fd)
+            os.close(write_fd)
+
+    return wait
+
+
+def _hsm_dir(args: argparse.Namespace, data_dir: Path) -> Path | None:
+    """The embedded SoftHSM directory (None with an external --hsm-module)."""
+    from vault import custody
+
+    if args.hsm_module:
+        return None
+    return Path(args.hsm_dir) if args.hsm_dir else custody.default_hsm_dir(data_dir)
+
+
+def _hsm_config(args: argparse.Namespace, data_dir: Path, create: bool) -> HsmConfig:
+    """How to reach the token: an external module, or the embedded SoftHSM store."""
+    from vault.keys import softhsm
+
+    hsm_dir = _hsm_dir(args, data_dir)
+    if hsm_dir is None:
+        return HsmConfig(args.hsm_module, args.hsm_token, softhsm.read_pin(None))
+    return softhsm.provision(hsm_dir, args.hsm_token, create=create)
+
+
+def _checked_layout(args: argparse.Namespace, data_dir: Path) -> Path | None:
+    """The HSM directory, after refusing a token or PIN inside the data directory (exit 2)."""
+    from vault import custody
+
+    hsm_dir = _hsm_dir(args, data_dir)
     try:
-        os.read(read_fd, 1)
-    finally:
-        signal.set_wakeup_fd(previous)
-        os.close(read_fd)
-        os.close(write_fd)
+        custody.check_layout(data_dir, hsm_dir)
+    except Refused as exc:
+        log.error("refusing to start: " + exc.message)
+        raise SystemExit(2) from None
+    return hsm_dir
 
 
 def serve(args: argparse.Namespace) -> int:
     from vault.api.lifecycle import VaultHolder
     from vault.api.server import TlsFiles, build_server
     from vault.gallery import Routing
-    from vault.keys import softhsm
-    from vault.keys.hsm import HsmConfig
     from vault.service import AttemptLimits, Tuning, Vault
 
     logs.configure()
@@ -72,24 +111,23 @@ def serve(args: argparse.Namespace) -> int:
     if tls is None and not _is_loopback(args.listen) and not args.allow_insecure_remote:
         log.error("refusing to serve without TLS on a non-loopback address", listen=args.listen)
         return 2
-    pin = os.environ.get("VAULT_HSM_PIN")
-    if args.hsm_module and not pin:
-        log.error("VAULT_HSM_PIN must be set with --hsm-module")
+    if args.hsm_module and not any(map(os.environ.get, ("VAULT_HSM_PIN", "VAULT_HSM_PIN_FILE"))):
+        log.error("VAULT_HSM_PIN or VAULT_HSM_PIN_FILE must be set with --hsm-module")
         return 2
+    hsm_dir = _checked_layout(args, data_dir)
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
         dir_lock = DataDirLock(data_dir).acquire()
     except VaultError as exc:
         log.error(exc.message)
         return 1
+    if hsm_dir is not None:
+        log.info("embedded SoftHSM token store, outside the data directory; back it up apart "
+                 "from the data", hsm_dir=str(hsm_dir.resolve()))
 
     def open_vault() -> Vault:
-        if args.hsm_module:
-            hsm_config = HsmConfig(args.hsm_module, args.hsm_token, pin)
-        else:
-            # A database without its token must not get a fresh, empty token.
-            first_start = not (data_dir / "vault.db").exists()
-            hsm_config = softhsm.provision(data_dir / "hsm", args.hsm_token, create=first_start)
+        # A database without its token must not get a fresh, empty token.
+        hsm_config = _hsm_config(args, data_dir, create=not (data_dir / "vault.db").exists())
         limits = AttemptLimits(args.max_failed_verifications, args.lockout_seconds)
         tuning = Tuning(routing=Routing(args.route_fraction, args.route_min_blocks),
                         journal_pages=args.journal_pages, erase_after=args.erase_after,
@@ -99,7 +137,10 @@ def serve(args: argparse.Namespace) -> int:
         return vault
 
     # The server starts even when the HSM is out: NOT_SERVING until the watcher opens it.
-    holder = VaultHolder(open_vault, interval=args.hsm_check_interval)
+    # A refusal (wrong token, older copy) ends the process instead.
+    wait = _arm_signals(signal.SIGTERM, signal.SIGINT)
+    holder = VaultHolder(open_vault, interval=args.hsm_check_interval,
+                         on_refused=lambda: os.kill(os.getpid(), signal.SIGTERM))
     try:
         server, port, _health = build_server(holder, args.listen, tls=tls,
                                              rate_limit=args.rate_limit,
@@ -109,37 +150,35 @@ def serve(args: argparse.Namespace) -> int:
         log.error("cannot listen", listen=args.listen, error_type=type(exc).__name__)
         return 1
     holder.start()
+    if holder.refused is not None:
+        return 2  # said why in the log; not a NOT_SERVING limbo
     server.start()
     if tls is None:
         log.warning("serving without TLS: every caller has every role; loopback only "
                     "(embedded default)", listen=args.listen)
     log.info("serving", listen=args.listen, data_dir=str(data_dir), tls=tls is not None)
 
-    _wait_for_signal(signal.SIGTERM, signal.SIGINT)
+    wait()
     log.info("shutting down")
     server.stop(grace=5).wait()
     holder.close()
     dir_lock.release()
     log.info("stopped")
-    return 0
+    return 2 if holder.refused is not None else 0
 
 
 def audit_verify(args: argparse.Namespace) -> int:
     """Check the audit log's chain and signatures; exit 1 naming the first bad entry."""
     from vault import audit
-    from vault.keys import softhsm
-    from vault.keys.hsm import Hsm, HsmConfig
+    from vault.keys.hsm import Hsm
 
     data_dir = Path(args.data_dir)
     if args.public_key:
         public_key = bytes.fromhex(args.public_key)
     else:
         try:
-            if args.hsm_module:
-                config = HsmConfig(args.hsm_module, args.hsm_token, os.environ.get("VAULT_HSM_PIN", ""))
-            else:
-                config = softhsm.provision(data_dir / "hsm", args.hsm_token, create=False)
-            hsm = Hsm(config)
+            _checked_layout(args, data_dir)
+            hsm = Hsm(_hsm_config(args, data_dir, create=False))
             public_key = hsm.audit_public_key()
             hsm.close()
         except VaultError as exc:
@@ -183,6 +222,74 @@ def audit_searches(args: argparse.Namespace) -> int:
     for (actor, purpose), by_outcome in sorted(counts.items()):
         shown = ", ".join(f"{k}={v}" for k, v in sorted(by_outcome.items()))
         print(f"  {actor}  purpose={purpose or '-'}: {shown}")
+    return 0
+
+
+def hsm_move(args: argparse.Namespace) -> int:
+    """Move an old layout's token store (DATA/hsm) out of the data directory."""
+    from vault import custody
+    from vault.keys import softhsm
+
+    data_dir, target = Path(args.data_dir), Path(args.to)
+    source = data_dir / custody.OLD_LAYOUT
+    if not (source / "tokens").is_dir():
+        print(f"no token store at {source}: nothing to move", file=sys.stderr)
+        return 2
+    if custody._inside(target, data_dir):
+        print(f"{target} is inside the data directory {data_dir}: choose a place outside it",
+              file=sys.stderr)
+        return 2
+    if target.exists() and any(target.iterdir()):
+        print(f"{target} is not empty: refusing to mix token stores", file=sys.stderr)
+        return 2
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        target.rmdir()
+    shutil.move(str(source), str(target))  # tokens/, pin, softhsm2.conf: the whole store
+    softhsm.configure(target, create=False)  # the conf names the new tokendir
+    print(f"moved the token store to {target}; start with: vault serve --data-dir {data_dir} "
+          f"--hsm-dir {target}")
+    return 0
+
+
+def restore(args: argparse.Namespace) -> int:
+    """Accept that the data directory was restored from an older copy (an admin's call)."""
+    from vault import custody
+    from vault.audit import AuditLog
+    from vault.keys.hsm import Hsm
+    from vault.store import Store
+
+    data_dir = Path(args.data_dir)
+    if not args.accept_rollback:
+        print("nothing to do: pass --accept-rollback to accept this older copy", file=sys.stderr)
+        return 2
+    if not (data_dir / "vault.db").exists():
+        print(f"no vault database in {data_dir}", file=sys.stderr)
+        return 2
+    _checked_layout(args, data_dir)
+    try:  # a running server would go on writing the audit chain this rewinds
+        dir_lock = DataDirLock(data_dir).acquire()
+    except VaultError as exc:
+        print(f"cannot accept the restore: {exc.message}", file=sys.stderr)
+        return 2
+    store = Store(data_dir / "vault.db")
+    hsm = audit = None
+    try:
+        hsm = Hsm(_hsm_config(args, data_dir, create=False))
+        audit = AuditLog(data_dir / "audit.db", hsm)
+        before, now = custody.accept_rollback(store, hsm, audit)
+    except VaultError as exc:
+        print(f"cannot accept the restore: {exc.message}", file=sys.stderr)
+        return 2
+    finally:
+        if audit is not None:
+            audit.close()
+        store.close()
+        if hsm is not None:
+            hsm.close()
+        dir_lock.release()
+    print(f"restore accepted: the token's counter went from checkpoint {before} back to {now}; "
+          "the vault will serve this directory")
     return 0
 
 
@@ -231,6 +338,14 @@ def keys(args: argparse.Namespace) -> int:
         return 2
 
 
+def _hsm_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hsm-dir", default=os.environ.get("VAULT_HSM_DIR"),
+                   help="embedded SoftHSM token store and PIN, outside the data directory "
+                        "(env VAULT_HSM_DIR; default: DATA_DIR-hsm beside the data directory)")
+    p.add_argument("--hsm-token", default=os.environ.get("VAULT_HSM_TOKEN", "vault"),
+                   help="token label")
+
+
 def _env_float(name: str, default: str) -> float:
     return float(os.environ.get(name, default))
 
@@ -241,14 +356,13 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("serve", help="run the gRPC service")
     p.add_argument("--data-dir", default=os.environ.get("VAULT_DATA_DIR", "./data"),
-                   help="database and embedded SoftHSM token (env VAULT_DATA_DIR)")
+                   help="database, block files and audit log (env VAULT_DATA_DIR)")
     p.add_argument("--listen", default=os.environ.get("VAULT_LISTEN", "127.0.0.1:50051"),
                    help="HOST:PORT (env VAULT_LISTEN)")
     p.add_argument("--hsm-module", default=os.environ.get("VAULT_HSM_MODULE"),
-                   help="PKCS#11 module of an external HSM (PIN in VAULT_HSM_PIN); "
-                        "default: SoftHSM token under DATA_DIR/hsm")
-    p.add_argument("--hsm-token", default=os.environ.get("VAULT_HSM_TOKEN", "vault"),
-                   help="token label")
+                   help="PKCS#11 module of an external HSM (PIN in VAULT_HSM_PIN or the "
+                        "file VAULT_HSM_PIN_FILE); default: the embedded SoftHSM token")
+    _hsm_arguments(p)
     p.add_argument("--hsm-check-interval", type=float,
                    default=float(os.environ.get("VAULT_HSM_CHECK_INTERVAL", "1.0")),
                    help="seconds between HSM health checks (env VAULT_HSM_CHECK_INTERVAL)")
@@ -348,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     v = audit_sub.add_parser("verify", help="check the hash chain and the signed checkpoints")
     v.add_argument("--data-dir", default=os.environ.get("VAULT_DATA_DIR", "./data"))
     v.add_argument("--hsm-module", default=os.environ.get("VAULT_HSM_MODULE"))
-    v.add_argument("--hsm-token", default=os.environ.get("VAULT_HSM_TOKEN", "vault"))
+    _hsm_arguments(v)
     v.add_argument("--public-key", help="verify offline with this hex Ed25519 public key "
                                         "instead of the token's")
     v.set_defaults(func=audit_verify)
@@ -357,6 +471,23 @@ def main(argv: list[str] | None = None) -> int:
     se.add_argument("--collection", required=True)
     se.add_argument("--purpose", help="only searches with this purpose")
     se.set_defaults(func=audit_searches)
+
+    h = sub.add_parser("hsm", help="embedded SoftHSM token store")
+    hsm_sub = h.add_subparsers(dest="hsm_command", required=True)
+    hm = hsm_sub.add_parser("move", help="move DATA_DIR/hsm (old layout) out of the data directory")
+    hm.add_argument("--data-dir", default=os.environ.get("VAULT_DATA_DIR", "./data"))
+    hm.add_argument("--to", required=True, help="new HSM directory, outside the data directory")
+    hm.set_defaults(func=hsm_move)
+
+    r = sub.add_parser("restore", help="accept a data directory restored from an older copy "
+                                       "(with the server stopped)")
+    r.add_argument("--accept-rollback", action="store_true",
+                   help="set the token's rollback counter back to this directory's last "
+                        "signed audit checkpoint (recorded in the audit log)")
+    r.add_argument("--data-dir", default=os.environ.get("VAULT_DATA_DIR", "./data"))
+    r.add_argument("--hsm-module", default=os.environ.get("VAULT_HSM_MODULE"))
+    _hsm_arguments(r)
+    r.set_defaults(func=restore)
 
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)

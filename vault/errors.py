@@ -62,6 +62,15 @@ class HsmPinRejected(HsmUnavailable):
     """The token refused the PIN. Not retried by itself: real HSMs lock after a few tries."""
 
 
+class Refused(FailedPrecondition):
+    """The vault must not serve in this configuration until an operator acts: the server
+    exits with this message rather than waiting (token placement, binding, rollback)."""
+
+
+class WrongToken(Refused):
+    """The token answers but is not the one this data directory was made with."""
+
+
 class Cancelled(VaultError):
     """The caller went away (deadline or cancellation): the work was abandoned."""
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vault import he, logs
+from vault import custody, he, logs
 from vault.attempts import AttemptLimits, Attempts
 from vault.audit import AuditLog
 from vault.block_files import BlockFiles
@@ -188,7 +188,9 @@ class Vault:
         self._retired: list[tuple[float, Path, bool]] = []
         self._retired_keys: list[tuple[float, str, int]] = []
         self._retired_lock = threading.Lock()
-        created = hsm.ensure_keys(create=not store.has_wrapped_keys())
+        new = not store.has_wrapped_keys()
+        created = hsm.ensure_keys(create=new)
+        custody.bind_token(store, hsm, new)  # a different token is refused, not half-used
         if created:
             log.info("key ceremony: created keys in the HSM", count=len(created))
         self._pii = envelope.DataKey(self._data_key(_PII_KEY))
@@ -217,6 +219,7 @@ class Vault:
             raise
         try:
             vault.audit = AuditLog(data_dir / "audit.db", vault.hsm)
+            custody.guard_rollback(vault.store, vault.hsm, vault.audit)
             for kind, cid, count in vault.integrity_events:
                 vault.audit.append("integrity", uuid.uuid4().hex[:16], "vault", "load", cid, (),
                                    f"DATA_LOSS {kind} count={count}")

@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from vault.custody import default_hsm_dir
 from vault.errors import HsmUnavailable
 from vault.keys.hsm import Hsm
 
@@ -49,12 +50,16 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``vault serve`` in a child process, on 127.0.0.1, with its own data directory."""
+    """``vault serve`` in a child process, on 127.0.0.1, with its own data directory and
+    its own SoftHSM token store outside it (``hsm_dir``; default ``<data_dir>-hsm``, the
+    server's own default, which ``hsm_dir=None`` leaves to the server to pick)."""
 
     def __init__(self, data_dir: Path, log_path: Path | None = None,
                  env: dict[str, str] | None = None, args: list[str] | None = None,
-                 pki: CertificateAuthority | None = None) -> None:
+                 pki: CertificateAuthority | None = None,
+                 hsm_dir: Path | None = None) -> None:
         self.data_dir = data_dir
+        self.hsm_dir = hsm_dir or default_hsm_dir(data_dir)
         self.pki = pki
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
@@ -64,6 +69,8 @@ class ServerProcess:
         self._env.update(env or {})  # ...unless the test points it at one
         self._env.setdefault("VAULT_HSM_CHECK_INTERVAL", "0.5")
         self._args = list(args or [])
+        if hsm_dir is not None:
+            self._args += ["--hsm-dir", str(hsm_dir)]
         if pki is not None:  # mutual TLS, with an admin client for the harness itself
             cert, key = pki.issue("vault-server", server=True)
             pki.issue("admin", ("admin",))

@@ -72,7 +72,7 @@ def test_token_directory_disappears_and_comes_back(tmp_path: Path, faces: np.nda
     server = ServerProcess(tmp_path / "data")
     with server:
         _seed(server, faces)
-        tokens = server.data_dir / "hsm" / "tokens"
+        tokens = server.hsm_dir / "tokens"
         for cycle in range(cycles):
             before = row_counts(server.data_dir / "vault.db")
             t0 = time.monotonic()
@@ -103,7 +103,7 @@ def test_missing_token_at_start_is_not_replaced_by_a_new_one(tmp_path: Path, fac
     data = tmp_path / "data"
     with ServerProcess(data) as server:
         _seed(server, faces)
-    tokens = data / "hsm" / "tokens"
+    tokens = server.hsm_dir / "tokens"
     tokens.rename(tmp_path / "tokens-away")
     server = ServerProcess(data)
     server.start(serving=False)
@@ -143,8 +143,8 @@ def test_module_missing_at_start_then_installed(tmp_path: Path, faces: np.ndarra
     with ServerProcess(data) as server:
         _seed(server, faces)
     module = tmp_path / "lib" / "libsofthsm2.so"
-    env = {"SOFTHSM2_CONF": str((data / "hsm" / "softhsm2.conf").resolve()),
-           "VAULT_HSM_PIN": (data / "hsm" / "pin").read_text().strip()}
+    env = {"SOFTHSM2_CONF": str((server.hsm_dir / "softhsm2.conf").resolve()),
+           "VAULT_HSM_PIN": (server.hsm_dir / "pin").read_text().strip()}
     server = ServerProcess(data, env=env, args=["--hsm-module", str(module)])
     server.start(serving=False)
     try:

@@ -4,7 +4,9 @@ The server starts even when the token is unreachable: health says NOT_SERVING, e
 gets UNAVAILABLE with the reason (also while a token that was there goes missing), and a watcher retries in the background, so the service
 comes up by itself when the token comes back. Once open, the watcher pings the token and
 flips health between SERVING and NOT_SERVING. A rejected PIN is never retried on its own:
-real HSMs lock a user out after a few wrong PINs.
+real HSMs lock a user out after a few wrong PINs. A :class:`~vault.errors.Refused` opening
+(wrong token, older copy of the directory) is final: ``on_refused`` is called so that the
+server exits saying why, rather than waiting NOT_SERVING for something that will not change.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Callable
 from grpc_health.v1 import health, health_pb2
 
 from vault import logs
-from vault.errors import HsmPinRejected, HsmUnavailable, Unavailable, VaultError
+from vault.errors import HsmPinRejected, HsmUnavailable, Refused, Unavailable, VaultError
 from vault.service import Vault
 
 log = logs.get("vault.lifecycle")
@@ -36,8 +38,10 @@ class VaultHolder:
     """The vault once it could be opened, and the reason while it cannot."""
 
     def __init__(self, opener: Callable[[], Vault], services: tuple[str, ...] = ("",),
-                 interval: float = 1.0) -> None:
+                 interval: float = 1.0, on_refused: Callable[[], None] | None = None) -> None:
         self._opener = opener
+        self._on_refused = on_refused
+        self.refused: Refused | None = None
         self._services = services
         self._interval = interval
         self._health: health.HealthServicer | None = None
@@ -72,12 +76,19 @@ class VaultHolder:
         """One round of the watcher: open or ping; returns whether the vault serves."""
         with self._lock:
             if self._vault is None:
-                if isinstance(self._error, HsmPinRejected):
+                if isinstance(self._error, (HsmPinRejected, Refused)):
                     return False  # see module docstring: wait for an operator
                 try:
                     self._vault = self._opener()
                 except HsmUnavailable as exc:
                     return self._set(False, exc)
+                except Refused as exc:  # one line says why and what to do; then exit
+                    log.error("refusing to serve: " + exc.message, error_type=type(exc).__name__)
+                    self.refused, self._error, self._serving = exc, exc, False
+                    self._publish(False)
+                    if self._on_refused is not None:
+                        self._on_refused()
+                    return False
                 except VaultError as exc:
                     log.error("cannot open the vault: " + exc.message, error_type=type(exc).__name__)
                     return self._set(False, exc)

@@ -16,6 +16,9 @@ Keys (labels, ``vN`` is the version):
   collection's cancellable-transform seed is derived, per key version.
 - ``vault/audit/v1``: Ed25519 key pair, private half non-extractable. Signs the audit log's
   checkpoints; the public half verifies them, in the token or exported.
+
+Data objects (CKO_DATA, private): ``vault/rollback/<vault id>`` holds the sequence number
+of a data directory's latest signed audit checkpoint (:mod:`vault.custody`).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11.exceptions import PKCS11Error
 from pkcs11.mechanisms import GCMParams
 
-from vault.errors import DataLoss, HsmPinRejected, HsmUnavailable
+from vault.errors import DataLoss, HsmPinRejected, HsmUnavailable, WrongToken
 
 T = TypeVar("T")
 
@@ -45,6 +48,8 @@ AUDIT = "audit"
 # DER of the Ed25519 curve OID 1.3.101.112, for CKA_EC_PARAMS.
 _ED25519_PARAMS = bytes.fromhex("06032b6570")
 _HMAC_KEYS = (MAC, INDEX, TRANSFORM)
+_COUNTER = struct.Struct(">Q")
+COUNTER_PREFIX = "vault/rollback/"
 _LABEL = re.compile(r"^vault/(?P<name>[a-z]+)/v(?P<version>[0-9]+)$")
 
 # Wrapped-blob layout: magic, KEK version, 12-byte nonce, AES-GCM ciphertext and tag.
@@ -185,8 +190,9 @@ class Hsm:
                 missing.append((KEK, 1))
             missing += [(name, 1) for name in _HMAC_KEYS if label(name, 1) not in present]
             if missing and not create:
-                raise HsmUnavailable("HSM unavailable: the token does not hold this vault's keys "
-                                     f"({len(missing)} missing); refusing to create new ones")
+                raise WrongToken("wrong token: it does not hold the keys of this data directory "
+                                 f"({len(missing)} missing); refusing to create new ones: "
+                                 "start it with its own token (--hsm-dir, --hsm-token)")
             for name, version in missing:
                 self._generate(session, name, version)
             return [label(name, version) for name, version in missing]
@@ -358,3 +364,49 @@ class Hsm:
         if result is None:
             raise DataLoss("wrapped key failed authentication")
         return result
+
+    # -- rollback counters (data objects) ----------------------------------------------
+
+    @staticmethod
+    def _counter_objects(session: pkcs11.Session, counter_label: str) -> list:
+        return list(session.get_objects({Attribute.CLASS: ObjectClass.DATA,
+                                         Attribute.LABEL: counter_label}))
+
+    def counter(self, counter_label: str) -> int | None:
+        """The value of a monotonic counter kept in the token, None if there is none."""
+
+        def run(session: pkcs11.Session) -> int | None:
+            values = [_COUNTER.unpack(bytes(obj[Attribute.VALUE]))[0]
+                      for obj in self._counter_objects(session, counter_label)]
+            return max(values, default=None)
+
+        return self._call(run)
+
+    def has_counters(self) -> bool:
+        """True if the token keeps any rollback counter (it already serves a vault)."""
+        return self._call(lambda session: any(
+            str(obj[Attribute.LABEL]).startswith(COUNTER_PREFIX)
+            for obj in session.get_objects({Attribute.CLASS: ObjectClass.DATA})))
+
+    def set_counter(self, counter_label: str, value: int, backward: bool = False) -> int:
+        """Raise the counter to ``value`` (never lower unless ``backward``); returns it.
+
+        SoftHSM refuses to change a data object's CKA_VALUE, so the new value is a new
+        object and the old ones are destroyed after it exists: a crash in between leaves
+        two, and readers take the larger."""
+
+        def run(session: pkcs11.Session) -> int:
+            old = self._counter_objects(session, counter_label)
+            current = max((_COUNTER.unpack(bytes(o[Attribute.VALUE]))[0] for o in old),
+                          default=None)
+            if current is not None and (current == value or (current > value and not backward)):
+                return current
+            session.create_object({Attribute.CLASS: ObjectClass.DATA, Attribute.TOKEN: True,
+                                   Attribute.PRIVATE: True, Attribute.MODIFIABLE: False,
+                                   Attribute.LABEL: counter_label, Attribute.APPLICATION: "vault",
+                                   Attribute.VALUE: _COUNTER.pack(value)})
+            for obj in old:
+                obj.destroy()
+            return value
+
+        return self._call(run)

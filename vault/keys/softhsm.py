@@ -1,10 +1,12 @@
-"""Embedded default: a SoftHSM token provisioned under the data directory.
+"""Embedded default: a SoftHSM token provisioned in its own directory, apart from the data.
 
 SoftHSM reads its configuration from ``SOFTHSM2_CONF`` once per process (at
 ``C_Initialize``), so this module writes the configuration, points the variable at it and
-initialises the token with ``softhsm2-util`` on first start. The user PIN is generated once
-and kept in a 0600 file next to the token. Whoever holds the token directory and the PIN
-holds the keys: keep ``hsm/`` out of database backups, or use a real HSM (``--hsm-module``).
+initialises the token with ``softhsm2-util`` on first start. The user PIN comes from
+``VAULT_HSM_PIN``, else the file ``VAULT_HSM_PIN_FILE`` names (a Docker secret), else a
+0600 file ``pin`` generated once next to the token. Whoever holds the token directory and
+the PIN holds the keys: the server refuses to keep either inside its data directory
+(:mod:`vault.custody`); a real HSM (``--hsm-module``) is the production answer.
 """
 
 from __future__ import annotations
@@ -46,10 +48,35 @@ def configure(hsm_dir: Path, create: bool = True) -> Path:
     elif not tokendir.is_dir():
         raise HsmUnavailable("HSM unavailable: the SoftHSM token directory is missing")
     conf = hsm_dir / "softhsm2.conf"
-    if not conf.exists():
-        _write_private(conf, CONF_TEMPLATE.format(tokendir=tokendir.resolve()))
+    text = CONF_TEMPLATE.format(tokendir=tokendir.resolve())
+    # Rewritten when it names another place: the directory was moved (`vault hsm move`).
+    if not conf.exists() or conf.read_text() != text:
+        _write_private(conf, text)
     os.environ["SOFTHSM2_CONF"] = str(conf.resolve())
     return conf
+
+
+def read_pin(hsm_dir: Path | None, create: bool = True) -> str:
+    """The user PIN: ``VAULT_HSM_PIN``, else the file ``VAULT_HSM_PIN_FILE``, else (the
+    embedded default, ``hsm_dir`` given) ``hsm_dir/pin``, generated 0600 when ``create``."""
+    pin = os.environ.get("VAULT_HSM_PIN")
+    if pin:
+        return pin
+    secret = os.environ.get("VAULT_HSM_PIN_FILE")
+    if secret:
+        try:
+            return Path(secret).read_text().strip()
+        except OSError as exc:
+            raise HsmUnavailable(f"HSM unavailable: cannot read VAULT_HSM_PIN_FILE "
+                                 f"({type(exc).__name__})") from exc
+    if hsm_dir is None:
+        raise HsmUnavailable("HSM unavailable: set VAULT_HSM_PIN or VAULT_HSM_PIN_FILE")
+    pin_file = hsm_dir / "pin"
+    if not pin_file.exists():
+        if not create:
+            raise HsmUnavailable("HSM unavailable: the SoftHSM PIN file is missing")
+        _write_private(pin_file, secrets.token_hex(16))
+    return pin_file.read_text().strip()
 
 
 def _token_exists(token_label: str) -> bool:
@@ -75,14 +102,7 @@ def provision(hsm_dir: Path, token_label: str = DEFAULT_TOKEN_LABEL,
     if create:
         hsm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     configure(hsm_dir, create)
-    pin_file = hsm_dir / "pin"
-    pin = os.environ.get("VAULT_HSM_PIN")
-    if pin is None:
-        if not pin_file.exists():
-            if not create:
-                raise HsmUnavailable("HSM unavailable: the SoftHSM PIN file is missing")
-            _write_private(pin_file, secrets.token_hex(16))
-        pin = pin_file.read_text().strip()
+    pin = read_pin(hsm_dir, create)
     if not _token_exists(token_label):
         if not create:
             raise HsmUnavailable("HSM unavailable: token not found; not creating a new one "
