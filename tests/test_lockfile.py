@@ -37,7 +37,7 @@ def test_second_server_on_the_same_data_dir_exits_and_the_first_keeps_serving(tm
 def test_lock_is_released_by_the_kernel_when_the_holder_dies(tmp_path: Path) -> None:
     server = ServerProcess(tmp_path / "data").start()
     server.kill()  # SIGKILL: no shutdown code ran, the lock file stays behind
-    assert (tmp_path / "data" / "serve.lock").exists()
+    assert (tmp_path / "data" / "server.pid").exists()
     lock = DataDirLock(tmp_path / "data").acquire()
     lock.release()
 

@@ -52,7 +52,8 @@ def test_checkpoint_moves_the_journal_into_a_block_and_matching_is_unchanged(vau
         vault.enroll("c", f"s{i}", f.tolist())
     probe = faces[7] + 0.1 * _faces(1, 9)[0]
     before = vault.verify("c", "s7", probe.tolist(), release_scores=True)
-    ident_before = vault.identify("c", probe.tolist(), top_k=3, threshold=-1.0)
+    # Top 1 only: lower ranks of random faces are within the decision noise of each other.
+    ident_before = vault.identify("c", probe.tolist(), top_k=1, threshold=-1.0)
     vault.maintain(force=True)
     gallery = vault.galleries()[0]
     assert not gallery.pages and [b.kind for b in gallery.blocks.values()] == [MIXED]
@@ -60,11 +61,12 @@ def test_checkpoint_moves_the_journal_into_a_block_and_matching_is_unchanged(vau
     assert db.execute("SELECT count(*) FROM pages").fetchone()[0] == 0
     assert db.execute("SELECT DISTINCT tier FROM templates").fetchall() == [(BLOCK,)]
     after = vault.verify("c", "s7", probe.tolist(), release_scores=True)
-    ident_after = vault.identify("c", probe.tolist(), top_k=3, threshold=-1.0)
+    ident_after = vault.identify("c", probe.tolist(), top_k=1, threshold=-1.0)
     assert before.matched and after.matched
     # Each released score is within 0.005 (rounding) + 0.005 (flooding) of the cosine.
     assert abs(before.candidates[0].score - after.candidates[0].score) <= 0.02 + 1e-6
-    assert [c.subject_id for c in ident_before.candidates] == [c.subject_id for c in ident_after.candidates]
+    assert [c.subject_id for c in ident_before.candidates] == ["s7"]
+    assert [c.subject_id for c in ident_after.candidates] == ["s7"]
     # The block holds exactly the protected templates, at their slots.
     values = _block_plaintext(vault, 0)
     protected = np.stack([vault.protector.protect("c", 1, DIM, f) for f in faces])

@@ -66,7 +66,7 @@ class Attempts:
         self._on_event = on_event  # (kind, collection, subject_hmac, outcome): audited
         self._lock = threading.RLock()
         # Attempts being evaluated, per (collection, subject, credential): in memory, since
-        # one server serves a data directory (serve.lock) and an evaluation whose answer
+        # one server serves a data directory (server.pid) and an evaluation whose answer
         # never left (a crash) gives nothing away.
         self._inflight: dict[tuple[str, bytes, bytes], int] = {}
 

@@ -1,4 +1,4 @@
-"""One server per data directory: an exclusive lock on ``DIR/serve.lock``.
+"""One server per data directory: an exclusive lock on ``DIR/server.pid``.
 
 Two servers on one directory would each load the same blocks and append to the same
 audit chain: the second reported SERVING, then failed every call with a misleading
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from vault.errors import FailedPrecondition
 
-LOCK_NAME = "serve.lock"
+LOCK_NAME = "server.pid"
 
 
 class DataDirLock:
