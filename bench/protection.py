@@ -90,7 +90,7 @@ def _blend_shift(name: str, v: np.ndarray, mean: np.ndarray) -> np.ndarray:
 
 
 def _refused(x: np.ndarray, mean: np.ndarray) -> bool:
-    from vault.errors import InvalidArgument
+    from vault.domain.errors import InvalidArgument
     from vault.protector import centre
     try:
         centre(x, mean)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from vault.attempts import AttemptLimits
-from vault.errors import DataLoss, ResourceExhausted
+from vault.domain.errors import DataLoss, ResourceExhausted
 from vault.keys.hsm import HsmConfig
 from vault.service import Vault
 

@@ -256,7 +256,7 @@ def test_the_projects_own_code_recovers_no_key(leaked: dict, tmp_path: Path) -> 
         "from vault.keys import envelope, softhsm\n"
         "from vault.keys.hsm import Hsm\n"
         "from vault.keys.integrity import encode\n"
-        "from vault.errors import DataLoss, HsmUnavailable\n"
+        "from vault.domain.errors import DataLoss, HsmUnavailable\n"
         "try:\n"
         "    softhsm.provision(default_hsm_dir(Path(sys.argv[2])), create=False)\n"
         "    print('TOKEN FOUND')\n"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from grpc_health.v1 import health_pb2
 
-from vault.errors import FailedPrecondition
+from vault.domain.errors import FailedPrecondition
 from vault.lockfile import DataDirLock
 from vault.testing import ServerProcess
 from vault.v1 import vault_pb2 as pb

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from vault.errors import InvalidArgument
+from vault.domain.errors import InvalidArgument
 from vault.keys.hsm import Hsm
 from vault.protector import Protector, validate_embedding
 

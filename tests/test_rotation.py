@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vault.errors import DataLoss, FailedPrecondition
+from vault.domain.errors import DataLoss, FailedPrecondition
 from vault.he import poly
 from vault.imports import ImportItem
 from vault.keys.hsm import HsmConfig

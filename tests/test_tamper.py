@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vault.errors import DataLoss
+from vault.domain.errors import DataLoss
 from vault.keys.hsm import HsmConfig
 from vault.service import Tuning, Vault
 

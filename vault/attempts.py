@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vault import logs
-from vault.errors import DataLoss, ResourceExhausted
+from vault.domain.errors import DataLoss, ResourceExhausted
 from vault.keys.hsm import INDEX, Hsm
 from vault.keys.integrity import Integrity, encode
 from vault.store import AttemptRow, Store

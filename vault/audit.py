@@ -48,7 +48,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from vault import logs
-from vault.errors import Unavailable, VaultError
+from vault.domain.errors import Unavailable, VaultError
 from vault.keys.hsm import Hsm
 from vault.keys.integrity import encode
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vault.errors import ResourceExhausted, Unavailable
+from vault.domain.errors import ResourceExhausted, Unavailable
 from vault.he.poly import residue_dtype
 
 MAGIC = b"VAULTBLK"

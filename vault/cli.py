@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from vault import client, logs
-from vault.errors import Refused, VaultError
+from vault.domain.errors import Refused, VaultError
 from vault.keys.hsm import HsmConfig
 from vault.lockfile import DataDirLock
 

@@ -16,7 +16,7 @@ import secrets
 from pathlib import Path
 
 from vault.audit import AuditLog
-from vault.errors import Refused, WrongToken
+from vault.domain.errors import Refused, WrongToken
 from vault.keys.hsm import COUNTER_PREFIX, MAC, Hsm
 from vault.keys.integrity import encode
 from vault.store import Store

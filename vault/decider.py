@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from vault.errors import FailedPrecondition
+from vault.domain.errors import FailedPrecondition
 from vault.he import HeParams, SecretContext, poly
 
 # What may leave (the release policy; the servicer only says who asks):

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vault import logs
-from vault.errors import AlreadyExists, PermissionDenied, Unavailable, VaultError
+from vault.domain.errors import AlreadyExists, PermissionDenied, Unavailable, VaultError
 from vault.gallery import blocks as block_ops
 from vault.gallery.blocks import Block
 from vault.gallery.prefilter import balanced_clusters, sketch

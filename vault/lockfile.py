@@ -12,7 +12,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from vault.errors import FailedPrecondition
+from vault.domain.errors import FailedPrecondition
 
 LOCK_NAME = "server.pid"
 

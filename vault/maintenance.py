@@ -31,7 +31,7 @@ import numpy as np
 
 from vault import logs
 from vault.decider import Moves
-from vault.errors import VaultError
+from vault.domain.errors import VaultError
 from vault.gallery import CollectionGallery
 from vault.gallery import blocks as block_ops
 from vault.gallery.blocks import Block

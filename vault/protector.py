@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from vault.errors import InvalidArgument
+from vault.domain.errors import InvalidArgument
 from vault.keys.hsm import TRANSFORM, Hsm
 
 MIN_DIMENSION = 2

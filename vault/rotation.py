@@ -33,7 +33,7 @@ import numpy as np
 
 from vault import he, logs
 from vault.decider import Moves
-from vault.errors import FailedPrecondition, NotFound, VaultError
+from vault.domain.errors import FailedPrecondition, NotFound, VaultError
 from vault.gallery import CollectionGallery
 from vault.gallery import blocks as block_ops
 from vault.gallery.blocks import Block

@@ -29,7 +29,7 @@ from vault.attempts import AttemptLimits, Attempts
 from vault.audit import AuditLog
 from vault.block_files import BlockFiles
 from vault.decider import Decider, GroupScore
-from vault.errors import (
+from vault.domain.errors import (
     AlreadyExists,
     DataLoss,
     FailedPrecondition,

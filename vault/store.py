@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from vault.errors import DataLoss, ResourceExhausted, Unavailable
+from vault.domain.errors import DataLoss, ResourceExhausted, Unavailable
 from vault.keys.integrity import LiveSet
 
 SCHEMA_VERSION = 4

@@ -18,7 +18,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from vault.custody import default_hsm_dir
-from vault.errors import HsmUnavailable
+from vault.domain.errors import HsmUnavailable
 from vault.keys.hsm import Hsm
 
 

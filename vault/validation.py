@@ -6,7 +6,7 @@ import math
 import re
 import unicodedata
 
-from vault.errors import InvalidArgument
+from vault.domain.errors import InvalidArgument
 from vault.protector import MAX_DIMENSION, MIN_DIMENSION
 
 MAX_TOP_K = 10  # the decider releases no more (vault.decider.MAX_TOP_K)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from vault.api import access
-from vault.errors import PermissionDenied, ResourceExhausted, Unauthenticated
+from vault.domain.errors import PermissionDenied, ResourceExhausted, Unauthenticated
 from vault.testing import CertificateAuthority, ServerProcess
 from vault.v1 import vault_pb2 as pb
 from vault.v1 import vault_pb2_grpc

@@ -149,7 +149,7 @@ def test_rate_limit_ignores_the_source_port_and_refusals_cost_no_audit_write(tmp
 def test_release_settings_edited_under_a_running_vault_are_refused(vault) -> None:
     """Write access to vault.db while it serves: dropping the purpose requirement or
     lowering the threshold makes matches DATA_LOSS, not looser."""
-    from vault.errors import DataLoss
+    from vault.domain.errors import DataLoss
 
     vault.create_collection("p", DIM, 0.8, require_purpose=True)
     vault.create_collection("t", DIM, 0.99)

@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
-from vault.errors import DataLoss
+from vault.domain.errors import DataLoss
 from vault.keys.hsm import HsmConfig
 from vault.protector import centre
 from vault.service import Vault

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from vault.errors import DataLoss, HsmUnavailable
+from vault.domain.errors import DataLoss, HsmUnavailable
 from vault.keys import envelope
 from vault.keys.hsm import INDEX, KEK, MAC, TRANSFORM, Hsm, HsmConfig, label
 
@@ -64,7 +64,7 @@ def test_wrong_pin_is_unavailable_and_says_so(hsm_config: HsmConfig) -> None:
     # PKCS#11 login state is per process: try the wrong PIN from a fresh one.
     code = (
         "from vault.keys.hsm import Hsm, HsmConfig\n"
-        "from vault.errors import HsmUnavailable\n"
+        "from vault.domain.errors import HsmUnavailable\n"
         f"h = Hsm(HsmConfig({hsm_config.module!r}, {hsm_config.token_label!r}, 'wrong-pin'))\n"
         "try:\n    h.ping()\nexcept HsmUnavailable as e:\n    print(e.message)\n"
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vault.errors import HsmUnavailable
+from vault.domain.errors import HsmUnavailable
 from vault.keys import envelope
 from vault.keys.hsm import KEK, HsmConfig
 from vault.keys.integrity import encode

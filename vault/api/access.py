@@ -36,7 +36,7 @@ import grpc
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from vault.errors import PermissionDenied, ResourceExhausted, Unauthenticated
+from vault.domain.errors import PermissionDenied, ResourceExhausted, Unauthenticated
 
 ROLES = frozenset({"enroller", "matcher", "analyst", "admin"})
 SCORE_ROLES = frozenset({"analyst"})

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vault.errors import ResourceExhausted
+from vault.domain.errors import ResourceExhausted
 
 BURST_MINUTES = 10.0
 

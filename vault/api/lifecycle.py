@@ -4,7 +4,7 @@ The server starts even when the token is unreachable: health says NOT_SERVING, e
 gets UNAVAILABLE with the reason (also while a token that was there goes missing), and a watcher retries in the background, so the service
 comes up by itself when the token comes back. Once open, the watcher pings the token and
 flips health between SERVING and NOT_SERVING. A rejected PIN is never retried on its own:
-real HSMs lock a user out after a few wrong PINs. A :class:`~vault.errors.Refused` opening
+real HSMs lock a user out after a few wrong PINs. A :class:`~vault.domain.errors.Refused` opening
 (wrong token, older copy of the directory) is final: ``on_refused`` is called so that the
 server exits saying why, rather than waiting NOT_SERVING for something that will not change.
 """
@@ -17,7 +17,7 @@ from collections.abc import Callable
 from grpc_health.v1 import health, health_pb2
 
 from vault import logs
-from vault.errors import HsmPinRejected, HsmUnavailable, Refused, Unavailable, VaultError
+from vault.domain.errors import HsmPinRejected, HsmUnavailable, Refused, Unavailable, VaultError
 from vault.service import Vault
 
 log = logs.get("vault.lifecycle")

@@ -21,7 +21,8 @@ from vault import logs
 from vault.api import access
 from vault.api.budget import Budgets, Tripped
 from vault.api.codec import Undecodable
-from vault.errors import InvalidArgument, PermissionDenied, VaultError
+from vault.domain.errors import InvalidArgument, PermissionDenied, VaultError
+from vault.api.status import code_of
 from vault.imports import ImportItem, ImportResult
 from vault.service import CollectionInfo, MatchResult, Vault
 from vault.store import KeyJobRow
@@ -37,8 +38,8 @@ def _abort(exc: Exception, name: str, context: grpc.ServicerContext,
     """Map a failure to its status, record it, and abort the call."""
     if isinstance(exc, VaultError):
         if audit is not None:
-            audit.failed(exc.code)
-        context.abort(exc.code, exc.message)
+            audit.failed(code_of(exc))
+        context.abort(code_of(exc), exc.message)
     if isinstance(exc, grpc.RpcError) or context.code() is not None:
         raise exc  # context.abort() itself, already carrying a status
     ref = secrets.token_hex(6)
@@ -50,7 +51,7 @@ def _abort(exc: Exception, name: str, context: grpc.ServicerContext,
 
 
 def _code_of(exc: Exception) -> grpc.StatusCode:
-    return exc.code if isinstance(exc, VaultError) else grpc.StatusCode.INTERNAL
+    return code_of(exc) if isinstance(exc, VaultError) else grpc.StatusCode.INTERNAL
 
 
 class _Call:
@@ -228,7 +229,7 @@ class TemplateVaultServicer(vault_pb2_grpc.TemplateVaultServicer):
                     cid = check_collection_id(cid) if cid else ""
                 except VaultError:
                     cid = "<invalid>"
-                vault.audit.refused(actor, method, cid, exc.code.name)
+                vault.audit.refused(actor, method, cid, code_of(exc).name)
             raise
         return _Audit.begin(vault, method, request, actor)
 
@@ -406,5 +407,5 @@ def _import_responses(results: list[ImportResult]) -> Iterator[vault_pb2.ImportT
             if r.error is None:
                 out.results.add(index=r.index, template_id=r.template_id, key_version=r.key_version)
             else:
-                out.results.add(index=r.index, code=r.error.code.value[0], message=r.error.message)
+                out.results.add(index=r.index, code=code_of(r.error).value[0], message=r.error.message)
         yield out

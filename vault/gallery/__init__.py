@@ -26,7 +26,7 @@ import numpy as np
 
 from vault import logs
 from vault.decider import ScoreCiphertext
-from vault.errors import Cancelled
+from vault.domain.errors import Cancelled
 from vault.gallery import blocks as block_ops
 from vault.gallery import pages as page_ops
 from vault.gallery.blocks import Block

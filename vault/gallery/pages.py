@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vault.decider import ScoreCiphertext
-from vault.errors import Cancelled
+from vault.domain.errors import Cancelled
 from vault.he import PublicContext, kernels, poly
 from vault.store import PAGE
 

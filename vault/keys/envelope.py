@@ -14,7 +14,7 @@ import struct
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from vault.errors import DataLoss
+from vault.domain.errors import DataLoss
 from vault.keys.hsm import Hsm
 
 _LEN = struct.Struct(">H")

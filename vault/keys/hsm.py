@@ -36,7 +36,7 @@ from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11.exceptions import PKCS11Error
 from pkcs11.mechanisms import GCMParams
 
-from vault.errors import DataLoss, HsmPinRejected, HsmUnavailable, WrongToken
+from vault.domain.errors import DataLoss, HsmPinRejected, HsmUnavailable, WrongToken
 
 T = TypeVar("T")
 

@@ -17,7 +17,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from vault.errors import HsmUnavailable
+from vault.domain.errors import HsmUnavailable
 from vault.keys.hsm import HsmConfig
 
 DEFAULT_MODULE = "/usr/lib/softhsm/libsofthsm2.so"

@@ -1,4 +1,5 @@
-"""Errors the vault raises on purpose, each tied to one gRPC status.
+"""Errors the vault raises on purpose. No transport here: vault.api.status maps each class
+to its gRPC status at the edge, so that store, HSM and decider do not depend on grpc.
 
 Messages are written for the caller and must never contain biometric data, subject ids,
 scores or key material: they name the field or the condition, nothing more.
@@ -6,13 +7,9 @@ scores or key material: they name the field or the condition, nothing more.
 
 from __future__ import annotations
 
-import grpc
-
 
 class VaultError(Exception):
-    """Base class: a failure with a precise gRPC status and a safe message."""
-
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    """Base class: a failure of a precise kind and a safe message."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -23,35 +20,35 @@ class VaultError(Exception):
 
 
 class InvalidArgument(VaultError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    """The request is malformed: the message names the field."""
 
 
 class NotFound(VaultError):
-    code = grpc.StatusCode.NOT_FOUND
+    """The named collection, subject or job does not exist."""
 
 
 class AlreadyExists(VaultError):
-    code = grpc.StatusCode.ALREADY_EXISTS
+    """The collection or request id exists already."""
 
 
 class Unauthenticated(VaultError):
-    code = grpc.StatusCode.UNAUTHENTICATED
+    """No valid credential."""
 
 
 class PermissionDenied(VaultError):
-    code = grpc.StatusCode.PERMISSION_DENIED
+    """The credential may not do this."""
 
 
 class FailedPrecondition(VaultError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    """The vault's state refuses the request until something changes."""
 
 
 class ResourceExhausted(VaultError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    """A budget or attempt limit is used up."""
 
 
 class Unavailable(VaultError):
-    code = grpc.StatusCode.UNAVAILABLE
+    """A dependency is down for now: retrying may succeed."""
 
 
 class HsmUnavailable(Unavailable):
@@ -74,10 +71,6 @@ class WrongToken(Refused):
 class Cancelled(VaultError):
     """The caller went away (deadline or cancellation): the work was abandoned."""
 
-    code = grpc.StatusCode.CANCELLED
-
 
 class DataLoss(VaultError):
     """Stored data failed an integrity check (MAC mismatch, tampered or replayed row)."""
-
-    code = grpc.StatusCode.DATA_LOSS

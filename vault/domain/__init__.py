@@ -1,0 +1,1 @@
+"""What the vault is about, with no I/O and no transport: errors, records, job states."""
