@@ -21,8 +21,8 @@ from vault import logs
 from vault.api import access
 from vault.api.budget import Budgets, Tripped
 from vault.api.codec import Undecodable
-from vault.domain.errors import InvalidArgument, PermissionDenied, VaultError
 from vault.api.status import code_of
+from vault.domain.errors import InvalidArgument, PermissionDenied, VaultError
 from vault.imports import ImportItem, ImportResult
 from vault.service import CollectionInfo, MatchResult, Vault
 from vault.store import KeyJobRow
