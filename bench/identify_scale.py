@@ -30,7 +30,7 @@ from common import (TRUSTED_ENV, clustered, dir_bytes, machine, peak_rss_mb,  # 
 from vault import logs
 from vault.gallery import Routing
 from vault.gallery.prefilter import balanced_clusters, sketch
-from vault.imports import MAX_CHUNK_BLOCKS
+from vault.ops.imports import MAX_CHUNK_BLOCKS
 from vault.progress import Progress, progress
 from vault.service import Tuning
 from vault.testing import ServerProcess

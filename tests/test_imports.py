@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from vault.domain.errors import AlreadyExists, InvalidArgument
-from vault.imports import ImportItem
+from vault.domain.records import CLUSTERED, MIXED
 from vault.keys.hsm import HsmConfig
+from vault.ops.imports import ImportItem
 from vault.service import Tuning, Vault
-from vault.store import CLUSTERED, MIXED
 
 DIM = 32
 N = 4096

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from vault.block_files import BlockFiles
+from vault.domain.records import BLOCK, MIXED
 from vault.he import poly
 from vault.keys.hsm import HsmConfig
 from vault.service import Tuning, Vault
-from vault.store import BLOCK, MIXED
 
 DIM = 64
 

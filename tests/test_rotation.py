@@ -12,8 +12,8 @@ import pytest
 
 from vault.domain.errors import DataLoss, FailedPrecondition
 from vault.he import poly
-from vault.imports import ImportItem
 from vault.keys.hsm import HsmConfig
+from vault.ops.imports import ImportItem
 from vault.service import Tuning, Vault
 
 DIM = 32
@@ -236,7 +236,7 @@ def test_replaying_the_old_version_after_a_rotation_is_detected(data: Path, hsm_
 
 def test_a_token_outage_pauses_a_rotation_which_then_finishes(
         data: Path, hsm_config: HsmConfig, monkeypatch) -> None:
-    from vault import rotation
+    from vault.ops import rotation
     from vault.store import Store
     from vault.testing import BreakableHsm
 
@@ -265,7 +265,7 @@ def test_a_paused_rotation_stays_one_job_in_one_thread(
     """After a token outage the job retries in its own thread: it stays registered, a
     second RotateCollectionKey is refused, and close() waits for it (a relaunched thread
     used to be unregistered by its predecessor's clean-up, and a second thread ran the job)."""
-    from vault import rotation
+    from vault.ops import rotation
     from vault.store import Store
     from vault.testing import BreakableHsm
 

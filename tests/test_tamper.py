@@ -126,7 +126,7 @@ def test_a_block_file_changed_under_a_running_vault_stops_its_rewrite(vault: Vau
     _flip_block_file_byte(None, vault.store.path.parent)  # type: ignore[arg-type]
     vault.delete_subject("c", "bob")
     with pytest.raises(DataLoss, match="changed on disk"):
-        from vault.maintenance import compact
+        from vault.ops.maintenance import compact
         gallery = vault.galleries()[0]
         compact(vault, gallery, next(iter(gallery.blocks)))
     assert vault.verify("c", "alice", a.tolist()).matched  # matching is unaffected
@@ -288,7 +288,7 @@ def test_parallel_writers_keep_the_commitment_exact(vault: Vault, hsm_config: Hs
     folds its own change into the digest, so the reopened vault finds its set intact."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from vault.imports import ImportItem
+    from vault.ops.imports import ImportItem
 
     vault.create_collection("c", 32, 0.9)
     faces = np.random.default_rng(7).standard_normal((60, 32))

@@ -29,7 +29,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from vault.api.lifecycle import INTEGRITY_SERVICE
-from vault.maintenance import schedule
+from vault.ops.maintenance import schedule
 from vault.service import Tuning
 from vault.testing import ServerProcess
 from vault.v1 import vault_pb2 as pb

@@ -26,9 +26,10 @@ from dataclasses import dataclass
 
 from vault import logs
 from vault.domain.errors import DataLoss, ResourceExhausted
+from vault.domain.records import AttemptRow
 from vault.keys.hsm import INDEX, Hsm
 from vault.keys.integrity import Integrity, encode
-from vault.store import AttemptRow, Store
+from vault.store import Store
 
 log = logs.get("vault.attempts")
 

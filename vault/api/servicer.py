@@ -23,9 +23,9 @@ from vault.api.budget import Budgets, Tripped
 from vault.api.codec import Undecodable
 from vault.api.status import code_of
 from vault.domain.errors import InvalidArgument, PermissionDenied, VaultError
-from vault.imports import ImportItem, ImportResult
+from vault.domain.records import KeyJobRow
+from vault.ops.imports import ImportItem, ImportResult
 from vault.service import CollectionInfo, MatchResult, Vault
-from vault.store import KeyJobRow
 from vault.v1 import vault_pb2, vault_pb2_grpc
 from vault.validation import check_collection_id, check_purpose, check_subject_id
 

@@ -6,7 +6,7 @@ Two tiers, like a log-structured store:
   N // D templates; a single enrollment adds to one page.
 - **blocks** (:mod:`vault.gallery.blocks`): dimension-major, D ciphertexts per 4,096
   templates, memory-mapped from files; imports write them directly, journal checkpoints
-  move pages into them (:mod:`vault.maintenance`).
+  move pages into them (:mod:`vault.ops.maintenance`).
 
 A 1:N match scores the blocks the pre-filter picks (:mod:`vault.gallery.prefilter`), the
 mixed blocks and the pages, on several threads (the kernels release the GIL). The
@@ -27,13 +27,13 @@ import numpy as np
 from vault import logs
 from vault.decider import ScoreCiphertext
 from vault.domain.errors import Cancelled
+from vault.domain.records import BLOCK, CLUSTERED, MIXED, PAGE
 from vault.gallery import blocks as block_ops
 from vault.gallery import pages as page_ops
 from vault.gallery.blocks import Block
 from vault.gallery.pages import Page
 from vault.gallery.prefilter import Prefilter
 from vault.he import HeParams, PublicContext, poly
-from vault.store import BLOCK, CLUSTERED, MIXED, PAGE
 
 log = logs.get("vault.gallery")
 

@@ -11,7 +11,7 @@ coefficients are partial correlations of the template with the probe; they would
 whoever decrypts them rebuild the template, so the matcher adds, before the product
 leaves it, values uniform mod q on every coefficient that is not a live template's score
 (a one-time pad: the decider sees only scores). Pages are merged into blocks by the
-checkpoint (:mod:`vault.maintenance`), which keeps their number, and the cost of scoring
+checkpoint (:mod:`vault.ops.maintenance`), which keeps their number, and the cost of scoring
 them, bounded.
 """
 
@@ -24,8 +24,8 @@ import numpy as np
 
 from vault.decider import ScoreCiphertext
 from vault.domain.errors import Cancelled
+from vault.domain.records import PAGE
 from vault.he import PublicContext, kernels, poly
-from vault.store import PAGE
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Linear maps across the D ciphertexts of a block, and the CKKS rescale.
 
-A transform rotation (:mod:`vault.rotation`) multiplies a block's D ciphertexts by a
+A transform rotation (:mod:`vault.ops.rotation`) multiplies a block's D ciphertexts by a
 D x D matrix of signed integers (the orthogonal change of transform, scaled by the
 rotation prime) and then divides by that prime (rescale), keeping the templates' scale.
 

@@ -75,6 +75,47 @@ def label(name: str, version: int) -> str:
     return f"vault/{name}/v{version}"
 
 
+def _versions_in(session: pkcs11.Session, name: str) -> list[int]:
+    """Versions of key ``name`` in the token, ascending."""
+    found = []
+    for obj in session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}):
+        m = _LABEL.match(obj.label or "")
+        if m and m.group("name") == name:
+            found.append(int(m.group("version")))
+    return sorted(found)
+
+
+def _generate(session: pkcs11.Session, name: str, version: int) -> None:
+    """Create key ``name`` version ``version`` in the token."""
+    # Non-extractable and sensitive: the key's value can never leave the token.
+    template = {Attribute.EXTRACTABLE: False, Attribute.SENSITIVE: True}
+    if name == KEK:
+        session.generate_key(
+            KeyType.AES, 256, label=label(name, version), store=True, template=template,
+            capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
+        )
+    else:
+        session.generate_key(
+            KeyType.GENERIC_SECRET, 256, label=label(name, version), store=True,
+            template=template, capabilities=MechanismFlag.SIGN | MechanismFlag.VERIFY,
+        )
+
+
+def wrapped_version(blob: bytes) -> int:
+    """KEK version named in a wrapped blob's header."""
+    if len(blob) < _WRAP_HEADER.size:
+        raise DataLoss("wrapped key is truncated")
+    magic, version, _ = _WRAP_HEADER.unpack_from(blob)
+    if magic != _WRAP_MAGIC:
+        raise DataLoss("wrapped key has an unknown format")
+    return version
+
+
+def _counter_objects(session: pkcs11.Session, counter_label: str) -> list[pkcs11.Object]:
+    return list(session.get_objects({Attribute.CLASS: ObjectClass.DATA,
+                                     Attribute.LABEL: counter_label}))
+
+
 class Hsm:
     """Serialised access to the vault's keys in a PKCS#11 token."""
 
@@ -162,18 +203,9 @@ class Hsm:
             self._keys[key_label] = key
         return key
 
-    @staticmethod
-    def _versions_in(session: pkcs11.Session, name: str) -> list[int]:
-        found = []
-        for obj in session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}):
-            m = _LABEL.match(obj.label or "")
-            if m and m.group("name") == name:
-                found.append(int(m.group("version")))
-        return sorted(found)
-
     def versions(self, name: str) -> list[int]:
         """Versions of key ``name`` present in the token, ascending."""
-        return self._call(lambda session: self._versions_in(session, name))
+        return self._call(lambda session: _versions_in(session, name))
 
     def ensure_keys(self, create: bool = True) -> list[str]:
         """Key ceremony: create every missing key. Returns the labels it created.
@@ -194,25 +226,10 @@ class Hsm:
                                  f"({len(missing)} missing); refusing to create new ones: "
                                  "start it with its own token (--hsm-dir, --hsm-token)")
             for name, version in missing:
-                self._generate(session, name, version)
+                _generate(session, name, version)
             return [label(name, version) for name, version in missing]
 
         return self._call(run)
-
-    @staticmethod
-    def _generate(session: pkcs11.Session, name: str, version: int) -> None:
-        # Non-extractable and sensitive: the key's value can never leave the token.
-        template = {Attribute.EXTRACTABLE: False, Attribute.SENSITIVE: True}
-        if name == KEK:
-            session.generate_key(
-                KeyType.AES, 256, label=label(name, version), store=True, template=template,
-                capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
-            )
-        else:
-            session.generate_key(
-                KeyType.GENERIC_SECRET, 256, label=label(name, version), store=True,
-                template=template, capabilities=MechanismFlag.SIGN | MechanismFlag.VERIFY,
-            )
 
     def key_attributes(self, key_label: str) -> dict[str, bool]:
         """The protection attributes of a key (for tests and `vault keys` listings)."""
@@ -282,8 +299,8 @@ class Hsm:
         wraps use it from now on. Returns its version."""
 
         def run(session: pkcs11.Session) -> int:  # one session: the scan and the new key
-            version = max(self._versions_in(session, KEK), default=0) + 1
-            self._generate(session, KEK, version)
+            version = max(_versions_in(session, KEK), default=0) + 1
+            _generate(session, KEK, version)
             return version
 
         return self._call(run)
@@ -333,15 +350,7 @@ class Hsm:
 
         return self._call(run)
 
-    @staticmethod
-    def wrapped_version(blob: bytes) -> int:
-        """KEK version named in a wrapped blob's header."""
-        if len(blob) < _WRAP_HEADER.size:
-            raise DataLoss("wrapped key is truncated")
-        magic, version, _ = _WRAP_HEADER.unpack_from(blob)
-        if magic != _WRAP_MAGIC:
-            raise DataLoss("wrapped key has an unknown format")
-        return version
+    wrapped_version = staticmethod(wrapped_version)
 
     def unwrap(self, blob: bytes, aad: bytes) -> bytes:
         """Inverse of :meth:`wrap`. A modified blob or wrong ``aad`` raises DataLoss."""
@@ -367,17 +376,12 @@ class Hsm:
 
     # -- rollback counters (data objects) ----------------------------------------------
 
-    @staticmethod
-    def _counter_objects(session: pkcs11.Session, counter_label: str) -> list:
-        return list(session.get_objects({Attribute.CLASS: ObjectClass.DATA,
-                                         Attribute.LABEL: counter_label}))
-
     def counter(self, counter_label: str) -> int | None:
         """The value of a monotonic counter kept in the token, None if there is none."""
 
         def run(session: pkcs11.Session) -> int | None:
             values = [_COUNTER.unpack(bytes(obj[Attribute.VALUE]))[0]
-                      for obj in self._counter_objects(session, counter_label)]
+                      for obj in _counter_objects(session, counter_label)]
             return max(values, default=None)
 
         return self._call(run)
@@ -396,7 +400,7 @@ class Hsm:
         two, and readers take the larger."""
 
         def run(session: pkcs11.Session) -> int:
-            old = self._counter_objects(session, counter_label)
+            old = _counter_objects(session, counter_label)
             current = max((_COUNTER.unpack(bytes(o[Attribute.VALUE]))[0] for o in old),
                           default=None)
             if current is not None and (current == value or (current > value and not backward)):

@@ -25,18 +25,20 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
 
 from vault import logs
+from vault.core import Core, Tuning
 from vault.decider import Moves
 from vault.domain.errors import VaultError
+from vault.domain.records import BLOCK, DELETED, LIVE, MIXED, PAGE, TemplateRow
 from vault.gallery import CollectionGallery
 from vault.gallery import blocks as block_ops
 from vault.gallery.blocks import Block
 from vault.he import poly
-from vault.store import BLOCK, DELETED, LIVE, MIXED, PAGE, TemplateRow
 
 log = logs.get("vault.maintenance")
 
@@ -45,15 +47,15 @@ log = logs.get("vault.maintenance")
 RETIRE_GRACE = 30.0
 
 
-def _encryptor(vault, gallery: CollectionGallery):  # type: ignore[no-untyped-def]
-    return lambda plaintexts: vault.encryption.encrypt(gallery.ctx, gallery.public_context,
+def _encryptor(core: Core, gallery: CollectionGallery) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda plaintexts: core.encryption.encrypt(gallery.ctx, gallery.public_context,
                                                        plaintexts)
 
 
-def checkpoint(vault, gallery: CollectionGallery) -> int:  # type: ignore[no-untyped-def]
+def checkpoint(core: Core, gallery: CollectionGallery) -> int:
     """Move every journal page's templates into mixed blocks; returns how many moved."""
     cid, version = gallery.collection_id, gallery.key_version
-    store, n, dim = vault.store, gallery.params.slots, gallery.dimension
+    store, n, dim = core.store, gallery.params.slots, gallery.dimension
     with gallery.block_lock:
         with gallery.write_lock:
             if gallery.retired:
@@ -98,8 +100,8 @@ def checkpoint(vault, gallery: CollectionGallery) -> int:  # type: ignore[no-unt
         moves = Moves(block_count * dim, src_ct, src_pos, dst_ct, dst_pos)
         fresh = None
         if count:
-            fresh = vault.decider.reencrypt(cid, version, masked, True, moves,
-                                            _encryptor(vault, gallery))
+            fresh = core.decider.reencrypt(cid, version, masked, True, moves,
+                                            _encryptor(core, gallery))
             moved_mask = np.zeros((moves.targets, levels, n), np.uint64)
             moved_mask[dst_ct, :, dst_pos] = mask[src_ct, :, src_pos]
             fresh[:, 0] = poly.sub(fresh[:, 0], moved_mask, moduli)
@@ -111,16 +113,16 @@ def checkpoint(vault, gallery: CollectionGallery) -> int:  # type: ignore[no-unt
             cts = fresh[b * dim:(b + 1) * dim]
             fill = 1 + max((s for bb, s in places if bb == b), default=-1)
             if b == 0 and reuse_tail:
-                cts = poly.add(vault.read_block(gallery, tail), cts, moduli)
+                cts = poly.add(core.read_block(gallery, tail), cts, moduli)
                 generation, fill = tail.generation + 1, max(fill, tail.fill)
-                old_paths.append(vault.files.path(cid, version, block_no, tail.generation))
+                old_paths.append(core.files.path(cid, version, block_no, tail.generation))
             else:
                 generation = 1
-            path = vault.files.path(cid, version, block_no, generation)
-            digest = vault.files.write(path, block_ops.split_levels(cts), moduli)
+            path = core.files.path(cid, version, block_no, generation)
+            digest = core.files.write(path, block_ops.split_levels(cts), moduli)
             block = Block(block_no, MIXED, generation, fill, levels,
                           np.ascontiguousarray(cts[:, :, 0, :]), digest, np.full(n, -1, np.int32))
-            new_blocks.append((block, vault.block_row(gallery, block, digest, None)))
+            new_blocks.append((block, core.block_row(gallery, block, digest, None)))
         del fresh
 
         with gallery.write_lock:
@@ -131,7 +133,7 @@ def checkpoint(vault, gallery: CollectionGallery) -> int:  # type: ignore[no-unt
                 for t in store.templates_in(cid, version, PAGE, p.page_no):
                     if t.template_id in moved_ids:
                         b, slot = moved_ids[t.template_id]
-                        changed.append(vault.sign(replace(t, tier=BLOCK, loc=block_nos[b],
+                        changed.append(core.sign(replace(t, tier=BLOCK, loc=block_nos[b],
                                                           slot=slot, erased=0, mac=b"")))
                     elif t.state == DELETED:
                         # Deleted before the checkpoint: its page, values and all, is dropped,
@@ -145,15 +147,15 @@ def checkpoint(vault, gallery: CollectionGallery) -> int:  # type: ignore[no-unt
                 gallery.install_block(block, moved)
             gallery.drop_pages(p.page_no for p in pages)
         for path in old_paths:
-            vault.retire(path, erase=True)
+            core.retire(path, erase=True)
     log.info("journal checkpoint", collection_id=cid, count=count, blocks=len(new_blocks))
     return count
 
 
-def compact(vault, gallery: CollectionGallery, block_no: int) -> int:  # type: ignore[no-untyped-def]
+def compact(core: Core, gallery: CollectionGallery, block_no: int) -> int:
     """Erase the values of a block's deleted templates; returns how many were erased."""
     cid, version = gallery.collection_id, gallery.key_version
-    store, n, dim = vault.store, gallery.params.slots, gallery.dimension
+    store, n, dim = core.store, gallery.params.slots, gallery.dimension
     with gallery.block_lock:
         block = gallery.blocks.get(block_no)
         if block is None or gallery.retired:
@@ -165,33 +167,33 @@ def compact(vault, gallery: CollectionGallery, block_no: int) -> int:  # type: i
         slots = np.array(sorted({t.slot for t in erase}), np.int64)
         moduli = gallery.ctx.level_moduli(block.levels)
         row = store.block(cid, version, block_no)
-        cts = vault.read_block(gallery, block)
+        cts = core.read_block(gallery, block)
         mask = poly.uniform((dim, n), moduli)
         cts[:, 0] = poly.add(cts[:, 0], mask, moduli)
         keep = np.setdiff1d(np.arange(n), slots)
         moves = Moves(dim, np.repeat(np.arange(dim), keep.size), np.tile(keep, dim),
                       np.repeat(np.arange(dim), keep.size), np.tile(keep, dim))
-        fresh = vault.decider.reencrypt(cid, version, cts, False, moves, _encryptor(vault, gallery))
+        fresh = core.decider.reencrypt(cid, version, cts, False, moves, _encryptor(core, gallery))
         mask[:, :, slots] = 0
         fresh[:, 0] = poly.sub(fresh[:, 0], mask, moduli)
         del cts, mask
         generation = block.generation + 1
-        path = vault.files.path(cid, version, block_no, generation)
-        digest = vault.files.write(path, block_ops.split_levels(fresh), moduli)
+        path = core.files.path(cid, version, block_no, generation)
+        digest = core.files.write(path, block_ops.split_levels(fresh), moduli)
         new = Block(block_no, block.kind, generation, block.fill, block.levels,
                     np.ascontiguousarray(fresh[:, :, 0, :]), digest, block.groups, block.centroid)
         with gallery.write_lock:
             # The tombstones of the values left out go (a row deleted meanwhile is still
             # live in the rows erased here: it is erased by the next pass).
-            store.write_relocation([vault.block_row(gallery, new, digest, row.sketch)], [], [],
+            store.write_relocation([core.block_row(gallery, new, digest, row.sketch)], [], [],
                                    [(t.template_id, version) for t in erase])
             gallery.install_block(new)
-        vault.retire(vault.files.path(cid, version, block_no, block.generation), erase=True)
+        core.retire(core.files.path(cid, version, block_no, block.generation), erase=True)
     log.info("erased deleted templates", collection_id=cid, count=len(erase), blocks=1)
     return len(erase)
 
 
-def schedule(tuning) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+def schedule(tuning: Tuning) -> tuple[float, float]:
     """(seconds after a deletion at which its erasure starts, grace before a replaced block
     file is zero-filled and removed), so that a deletion's last byte leaves the data
     directory within ``erase_after``: erasure, then the WAL truncation in the same pass,
@@ -201,53 +203,53 @@ def schedule(tuning) -> tuple[float, float]:  # type: ignore[no-untyped-def]
     return max(0.0, tuning.erase_after - grace - 2 * tuning.maintenance_interval), grace
 
 
-def run_once(vault, force: bool = False) -> None:  # type: ignore[no-untyped-def]
+def run_once(core: Core, force: bool = False) -> None:
     """Checkpoint full journals, erase deletions that are due, remove retired files."""
     now = time.monotonic()
-    tuning = vault.tuning
+    tuning = core.tuning
     start, grace = schedule(tuning)
     rewrote = False
-    for gallery in vault.galleries():
+    for gallery in core.galleries():
         cid, version = gallery.collection_id, gallery.key_version
         try:
-            pending = vault.store.unerased(cid, version)
+            pending = core.store.unerased(cid, version)
             # Holders not in deleted_since hold deletions from before this process: due.
             due = [(tier, loc) for tier, loc in pending
-                   if force or now - vault.deleted_since.get((cid, version, tier, loc), -1e18) >= start]
+                   if force or now - core.deleted_since.get((cid, version, tier, loc), -1e18) >= start]
             if (len(gallery.pages) >= tuning.journal_pages
                     or any(tier == PAGE for tier, _ in due) or (force and gallery.pages)):
-                checkpoint(vault, gallery)
+                checkpoint(core, gallery)
                 rewrote = True
             for tier, loc in due:
                 if tier == BLOCK:
-                    rewrote = compact(vault, gallery, loc) > 0 or rewrote
-            left = set(vault.store.unerased(cid, version))
-            for key in [k for k in list(vault.deleted_since) if k[:2] == (cid, version)]:
+                    rewrote = compact(core, gallery, loc) > 0 or rewrote
+            left = set(core.store.unerased(cid, version))
+            for key in [k for k in list(core.deleted_since) if k[:2] == (cid, version)]:
                 if key[2:] not in left:
-                    del vault.deleted_since[key]
+                    del core.deleted_since[key]
         except VaultError as exc:
             log.warning("maintenance deferred", collection_id=cid, error_type=type(exc).__name__)
     # Dropped pages, erased rows and older page images of what they held are still in the
     # WAL (and the main file) until a checkpoint copies the zeroed pages over them; a busy
     # database (a reader) is tried again on the next pass.
-    vault.wal_dirty = vault.wal_dirty or rewrote
-    if vault.wal_dirty:
+    core.wal_dirty = core.wal_dirty or rewrote
+    if core.wal_dirty:
         try:
-            vault.store.checkpoint_wal()
-            vault.wal_dirty = False
+            core.store.checkpoint_wal()
+            core.wal_dirty = False
         except VaultError as exc:
             log.warning("WAL truncation deferred", error_type=type(exc).__name__)
     # Keys of a replaced version hold no deleted values: matches in flight keep them longer.
-    vault.sweep_retired(grace, everything=force, key_grace=RETIRE_GRACE)
+    core.sweep_retired(grace, everything=force, key_grace=RETIRE_GRACE)
     try:
-        vault.attempts.prune()
+        core.attempts.prune()
     except VaultError as exc:
         log.warning("maintenance deferred", error_type=type(exc).__name__)
 
 
-def run_forever(vault, stop: threading.Event) -> None:  # type: ignore[no-untyped-def]
-    while not stop.wait(vault.tuning.maintenance_interval):
+def run_forever(core: Core, stop: threading.Event) -> None:
+    while not stop.wait(core.tuning.maintenance_interval):
         try:
-            run_once(vault)
+            run_once(core)
         except Exception as exc:  # noqa: BLE001 - the thread must outlive any one failure
             log.error("maintenance error", error_type=type(exc).__name__)

@@ -32,15 +32,17 @@ import uuid
 import numpy as np
 
 from vault import he, logs
+from vault.core import Core
+from vault.crypto import aad
 from vault.decider import Moves
 from vault.domain.errors import FailedPrecondition, NotFound, VaultError
+from vault.domain.records import BLOCK, LIVE, CollectionKeyRow, KeyJobRow
 from vault.gallery import CollectionGallery
 from vault.gallery import blocks as block_ops
 from vault.gallery.blocks import Block
 from vault.he import linear, poly
 from vault.keys import envelope
-from vault.service import secret_context_aad
-from vault.store import BLOCK, LIVE, CollectionKeyRow, KeyJobRow
+from vault.ops.maintenance import checkpoint
 
 log = logs.get("vault.rotation")
 
@@ -49,45 +51,46 @@ RUNNING, DONE, FAILED = "running", "done", "failed"
 RETRY_SECONDS = 5.0
 
 
-def start(vault, collection_id: str) -> KeyJobRow:  # type: ignore[no-untyped-def]
+def start(core: Core, collection_id: str) -> KeyJobRow:
     """Create the next key version of a collection and start moving templates to it.
 
     A failed job for the collection is resumed rather than started again."""
-    row, gallery = vault._collection(collection_id)
-    with vault.jobs_lock:
-        for job in vault.store.key_jobs():
+    row, gallery = core.current(collection_id)
+    with core.jobs_lock:
+        for job in core.store.key_jobs():
             if job.collection_id != collection_id or job.state == DONE:
                 continue
-            if job.state == RUNNING and job.job_id in vault.job_threads:
+            if job.state == RUNNING and job.job_id in core.job_threads:
                 raise FailedPrecondition("a key rotation is already running for this collection")
             resumed = dataclasses.replace(job, state=RUNNING, error=None)
-            vault.store.finish_job(job.job_id, RUNNING)
-            _launch(vault, resumed)
+            core.store.finish_job(job.job_id, RUNNING)
+            launch(core, resumed)
             return resumed
         new_version = row.key_version + 1
         params = gallery.params
         secret, public = he.generate(params)
         params_json = params.to_json()
-        sealed = envelope.seal(vault.hsm, secret,
-                               secret_context_aad(collection_id, new_version, params_json))
+        sealed = envelope.seal(core.hsm, secret,
+                               aad.secret_context(collection_id, new_version, params_json))
         job = KeyJobRow(uuid.uuid4().hex, collection_id, row.key_version, new_version, RUNNING, 0,
                         len(gallery.blocks), None)
-        vault.store.insert_key_version(CollectionKeyRow(collection_id, new_version, params_json,
+        core.store.insert_key_version(CollectionKeyRow(collection_id, new_version, params_json,
                                                         public, sealed), job)
-        vault.decider.load(collection_id, new_version, secret, params)
+        core.decider.load(collection_id, new_version, secret, params)
         del secret
-        vault.next_galleries[collection_id] = CollectionGallery(
-            collection_id, new_version, row.dimension, params, public, vault.tuning.routing)
-        _launch(vault, job)
+        core.next_galleries[collection_id] = CollectionGallery(
+            collection_id, new_version, row.dimension, params, public, core.tuning.routing)
+        launch(core, job)
     log.info("key rotation started", collection_id=collection_id, version=new_version,
              blocks_total=job.blocks_total)
     return job
 
 
-def _launch(vault, job: KeyJobRow) -> None:  # type: ignore[no-untyped-def]
-    thread = threading.Thread(target=run, args=(vault, job), name=f"rotation-{job.job_id[:8]}",
+def launch(core: Core, job: KeyJobRow) -> None:
+    """Run ``job`` in its own registered thread (the caller holds ``core.jobs_lock``)."""
+    thread = threading.Thread(target=run, args=(core, job), name=f"rotation-{job.job_id[:8]}",
                               daemon=True)
-    vault.job_threads[job.job_id] = thread
+    core.job_threads[job.job_id] = thread
     thread.start()
 
 
@@ -97,49 +100,49 @@ def pending(old: CollectionGallery, new: CollectionGallery) -> list[int]:
                   if b not in new.blocks or new.blocks[b].generation != block.generation)
 
 
-def run(vault, job: KeyJobRow) -> None:  # type: ignore[no-untyped-def]
+def run(core: Core, job: KeyJobRow) -> None:
     """The job's thread: move blocks until few are left, then switch. Token outages are
     waited out in this same thread (a relaunched thread raced its predecessor's clean-up,
     which unregistered it, and a second rotation of the job was then accepted); any other
     failure marks the job failed (``rotate`` resumes it)."""
     cid = job.collection_id
     try:
-        while not vault.stopping.is_set():
+        while not core.stopping.is_set():
             try:
-                if _advance(vault, job):
+                if _advance(core, job):
                     return
             except VaultError as exc:
                 log.warning("key rotation paused", collection_id=cid, error_type=type(exc).__name__)
-                vault.stopping.wait(RETRY_SECONDS)
+                core.stopping.wait(RETRY_SECONDS)
     except Exception as exc:  # noqa: BLE001 - the job must record why it stopped
         log.error("key rotation failed", collection_id=cid, error_type=type(exc).__name__)
-        vault.store.finish_job(job.job_id, FAILED, type(exc).__name__)
+        core.store.finish_job(job.job_id, FAILED, type(exc).__name__)
     finally:
-        with vault.jobs_lock:
-            if vault.job_threads.get(job.job_id) is threading.current_thread():
-                del vault.job_threads[job.job_id]
+        with core.jobs_lock:
+            if core.job_threads.get(job.job_id) is threading.current_thread():
+                del core.job_threads[job.job_id]
 
 
-def _advance(vault, job: KeyJobRow) -> bool:  # type: ignore[no-untyped-def]
+def _advance(core: Core, job: KeyJobRow) -> bool:
     """One round of a job: move the pending blocks, or switch when one is left. True when
     the job is over (switched, or the vault is stopping)."""
     cid = job.collection_id
-    old = vault.gallery(cid, job.from_version)
-    new = vault.next_galleries.get(cid)
+    old = core.gallery(cid, job.from_version)
+    new = core.next_galleries.get(cid)
     if old is None or new is None:
         raise NotFound("the collection's key versions are not loaded")
     todo = pending(old, new)
     if len(todo) <= 1:
-        return switch(vault, job, old, new)
+        return switch(core, job, old, new)
     for block_no in todo:
-        if vault.stopping.is_set():
+        if core.stopping.is_set():
             return True
-        move_block(vault, job, old, new, block_no)
+        move_block(core, job, old, new, block_no)
     return False
 
 
-def move_block(vault, job: KeyJobRow, old: CollectionGallery, new: CollectionGallery,
-               block_no: int) -> None:  # type: ignore[no-untyped-def]
+def move_block(core: Core, job: KeyJobRow, old: CollectionGallery, new: CollectionGallery,
+               block_no: int) -> None:
     """Move one block to the new key version (see the module docstring)."""
     cid = job.collection_id
     params, moduli = new.params, new.ctx.moduli
@@ -147,7 +150,7 @@ def move_block(vault, job: KeyJobRow, old: CollectionGallery, new: CollectionGal
         block = old.blocks.get(block_no)
         if block is None or old.retired:
             return
-        cts = vault.read_block(old, block)  # (D, 2, 1, N)
+        cts = core.read_block(old, block)  # (D, 2, 1, N)
         dim, n = cts.shape[0], cts.shape[3]
         margin = 2 ** (params.template_scale_bits + 1)
         mask = poly.uniform_interior((dim, n), moduli[0], margin)
@@ -156,20 +159,20 @@ def move_block(vault, job: KeyJobRow, old: CollectionGallery, new: CollectionGal
         every = np.arange(n)
         moves = Moves(dim, np.repeat(np.arange(dim), n), np.tile(every, dim),
                       np.repeat(np.arange(dim), n), np.tile(every, dim))
-        fresh = vault.decider.reencrypt(
+        fresh = core.decider.reencrypt(
             cid, old.key_version, masked, False, moves,
-            lambda plain: vault.encryption.encrypt(new.ctx, new.public_context, plain),
+            lambda plain: core.encryption.encrypt(new.ctx, new.public_context, plain),
             lift_to=moduli)
         fresh[:, 0] = poly.sub(fresh[:, 0], poly.residues(mask.astype(np.int64), moduli).swapaxes(0, 1),
                                moduli)
         del mask, masked, cts
-        change = vault.protector.transform(cid, old.key_version, old.dimension).change_to(
-            vault.protector.transform(cid, new.key_version, new.dimension))
+        change = core.protector.transform(cid, old.key_version, old.dimension).change_to(
+            core.protector.transform(cid, new.key_version, new.dimension))
         rotated = linear.rescale(linear.linear_map(
             fresh, np.rint(change * moduli[1]).astype(np.int64), moduli), moduli)
         del fresh
-        path = vault.files.path(cid, new.key_version, block_no, block.generation)
-        digest = vault.files.write(path, block_ops.split_levels(rotated), moduli[:1])
+        path = core.files.path(cid, new.key_version, block_no, block.generation)
+        digest = core.files.write(path, block_ops.split_levels(rotated), moduli[:1])
         centroid = None
         if block.centroid is not None:
             turned = change @ block.centroid.astype(np.float64)
@@ -180,49 +183,47 @@ def move_block(vault, job: KeyJobRow, old: CollectionGallery, new: CollectionGal
         del rotated
         replaced = new.blocks.get(block_no)
         with old.write_lock:  # deletions meanwhile are in the rows read here
-            rows = [vault.sign(dataclasses.replace(t, key_version=new.key_version, mac=b""))
-                    for t in vault.store.templates_in(cid, old.key_version, BLOCK, block_no)]
-            sketch = (vault.seal_sketch(cid, new.key_version, block_no, centroid)
+            rows = [core.sign(dataclasses.replace(t, key_version=new.key_version, mac=b""))
+                    for t in core.store.templates_in(cid, old.key_version, BLOCK, block_no)]
+            sketch = (core.seal_sketch(cid, new.key_version, block_no, centroid)
                       if centroid is not None else None)
             done = len(new.blocks) + (0 if block_no in new.blocks else 1)
-            vault.store.write_moved_block(vault.block_row(new, moved, digest, sketch), rows,
+            core.store.write_moved_block(core.block_row(new, moved, digest, sketch), rows,
                                           job.job_id, done, len(old.blocks))
             for t in rows:  # owners from the rows: an earlier move of this block is stale
                 if t.state == LIVE:
                     moved.groups[t.slot] = new.group(t.subject_hmac)
             new.install_block(moved, keep_owners=False)
         if replaced is not None:
-            vault.retire(vault.files.path(cid, new.key_version, block_no, replaced.generation),
+            core.retire(core.files.path(cid, new.key_version, block_no, replaced.generation),
                          erase=True)
     log.info("key rotation progress", collection_id=cid, version=new.key_version,
              blocks_done=done, blocks_total=len(old.blocks))
 
 
-def switch(vault, job: KeyJobRow, old: CollectionGallery, new: CollectionGallery) -> bool:  # type: ignore[no-untyped-def]
+def switch(core: Core, job: KeyJobRow, old: CollectionGallery, new: CollectionGallery) -> bool:
     """Checkpoint the old journal, move what is left, and make the new version current.
     False when writes slipped in meanwhile (the caller goes round again)."""
-    from vault.maintenance import checkpoint
-
     cid = job.collection_id
     with old.block_lock:
-        checkpoint(vault, old)
+        checkpoint(core, old)
         for block_no in pending(old, new):
-            move_block(vault, job, old, new, block_no)
+            move_block(core, job, old, new, block_no)
         with old.write_lock:
             if old.pages or pending(old, new):
                 return False
-            row = vault.store.collection(cid)
-            current = vault.sign(dataclasses.replace(
+            row = core.store.collection(cid)
+            current = core.sign(dataclasses.replace(
                 row, key_version=new.key_version,
                 min_key_version=max(row.min_key_version, new.key_version), mac=b""))
-            with vault.switch_lock:
-                vault.store.switch_key_version(current, old.key_version, job.job_id)
+            with core.switch_lock:
+                core.store.switch_key_version(current, old.key_version, job.job_id)
                 old.retired = True
-                vault.install_current(cid, new)
+                core.install_current(cid, new)
         for block in old.blocks.values():
-            vault.retire(vault.files.path(cid, old.key_version, block.block_no, block.generation),
+            core.retire(core.files.path(cid, old.key_version, block.block_no, block.generation),
                          erase=True)
-    vault.retire_key_version(cid, old.key_version)
+    core.retire_key_version(cid, old.key_version)
     log.info("key rotation done", collection_id=cid, version=new.key_version,
              template_count=new.template_count())
     return True

@@ -24,13 +24,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vault import logs
+from vault.core import Core
 from vault.domain.errors import AlreadyExists, PermissionDenied, Unavailable, VaultError
+from vault.domain.records import BLOCK, CLUSTERED, DELETED, LIVE, MIXED, TemplateRow
+from vault.gallery import CollectionGallery
 from vault.gallery import blocks as block_ops
 from vault.gallery.blocks import Block
 from vault.gallery.prefilter import balanced_clusters, sketch
 from vault.he import poly
+from vault.ops import enroll
 from vault.protector import centre, validate_embedding
-from vault.store import BLOCK, CLUSTERED, DELETED, LIVE, MIXED, TemplateRow
 from vault.validation import check_request_id, check_subject_id
 
 log = logs.get("vault.imports")
@@ -67,18 +70,18 @@ class _Pending:
 class ImportSession:
     """One import stream into one collection."""
 
-    def __init__(self, vault, collection_id: str) -> None:  # type: ignore[no-untyped-def]
-        self.vault = vault
-        self.row, self.gallery = vault._collection(collection_id)
+    def __init__(self, core: Core, collection_id: str) -> None:
+        self.core = core
+        self.row, self.gallery = core.current(collection_id)
         self.collection_id = collection_id
         slots, dim = self.gallery.params.slots, self.row.dimension
-        budget = max(1, vault.tuning.import_chunk_bytes // (8 * dim * slots))
+        budget = max(1, core.tuning.import_chunk_bytes // (8 * dim * slots))
         self.chunk = slots * min(MAX_CHUNK_BLOCKS, budget)
         self._buffer: list[_Pending] = []
         self._pending_requests: dict[bytes, _Pending] = {}
         self._followers: list[tuple[int, _Pending]] = []  # repeats of a pending request id
         self._next_index = 0
-        self._mean = vault.reference_mean(self.row)
+        self._mean = core.reference_mean(self.row)
         self._new_subjects: set[bytes] = set()  # first enrolled by this stream
         self.stored = 0
         self.failed = 0
@@ -98,7 +101,7 @@ class ImportSession:
             except VaultError as exc:
                 results.append(self._failed(index, exc))
         if valid:
-            transform = self.vault.protector.transform(self.collection_id, self.row.key_version,
+            transform = self.core.protector.transform(self.collection_id, self.row.key_version,
                                                        self.row.dimension)
             protected = transform.apply(np.stack([x for _, _, x in valid]))
             for (index, item, _), template in zip(valid, protected):
@@ -121,18 +124,18 @@ class ImportSession:
         return ImportResult(index, error=exc)
 
     def _accept(self, index: int, item: ImportItem, template: np.ndarray) -> ImportResult | None:
-        integrity = self.vault.integrity
+        integrity = self.core.integrity
         subject_hmac = integrity.subject_index(self.collection_id, item.subject_id)
         request_hmac = (integrity.request_index(self.collection_id, item.request_id)
                         if item.request_id else None)
         try:
-            previous = self.vault._previous(request_hmac, subject_hmac)
+            previous = enroll.previous_answer(self.core, request_hmac, subject_hmac)
         except AlreadyExists as exc:
             return self._failed(index, exc)
         if previous is not None:
             return ImportResult(index, previous[0], previous[1])
         if subject_hmac not in self._new_subjects:
-            if self.vault.store.subject_templates(self.collection_id, subject_hmac):
+            if self.core.store.subject_templates(self.collection_id, subject_hmac):
                 return self._failed(index, PermissionDenied(
                     "subject_id is already enrolled: add faces to it with Enroll, which "
                     "checks them against its templates"))
@@ -152,7 +155,7 @@ class ImportSession:
 
     def _flush(self, count: int) -> list[ImportResult]:
         chunk, self._buffer = self._buffer[:count], self._buffer[count:]
-        ids = store_chunk(self.vault, self.gallery, chunk)
+        ids = store_chunk(self.core, self.gallery, chunk)
         self.stored += len(chunk)
         done = {p.index: template_id for p, template_id in zip(chunk, ids)}
         version = self.gallery.key_version
@@ -170,7 +173,7 @@ class ImportSession:
         return results
 
 
-def store_chunk(vault, gallery, chunk: list[_Pending]) -> list[str]:  # type: ignore[no-untyped-def]
+def store_chunk(core: Core, gallery: CollectionGallery, chunk: list[_Pending]) -> list[str]:
     """Encrypt and store one chunk; returns the template ids, in chunk order."""
     cid, version = gallery.collection_id, gallery.key_version
     params, ctx = gallery.params, gallery.ctx
@@ -197,31 +200,31 @@ def store_chunk(vault, gallery, chunk: list[_Pending]) -> list[str]:  # type: ig
         for block_no, kind, base, members, first in targets:
             plain = block_ops.dimension_major_plaintexts(templates[members], first, n,
                                                          params.template_scale, moduli)
-            cts = vault.encryption.encrypt(ctx, gallery.public_context, plain)
+            cts = core.encryption.encrypt(ctx, gallery.public_context, plain)
             del plain
             generation = 1
             if base is not None:
-                cts = poly.add(vault.read_block(gallery, base), cts, moduli)
+                cts = poly.add(core.read_block(gallery, base), cts, moduli)
                 generation = base.generation + 1
-                retired.append(vault.files.path(cid, version, block_no, base.generation))
-            path = vault.files.path(cid, version, block_no, generation)
-            digest = vault.files.write(path, block_ops.split_levels(cts), moduli)
+                retired.append(core.files.path(cid, version, block_no, base.generation))
+            path = core.files.path(cid, version, block_no, generation)
+            digest = core.files.write(path, block_ops.split_levels(cts), moduli)
             centroid = sketch(templates[members]) if kind == CLUSTERED else None
             block = Block(block_no, kind, generation, first + len(members), len(moduli),
                           np.ascontiguousarray(cts[:, :, 0, :]), digest,
                           np.full(n, -1, np.int32), centroid)
             del cts
             blocks.append(block)
-            sealed = (vault.seal_sketch(cid, version, block_no, centroid)
+            sealed = (core.seal_sketch(cid, version, block_no, centroid)
                       if centroid is not None else None)
-            block_rows.append(vault.block_row(gallery, block, digest, sealed))
+            block_rows.append(core.block_row(gallery, block, digest, sealed))
             for slot, i in enumerate(members.tolist(), first):
                 places[i] = (block_no, slot)
 
         def template_row(i: int, live: bool) -> TemplateRow:
             block_no, slot = places[i]
             p = chunk[i]  # a tombstone names no subject and no request
-            return vault.sign(TemplateRow(ids[i], cid, p.subject_hmac if live else b"", version,
+            return core.sign(TemplateRow(ids[i], cid, p.subject_hmac if live else b"", version,
                                           BLOCK, block_no, slot, p.request_hmac if live else None,
                                           LIVE if live else DELETED, 0, b""))
 
@@ -232,21 +235,21 @@ def store_chunk(vault, gallery, chunk: list[_Pending]) -> list[str]:  # type: ig
                                   "retry the stream (request ids make it safe)")
             # A request id committed meanwhile by another call: that call's answer stands;
             # the values encrypted here for it are stored as a deleted template, erased later.
-            taken = vault.store.existing_requests([p.request_hmac for p in chunk if p.request_hmac])
+            taken = core.store.existing_requests([p.request_hmac for p in chunk if p.request_hmac])
             for i, p in enumerate(chunk):
                 if p.request_hmac in taken:
                     rows[i] = template_row(i, False)
-                    ids[i] = vault.store.template_by_request(p.request_hmac).template_id
-            subjects = [(cid, p.subject_hmac, vault.seal_subject(cid, p.subject_hmac, p.subject_id))
+                    ids[i] = core.store.template_by_request(p.request_hmac).template_id
+            subjects = [(cid, p.subject_hmac, core.seal_subject(cid, p.subject_hmac, p.subject_id))
                         for p, row in zip(chunk, rows) if row.state == LIVE]
-            vault.store.write_templates([], block_rows, rows, subjects)
+            core.store.write_templates([], block_rows, rows, subjects)
             for block in blocks:
                 gallery.install_block(block)
             for row in rows:  # slots become live once their block is installed
                 if row.state == LIVE:
                     gallery.set_live(BLOCK, row.loc, row.slot, gallery.group(row.subject_hmac))
         for path in retired:
-            vault.retire(path, erase=True)
+            core.retire(path, erase=True)
     log.info("import chunk stored", collection_id=cid, count=len(chunk), blocks=len(blocks))
     return ids
 

@@ -1,0 +1,210 @@
+"""Match: 1:1 verification and 1:N identification, decided by the decider, released only after the rows' MACs hold."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from vault import logs
+from vault.core import Core
+from vault.crypto import aad
+from vault.decider import GroupScore
+from vault.domain.errors import (
+    DataLoss,
+    FailedPrecondition,
+    NotFound,
+)
+from vault.domain.model import Candidate, MatchResult, Observer
+from vault.domain.records import (
+    BLOCK,
+    PAGE,
+    TemplateRow,
+)
+from vault.gallery import CollectionGallery
+from vault.validation import (
+    check_collection_id,
+    check_purpose,
+    check_subject_id,
+    check_threshold,
+    check_top_k,
+)
+
+log = logs.get("vault.ops.match")
+
+
+def _subject_rows(core: Core, collection_id: str, gallery: CollectionGallery,
+                  subject_hmac: bytes) -> list[TemplateRow]:
+    """A subject's live template rows, every MAC checked; DATA_LOSS otherwise."""
+    rows = core.store.subject_templates(collection_id, subject_hmac, gallery.key_version)
+    if not rows:
+        raise NotFound("subject not found in this collection")
+    _check_rows(core, collection_id, rows)
+    return rows
+
+
+def _check_rows(core: Core, collection_id: str, rows: list[TemplateRow]) -> None:
+    for t in rows:
+        if not core.verified(t):
+            log.error("integrity failure", kind="template", collection_id=collection_id)
+            raise DataLoss("a stored template of this subject failed its integrity check")
+
+
+def held_rows(core: Core, collection_id: str, gallery: CollectionGallery,
+          subject_hmac: bytes) -> tuple[list[TemplateRow], list | None]:
+    """A subject's live rows (MACs checked) and the holders they name, as of one moment;
+    ([], None) for an unknown subject; DATA_LOSS when rows and memory disagree."""
+    with gallery.write_lock:  # a checkpoint moves templates under this lock
+        rows = core.store.subject_templates(collection_id, subject_hmac, gallery.key_version)
+        if not rows:
+            return rows, None
+        _check_rows(core, collection_id, rows)
+        held = gallery.resolve([(t.tier, t.loc, t.slot) for t in rows],
+                               gallery.group(subject_hmac))
+    if held is None:
+        log.error("integrity failure", kind="template_place", collection_id=collection_id)
+        raise DataLoss("a stored template of this subject failed its integrity check")
+    return rows, held
+
+
+def verify(core: Core, collection_id: str, subject_id: str, embedding: Sequence[float],
+           threshold: float | None = None,
+           cancelled: Callable[[], bool] | None = None, release_scores: bool = False,
+           observe: Observer | None = None, credential: str = "local",
+           reveal_unknown: bool = True) -> MatchResult:
+    """1:1: does the probe match any template of ``subject_id``, at the collection's
+    threshold? (``threshold`` overrides it for in-process callers, e.g. tests; no RPC
+    reaches it.) ``release_scores``: the caller was granted scores.
+
+    Each call is an attempt of ``credential`` on the subject, reserved before scoring
+    (vault.attempts). An unknown subject is NOT_FOUND only if ``reveal_unknown`` (the
+    API: admins); otherwise it is answered as a non-match, attempts and decoy scoring
+    included, so that a matcher cannot tell who is enrolled."""
+    row, gallery = core.current(collection_id)
+    subject_id = check_subject_id(subject_id)
+    core.release_settings(row)
+    threshold = row.threshold if threshold is None else check_threshold(threshold)
+    probe = core.protector.protect(collection_id, row.key_version, row.dimension, embedding,
+                                   reference_mean=core.reference_mean(row))
+    if observe is not None:
+        observe(probe)
+    subject_hmac = core.integrity.subject_index(collection_id, subject_id)
+    rows, held = held_rows(core, collection_id, gallery, subject_hmac)
+    if not rows and reveal_unknown:
+        raise NotFound("subject not found in this collection")
+    reservation = core.attempts.reserve(collection_id, subject_hmac, credential)
+    try:
+        if held is None:
+            _decoy(core, gallery, probe, cancelled)
+            decided: list[GroupScore] = []
+        else:
+            parts = gallery.score_held(probe, held, cancelled)
+            decided = core.decider.decide(collection_id, row.key_version, parts, threshold, 1,
+                                          release_scores)
+    except BaseException:
+        core.attempts.release(reservation)  # no answer leaves: nothing was learnt
+        raise
+    core.attempts.settle(reservation, success=bool(decided))
+    if not decided:
+        return MatchResult(False, [], threshold, release_scores)
+    return MatchResult(True, [Candidate(subject_id, decided[0].score, subject_hmac)],
+                       threshold, release_scores)
+
+
+def _decoy(core: Core, gallery: CollectionGallery, probe: np.ndarray,
+           cancelled: Callable[[], bool] | None) -> None:
+    """Score and decrypt one stored slot and release nothing: an unknown subject costs
+    about what a known one does (best effort; not constant time)."""
+    pages = list(gallery.pages.values())[:1]
+    blocks = list(gallery.blocks.values())[:1]
+    held = ([(PAGE, pages[0], np.zeros(1, np.int64))] if pages
+            else [(BLOCK, blocks[0], np.zeros(1, np.int64))] if blocks else [])
+    if held:
+        parts = gallery.score_held(probe, held, cancelled)
+        core.decider.decide(gallery.collection_id, gallery.key_version, parts, 2.0, 1)
+
+
+def unlock_subject(core: Core, collection_id: str, subject_id: str) -> int:
+    """Clear every attempt record of a subject (admin); returns how many credentials
+    were locked (or had a damaged record)."""
+    check_collection_id(collection_id)
+    if core.store.collection(collection_id) is None:
+        raise NotFound("collection not found")
+    subject_id = check_subject_id(subject_id)
+    subject_hmac = core.integrity.subject_index(collection_id, subject_id)
+    unlocked = core.attempts.unlock(collection_id, subject_hmac)
+    log.info("subject unlocked", collection_id=collection_id, count=unlocked)
+    return unlocked
+
+
+def identify(core: Core, collection_id: str, embedding: Sequence[float], top_k: int = 1,
+             threshold: float | None = None,
+             cancelled: Callable[[], bool] | None = None, release_scores: bool = False,
+             purpose: str = "", observe: Observer | None = None) -> MatchResult:
+    """1:N: the best ``top_k`` subjects whose score reaches the collection's threshold
+    (``threshold``: in-process override, as for :meth:`verify`). A collection created
+    with ``require_purpose`` refuses a search without a ``purpose``."""
+    row, gallery = core.current(collection_id)
+    top_k = check_top_k(top_k)
+    purpose = check_purpose(purpose)
+    if not purpose and core.release_settings(row).require_purpose:
+        raise FailedPrecondition("this collection requires a purpose (a case reference) "
+                                 "on every 1:N identification")
+    threshold = row.threshold if threshold is None else check_threshold(threshold)
+    if gallery.damaged:
+        raise DataLoss("a block or journal page of this collection failed its integrity "
+                       "check: a 1:N match cannot cover every template")
+    probe = core.protector.protect(collection_id, row.key_version, row.dimension, embedding,
+                                   reference_mean=core.reference_mean(row))
+    if observe is not None:
+        observe(probe)
+    parts = gallery.score_all(probe, cancelled)
+    decided = core.decider.decide(collection_id, row.key_version, parts, threshold, top_k,
+                                  release_scores)
+    candidates = [c for c in (_release(core, collection_id, gallery, d) for d in decided) if c]
+    return MatchResult(bool(candidates), candidates, threshold, release_scores)
+
+
+def _release(core: Core, collection_id: str, gallery: CollectionGallery,
+             decided: GroupScore) -> Candidate | None:
+    """The subject id behind a decided group, after checking its rows' MACs; a
+    tampered record is never named: DATA_LOSS (logged), not a silent non-match."""
+    subject_hmac = gallery.subject(decided.group)
+    try:
+        try:
+            _subject_rows(core, collection_id, gallery, subject_hmac)
+        except NotFound:
+            # Deleted since the scoring, or a key rotation switched versions meanwhile:
+            # then the rows are under the current version (the lock waits out a switch).
+            with core.switch_lock:
+                current = core.current_galleries.get(collection_id)
+            if current is None or current is gallery:
+                return None
+            _subject_rows(core, collection_id, current, subject_hmac)
+    except NotFound:
+        return None
+    sealed = core.store.sealed_subject_id(collection_id, subject_hmac)
+    if sealed is None:
+        if not core.store.subject_templates(collection_id, subject_hmac):
+            return None  # deleted meanwhile
+        log.error("integrity failure", kind="subject_missing", collection_id=collection_id)
+        raise DataLoss("the subject record of a matching template is missing: failed its "
+                       "integrity check")
+    subject_id = core.pii.decrypt(sealed, aad.subject_id(collection_id, subject_hmac))
+    return Candidate(subject_id.decode(), decided.score, subject_hmac)
+
+
+def audit_subject_ref(core: Core, collection_id: str, subject_hmac: bytes, entry_ref: str) -> bytes:
+    """What an audit entry records of a subject: an HMAC of the entry's reference under
+    a key derived from the subject's sealed id record. Entries of one subject cannot be
+    linked without that record and the audit-ref data key (wrapped in the HSM); once
+    the subject is deleted its record is gone and no one can link them to it any more.
+    Empty when the subject has no record (unknown or already deleted)."""
+    sealed = core.store.sealed_subject_id(collection_id, subject_hmac)
+    if sealed is None:
+        return b""
+    key = hmac.new(core.audit_ref_key, aad.audit_subject(collection_id, sealed),
+                   hashlib.sha256).digest()
+    return hmac.new(key, entry_ref.encode(), hashlib.sha256).digest()[:16]

@@ -1,0 +1,1 @@
+"""Store role: SQLite behind the repository :class:`vault.store.Store`, by concern."""

@@ -1,0 +1,113 @@
+"""The live-set commitment of each (collection, key version), kept inside every write
+transaction: what a row deleted, restored or replayed behind the vault's back changes."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from vault.domain.errors import DataLoss
+from vault.domain.records import (
+    BLOCK,
+    LIVE,
+    PAGE,
+    TemplateRow,
+)
+from vault.keys.integrity import LiveSet
+from vault.storage.sqlite import Connection
+
+
+class LiveSetLedger(Connection):
+    """Leaves of the live rows, folded into the MACed commitment at each commit."""
+
+    # -- live-set commitments -------------------------------------------------------------
+
+    def _change(self, collection_id: str, key_version: int, delta: int) -> None:
+        key = (collection_id, key_version)
+        self._delta[key] = self._delta.get(key, 0) + delta
+
+    def _template_leaf(self, row: tuple) -> int:
+        """``row``: (template_id, collection_id, subject_hmac, key_version, tier, loc,
+        slot, mac) of a live template."""
+        assert self.live_set is not None
+        tid, cid, subject_hmac, version, tier, loc, slot, mac = row
+        return self.live_set.template(cid, version, tid, subject_hmac, tier, loc, slot, mac)
+
+    _LEAF_COLUMNS = "template_id, collection_id, subject_hmac, key_version, tier, loc, slot, mac"
+
+    def _forget_template(self, db: sqlite3.Connection, template_id: str, key_version: int) -> None:
+        """Take a stored template row out of its commitment, if it is live (before it is
+        updated, replaced or deleted)."""
+        found = db.execute(f"SELECT {self._LEAF_COLUMNS} FROM templates WHERE template_id=? "
+                           "AND key_version=? AND state=?", (template_id, key_version, LIVE)).fetchone()
+        if found is not None:
+            self._change(found[1], found[3], -self._template_leaf(found))
+
+    def _add_template(self, t: TemplateRow) -> None:
+        if t.state == LIVE:
+            self._change(t.collection_id, t.key_version, self._template_leaf(
+                (t.template_id, t.collection_id, t.subject_hmac, t.key_version, t.tier, t.loc,
+                 t.slot, t.mac)))
+
+    def _holder_leaf(self, cid: str, version: int, tier: int, loc: int, generation: int,
+                     mac: bytes) -> int:
+        assert self.live_set is not None
+        return self.live_set.holder(cid, version, tier, loc, generation, mac)
+
+    def _forget_holder(self, db: sqlite3.Connection, tier: int, cid: str, version: int,
+                       loc: int) -> None:
+        table, column = ("pages", "page_no") if tier == PAGE else ("blocks", "block_no")
+        found = db.execute(f"SELECT generation, mac FROM {table} WHERE collection_id=? AND "
+                           f"key_version=? AND {column}=?", (cid, version, loc)).fetchone()
+        if found is not None:
+            self._change(cid, version, -self._holder_leaf(cid, version, tier, loc, *found))
+
+    def _new_state(self, db: sqlite3.Connection, collection_id: str, key_version: int) -> None:
+        assert self.live_set is not None
+        digest = bytes(32)
+        db.execute("INSERT INTO collection_state VALUES (?,?,?,?,?)",
+                   (collection_id, key_version, 0, digest,
+                    self.live_set.seal(collection_id, key_version, 0, digest)))
+
+    def _commit_states(self, db: sqlite3.Connection) -> None:
+        """Fold this transaction's changes into the state rows it touched (checked first:
+        a state row changed behind the vault's back is not built upon)."""
+        delta, self._delta = self._delta, {}
+        for (cid, version), change in delta.items():
+            assert self.live_set is not None
+            found = db.execute("SELECT counter, digest, mac FROM collection_state WHERE "
+                               "collection_id=? AND key_version=?", (cid, version)).fetchone()
+            if found is None or not self.live_set.check(found[2], cid, version, found[0], found[1]):
+                raise DataLoss("the collection's live-set commitment is missing or failed its "
+                               "integrity check; nothing was written")
+            counter, digest = found[0] + 1, LiveSet.add(found[1], change)
+            db.execute("UPDATE collection_state SET counter=?, digest=?, mac=? WHERE "
+                       "collection_id=? AND key_version=?",
+                       (counter, digest, self.live_set.seal(cid, version, counter, digest),
+                        cid, version))
+
+    def live_set_state(self, collection_id: str, key_version: int) -> tuple[int, bytes, bytes] | None:
+        """(counter, digest, MAC) of a key version's commitment, if stored."""
+        rows = self._query("SELECT counter, digest, mac FROM collection_state WHERE "
+                           "collection_id=? AND key_version=?", (collection_id, key_version))
+        return rows[0] if rows else None
+
+    def live_set_digest(self, collection_id: str, key_version: int) -> bytes:
+        """The commitment recomputed from every stored live template, page and block row."""
+        args = (collection_id, key_version)
+        total = sum(self._template_leaf(r) for r in self._query(
+            f"SELECT {self._LEAF_COLUMNS} FROM templates WHERE collection_id=? AND key_version=? "
+            "AND state=?", args + (LIVE,)))
+        for tier, table, column in ((PAGE, "pages", "page_no"), (BLOCK, "blocks", "block_no")):
+            total += sum(self._holder_leaf(collection_id, key_version, tier, loc, generation, mac)
+                         for loc, generation, mac in self._query(
+                             f"SELECT {column}, generation, mac FROM {table} WHERE collection_id=? "
+                             "AND key_version=?", args))
+        return LiveSet.add(bytes(32), total)
+
+    def subjects_missing(self, collection_id: str, key_version: int) -> int:
+        """Subjects with a live template but no sealed id row (a deleted subjects row)."""
+        return self._query(
+            "SELECT COUNT(DISTINCT t.subject_hmac) FROM templates t LEFT JOIN subjects s ON "
+            "s.collection_id=t.collection_id AND s.subject_hmac=t.subject_hmac WHERE "
+            "t.collection_id=? AND t.key_version=? AND t.state=? AND s.subject_hmac IS NULL",
+            (collection_id, key_version, LIVE))[0][0]

@@ -1,0 +1,213 @@
+"""The SQLite connection: schema, pragmas, one write transaction at a time, and the
+mapping of the medium's failures to precise vault errors (see vault.store)."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from vault.domain.errors import ResourceExhausted, Unavailable
+from vault.keys.integrity import LiveSet
+
+SCHEMA_VERSION = 4
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+  key TEXT PRIMARY KEY,
+  value BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS wrapped_keys (
+  name TEXT NOT NULL,
+  version INTEGER NOT NULL,
+  blob BLOB NOT NULL,
+  PRIMARY KEY (name, version)
+);
+CREATE TABLE IF NOT EXISTS collections (
+  collection_id TEXT PRIMARY KEY,
+  dimension INTEGER NOT NULL,
+  threshold REAL NOT NULL,
+  key_version INTEGER NOT NULL,
+  min_key_version INTEGER NOT NULL,
+  mac BLOB NOT NULL,
+  reference_mean BLOB,
+  policy TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS collection_keys (
+  collection_id TEXT NOT NULL,
+  key_version INTEGER NOT NULL,
+  he_params TEXT NOT NULL,
+  public_context BLOB NOT NULL,
+  sealed_secret_context BLOB NOT NULL,
+  PRIMARY KEY (collection_id, key_version)
+);
+CREATE TABLE IF NOT EXISTS subjects (
+  collection_id TEXT NOT NULL,
+  subject_hmac BLOB NOT NULL,
+  sealed_subject_id BLOB NOT NULL,
+  PRIMARY KEY (collection_id, subject_hmac)
+);
+CREATE TABLE IF NOT EXISTS templates (
+  template_id TEXT NOT NULL,
+  collection_id TEXT NOT NULL,
+  subject_hmac BLOB NOT NULL,
+  key_version INTEGER NOT NULL,
+  tier INTEGER NOT NULL,
+  loc INTEGER NOT NULL,
+  slot INTEGER NOT NULL,
+  request_hmac BLOB,
+  state INTEGER NOT NULL,
+  erased INTEGER NOT NULL,
+  mac BLOB NOT NULL,
+  PRIMARY KEY (template_id, key_version)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS templates_by_request ON templates (request_hmac, key_version);
+CREATE INDEX IF NOT EXISTS templates_by_subject ON templates (collection_id, subject_hmac);
+CREATE INDEX IF NOT EXISTS templates_by_place ON templates (collection_id, key_version, tier, loc, slot);
+CREATE TABLE IF NOT EXISTS pages (
+  collection_id TEXT NOT NULL,
+  key_version INTEGER NOT NULL,
+  page_no INTEGER NOT NULL,
+  generation INTEGER NOT NULL,
+  fill INTEGER NOT NULL,
+  ciphertext BLOB NOT NULL,
+  mac BLOB NOT NULL,
+  PRIMARY KEY (collection_id, key_version, page_no)
+);
+CREATE TABLE IF NOT EXISTS blocks (
+  collection_id TEXT NOT NULL,
+  key_version INTEGER NOT NULL,
+  block_no INTEGER NOT NULL,
+  kind INTEGER NOT NULL,
+  generation INTEGER NOT NULL,
+  levels INTEGER NOT NULL,
+  fill INTEGER NOT NULL,
+  digest BLOB NOT NULL,
+  sketch BLOB,
+  mac BLOB NOT NULL,
+  PRIMARY KEY (collection_id, key_version, block_no)
+);
+CREATE TABLE IF NOT EXISTS key_jobs (
+  job_id TEXT PRIMARY KEY,
+  collection_id TEXT NOT NULL,
+  from_version INTEGER NOT NULL,
+  to_version INTEGER NOT NULL,
+  state TEXT NOT NULL,
+  blocks_done INTEGER NOT NULL,
+  blocks_total INTEGER NOT NULL,
+  error TEXT
+);
+CREATE TABLE IF NOT EXISTS collection_state (
+  collection_id TEXT NOT NULL,
+  key_version INTEGER NOT NULL,
+  counter INTEGER NOT NULL,
+  digest BLOB NOT NULL,
+  mac BLOB NOT NULL,
+  PRIMARY KEY (collection_id, key_version)
+);
+CREATE TABLE IF NOT EXISTS verify_attempts (
+  collection_id TEXT NOT NULL,
+  subject_hmac BLOB NOT NULL,
+  credential_hmac BLOB NOT NULL,
+  failures INTEGER NOT NULL,
+  since REAL NOT NULL,
+  locked_until REAL NOT NULL,
+  mac BLOB NOT NULL,
+  PRIMARY KEY (collection_id, subject_hmac, credential_hmac)
+);
+"""
+
+# Primary SQLite result codes (the low byte of an extended code).
+_SQLITE_FULL = 13
+_SQLITE_UNAVAILABLE = {5: "database is locked", 6: "table is locked", 8: "database is read-only",
+                       10: "disk I/O error", 14: "cannot open the database file"}
+
+
+@contextmanager
+def _storage_errors() -> Iterator[None]:
+    """Map SQLite failures of the medium to precise, data-free vault errors."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+        if code == _SQLITE_FULL:
+            raise ResourceExhausted("storage is full: the data directory has no space left; "
+                                    "nothing was written") from exc
+        if code in _SQLITE_UNAVAILABLE:
+            raise Unavailable(f"storage unavailable ({_SQLITE_UNAVAILABLE[code]}); "
+                              "nothing was written") from exc
+        raise
+
+
+class Connection:
+    """One SQLite connection behind a lock (the embedded default serves from one process)."""
+
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        # Set by the vault: keys the live-set commitment every write transaction updates.
+        self.live_set: LiveSet | None = None
+        self._delta: dict[tuple[str, int], int] = {}
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA secure_delete=ON")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        with self.transaction() as db:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
+                       (SCHEMA_VERSION,))
+            (found,) = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if int(found) != SCHEMA_VERSION:
+            self._db.close()
+            raise Unavailable(f"database schema version {int(found)} is not {SCHEMA_VERSION}: "
+                              "this vault cannot open it")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """An immediate (write-locking) transaction; rolled back on any exception.
+
+        Storage failures become :class:`ResourceExhausted` (disk full) or
+        :class:`Unavailable` (I/O error, locked, read-only): either way nothing was written.
+        """
+        with self._lock, _storage_errors():
+            self._db.execute("BEGIN IMMEDIATE")
+            self._delta = {}
+            try:
+                yield self._db
+                self._commit_states(self._db)
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:  # SQLite may have rolled back by itself already
+                    try:
+                        self._db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                raise
+
+    def checkpoint_wal(self) -> None:
+        """Copy the WAL into the main file and truncate it to zero bytes: older page images
+        (a deleted row, a replaced ciphertext) leave the WAL, and the pages they were
+        freed from are zeroed in the main file (``secure_delete``)."""
+        with self._lock, _storage_errors():
+            busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            raise Unavailable("the database was busy: its write-ahead log was not truncated")
+
+    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock, _storage_errors():
+            return self._db.execute(sql, args).fetchall()
+
+    def _commit_states(self, db: sqlite3.Connection) -> None:
+        """Called inside every write transaction before COMMIT: the live-set ledger
+        (vault.storage.live_set) folds the transaction's changes into the commitment."""
