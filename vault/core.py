@@ -244,6 +244,8 @@ class Core:
             raise DataLoss("collection record does not match the loaded key version")
         if row.key_version < row.min_key_version:
             raise FailedPrecondition("collection key version is below its minimum")
+        if not damaged_ok:  # threshold, policy, reference mean: as signed, on every path
+            self.release_settings(row)
         return row, gallery
 
     def release_settings(self, row: CollectionRow) -> CollectionPolicy:

@@ -157,13 +157,28 @@ def test_release_settings_edited_under_a_running_vault_are_refused(vault) -> Non
         vault.enroll(cid, "p0", FACES[0].tolist())
     assert vault.identify("p", FACES[0].tolist(), purpose="case 1").matched
     db = sqlite3.connect(vault.store.path)
+    (signed_threshold,) = db.execute("SELECT threshold FROM collections WHERE collection_id='t'").fetchone()
     with db:
         db.execute("UPDATE collections SET policy='' WHERE collection_id='p'")
         db.execute("UPDATE collections SET threshold=-1.0 WHERE collection_id='t'")
     db.close()
     with pytest.raises(DataLoss):
         vault.identify("p", FACES[0].tolist())
+    with pytest.raises(DataLoss):  # giving a purpose skips no check
+        vault.identify("p", FACES[0].tolist(), purpose="case 2")
     with pytest.raises(DataLoss):
         vault.identify("t", FACES[1].tolist())
     with pytest.raises(DataLoss):
+        vault.identify("t", FACES[1].tolist(), purpose="case 3")
+    with pytest.raises(DataLoss):
         vault.verify("t", "p0", FACES[1].tolist())
+    # An enroller cannot use the lowered threshold to attach another face to p0.
+    with pytest.raises(DataLoss):
+        vault.enroll("t", "p0", FACES[1].tolist())
+    db = sqlite3.connect(vault.store.path)
+    with db:  # the writer puts the threshold back: the old MAC holds again, nothing was added
+        db.execute("UPDATE collections SET threshold=? WHERE collection_id='t'",
+                   (signed_threshold,))
+    db.close()
+    assert vault.get_collection("t").template_count == 1
+    assert not vault.verify("t", "p0", FACES[1].tolist()).matched
