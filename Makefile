@@ -7,7 +7,7 @@ DATA_DIR ?= ./data
 HSM_DIR ?= ./hsm
 LISTEN ?= 127.0.0.1:50051
 
-.PHONY: setup run test stress demo bench proto lint clean
+.PHONY: setup run test stress demo bench proto lint typecheck clean
 
 $(VENV)/.installed: pyproject.toml
 	bash hsm/install-system-deps.sh
@@ -21,7 +21,8 @@ setup: $(VENV)/.installed
 run: setup
 	$(VENV)/bin/vault serve --data-dir $(DATA_DIR) --hsm-dir $(HSM_DIR) --listen $(LISTEN)
 
-test: setup
+# Lint and types first (ruff; mypy strict on vault/, configured in pyproject.toml), then tests.
+test: setup lint typecheck
 	$(VENV)/bin/python -m pytest -q
 
 # Long versions of the fault, fuzz and load tests (bounded, under 30 minutes on 2 cores);
@@ -41,8 +42,11 @@ proto:
 	$(VENV)/bin/pip install --quiet -e '.[dev]'
 	$(VENV)/bin/python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. proto/vault/v1/vault.proto
 
-lint:
+lint: setup
 	$(VENV)/bin/ruff check vault tests bench
+
+typecheck: setup
+	$(VENV)/bin/python -m mypy
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -41,11 +41,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vault import logs  # noqa: E402
-from vault.progress import Progress, progress  # noqa: E402
-from vault.testing import ServerProcess  # noqa: E402
-from vault.v1 import vault_pb2 as pb  # noqa: E402
-from vault.v1 import vault_pb2_grpc  # noqa: E402
+from vault import logs
+from vault.progress import Progress, progress
+from vault.testing import ServerProcess
+from vault.v1 import vault_pb2 as pb
+from vault.v1 import vault_pb2_grpc
 
 log = logs.get("bench.load")
 
@@ -472,8 +472,8 @@ def run(clients: int = 4, duration: float = 60.0, max_requests: int = 12_000,
 
 def table(r: dict) -> str:
     """The printed summary: one row per operation, then the checks."""
-    lines = [f"\n{r['clients']} clients, {r['requests']} requests in {r['duration_s']:.1f} s "
-             f"(stopped by {r['stop_reason']}), gallery {r['gallery_subjects']} subjects",
+    lines = [(f"\n{r['clients']} clients, {r['requests']} requests in {r['duration_s']:.1f} s "
+             f"(stopped by {r['stop_reason']}), gallery {r['gallery_subjects']} subjects"),
              f"{'op':<10} {'count':>7} {'req/s':>8} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7}"]
     for op in OPS:
         s = r["ops"][op]

@@ -77,8 +77,8 @@ def run(n: int, dim: int, queries: int, out: Path) -> dict:
     for q in range(queries):
         p = probes[q] / np.linalg.norm(probes[q])
         rows = by_subject[gallery_ids[probe_idx[q]]]
-        plain_verify.append(timed(lambda: float((gallery[rows] @ p).max()))[0])
-        plain_identify.append(timed(lambda: int(np.argmax(gallery @ p)))[0])
+        plain_verify.append(timed(lambda rows=rows, p=p: float((gallery[rows] @ p).max()))[0])
+        plain_identify.append(timed(lambda p=p: int(np.argmax(gallery @ p)))[0])
     results["plaintext"] = {"enroll": stats(plain_enroll), "verify": stats(plain_verify),
                             "identify": stats(plain_identify)}
     results["bytes_per_template"] = results["data_dir_bytes"] / n

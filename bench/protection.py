@@ -214,12 +214,12 @@ def run(nonmated: int, seed: int, key_pairs: int) -> dict:
         return np.einsum("ij,ij->i", x[pairs[:, 0]], y[pairs[:, 1]])
 
     result: dict = {"data": "LFW, dlib 128-d (tests/data/lfw-dlib128.npz)",
-                    "images": int(ids.size), "mated_pairs": int(len(mated)),
-                    "nonmated_pairs": int(len(non)), "machine": machine()}
+                    "images": int(ids.size), "mated_pairs": len(mated),
+                    "nonmated_pairs": len(non), "machine": machine()}
     # Accuracy: the attacker's impostor attempts are his own faces under the same key.
     eer_plain, frr_plain, thr_plain = eer_and_frr(scores(unit, unit, mated), scores(unit, unit, non))
     p = protected["a1"]
-    eer_prot, frr_prot, thr_prot = eer_and_frr(scores(p, p, mated), scores(p, p, non))
+    eer_prot, frr_prot, _thr_prot = eer_and_frr(scores(p, p, mated), scores(p, p, non))
     stolen = a1.apply(unit)  # the impostor protects his face with the victim's key
     eer_stolen, frr_stolen, _ = eer_and_frr(scores(p, p, mated), scores(p, stolen, non))
     result.update(eer_plain=eer_plain, eer_protected=eer_prot, eer_stolen_key=eer_stolen,
@@ -267,10 +267,10 @@ def table(r: dict) -> str:
               f"{'two key versions':<30} {r['dsys_key_versions']:>8.3f}",
               f"{'two collections':<30} {r['dsys_collections']:>8.3f}",
               f"{'noise floor':<30} {r['dsys_floor']:>8.3f}",
-              f"{'versions, over key pairs':<30} {r['dsys_key_versions_over_key_pairs']['median']:>8.3f}"
+              (f"{'versions, over key pairs':<30} {r['dsys_key_versions_over_key_pairs']['median']:>8.3f}"
               f"  (median of {r['dsys_key_versions_over_key_pairs']['pairs']}; "
               f"{r['dsys_key_versions_over_key_pairs']['min']:.3f} to "
-              f"{r['dsys_key_versions_over_key_pairs']['max']:.3f})",
+              f"{r['dsys_key_versions_over_key_pairs']['max']:.3f})"),
               f"{'no transform (contrast)':<30} {r['dsys_no_transform']:>8.3f}",
               f"{'both keys stolen (undone)':<30} {r['dsys_both_keys_stolen']:>8.3f}",
               f"({r['mated_pairs']} mated, {r['nonmated_pairs']} non-mated pairs, {r['images']} images)"]

@@ -137,9 +137,9 @@ def test_refuses_a_different_or_new_token_for_an_existing_directory(
     other = tmp_path / "other-hsm"  # another token with the same labels, other keys
     blank = tmp_path / "blank-hsm"  # a token initialised with the same label, no keys
     for hsm, ceremony in ((other, ".ensure_keys()"), (blank, "")):
-        subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
+        subprocess.run([sys.executable, "-c", ("import sys; from pathlib import Path; "
                         "from vault.keys import softhsm; from vault.keys.hsm import Hsm; "
-                        f"Hsm(softhsm.provision(Path(sys.argv[1]))){ceremony}", str(hsm)],
+                        f"Hsm(softhsm.provision(Path(sys.argv[1]))){ceremony}"), str(hsm)],
                        env=_env(), check=True, timeout=60)
     for hsm in (other, blank):
         out = _serve(data, "--hsm-dir", str(hsm))

@@ -219,9 +219,9 @@ def test_the_copy_with_an_attackers_own_token_is_refused(leaked: dict, tmp_path:
     points the copy at it: the server refuses to start, having matched nothing."""
     copy, hsm_dir = tmp_path / "data", tmp_path / "attacker-hsm"
     shutil.copytree(leaked["copy"], copy)
-    subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
+    subprocess.run([sys.executable, "-c", ("import sys; from pathlib import Path; "
                     "from vault.keys import softhsm; from vault.keys.hsm import Hsm; "
-                    "Hsm(softhsm.provision(Path(sys.argv[1]))).ensure_keys()", str(hsm_dir)],
+                    "Hsm(softhsm.provision(Path(sys.argv[1]))).ensure_keys()"), str(hsm_dir)],
                    env=_clean_env(), check=True, timeout=120)
     server = ServerProcess(copy, env=_clean_env(), hsm_dir=hsm_dir)
     server.launch()

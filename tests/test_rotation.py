@@ -126,7 +126,7 @@ def test_rotation_moves_every_template_under_new_keys(data: Path, hsm_config: Hs
 
 def test_rotation_resumes_after_a_stop_and_rotates_again(data: Path, hsm_config: HsmConfig) -> None:
     vault = _open(data, hsm_config)
-    single, bulk = _populate(vault, 3 * N)
+    _single, bulk = _populate(vault, 3 * N)
     job = vault.rotate_collection_key("c")
     deadline = time.monotonic() + 120
     while vault.key_job(job.job_id).blocks_done < 1 and time.monotonic() < deadline:
@@ -244,7 +244,7 @@ def test_a_token_outage_pauses_a_rotation_which_then_finishes(
     hsm = BreakableHsm(hsm_config)
     vault = Vault(Store(data / "vault.db"), hsm, data, tuning=TUNING)
     try:
-        single, bulk = _populate(vault, 2 * N)
+        _single, bulk = _populate(vault, 2 * N)
         gallery = vault.galleries()[0]
         with gallery.block_lock:  # hold the job before its first block
             job = vault.rotate_collection_key("c")

@@ -75,7 +75,7 @@ class Attempts:
         """The credential as stored: an HMAC keyed in the HSM, never the name."""
         return self._hsm.hmac(INDEX, encode("credential", collection_id, credential))
 
-    def _fields(self, row: AttemptRow) -> tuple:
+    def _fields(self, row: AttemptRow) -> tuple[str, *tuple[bytes | str | int | None, ...]]:
         return ("attempts", row.collection_id, row.subject_hmac, row.credential_hmac,
                 row.failures, float(row.since).hex(), float(row.locked_until).hex())
 

@@ -32,6 +32,7 @@ from the templates.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -135,12 +136,13 @@ class AuditLog:
         self._refused: Counter[tuple[str, str, str, str]] = Counter()
         self._refused_since = time.monotonic()
         row = self._db.execute("SELECT seq, hash FROM entries ORDER BY seq DESC LIMIT 1").fetchone()
-        self._seq, self._head = (row[0], bytes(row[1])) if row else (0, GENESIS)
+        self._seq: int = row[0] if row else 0
+        self._head: bytes = bytes(row[1]) if row else GENESIS
         self.signed_seq = self._db.execute("SELECT MAX(seq) FROM checkpoints").fetchone()[0] or 0
         self._unsigned = self._seq - self.signed_seq
         # Called with each new checkpoint's seq, after its row is durable (vault.custody
         # keeps it in the token to detect a restored older directory).
-        self.on_checkpoint: Callable[[int], None] | None = None
+        self.on_checkpoint: Callable[[int], object] | None = None
 
     def append(self, kind: str, ref: str, actor: str, method: str, collection_id: str = "",
                subject_hmacs: list[bytes] | tuple[bytes, ...] = (), outcome: str = "",
@@ -253,7 +255,7 @@ def verify(path: Path, public_key: bytes) -> Report:
         head, expected = GENESIS, 1
         hashes: dict[int, bytes] = {}
         for row in db.execute(f"SELECT {_COLUMNS} FROM entries ORDER BY seq"):
-            entry = Entry(*row[:10], hash=bytes(row[10]))
+            entry = dataclasses.replace(Entry(*row[:10]), hash=bytes(row[10]))
             if entry.seq != expected:
                 report.problems.append(f"entry {expected}: missing (next entry is {entry.seq})")
                 break

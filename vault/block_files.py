@@ -96,7 +96,7 @@ class BlockFiles:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise ResourceExhausted("storage is full: the data directory has no space left; "
                                         "nothing was written") from exc
-            raise Unavailable(f"storage unavailable ({errno.errorcode.get(exc.errno, 'I/O error')}); "
+            raise Unavailable(f"storage unavailable ({errno.errorcode.get(exc.errno or 0, 'I/O error')}); "
                               "nothing was written") from exc
         return digest.digest()
 

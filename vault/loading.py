@@ -33,6 +33,7 @@ def check_live_set(core: Core, cid: str, version: int) -> None:
     """The stored rows must be the set the collection committed to: a row deleted,
     restored from an older copy or replayed changes their digest."""
     state = core.store.live_set_state(cid, version)
+    assert core.store.live_set is not None  # set by Core before loading
     if state is None or not core.store.live_set.check(state[2], cid, version, *state[:2]):
         core.damage(cid, "live_set_commitment", "collection record failed its integrity "
                      "check: its live-set commitment is missing or forged")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -22,7 +23,7 @@ ALLOWED_FIELDS = frozenset({
 })
 
 
-def _allow_list(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+def _allow_list(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     exc = event.pop("exc_info", None)
     if exc and "error_type" not in event:
         err = exc[1] if isinstance(exc, tuple) else exc
@@ -48,4 +49,6 @@ def configure(stream: TextIO | None = None, level: int = logging.INFO) -> None:
 
 
 def get(name: str) -> structlog.typing.FilteringBoundLogger:
-    return structlog.get_logger(logger_name=name)
+    """The logger of module ``name`` (its events carry ``logger_name``)."""
+    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger(logger_name=name)
+    return logger

@@ -92,7 +92,8 @@ def centre(unit: np.ndarray, mean: np.ndarray, field: str = "embedding") -> np.n
         raise InvalidArgument(f"{field} is too close to the collection's reference mean to "
                               "identify anyone (a population-average face)")
     shifted = unit - CENTRING * mean
-    return shifted / np.linalg.norm(shifted, axis=-1, keepdims=True)
+    out: np.ndarray = shifted / np.linalg.norm(shifted, axis=-1, keepdims=True)
+    return out
 
 
 class Transform:
@@ -108,12 +109,14 @@ class Transform:
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         """Rotate one vector (D,) or a batch (n, D)."""
-        return x @ self._q.T
+        out: np.ndarray = x @ self._q.T
+        return out
 
     def change_to(self, other: Transform) -> np.ndarray:
         """The orthogonal matrix that takes templates protected by this transform to the
         same templates protected by ``other`` (what a key rotation applies)."""
-        return other._q @ self._q.T
+        out: np.ndarray = other._q @ self._q.T
+        return out
 
     def __repr__(self) -> str:
         return f"Transform(dimension={self._q.shape[0]})"

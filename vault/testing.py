@@ -12,7 +12,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Self, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -20,6 +22,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from vault.custody import default_hsm_dir
 from vault.domain.errors import HsmUnavailable
 from vault.keys.hsm import Hsm
+
+T = TypeVar("T")
 
 
 def stress() -> bool:
@@ -32,7 +36,7 @@ def scaled(default: int, long: int) -> int:
     return long if stress() else default
 
 
-def record_figures(name: str, figures: dict) -> None:
+def record_figures(name: str, figures: dict[str, Any]) -> None:
     """Write a test's measured figures to $VAULT_FIGURES_DIR/NAME.json (if set), for
     docs/RELIABILITY.md. Figures hold counts and timings only, never biometric data."""
     out = os.environ.get("VAULT_FIGURES_DIR")
@@ -46,7 +50,7 @@ def record_figures(name: str, figures: dict) -> None:
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 class ServerProcess:
@@ -76,16 +80,16 @@ class ServerProcess:
             pki.issue("admin", ("admin",))
             self._args += ["--tls-cert", str(cert), "--tls-key", str(key),
                            "--tls-client-ca", str(pki.ca)]
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 60.0, serving: bool = True) -> ServerProcess:
+    def start(self, timeout: float = 60.0, serving: bool = True) -> Self:
         """Start and wait until health says SERVING (or, with ``serving=False``, until
         health answers at all: a server whose HSM is out reports NOT_SERVING)."""
-        self.launch()
+        proc = self.launch()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: "
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}: "
                                    f"{self.log_path.read_text()[-2000:]}")
             status = self.health(timeout=1)
             if status == health_pb2.HealthCheckResponse.SERVING or (not serving and status is not None):
@@ -94,21 +98,22 @@ class ServerProcess:
         self.stop()
         raise TimeoutError("server did not become healthy")
 
-    def launch(self) -> None:
+    def launch(self) -> subprocess.Popen[bytes]:
         """Start the process without waiting for it to serve."""
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vault", "serve", "--data-dir", str(self.data_dir),
-             "--listen", self.target, *self._args],
-            stdout=log, stderr=subprocess.STDOUT, env=self._env)
-        log.close()
+        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "vault", "serve", "--data-dir", str(self.data_dir),
+                 "--listen", self.target, *self._args],
+                stdout=log, stderr=subprocess.STDOUT, env=self._env)
+        return self.proc
 
     def health(self, timeout: float = 2.0) -> int | None:
         """The overall health status, or None when the server does not answer."""
         with self.channel() as channel:
             try:
-                return health_pb2_grpc.HealthStub(channel).Check(
+                status: int = health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(), timeout=timeout).status
+                return status
             except grpc.RpcError:
                 return None
 
@@ -148,7 +153,7 @@ class ServerProcess:
             return self.pki.channel(self.target, "admin")
         return grpc.insecure_channel(self.target)
 
-    def __enter__(self) -> ServerProcess:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -164,7 +169,7 @@ class BreakableHsm(Hsm):
 
     broken = False
 
-    def _call(self, fn):  # type: ignore[override]
+    def _call(self, fn: Callable[[Any], T]) -> T:
         if self.broken:
             self._drop()
             raise HsmUnavailable("HSM unavailable: token not reachable")
@@ -185,16 +190,17 @@ class CertificateAuthority:
         self.ca = self._write("ca.pem", self._pem(self._ca))
 
     @staticmethod
-    def _pem(cert) -> bytes:  # type: ignore[no-untyped-def]
+    def _pem(cert: Any) -> bytes:
         from cryptography.hazmat.primitives import serialization
-        return cert.public_bytes(serialization.Encoding.PEM)
+        return bytes(cert.public_bytes(serialization.Encoding.PEM))
 
     def _write(self, name: str, data: bytes) -> Path:
         path = self.root / name
         path.write_bytes(data)
         return path
 
-    def _certificate(self, common_name, key, issuer, ca=False, units=(), server=False):  # type: ignore[no-untyped-def]
+    def _certificate(self, common_name: str, key: Any, issuer: Any, ca: bool = False,
+                     units: tuple[str, ...] = (), server: bool = False) -> Any:
         import datetime
         import ipaddress
 
@@ -205,7 +211,7 @@ class CertificateAuthority:
         attrs = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
         attrs += [x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, u) for u in units]
         subject = x509.Name(attrs)
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         builder = (x509.CertificateBuilder().subject_name(subject)
                    .issuer_name(issuer.subject if issuer is not None else subject)
                    .public_key(key.public_key()).serial_number(x509.random_serial_number())

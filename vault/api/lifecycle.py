@@ -31,7 +31,7 @@ INTEGRITY_SERVICE = "vault.v1.Integrity"
 
 def integrity_status(vault: Vault | None) -> int:
     """SERVING when the vault is open and no collection of it is damaged."""
-    return SERVING if vault is not None and not vault.damaged() else NOT_SERVING
+    return int(SERVING if vault is not None and not vault.damaged() else NOT_SERVING)
 
 
 class VaultHolder:

@@ -102,7 +102,8 @@ class _Audit:
 
     def __init__(self, vault: Vault, method: str, actor: str, collection_id: str,
                  subject_hmac: bytes | None, detail: dict[str, Any]) -> None:
-        self.vault, self.method, self.actor = vault, method, actor
+        assert vault.audit is not None  # begin() makes none without an audit log
+        self.vault, self.log, self.method, self.actor = vault, vault.audit, method, actor
         self.collection_id, self.subject_hmac, self.detail = collection_id, subject_hmac, detail
         self.ref = secrets.token_hex(8)
 
@@ -151,17 +152,17 @@ class _Audit:
             self.detail["candidates"] = len(result.candidates)
             if self.subject_hmac is None:  # 1:N: which subjects were named, never their scores
                 refs = self._refs([c.subject_hmac for c in result.candidates])
-        self.vault.audit.append("response", self.ref, self.actor, self.method,
+        self.log.append("response", self.ref, self.actor, self.method,
                                 self.collection_id, refs, outcome, self._detail())
 
     def alert(self, what: str) -> None:
         """An audited alert (the probing guard tripped) tied to this call."""
-        self.vault.audit.append("alert", self.ref, self.actor, self.method, self.collection_id,
+        self.log.append("alert", self.ref, self.actor, self.method, self.collection_id,
                                 (), what, self._detail())
 
     def failed(self, code: grpc.StatusCode) -> None:
         try:
-            self.vault.audit.append("response", self.ref, self.actor, self.method,
+            self.log.append("response", self.ref, self.actor, self.method,
                                     self.collection_id, self._refs(), code.name, self._detail())
         except VaultError:
             pass  # the request fails anyway; the missing response entry shows in the log

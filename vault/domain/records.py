@@ -9,6 +9,9 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+# What a MAC may cover (vault.keys.integrity.encode).
+Field = str | bytes | int | None
+
 LIVE = 1
 DELETED = 2
 # Where a template's encrypted values sit: a journal page (template-major, written by
@@ -35,7 +38,7 @@ class CollectionRow:
     # Release settings (vault.service.CollectionPolicy as JSON; '' = defaults), under the MAC.
     policy: str = ""
 
-    def mac_fields(self) -> tuple[object, ...]:
+    def mac_fields(self) -> tuple[str, *tuple[Field, ...]]:
         """What this row's MAC (keyed in the HSM) covers: every field but the MAC."""
         return ("collection", self.collection_id, self.dimension, float(self.threshold).hex(),
                 self.key_version, self.min_key_version, self.reference_mean, self.policy)
@@ -81,7 +84,7 @@ class TemplateRow:
         return (f"TemplateRow(template_id={self.template_id!r}, tier={self.tier}, "
                 f"loc={self.loc}, slot={self.slot})")
 
-    def mac_fields(self) -> tuple[object, ...]:
+    def mac_fields(self) -> tuple[str, *tuple[Field, ...]]:
         """What this row's MAC (keyed in the HSM) covers: every field but the MAC."""
         return ("template", self.collection_id, self.template_id, self.subject_hmac,
                 self.key_version, self.tier, self.loc, self.slot, self.request_hmac, self.state,
@@ -101,7 +104,7 @@ class PageRow:
     def __repr__(self) -> str:
         return f"PageRow(page_no={self.page_no}, generation={self.generation}, fill={self.fill})"
 
-    def mac_fields(self) -> tuple[object, ...]:
+    def mac_fields(self) -> tuple[str, *tuple[Field, ...]]:
         """What this row's MAC (keyed in the HSM) covers: every field but the MAC."""
         return ("page", self.collection_id, self.key_version, self.page_no, self.generation,
                 self.fill, hashlib.sha256(self.ciphertext).digest())
@@ -123,7 +126,7 @@ class BlockRow:
     def __repr__(self) -> str:
         return f"BlockRow(block_no={self.block_no}, generation={self.generation}, fill={self.fill})"
 
-    def mac_fields(self) -> tuple[object, ...]:
+    def mac_fields(self) -> tuple[str, *tuple[Field, ...]]:
         """What this row's MAC (keyed in the HSM) covers: every field but the MAC."""
         return ("block", self.collection_id, self.key_version, self.block_no, self.kind,
                 self.generation, self.levels, self.fill, self.digest, self.sketch)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -195,7 +195,7 @@ class CollectionGallery:
 
     # -- matching --------------------------------------------------------------------------
 
-    def _score_blocks(self, chosen: list[tuple[Block, np.ndarray | None]], scalars: np.ndarray,
+    def _score_blocks(self, chosen: Sequence[tuple[Block, np.ndarray | None]], scalars: np.ndarray,
                       cancelled: Callable[[], bool] | None) -> list[ScoreCiphertext]:
         """Score blocks on the scoring threads; ``(block, slots)`` each, slots None for
         every live slot."""
@@ -258,8 +258,9 @@ class CollectionGallery:
                    cancelled: Callable[[], bool] | None = None) -> list[ScoreCiphertext]:
         """Score ciphertexts for given slots of given holders (1:1)."""
         scalars = self.probe_scalars(probe)
-        chosen_blocks = [(h, slots) for tier, h, slots in held if tier == BLOCK]
-        chosen_pages = [h for tier, h, _ in held if tier == PAGE]
-        page_slots = {h.page_no: slots for tier, h, slots in held if tier == PAGE}
-        return (self._score_blocks(chosen_blocks, scalars, cancelled)  # type: ignore[arg-type]
-                + page_ops.score(self.ctx, chosen_pages, scalars, page_slots))  # type: ignore[arg-type]
+        # A holder's tier and type agree (BLOCK: a Block, PAGE: a Page).
+        chosen_blocks = [(h, slots) for _, h, slots in held if isinstance(h, Block)]
+        chosen_pages = [h for _, h, _ in held if isinstance(h, Page)]
+        page_slots = {h.page_no: slots for _, h, slots in held if isinstance(h, Page)}
+        return (self._score_blocks(chosen_blocks, scalars, cancelled)
+                + page_ops.score(self.ctx, chosen_pages, scalars, page_slots))

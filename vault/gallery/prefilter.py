@@ -40,6 +40,7 @@ def balanced_clusters(x: np.ndarray, size: int, seed: int = 0) -> tuple[list[np.
     data = np.ascontiguousarray(x, dtype=np.float32)
     km = faiss.Kmeans(dim, k, niter=12, spherical=True, seed=seed, verbose=False)
     km.train(data)
+    assert km.centroids is not None  # set by train()
     sim = data @ km.centroids.T
     preference = np.argsort(-sim, axis=1)
     top2 = np.take_along_axis(sim, preference[:, :2], axis=1)
@@ -62,7 +63,8 @@ def sketch(templates: np.ndarray) -> np.ndarray:
     """A block's sketch: the normalised mean of its (unit) templates, float32."""
     mean = templates.mean(axis=0)
     norm = float(np.linalg.norm(mean))
-    return (mean / norm if norm > 0 else mean).astype(np.float32)
+    out: np.ndarray = (mean / norm if norm > 0 else mean).astype(np.float32)
+    return out
 
 
 class Prefilter:

@@ -25,7 +25,7 @@ import ctypes
 import sys
 
 import numpy as np
-import tenseal.sealapi as sealapi
+from tenseal import sealapi
 
 _PYOBJECT_HEAD = 16
 _CT_NTT, _CT_SIZE, _CT_N, _CT_L, _CT_DATA_SIZE, _CT_DATA = 32, 40, 48, 56, 104, 112

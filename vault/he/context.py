@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import tenseal as ts
-import tenseal.sealapi as sealapi
+from tenseal import sealapi
 
 from vault.he import _seal
 from vault.he.params import HeParams
@@ -64,7 +64,7 @@ class PublicContext:
         return self.params.poly_modulus_degree
 
     def has_secret_key(self) -> bool:
-        return self._ts.has_secret_key()
+        return bool(self._ts.has_secret_key())
 
     def level_moduli(self, levels: int) -> tuple[int, ...]:
         """The primes of a ciphertext that has ``levels`` of them (a prefix of the chain)."""
@@ -96,7 +96,8 @@ class PublicContext:
         box[0] = poly
         box[1, :, 0] = 1
         out = self.ciphertext_from_ntt(box) if ntt_in else self.ciphertext_to_ntt(box)
-        return out[0]
+        first: np.ndarray = out[0]
+        return first
 
     def to_ntt(self, poly: np.ndarray) -> np.ndarray:
         """Coefficient form -> NTT form, one polynomial (levels, N)."""

@@ -23,6 +23,7 @@ of a data directory's latest signed audit checkpoint (:mod:`vault.custody`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import struct
@@ -108,7 +109,7 @@ def wrapped_version(blob: bytes) -> int:
     magic, version, _ = _WRAP_HEADER.unpack_from(blob)
     if magic != _WRAP_MAGIC:
         raise DataLoss("wrapped key has an unknown format")
-    return version
+    return int(version)
 
 
 def _counter_objects(session: pkcs11.Session, counter_label: str) -> list[pkcs11.Object]:
@@ -125,7 +126,7 @@ class Hsm:
         self._session: pkcs11.Session | None = None
         self._pid = os.getpid()
         self._keys: dict[str, pkcs11.SecretKey] = {}
-        self._lib: object | None = None
+        self._lib: pkcs11.lib | None = None
 
     # -- session management ---------------------------------------------------------
 
@@ -175,10 +176,8 @@ class Hsm:
         session, self._session = self._session, None
         self._keys.clear()
         if session is not None:
-            try:
+            with contextlib.suppress(Exception):  # the session is already broken
                 session.close()
-            except Exception:  # noqa: BLE001 - the session is already broken
-                pass
 
     def close(self) -> None:
         """Close the session (the next call reopens it)."""
@@ -271,7 +270,7 @@ class Hsm:
 
         def run(session: pkcs11.Session) -> bytes:
             key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=label(AUDIT, 1))
-            return key.sign(data, mechanism=Mechanism.EDDSA)
+            return bytes(key.sign(data, mechanism=Mechanism.EDDSA))
 
         return self._call(run)
 
@@ -287,12 +286,13 @@ class Hsm:
 
     def random(self, nbytes: int) -> bytes:
         """Random bytes from the token's generator."""
-        return self._call(lambda s: s.generate_random(nbytes * 8))
+        return self._call(lambda s: bytes(s.generate_random(nbytes * 8)))
 
     def hmac(self, name: str, data: bytes, version: int = 1) -> bytes:
         """HMAC-SHA256 of ``data`` under HMAC key ``name`` (computed inside the token)."""
         key_label = label(name, version)
-        return self._call(lambda s: self._key(s, key_label).sign(data, mechanism=Mechanism.SHA256_HMAC))
+        return self._call(lambda s: bytes(self._key(s, key_label).sign(
+            data, mechanism=Mechanism.SHA256_HMAC)))
 
     def create_kek(self) -> int:
         """A new version of the key-encryption key (non-extractable, in the token); new
@@ -346,7 +346,7 @@ class Hsm:
             kek = self._key(session, label(KEK, version))
             body = kek.encrypt(secret, mechanism=Mechanism.AES_GCM,
                                mechanism_param=GCMParams(nonce, aad))
-            return _WRAP_HEADER.pack(_WRAP_MAGIC, version, nonce) + body
+            return _WRAP_HEADER.pack(_WRAP_MAGIC, version, nonce) + bytes(body)
 
         return self._call(run)
 
@@ -361,8 +361,8 @@ class Hsm:
         def run(session: pkcs11.Session) -> bytes | None:
             kek = self._key(session, label(KEK, version))
             try:
-                return kek.decrypt(body, mechanism=Mechanism.AES_GCM,
-                                   mechanism_param=GCMParams(nonce, aad))
+                return bytes(kek.decrypt(body, mechanism=Mechanism.AES_GCM,
+                                         mechanism_param=GCMParams(nonce, aad)))
             except PKCS11Error:
                 # SoftHSM reports a failed GCM tag as a general error: tell a bad blob
                 # from a broken token by asking the token something harmless.
@@ -404,7 +404,7 @@ class Hsm:
             current = max((_COUNTER.unpack(bytes(o[Attribute.VALUE]))[0] for o in old),
                           default=None)
             if current is not None and (current == value or (current > value and not backward)):
-                return current
+                return int(current)
             session.create_object({Attribute.CLASS: ObjectClass.DATA, Attribute.TOKEN: True,
                                    Attribute.PRIVATE: True, Attribute.MODIFIABLE: False,
                                    Attribute.LABEL: counter_label, Attribute.APPLICATION: "vault",

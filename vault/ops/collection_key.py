@@ -55,15 +55,17 @@ def set_min_key_version(core: Core, collection_id: str, min_key_version: int) ->
     Raising it above the current version while a rotation runs stops the collection
     (FAILED_PRECONDITION) until the rotation switches: a compromised version stops
     serving at once."""
-    row, versions, job = key_versions(core, collection_id)
+    row, _versions, job = key_versions(core, collection_id)
     highest = job.to_version if job is not None else row.key_version
     if not row.min_key_version <= min_key_version <= highest:
         raise FailedPrecondition(
             f"min_key_version must be between {row.min_key_version} (it only rises) and "
             f"{highest} (the newest key version)")
     with core.create_lock:
-        updated = core.sign(dataclasses.replace(core.store.collection(collection_id),
-                                                min_key_version=min_key_version, mac=b""))
+        stored = core.store.collection(collection_id)
+        if stored is None:
+            raise NotFound("collection not found")
+        updated = core.sign(dataclasses.replace(stored, min_key_version=min_key_version, mac=b""))
         core.store.update_collection(updated)
     log.info("minimum key version set", collection_id=collection_id, version=min_key_version)
     return updated

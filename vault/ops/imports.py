@@ -20,13 +20,14 @@ import dataclasses
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from vault import logs
 from vault.core import Core
 from vault.domain.errors import AlreadyExists, PermissionDenied, Unavailable, VaultError
-from vault.domain.records import BLOCK, CLUSTERED, DELETED, LIVE, MIXED, TemplateRow
+from vault.domain.records import BLOCK, CLUSTERED, DELETED, LIVE, MIXED, BlockRow, TemplateRow
 from vault.gallery import CollectionGallery
 from vault.gallery import blocks as block_ops
 from vault.gallery.blocks import Block
@@ -183,7 +184,7 @@ def store_chunk(core: Core, gallery: CollectionGallery, chunk: list[_Pending]) -
     with gallery.block_lock:
         clusters, leftover = balanced_clusters(templates, n)
         # (block_no, kind, block it extends or None, members, first slot)
-        targets = [(b, CLUSTERED, None, m, 0)
+        targets: list[tuple[int, int, Block | None, np.ndarray, int]] = [(b, CLUSTERED, None, m, 0)
                    for b, m in zip(gallery.new_block_numbers(len(clusters)), clusters)]
         # What does not fill a block goes to the mixed tail, then to new mixed blocks:
         # the import has the plaintext, so this costs D encryptions per block touched.
@@ -195,7 +196,9 @@ def store_chunk(core: Core, gallery: CollectionGallery, chunk: list[_Pending]) -
         new_mixed = gallery.new_block_numbers(-(-len(leftover) // n))
         targets += [(b, MIXED, None, leftover[k * n:(k + 1) * n], 0) for k, b in enumerate(new_mixed)]
 
-        blocks, block_rows, retired = [], [], []
+        blocks: list[Block] = []
+        block_rows: list[BlockRow] = []
+        retired: list[Path] = []
         places: dict[int, tuple[int, int]] = {}  # chunk index -> (block_no, slot)
         for block_no, kind, base, members, first in targets:
             plain = block_ops.dimension_major_plaintexts(templates[members], first, n,
@@ -239,7 +242,9 @@ def store_chunk(core: Core, gallery: CollectionGallery, chunk: list[_Pending]) -
             for i, p in enumerate(chunk):
                 if p.request_hmac in taken:
                     rows[i] = template_row(i, False)
-                    ids[i] = core.store.template_by_request(p.request_hmac).template_id
+                    answered = core.store.template_by_request(p.request_hmac)
+                    assert answered is not None  # it is in ``taken``
+                    ids[i] = answered.template_id
             subjects = [(cid, p.subject_hmac, core.seal_subject(cid, p.subject_hmac, p.subject_id))
                         for p, row in zip(chunk, rows) if row.state == LIVE]
             core.store.write_templates([], block_rows, rows, subjects)

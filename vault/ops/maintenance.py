@@ -33,7 +33,7 @@ import numpy as np
 from vault import logs
 from vault.core import Core, Tuning
 from vault.decider import Moves
-from vault.domain.errors import VaultError
+from vault.domain.errors import DataLoss, VaultError
 from vault.domain.records import BLOCK, DELETED, LIVE, MIXED, PAGE, TemplateRow
 from vault.gallery import CollectionGallery
 from vault.gallery import blocks as block_ops
@@ -83,7 +83,7 @@ def checkpoint(core: Core, gallery: CollectionGallery) -> int:
             slot += 1
         block_count = index + 1 if moving else 0
         reuse_tail = tail is not None and block_count > 0
-        block_nos = ([tail.block_no] if reuse_tail else []) + \
+        block_nos = ([tail.block_no] if tail is not None and reuse_tail else []) + \
             gallery.new_block_numbers(block_count - int(reuse_tail))
 
         mask = poly.uniform((len(pages), n), moduli)  # (pages, levels, N) coefficient form
@@ -110,9 +110,10 @@ def checkpoint(core: Core, gallery: CollectionGallery) -> int:
 
         new_blocks, old_paths = [], []
         for b, block_no in enumerate(block_nos):
+            assert fresh is not None  # blocks are written only when templates move
             cts = fresh[b * dim:(b + 1) * dim]
             fill = 1 + max((s for bb, s in places if bb == b), default=-1)
-            if b == 0 and reuse_tail:
+            if b == 0 and reuse_tail and tail is not None:
                 cts = poly.add(core.read_block(gallery, tail), cts, moduli)
                 generation, fill = tail.generation + 1, max(fill, tail.fill)
                 old_paths.append(core.files.path(cid, version, block_no, tail.generation))
@@ -167,6 +168,8 @@ def compact(core: Core, gallery: CollectionGallery, block_no: int) -> int:
         slots = np.array(sorted({t.slot for t in erase}), np.int64)
         moduli = gallery.ctx.level_moduli(block.levels)
         row = store.block(cid, version, block_no)
+        if row is None:
+            raise DataLoss("a block's record is missing")
         cts = core.read_block(gallery, block)
         mask = poly.uniform((dim, n), moduli)
         cts[:, 0] = poly.add(cts[:, 0], mask, moduli)

@@ -24,6 +24,8 @@ from vault.domain.records import (
     TemplateRow,
 )
 from vault.gallery import CollectionGallery
+from vault.gallery.blocks import Block
+from vault.gallery.pages import Page
 from vault.validation import (
     check_collection_id,
     check_purpose,
@@ -31,6 +33,9 @@ from vault.validation import (
     check_threshold,
     check_top_k,
 )
+
+# A holder (tier, page or block) and the slots of a subject's templates in it.
+Held = tuple[int, Block | Page, np.ndarray]
 
 log = logs.get("vault.ops.match")
 
@@ -53,7 +58,7 @@ def _check_rows(core: Core, collection_id: str, rows: list[TemplateRow]) -> None
 
 
 def held_rows(core: Core, collection_id: str, gallery: CollectionGallery,
-          subject_hmac: bytes) -> tuple[list[TemplateRow], list | None]:
+          subject_hmac: bytes) -> tuple[list[TemplateRow], list[Held] | None]:
     """A subject's live rows (MACs checked) and the holders they name, as of one moment;
     ([], None) for an unknown subject; DATA_LOSS when rows and memory disagree."""
     with gallery.write_lock:  # a checkpoint moves templates under this lock
@@ -119,7 +124,7 @@ def _decoy(core: Core, gallery: CollectionGallery, probe: np.ndarray,
     about what a known one does (best effort; not constant time)."""
     pages = list(gallery.pages.values())[:1]
     blocks = list(gallery.blocks.values())[:1]
-    held = ([(PAGE, pages[0], np.zeros(1, np.int64))] if pages
+    held: list[Held] = ([(PAGE, pages[0], np.zeros(1, np.int64))] if pages
             else [(BLOCK, blocks[0], np.zeros(1, np.int64))] if blocks else [])
     if held:
         parts = gallery.score_held(probe, held, cancelled)

@@ -213,6 +213,8 @@ def switch(core: Core, job: KeyJobRow, old: CollectionGallery, new: CollectionGa
             if old.pages or pending(old, new):
                 return False
             row = core.store.collection(cid)
+            if row is None:
+                raise NotFound("collection not found")
             current = core.sign(dataclasses.replace(
                 row, key_version=new.key_version,
                 min_key_version=max(row.min_key_version, new.key_version), mac=b""))

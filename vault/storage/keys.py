@@ -136,10 +136,10 @@ class KeyRecords(LiveSetLedger):
 
     # -- wrapped blobs (master key rotation) ----------------------------------------------
 
-    def wrapped_blobs(self) -> list[tuple[str, tuple, bytes]]:
+    def wrapped_blobs(self) -> list[tuple[str, tuple[str | int, ...], bytes]]:
         """Every blob that names a KEK version: ('data-key', (name, version), blob) and
         ('ckks-secret', (collection, version, params), sealed secret context)."""
-        out: list[tuple[str, tuple, bytes]] = [
+        out: list[tuple[str, tuple[str | int, ...], bytes]] = [
             ("data-key", (name, version), blob) for name, version, blob in
             self._query("SELECT name, version, blob FROM wrapped_keys")]
         out += [("ckks-secret", (cid, version, params), blob) for cid, version, params, blob in
@@ -147,7 +147,7 @@ class KeyRecords(LiveSetLedger):
                             "FROM collection_keys")]
         return out
 
-    def replace_wrapped_blobs(self, blobs: list[tuple[str, tuple, bytes]]) -> None:
+    def replace_wrapped_blobs(self, blobs: list[tuple[str, tuple[str | int, ...], bytes]]) -> None:
         with self.transaction() as db:
             for kind, key, blob in blobs:
                 if kind == "data-key":

@@ -4,6 +4,7 @@ transaction: what a row deleted, restored or replayed behind the vault's back ch
 from __future__ import annotations
 
 import sqlite3
+from typing import Any
 
 from vault.domain.errors import DataLoss
 from vault.domain.records import (
@@ -25,7 +26,7 @@ class LiveSetLedger(Connection):
         key = (collection_id, key_version)
         self._delta[key] = self._delta.get(key, 0) + delta
 
-    def _template_leaf(self, row: tuple) -> int:
+    def _template_leaf(self, row: tuple[Any, ...]) -> int:
         """``row``: (template_id, collection_id, subject_hmac, key_version, tier, loc,
         slot, mac) of a live template."""
         assert self.live_set is not None
@@ -106,8 +107,8 @@ class LiveSetLedger(Connection):
 
     def subjects_missing(self, collection_id: str, key_version: int) -> int:
         """Subjects with a live template but no sealed id row (a deleted subjects row)."""
-        return self._query(
+        return int(self._query(
             "SELECT COUNT(DISTINCT t.subject_hmac) FROM templates t LEFT JOIN subjects s ON "
             "s.collection_id=t.collection_id AND s.subject_hmac=t.subject_hmac WHERE "
             "t.collection_id=? AND t.key_version=? AND t.state=? AND s.subject_hmac IS NULL",
-            (collection_id, key_version, LIVE))[0][0]
+            (collection_id, key_version, LIVE))[0][0])

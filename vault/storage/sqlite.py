@@ -8,6 +8,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from vault.domain.errors import ResourceExhausted, Unavailable
 from vault.keys.integrity import LiveSet
@@ -204,7 +205,7 @@ class Connection:
         if busy:
             raise Unavailable("the database was busy: its write-ahead log was not truncated")
 
-    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         with self._lock, _storage_errors():
             return self._db.execute(sql, args).fetchall()
 
