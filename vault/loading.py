@@ -15,6 +15,7 @@ from vault.core import Core
 from vault.crypto import aad
 from vault.domain.records import (
     BLOCK,
+    DONE,
     PAGE,
     BlockRow,
     CollectionKeyRow,
@@ -52,7 +53,7 @@ def load_collection(core: Core, row: CollectionRow) -> None:
         core.damage(cid, "collection", "collection record failed its integrity check")
         return
     rotating = {j.to_version for j in core.store.key_jobs()
-                if j.collection_id == cid and j.state != "done"}
+                if j.collection_id == cid and j.state != DONE}
     newest = core.store.newest_key_version(cid)
     if newest > row.key_version and newest not in rotating:
         # A valid but old collection row behind newer data: a replayed record (a
@@ -99,7 +100,7 @@ def load_rotations(core: Core) -> None:
     """The target versions of unfinished key rotations, as far as they got."""
     for job in core.store.key_jobs():
         current = core.current_galleries.get(job.collection_id)
-        if job.state == "done" or current is None or current.key_version != job.from_version:
+        if job.state == DONE or current is None or current.key_version != job.from_version:
             continue
         key = core.store.collection_key(job.collection_id, job.to_version)
         if key is None:

@@ -17,6 +17,7 @@ from vault.attempts import AttemptLimits
 from vault.audit import AuditLog
 from vault.core import Core, Tuning
 from vault.domain.model import Candidate, CollectionInfo, CollectionPolicy, MatchResult, Observer
+from vault.domain.records import RUNNING
 from vault.keys.hsm import Hsm, HsmConfig
 from vault.ops import (
     collection_key,
@@ -77,7 +78,7 @@ class Vault(Core):
     def resume_rotations(self) -> None:
         """Restart the threads of key rotations that were running when the vault stopped."""
         with self.jobs_lock:
-            for job in self.store.key_jobs(rotation.RUNNING):
+            for job in self.store.key_jobs(RUNNING):
                 if job.job_id not in self.job_threads and job.collection_id in self.next_galleries:
                     rotation.launch(self, job)
 

@@ -22,6 +22,8 @@ BLOCK = 1
 # sketch (centroid) for the pre-filter; MIXED ones are filled in arrival order.
 CLUSTERED = 1
 MIXED = 2
+# Key rotation job states (KeyJobRow.state).
+RUNNING, DONE, FAILED = "running", "done", "failed"
 
 
 @dataclass(frozen=True)

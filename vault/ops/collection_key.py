@@ -44,8 +44,7 @@ def key_versions(core: Core, collection_id: str) -> tuple[CollectionRow, list[in
     row = core.store.collection(collection_id)
     if row is None:
         raise NotFound("collection not found")
-    job = next((j for j in reversed(core.store.key_jobs())
-                if j.collection_id == collection_id and j.state != "done"), None)
+    job = core.store.unfinished_job(collection_id)
     return row, core.store.collection_key_versions(collection_id), job
 
 

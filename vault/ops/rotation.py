@@ -36,7 +36,7 @@ from vault.core import Core
 from vault.crypto import aad
 from vault.decider import Moves
 from vault.domain.errors import FailedPrecondition, NotFound, VaultError
-from vault.domain.records import BLOCK, LIVE, CollectionKeyRow, KeyJobRow
+from vault.domain.records import BLOCK, FAILED, LIVE, RUNNING, CollectionKeyRow, KeyJobRow
 from vault.gallery import CollectionGallery
 from vault.gallery import blocks as block_ops
 from vault.gallery.blocks import Block
@@ -46,7 +46,6 @@ from vault.ops.maintenance import checkpoint
 
 log = logs.get("vault.rotation")
 
-RUNNING, DONE, FAILED = "running", "done", "failed"
 # Seconds a job waits after a token outage (or other unavailability) before going on.
 RETRY_SECONDS = 5.0
 
@@ -57,9 +56,8 @@ def start(core: Core, collection_id: str) -> KeyJobRow:
     A failed job for the collection is resumed rather than started again."""
     row, gallery = core.current(collection_id)
     with core.jobs_lock:
-        for job in core.store.key_jobs():
-            if job.collection_id != collection_id or job.state == DONE:
-                continue
+        job = core.store.unfinished_job(collection_id)
+        if job is not None:
             if job.state == RUNNING and job.job_id in core.job_threads:
                 raise FailedPrecondition("a key rotation is already running for this collection")
             resumed = dataclasses.replace(job, state=RUNNING, error=None)

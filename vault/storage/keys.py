@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 
 from vault.domain.records import (
+    DONE,
     CollectionKeyRow,
     CollectionRow,
     KeyJobRow,
@@ -93,6 +94,13 @@ class KeyRecords(LiveSetLedger):
         where, args = ("WHERE state=?", (state,)) if state else ("", ())
         return [KeyJobRow(*r) for r in self._query(
             f"SELECT {self._JOB_COLUMNS} FROM key_jobs {where} ORDER BY rowid", args)]
+
+    def unfinished_job(self, collection_id: str) -> KeyJobRow | None:
+        """The collection's rotation that is not done (running or failed), if any: there
+        is at most one, since a new rotation resumes it rather than starting another."""
+        rows = self._query(f"SELECT {self._JOB_COLUMNS} FROM key_jobs WHERE collection_id=? "
+                           "AND state!=? ORDER BY rowid DESC LIMIT 1", (collection_id, DONE))
+        return KeyJobRow(*rows[0]) if rows else None
 
     def finish_job(self, job_id: str, state: str, error: str | None = None) -> None:
         with self.transaction() as db:
