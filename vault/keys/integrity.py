@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
+from collections.abc import Sequence
 
+from vault.domain.records import Field
 from vault.keys.hsm import INDEX, MAC, Hsm
 
 _FIELD = struct.Struct(">I")
@@ -46,6 +48,13 @@ class Integrity:
     def check(self, expected: bytes, tag: str, *fields: str | bytes | int | None) -> bool:
         """True when ``expected`` is the MAC of the fields (constant-time compare)."""
         return hmac.compare_digest(expected, self.mac(tag, *fields))
+
+    def check_all(self, rows: Sequence[tuple[bytes, tuple[str, *tuple[Field, ...]]]]) -> bool:
+        """True when every ``(expected, (tag, *fields))`` holds: one token call for all."""
+        macs = self._hsm.hmac_many(MAC, [encode(*fields) for _, fields in rows])
+        held = [hmac.compare_digest(expected, mac)
+                for (expected, _), mac in zip(rows, macs, strict=True)]
+        return all(held)
 
     def subject_index(self, collection_id: str, subject_id: str) -> bytes:
         """Blind index of a subject id, per collection (so collections cannot be joined)."""

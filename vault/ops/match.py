@@ -51,10 +51,10 @@ def _subject_rows(core: Core, collection_id: str, gallery: CollectionGallery,
 
 
 def _check_rows(core: Core, collection_id: str, rows: list[TemplateRow]) -> None:
-    for t in rows:
-        if not core.verified(t):
-            log.error("integrity failure", kind="template", collection_id=collection_id)
-            raise DataLoss("a stored template of this subject failed its integrity check")
+    """DATA_LOSS unless every row's MAC holds (one token call for all of them)."""
+    if not core.verified_all(rows):
+        log.error("integrity failure", kind="template", collection_id=collection_id)
+        raise DataLoss("a stored template of this subject failed its integrity check")
 
 
 def held_rows(core: Core, collection_id: str, gallery: CollectionGallery,
@@ -168,28 +168,39 @@ def identify(core: Core, collection_id: str, embedding: Sequence[float], top_k: 
     parts = gallery.score_all(probe, cancelled)
     decided = core.decider.decide(collection_id, row.key_version, parts, threshold, top_k,
                                   release_scores)
-    candidates = [c for c in (_release(core, collection_id, gallery, d) for d in decided) if c]
+    return _released(core, collection_id, gallery, decided, threshold, release_scores)
+
+
+def _released(core: Core, collection_id: str, gallery: CollectionGallery,
+              decided: list[GroupScore], threshold: float, release_scores: bool) -> MatchResult:
+    """The decided subjects that may be named. Their template rows are read and their MACs
+    checked together, in one token call whatever top_k is (it was one per candidate)."""
+    subjects = [gallery.subject(d.group) for d in decided]
+    rows = {h: core.store.subject_templates(collection_id, h, gallery.key_version)
+            for h in subjects}
+    _check_rows(core, collection_id, [t for found in rows.values() for t in found])
+    candidates = [c for c in (_release(core, collection_id, gallery, d, bool(rows[h]))
+                              for d, h in zip(decided, subjects, strict=True)) if c]
     return MatchResult(bool(candidates), candidates, threshold, release_scores)
 
 
 def _release(core: Core, collection_id: str, gallery: CollectionGallery,
-             decided: GroupScore) -> Candidate | None:
-    """The subject id behind a decided group, after checking its rows' MACs; a
-    tampered record is never named: DATA_LOSS (logged), not a silent non-match."""
+             decided: GroupScore, checked: bool) -> Candidate | None:
+    """The subject id behind a decided group, after checking its rows' MACs (``checked``:
+    they were, and were found); a tampered record is never named: DATA_LOSS (logged),
+    not a silent non-match."""
     subject_hmac = gallery.subject(decided.group)
-    try:
+    if not checked:
+        # Deleted since the scoring, or a key rotation switched versions meanwhile: then
+        # the rows are under the current version (the lock waits out a switch).
+        with core.switch_lock:
+            current = core.current_galleries.get(collection_id)
+        if current is None or current is gallery:
+            return None
         try:
-            _subject_rows(core, collection_id, gallery, subject_hmac)
-        except NotFound:
-            # Deleted since the scoring, or a key rotation switched versions meanwhile:
-            # then the rows are under the current version (the lock waits out a switch).
-            with core.switch_lock:
-                current = core.current_galleries.get(collection_id)
-            if current is None or current is gallery:
-                return None
             _subject_rows(core, collection_id, current, subject_hmac)
-    except NotFound:
-        return None
+        except NotFound:
+            return None
     sealed = core.store.sealed_subject_id(collection_id, subject_hmac)
     if sealed is None:
         if not core.store.subject_templates(collection_id, subject_hmac):
