@@ -13,7 +13,12 @@ from typing import Any
 from vault.domain.errors import ResourceExhausted, Unavailable
 from vault.keys.integrity import LiveSet
 
+# The schema's version, kept in SQLite's header (PRAGMA user_version). A database at an
+# older version is brought up to it by _MIGRATIONS, in the transaction that opens it;
+# a newer one is refused (this vault would not know what the new columns mean).
 SCHEMA_VERSION = 4
+# _MIGRATIONS[v]: the statements that take a database from version v to v + 1.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -120,6 +125,32 @@ CREATE TABLE IF NOT EXISTS verify_attempts (
 );
 """
 
+def _migrate(db: sqlite3.Connection) -> None:
+    """Create a new database at SCHEMA_VERSION, or migrate an older one to it."""
+    (version,) = db.execute("PRAGMA user_version").fetchone()
+    tables = db.execute("SELECT COUNT(*) FROM sqlite_master WHERE type='table'").fetchone()[0]
+    if version == 0 and tables:
+        # Databases before user_version kept their version in the meta table.
+        found = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        version = int(found[0]) if found else 0
+    if version > SCHEMA_VERSION:
+        raise Unavailable(f"database schema version {version} is newer than this vault's "
+                          f"({SCHEMA_VERSION}): open it with the vault that wrote it")
+    if not tables:
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                db.execute(statement)
+        version = SCHEMA_VERSION
+    while version < SCHEMA_VERSION:
+        if version not in _MIGRATIONS:
+            raise Unavailable(f"database schema version {version} has no migration to "
+                              f"{SCHEMA_VERSION}: this vault cannot open it")
+        for statement in _MIGRATIONS[version]:
+            db.execute(statement)
+        version += 1
+    db.execute(f"PRAGMA user_version={SCHEMA_VERSION:d}")
+
+
 # Primary SQLite result codes (the low byte of an extended code).
 _SQLITE_FULL = 13
 _SQLITE_UNAVAILABLE = {5: "database is locked", 6: "table is locked", 8: "database is read-only",
@@ -145,7 +176,6 @@ def _storage_errors() -> Iterator[None]:
 class Connection:
     """One SQLite connection behind a lock (the embedded default serves from one process)."""
 
-
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -158,17 +188,12 @@ class Connection:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA secure_delete=ON")
         self._db.execute("PRAGMA foreign_keys=ON")
-        with self.transaction() as db:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-            db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
-                       (SCHEMA_VERSION,))
-            (found,) = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        if int(found) != SCHEMA_VERSION:
+        try:
+            with self.transaction() as db:
+                _migrate(db)
+        except BaseException:
             self._db.close()
-            raise Unavailable(f"database schema version {int(found)} is not {SCHEMA_VERSION}: "
-                              "this vault cannot open it")
+            raise
 
     def close(self) -> None:
         with self._lock:
