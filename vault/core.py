@@ -44,6 +44,7 @@ from vault.domain.records import (
     TemplateRow,
 )
 from vault.gallery import CollectionGallery, Routing
+from vault.gallery import blocks as block_ops
 from vault.gallery.blocks import Block
 from vault.gallery.workers import EncryptionPool
 from vault.keys import envelope
@@ -297,8 +298,23 @@ class Core:
             self.decider.forget(cid, version)
             self.protector.forget(cid, version)
 
+    def write_block(self, gallery: CollectionGallery, block_no: int, kind: int, generation: int,
+                    fill: int, cts: np.ndarray, moduli: Sequence[int],
+                    groups: np.ndarray | None = None,
+                    centroid: np.ndarray | None = None) -> Block:
+        """Write one block generation's file (every prime of ``cts``, (D, 2, levels, N),
+        fsynced) and return the block it holds, not yet installed nor committed: the
+        caller's transaction names it, then installs it (import, checkpoint, compaction,
+        rotation all go through here)."""
+        path = self.files.path(gallery.collection_id, gallery.key_version, block_no, generation)
+        digest = self.files.write(path, block_ops.split_levels(cts), moduli)
+        owners = np.full(gallery.params.slots, -1, np.int32) if groups is None else groups
+        return Block(block_no, kind, generation, fill, len(moduli),
+                     np.ascontiguousarray(cts[:, :, 0, :]), digest, owners, centroid)
+
     def block_row(self, gallery: CollectionGallery, block: Block, digest: bytes,
                   sketch: bytes | None) -> BlockRow:
+        """The block's row, MACed, as the caller's transaction writes it."""
         return self.sign(BlockRow(gallery.collection_id, gallery.key_version, block.block_no,
                                   block.kind, block.generation, block.levels, block.fill, digest,
                                   sketch, b""))

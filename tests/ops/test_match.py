@@ -51,8 +51,9 @@ def test_a_1_to_n_release_asks_the_token_once_whatever_top_k(
 
 def test_one_forged_row_among_the_candidates_is_data_loss(
         vault: Vault, lfw: dict[str, np.ndarray]) -> None:
-    """The batch check fails as a whole when any one candidate's row was rewritten by a
-    writer of the database (here its MAC, the last candidate's)."""
+    """The batch check fails as a whole when a candidate's row was rewritten by a writer
+    of the database (here the MACs of ranks 2-9: ranks near 10 may swap with the 11th
+    within the decision noise, these stay among the ten)."""
     import sqlite3
 
     from vault.domain.errors import DataLoss
@@ -65,10 +66,9 @@ def test_one_forged_row_among_the_candidates_is_data_loss(
     named = vault.identify("c", emb[500].tolist(), top_k=10).candidates
     assert len(named) == 10
     with sqlite3.connect(vault.store.path) as db:
-        db.execute("UPDATE templates SET mac=zeroblob(32) WHERE subject_hmac=?",
-                   (named[-1].subject_hmac,))
+        db.executemany("UPDATE templates SET mac=zeroblob(32) WHERE subject_hmac=?",
+                       [(c.subject_hmac,) for c in named[1:9]])
     with pytest.raises(DataLoss, match="failed its integrity check"):
         vault.identify("c", emb[500].tolist(), top_k=10)
-    # A top-1 search, which does not reach the forged subject, still answers.
-    best = vault.identify("c", emb[500].tolist(), top_k=1).candidates
-    assert len(best) == 1 and best[0].subject_hmac != named[-1].subject_hmac
+    # The subject whose rows were left alone is still answered for (1:1).
+    vault.verify("c", named[0].subject_id, emb[500].tolist())

@@ -210,17 +210,14 @@ def store_chunk(core: Core, gallery: CollectionGallery, chunk: list[_Pending]) -
                 cts = poly.add(core.read_block(gallery, base), cts, moduli)
                 generation = base.generation + 1
                 retired.append(core.files.path(cid, version, block_no, base.generation))
-            path = core.files.path(cid, version, block_no, generation)
-            digest = core.files.write(path, block_ops.split_levels(cts), moduli)
             centroid = sketch(templates[members]) if kind == CLUSTERED else None
-            block = Block(block_no, kind, generation, first + len(members), len(moduli),
-                          np.ascontiguousarray(cts[:, :, 0, :]), digest,
-                          np.full(n, -1, np.int32), centroid)
+            block = core.write_block(gallery, block_no, kind, generation,
+                                     first + len(members), cts, moduli, centroid=centroid)
             del cts
             blocks.append(block)
             sealed = (core.seal_sketch(cid, version, block_no, centroid)
                       if centroid is not None else None)
-            block_rows.append(core.block_row(gallery, block, digest, sealed))
+            block_rows.append(core.block_row(gallery, block, block.digest, sealed))
             for slot, i in enumerate(members.tolist(), first):
                 places[i] = (block_no, slot)
 

@@ -36,8 +36,6 @@ from vault.decider import Moves
 from vault.domain.errors import DataLoss, VaultError
 from vault.domain.records import BLOCK, DELETED, LIVE, MIXED, PAGE, TemplateRow
 from vault.gallery import CollectionGallery
-from vault.gallery import blocks as block_ops
-from vault.gallery.blocks import Block
 from vault.he import poly
 
 log = logs.get("vault.maintenance")
@@ -119,11 +117,8 @@ def checkpoint(core: Core, gallery: CollectionGallery) -> int:
                 old_paths.append(core.files.path(cid, version, block_no, tail.generation))
             else:
                 generation = 1
-            path = core.files.path(cid, version, block_no, generation)
-            digest = core.files.write(path, block_ops.split_levels(cts), moduli)
-            block = Block(block_no, MIXED, generation, fill, levels,
-                          np.ascontiguousarray(cts[:, :, 0, :]), digest, np.full(n, -1, np.int32))
-            new_blocks.append((block, core.block_row(gallery, block, digest, None)))
+            block = core.write_block(gallery, block_no, MIXED, generation, fill, cts, moduli)
+            new_blocks.append((block, core.block_row(gallery, block, block.digest, None)))
         del fresh
 
         with gallery.write_lock:
@@ -181,14 +176,12 @@ def compact(core: Core, gallery: CollectionGallery, block_no: int) -> int:
         fresh[:, 0] = poly.sub(fresh[:, 0], mask, moduli)
         del cts, mask
         generation = block.generation + 1
-        path = core.files.path(cid, version, block_no, generation)
-        digest = core.files.write(path, block_ops.split_levels(fresh), moduli)
-        new = Block(block_no, block.kind, generation, block.fill, block.levels,
-                    np.ascontiguousarray(fresh[:, :, 0, :]), digest, block.groups, block.centroid)
+        new = core.write_block(gallery, block_no, block.kind, generation, block.fill, fresh,
+                               moduli, block.groups, block.centroid)
         with gallery.write_lock:
             # The tombstones of the values left out go (a row deleted meanwhile is still
             # live in the rows erased here: it is erased by the next pass).
-            store.write_relocation([core.block_row(gallery, new, digest, row.sketch)], [], [],
+            store.write_relocation([core.block_row(gallery, new, new.digest, row.sketch)], [], [],
                                    [(t.template_id, version) for t in erase])
             gallery.install_block(new)
         core.retire(core.files.path(cid, version, block_no, block.generation), erase=True)

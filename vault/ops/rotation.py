@@ -38,8 +38,6 @@ from vault.decider import Moves
 from vault.domain.errors import FailedPrecondition, NotFound, VaultError
 from vault.domain.records import BLOCK, FAILED, LIVE, RUNNING, CollectionKeyRow, KeyJobRow
 from vault.gallery import CollectionGallery
-from vault.gallery import blocks as block_ops
-from vault.gallery.blocks import Block
 from vault.he import linear, poly
 from vault.keys import envelope
 from vault.ops.maintenance import checkpoint
@@ -169,15 +167,12 @@ def move_block(core: Core, job: KeyJobRow, old: CollectionGallery, new: Collecti
         rotated = linear.rescale(linear.linear_map(
             fresh, np.rint(change * moduli[1]).astype(np.int64), moduli), moduli)
         del fresh
-        path = core.files.path(cid, new.key_version, block_no, block.generation)
-        digest = core.files.write(path, block_ops.split_levels(rotated), moduli[:1])
         centroid = None
         if block.centroid is not None:
             turned = change @ block.centroid.astype(np.float64)
             centroid = (turned / np.linalg.norm(turned)).astype(np.float32)
-        moved = Block(block_no, block.kind, block.generation, block.fill, 1,
-                      np.ascontiguousarray(rotated[:, :, 0, :]), digest,
-                      np.full(n, -1, np.int32), centroid)
+        moved = core.write_block(new, block_no, block.kind, block.generation, block.fill,
+                                 rotated, moduli[:1], centroid=centroid)
         del rotated
         replaced = new.blocks.get(block_no)
         with old.write_lock:  # deletions meanwhile are in the rows read here
@@ -186,7 +181,7 @@ def move_block(core: Core, job: KeyJobRow, old: CollectionGallery, new: Collecti
             sketch = (core.seal_sketch(cid, new.key_version, block_no, centroid)
                       if centroid is not None else None)
             done = len(new.blocks) + (0 if block_no in new.blocks else 1)
-            core.store.write_moved_block(core.block_row(new, moved, digest, sketch), rows,
+            core.store.write_moved_block(core.block_row(new, moved, moved.digest, sketch), rows,
                                           job.job_id, done, len(old.blocks))
             for t in rows:  # owners from the rows: an earlier move of this block is stale
                 if t.state == LIVE:
