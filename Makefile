@@ -1,6 +1,6 @@
 # Two commands: `make run` serves the vault on 127.0.0.1:50051 (SQLite in ./data, SoftHSM token
 # in ./hsm: apart, so that a copy of the data holds no key),
-# `make test` runs the whole test suite. Both install what is missing first.
+# `make test` runs ruff, mypy and the whole test suite. Both install what is missing first.
 PYTHON ?= python3.11
 VENV := .venv
 DATA_DIR ?= ./data
