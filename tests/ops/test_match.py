@@ -13,7 +13,8 @@ from vault.service import Vault
 
 
 def _counting(vault: Vault, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Record every HMAC the vault asks the token for (the public HSM calls a release uses)."""
+    """Record every HMAC call the vault makes on the token client (``hmac`` goes through
+    ``hmac_many``, so a single HMAC counts twice: the count only errs upwards)."""
     calls: list[str] = []
 
     def wrap(name: str) -> None:

@@ -301,9 +301,7 @@ class Hsm:
 
     def hmac(self, name: str, data: bytes, version: int = 1) -> bytes:
         """HMAC-SHA256 of ``data`` under HMAC key ``name`` (computed inside the token)."""
-        key_label = label(name, version)
-        return self._call(lambda s: bytes(self._key(s, key_label).sign(
-            data, mechanism=Mechanism.SHA256_HMAC)))
+        return self.hmac_many(name, [data], version)[0]
 
     def create_kek(self) -> int:
         """A new version of the key-encryption key (non-extractable, in the token); new
@@ -389,13 +387,7 @@ class Hsm:
 
     def counter(self, counter_label: str) -> int | None:
         """The value of a monotonic counter kept in the token, None if there is none."""
-
-        def run(session: pkcs11.Session) -> int | None:
-            values = [_COUNTER.unpack(bytes(obj[Attribute.VALUE]))[0]
-                      for obj in _counter_objects(session, counter_label)]
-            return max(values, default=None)
-
-        return self._call(run)
+        return self._call(lambda session: _read_counter(session, counter_label))
 
     def has_counters(self) -> bool:
         """True if the token keeps any rollback counter (it already serves a vault)."""
@@ -404,24 +396,29 @@ class Hsm:
             for obj in session.get_objects({Attribute.CLASS: ObjectClass.DATA})))
 
     def set_counter(self, counter_label: str, value: int, backward: bool = False) -> int:
-        """Raise the counter to ``value`` (never lower unless ``backward``); returns it.
+        """Raise the counter to ``value`` (never lower unless ``backward``); returns it."""
+        return self._call(lambda session: _raise_counter(session, counter_label, value, backward))
 
-        SoftHSM refuses to change a data object's CKA_VALUE, so the new value is a new
-        object and the old ones are destroyed after it exists: a crash in between leaves
-        two, and readers take the larger."""
 
-        def run(session: pkcs11.Session) -> int:
-            old = _counter_objects(session, counter_label)
-            current = max((_COUNTER.unpack(bytes(o[Attribute.VALUE]))[0] for o in old),
-                          default=None)
-            if current is not None and (current == value or (current > value and not backward)):
-                return int(current)
-            session.create_object({Attribute.CLASS: ObjectClass.DATA, Attribute.TOKEN: True,
-                                   Attribute.PRIVATE: True, Attribute.MODIFIABLE: False,
-                                   Attribute.LABEL: counter_label, Attribute.APPLICATION: "vault",
-                                   Attribute.VALUE: _COUNTER.pack(value)})
-            for obj in old:
-                obj.destroy()
-            return value
+def _read_counter(session: pkcs11.Session, counter_label: str) -> int | None:
+    values = [_COUNTER.unpack(bytes(obj[Attribute.VALUE]))[0]
+              for obj in _counter_objects(session, counter_label)]
+    return max(values, default=None)
 
-        return self._call(run)
+
+def _raise_counter(session: pkcs11.Session, counter_label: str, value: int,
+                   backward: bool) -> int:
+    """SoftHSM refuses to change a data object's CKA_VALUE, so the new value is a new
+    object and the old ones are destroyed after it exists: a crash in between leaves
+    two, and readers take the larger."""
+    old = _counter_objects(session, counter_label)
+    current = max((_COUNTER.unpack(bytes(o[Attribute.VALUE]))[0] for o in old), default=None)
+    if current is not None and (current == value or (current > value and not backward)):
+        return int(current)
+    session.create_object({Attribute.CLASS: ObjectClass.DATA, Attribute.TOKEN: True,
+                           Attribute.PRIVATE: True, Attribute.MODIFIABLE: False,
+                           Attribute.LABEL: counter_label, Attribute.APPLICATION: "vault",
+                           Attribute.VALUE: _COUNTER.pack(value)})
+    for obj in old:
+        obj.destroy()
+    return value
