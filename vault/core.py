@@ -173,10 +173,12 @@ class Core:
 
     def seal_sketch(self, collection_id: str, key_version: int, block_no: int,
                     centroid: np.ndarray) -> bytes:
+        """A block's pre-filter centroid, sealed under the sketch data key."""
         return self.sketch_key.encrypt(np.asarray(centroid, np.float32).tobytes(),
                                         aad.sketch(collection_id, key_version, block_no))
 
     def seal_subject(self, collection_id: str, subject_hmac: bytes, subject_id: str) -> bytes:
+        """A subject id, sealed under the PII data key and bound to its blind index."""
         return self.pii.encrypt(subject_id.encode(), aad.subject_id(collection_id, subject_hmac))
 
     def event(self, kind: str, collection_id: str, subject_hmac: bytes, outcome: str,
@@ -208,6 +210,7 @@ class Core:
         return None
 
     def galleries(self) -> list[CollectionGallery]:
+        """The current key version's gallery of every loaded collection."""
         return list(self.current_galleries.values())
 
     def install_current(self, collection_id: str, gallery: CollectionGallery) -> None:

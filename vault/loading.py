@@ -48,6 +48,7 @@ def check_live_set(core: Core, cid: str, version: int) -> None:
 
 
 def load_collection(core: Core, row: CollectionRow) -> None:
+    """Check a collection row and load its current key version (or record why not)."""
     cid = row.collection_id
     if not core.verified(row):
         core.damage(cid, "collection", "collection record failed its integrity check")
@@ -114,6 +115,7 @@ def _load_blocks(core: Core, gallery: CollectionGallery) -> int:
     rows = core.store.blocks(cid, version)
 
     def read(b: BlockRow) -> tuple[np.ndarray, bytes] | None:
+        """The block file's first prime and digest, None when it cannot be read."""
         try:  # hashing and file reads release the GIL: several at once
             residues, digest = BlockFiles.read(
                 core.files.path(cid, version, b.block_no, b.generation), levels=1)

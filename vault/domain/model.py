@@ -17,16 +17,20 @@ class CollectionPolicy:
     require_purpose: bool = False
 
     def to_json(self) -> str:
+        """The policy as stored in the collection row ('' for the defaults)."""
         return "" if self == CollectionPolicy() else json.dumps(dataclasses.asdict(self),
                                                                  sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> CollectionPolicy:
+        """The policy of a collection row."""
         return cls(**json.loads(text)) if text else cls()
 
 
 @dataclass(frozen=True)
 class CollectionInfo:
+    """What GetCollection answers (no template, no key)."""
+
     collection_id: str
     dimension: int
     threshold: float
@@ -38,6 +42,8 @@ class CollectionInfo:
 
 @dataclass(frozen=True)
 class Candidate:
+    """A subject named by a match (its score only when scores were granted)."""
+
     subject_id: str = field(repr=False)
     score: float | None = field(repr=False, default=None)  # None unless scores were granted
     subject_hmac: bytes = field(repr=False, default=b"")

@@ -30,6 +30,7 @@ def rotate_collection_key(core: Core, collection_id: str) -> KeyJobRow:
 
 
 def key_job(core: Core, job_id: str) -> KeyJobRow:
+    """A key rotation job by its id (INVALID_ARGUMENT, NOT_FOUND)."""
     if not re.fullmatch(r"[0-9a-f]{32}", job_id or ""):
         raise InvalidArgument("job_id must be the 32 hexadecimal digits a rotation returned")
     job = core.store.key_job(job_id)

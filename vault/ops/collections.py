@@ -69,6 +69,7 @@ def create_collection(core: Core, collection_id: str, dimension: int, threshold:
 
 
 def get_collection(core: Core, collection_id: str) -> CollectionInfo:
+    """A serving collection's settings and template count."""
     row, gallery = core.current(collection_id)
     return CollectionInfo(row.collection_id, row.dimension, row.threshold, row.key_version,
                           gallery.template_count(), row.min_key_version,

@@ -44,6 +44,8 @@ MAX_CHUNK_BLOCKS = 64
 
 @dataclass(frozen=True)
 class ImportItem:
+    """One template to import (nothing of it in its repr)."""
+
     subject_id: str = field(repr=False)
     embedding: Sequence[float] = field(repr=False)
     request_id: str = field(default="", repr=False)
@@ -222,6 +224,7 @@ def store_chunk(core: Core, gallery: CollectionGallery, chunk: list[_Pending]) -
                 places[i] = (block_no, slot)
 
         def template_row(i: int, live: bool) -> TemplateRow:
+            """Item ``i``'s template row, live or (a request answered meanwhile) a tombstone."""
             block_no, slot = places[i]
             p = chunk[i]  # a tombstone names no subject and no request
             return core.sign(TemplateRow(ids[i], cid, p.subject_hmac if live else b"", version,

@@ -244,6 +244,7 @@ def run_once(core: Core, force: bool = False) -> None:
 
 
 def run_forever(core: Core, stop: threading.Event) -> None:
+    """The maintenance thread: a pass every ``maintenance_interval`` until ``stop``."""
     while not stop.wait(core.tuning.maintenance_interval):
         try:
             run_once(core)

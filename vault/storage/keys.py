@@ -23,10 +23,12 @@ class KeyRecords(LiveSetLedger):
         return bool(self._query("SELECT 1 FROM wrapped_keys LIMIT 1"))
 
     def wrapped_key(self, name: str, version: int) -> bytes | None:
+        """A wrapped data key, None if it was never created."""
         rows = self._query("SELECT blob FROM wrapped_keys WHERE name=? AND version=?", (name, version))
         return rows[0][0] if rows else None
 
     def put_wrapped_key(self, name: str, version: int, blob: bytes) -> None:
+        """Store a newly wrapped data key."""
         with self.transaction() as db:
             db.execute("INSERT INTO wrapped_keys(name, version, blob) VALUES (?,?,?)",
                        (name, version, blob))
@@ -37,15 +39,18 @@ class KeyRecords(LiveSetLedger):
                            "reference_mean, policy")
 
     def collection(self, collection_id: str) -> CollectionRow | None:
+        """A collection row as stored (its MAC is checked by the caller)."""
         rows = self._query(f"SELECT {self._COLLECTION_COLUMNS} FROM collections "
                            "WHERE collection_id=?", (collection_id,))
         return CollectionRow(*rows[0]) if rows else None
 
     def collections(self) -> list[CollectionRow]:
+        """Every collection row, by id."""
         return [CollectionRow(*r) for r in self._query(
             f"SELECT {self._COLLECTION_COLUMNS} FROM collections ORDER BY collection_id")]
 
     def insert_collection(self, row: CollectionRow, key: CollectionKeyRow) -> None:
+        """A new collection with its first key version, in one transaction."""
         with self.transaction() as db:
             db.execute("INSERT INTO collections(collection_id, dimension, threshold, key_version, "
                        "min_key_version, mac, reference_mean, policy) VALUES (?,?,?,?,?,?,?,?)",
@@ -61,6 +66,7 @@ class KeyRecords(LiveSetLedger):
         self._new_state(db, key.collection_id, key.key_version)
 
     def collection_key(self, collection_id: str, key_version: int) -> CollectionKeyRow | None:
+        """A key version's parameters, public context and sealed secret context."""
         rows = self._query(
             "SELECT collection_id, key_version, he_params, public_context, sealed_secret_context "
             "FROM collection_keys WHERE collection_id=? AND key_version=?", (collection_id, key_version))
@@ -69,6 +75,7 @@ class KeyRecords(LiveSetLedger):
     # -- subjects ------------------------------------------------------------------------
 
     def sealed_subject_id(self, collection_id: str, subject_hmac: bytes) -> bytes | None:
+        """A subject's sealed id, None when it has none (unknown or deleted)."""
         rows = self._query("SELECT sealed_subject_id FROM subjects WHERE collection_id=? AND subject_hmac=?",
                            (collection_id, subject_hmac))
         return rows[0][0] if rows else None
@@ -87,10 +94,12 @@ class KeyRecords(LiveSetLedger):
                         job.blocks_done, job.blocks_total, job.error))
 
     def key_job(self, job_id: str) -> KeyJobRow | None:
+        """A rotation job by id."""
         rows = self._query(f"SELECT {self._JOB_COLUMNS} FROM key_jobs WHERE job_id=?", (job_id,))
         return KeyJobRow(*rows[0]) if rows else None
 
     def key_jobs(self, state: str | None = None) -> list[KeyJobRow]:
+        """Every rotation job (or those in ``state``), oldest first."""
         where, args = ("WHERE state=?", (state,)) if state else ("", ())
         return [KeyJobRow(*r) for r in self._query(
             f"SELECT {self._JOB_COLUMNS} FROM key_jobs {where} ORDER BY rowid", args)]
@@ -103,10 +112,12 @@ class KeyRecords(LiveSetLedger):
         return KeyJobRow(*rows[0]) if rows else None
 
     def finish_job(self, job_id: str, state: str, error: str | None = None) -> None:
+        """Set a job's state (and why it stopped)."""
         with self.transaction() as db:
             db.execute("UPDATE key_jobs SET state=?, error=? WHERE job_id=?", (state, error, job_id))
 
     def collection_key_versions(self, collection_id: str) -> list[int]:
+        """The key versions a collection holds, ascending."""
         return [r[0] for r in self._query("SELECT key_version FROM collection_keys "
                                           "WHERE collection_id=? ORDER BY key_version",
                                           (collection_id,))]
@@ -136,6 +147,7 @@ class KeyRecords(LiveSetLedger):
                    for t in ("collection_keys", "templates", "blocks", "pages"))
 
     def update_collection(self, row: CollectionRow) -> None:
+        """Replace a collection row (already MACed by the caller)."""
         with self.transaction() as db:
             db.execute("UPDATE collections SET threshold=?, key_version=?, min_key_version=?, mac=?, "
                        "policy=? WHERE collection_id=?",
@@ -156,6 +168,7 @@ class KeyRecords(LiveSetLedger):
         return out
 
     def replace_wrapped_blobs(self, blobs: list[tuple[str, tuple[str | int, ...], bytes]]) -> None:
+        """Write rewrapped blobs, all in one transaction."""
         with self.transaction() as db:
             for kind, key, blob in blobs:
                 if kind == "data-key":

@@ -196,6 +196,7 @@ class Connection:
             raise
 
     def close(self) -> None:
+        """Close the connection."""
         with self._lock:
             self._db.close()
 

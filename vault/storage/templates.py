@@ -172,6 +172,7 @@ class TemplateRecords(LiveSetLedger):
                         "locked_until, mac")
 
     def attempt_rows(self, collection_id: str, subject_hmac: bytes) -> list[AttemptRow]:
+        """A subject's attempt rows, one per credential."""
         return [AttemptRow(*r) for r in self._query(
             f"SELECT {self._ATTEMPT_COLUMNS} FROM verify_attempts "
             "WHERE collection_id=? AND subject_hmac=?", (collection_id, subject_hmac))]
@@ -205,6 +206,7 @@ class TemplateRecords(LiveSetLedger):
                        (row.collection_id, row.subject_hmac, row.credential_hmac, row.mac))
 
     def delete_attempt_rows(self, collection_id: str, subject_hmac: bytes) -> None:
+        """Forget every attempt row of a subject."""
         with self.transaction() as db:
             db.execute("DELETE FROM verify_attempts WHERE collection_id=? AND subject_hmac=?",
                        (collection_id, subject_hmac))
@@ -212,6 +214,7 @@ class TemplateRecords(LiveSetLedger):
     # -- pages and blocks ----------------------------------------------------------------
 
     def pages(self, collection_id: str, key_version: int) -> list[PageRow]:
+        """A key version's journal page rows."""
         return [PageRow(*r) for r in self._query(
             "SELECT collection_id, key_version, page_no, generation, fill, ciphertext, mac "
             "FROM pages WHERE collection_id=? AND key_version=? ORDER BY page_no",
@@ -221,11 +224,13 @@ class TemplateRecords(LiveSetLedger):
                       "digest, sketch, mac")
 
     def blocks(self, collection_id: str, key_version: int) -> list[BlockRow]:
+        """A key version's block rows."""
         return [BlockRow(*r) for r in self._query(
             f"SELECT {self._BLOCK_COLUMNS} FROM blocks WHERE collection_id=? AND key_version=? "
             "ORDER BY block_no", (collection_id, key_version))]
 
     def block(self, collection_id: str, key_version: int, block_no: int) -> BlockRow | None:
+        """One block row, None if there is none."""
         rows = self._query(
             f"SELECT {self._BLOCK_COLUMNS} FROM blocks WHERE collection_id=? AND key_version=? "
             "AND block_no=?", (collection_id, key_version, block_no))
