@@ -85,3 +85,19 @@ def test_unknown_token_is_unavailable(hsm_config: HsmConfig) -> None:
 
 def test_config_repr_hides_the_pin(hsm_config: HsmConfig) -> None:
     assert hsm_config.pin not in repr(hsm_config)
+
+
+def test_a_session_closed_under_a_client_is_reopened_once(hsm: Hsm, hsm_config: HsmConfig) -> None:
+    """Two clients in one process share the PKCS#11 library: when one reopens its session
+    (it re-initialises the library to re-read the token store), the other's session handle
+    becomes invalid. Its next call runs on a fresh session instead of failing."""
+    a, b = Hsm(hsm_config), Hsm(hsm_config)
+    try:
+        first = a.hmac(MAC, b"x")
+        b.ping()
+        b.close()
+        b.ping()  # reopens: the library is re-initialised, a's session handle is gone
+        assert a.hmac(MAC, b"x") == first
+    finally:
+        a.close()
+        b.close()

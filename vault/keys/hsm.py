@@ -161,16 +161,26 @@ class Hsm:
         return self._session
 
     def _call(self, fn: Callable[[pkcs11.Session], T]) -> T:
-        """Run ``fn`` with the session under the lock; token failures drop the session."""
+        """Run ``fn`` with the session under the lock; token failures drop the session.
+
+        A session handle found invalid (another client in this process re-initialised the
+        shared library, or the token closed it) ran nothing: ``fn`` is run once more on a
+        fresh session before the token counts as unavailable."""
         with self._lock:
-            session = self._open()
-            try:
-                return fn(session)
-            except HsmUnavailable:
-                raise
-            except (PKCS11Error, OSError, RuntimeError) as exc:
-                self._drop()
-                raise HsmUnavailable(f"HSM unavailable: {type(exc).__name__}") from exc
+            for retry in (True, False):
+                session = self._open()
+                try:
+                    return fn(session)
+                except HsmUnavailable:
+                    raise
+                except pkcs11.exceptions.SessionHandleInvalid as exc:
+                    self._drop()
+                    if not retry:
+                        raise HsmUnavailable(f"HSM unavailable: {type(exc).__name__}") from exc
+                except (PKCS11Error, OSError, RuntimeError) as exc:
+                    self._drop()
+                    raise HsmUnavailable(f"HSM unavailable: {type(exc).__name__}") from exc
+            raise AssertionError("unreachable")
 
     def _drop(self) -> None:
         session, self._session = self._session, None
