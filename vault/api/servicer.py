@@ -240,6 +240,10 @@ class TemplateVaultServicer(vault_pb2_grpc.TemplateVaultServicer):
             cid = check_collection_id(request.collection_id)
         except VaultError:
             return  # the method refuses it with the precise message
+        if not self._vault().has_collection(cid):
+            # NOT_FOUND from the method, and no bucket: calls on made-up collection ids would
+            # otherwise push the caller's own buckets out of the budgets' bounded memory.
+            return
         self.budgets.check_blocked(who.identity, cid)
         self.budgets.take(who.identity, cid, "verify" if request.subject_id else "identify")
         if request.release_scores:
