@@ -235,7 +235,7 @@ def test_an_access_control_gate_is_never_refused(setup) -> None:
     """A thousand visits an hour from one credential, three frames of the person per
     visit; people come back (a staff of 100 more) and strangers try too. 300 visits at
     that pace: 18 minutes of the budget clock, refills included."""
-    server, clock, unit, ids = setup["server"], setup["clock"], setup["unit"], setup["ids"]
+    clock, unit, ids = setup["clock"], setup["unit"], setup["ids"]
     multi, first, public = setup["multi"], setup["first"], setup["public"]
     rng = np.random.default_rng(5)
     refused = passed = staff_visits = 0
