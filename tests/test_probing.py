@@ -222,8 +222,9 @@ def test_a_bounded_rebuild_attack_rebuilds_no_template(setup) -> None:
     assert best_elsewhere < threshold, f"a reconstruction reaches cosine {best_elsewhere:.3f}"
     assert gain < 0.01, f"the queries brought a reconstruction {gain:.3f} closer"
     # What stopped them: the analyst's step of 0.2 spreads its probes too far apart for the
-    # probing guard (cosine about 0.8 in the centred space) and gets no gradient; its
-    # finer sweep trips the guard. The matcher's spread probes run into the 1:N budget
+    # probing guard (cosine about 0.8 in the centred space) and gets no gradient (no
+    # subject scores above 0.645 on both sides of it, in plaintext); its finer sweeps trip
+    # the guard. The matcher's spread probes run into the 1:N budget
     # (bursts of 10 minutes: 1,000).
     assert set(analyst) <= {"gate", "probing", "1:N budget"} and analyst.get("probing", 0) > 0
     assert alerts >= 1
