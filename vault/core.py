@@ -256,6 +256,10 @@ class Core:
             self.release_settings(row)
         return row, gallery
 
+    def has_collection(self, collection_id: str) -> bool:
+        """True when the collection is loaded (no store read)."""
+        return collection_id in self.current_galleries
+
     def release_settings(self, row: CollectionRow) -> CollectionPolicy:
         """The collection's threshold and policy are what the decider applies: the row read
         for this match must carry its MAC (a row edited under a running server would

@@ -93,6 +93,7 @@ class Vault(Core):
     create_collection = collections.create_collection
     get_collection = collections.get_collection
     get_collection_info = collections.get_collection_info
+    update_collection = collections.update_collection
     enroll = enroll.enroll
     verify = match.verify
     identify = match.identify

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from vault import he, logs
@@ -85,3 +86,25 @@ def get_collection_info(core: Core, collection_id: str) -> CollectionInfo:
     return CollectionInfo(row.collection_id, row.dimension, row.threshold, row.key_version,
                           count, row.min_key_version,
                           CollectionPolicy.from_json(row.policy).require_purpose)
+
+
+def update_collection(core: Core, collection_id: str, threshold: float | None = None,
+                      require_purpose: bool | None = None) -> CollectionInfo:
+    """Change a collection's threshold or purpose requirement (the admin's call; the
+    API audits it with the new values). Matches in flight finish under the old row."""
+    if threshold is None and require_purpose is None:
+        raise InvalidArgument("nothing to update: set threshold or require_purpose")
+    threshold = None if threshold is None else check_threshold(threshold)
+    _, gallery = core.current(collection_id)
+    # The gallery's write lock: a key rotation's switch signs the row it read under it.
+    with core.create_lock, gallery.write_lock:
+        row, _ = core.current(collection_id)
+        policy = CollectionPolicy.from_json(row.policy)
+        if require_purpose is not None:
+            policy = dataclasses.replace(policy, require_purpose=bool(require_purpose))
+        updated = core.sign(dataclasses.replace(
+            row, threshold=row.threshold if threshold is None else threshold,
+            policy=policy.to_json(), mac=b""))
+        core.store.update_collection(updated)
+    log.info("collection updated", collection_id=collection_id)
+    return get_collection(core, collection_id)

@@ -10,7 +10,7 @@ from vault.domain.records import (
     CollectionRow,
     KeyJobRow,
 )
-from vault.storage.live_set import LiveSetLedger
+from vault.storage.live_set import ATTEMPT_SET, LiveSetLedger
 
 
 class KeyRecords(LiveSetLedger):
@@ -57,6 +57,7 @@ class KeyRecords(LiveSetLedger):
                        (row.collection_id, row.dimension, row.threshold, row.key_version,
                         row.min_key_version, row.mac, row.reference_mean, row.policy))
             self._put_collection_key(db, key)
+            self._new_state(db, row.collection_id, ATTEMPT_SET)
 
     def _put_collection_key(self, db: sqlite3.Connection, key: CollectionKeyRow) -> None:
         """A key version, and its (empty) live-set commitment."""

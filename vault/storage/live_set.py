@@ -16,6 +16,12 @@ from vault.domain.records import (
 from vault.keys.integrity import LiveSet
 from vault.storage.sqlite import Connection
 
+# The store-wide epoch's row in collection_state: no collection has an empty id.
+EPOCH_ROW = ("", 0)
+# The key version of a collection's attempt-set commitment in collection_state: its
+# verify_attempts rows, so that deleting one (a lock lifted) is detected like a template.
+ATTEMPT_SET = -1
+
 
 class LiveSetLedger(Connection):
     """Leaves of the live rows, folded into the MACed commitment at each commit."""
@@ -71,13 +77,19 @@ class LiveSetLedger(Connection):
 
     def _commit_states(self, db: sqlite3.Connection) -> None:
         """Fold this transaction's changes into the state rows it touched (checked first:
-        a state row changed behind the vault's back is not built upon)."""
+        a state row changed behind the vault's back is not built upon), and count one more
+        store epoch (:meth:`epoch`)."""
         delta, self._delta = self._delta, {}
+        if delta:
+            delta[EPOCH_ROW] = 0
         for (cid, version), change in delta.items():
             assert self.live_set is not None
             found = db.execute("SELECT counter, digest, mac FROM collection_state WHERE "
                                "collection_id=? AND key_version=?", (cid, version)).fetchone()
-            if found is None or not self.live_set.check(found[2], cid, version, found[0], found[1]):
+            if found is None and (cid, version) == EPOCH_ROW:
+                self._new_state(db, cid, version)  # a first write (a deleted row restarts at 1:
+                found = (0, bytes(32), None)       # below the token's count, see epoch())
+            elif found is None or not self.live_set.check(found[2], cid, version, found[0], found[1]):
                 raise DataLoss("the collection's live-set commitment is missing or failed its "
                                "integrity check; nothing was written")
             counter, digest = found[0] + 1, LiveSet.add(found[1], change)
@@ -85,6 +97,23 @@ class LiveSetLedger(Connection):
                        "collection_id=? AND key_version=?",
                        (counter, digest, self.live_set.seal(cid, version, counter, digest),
                         cid, version))
+
+    def epoch(self, verify: bool = True) -> int:
+        """How many write transactions changed a live set, ever: a MACed counter that only
+        rises. The token keeps its value at each signed audit checkpoint
+        (:mod:`vault.custody`), so a ``vault.db`` restored from an older copy, even beside the
+        current audit log, is refused at start. ``verify=False``: without the MAC check (an
+        admin accepting a restore, before the vault's keys are open)."""
+        rows = self._query("SELECT counter, digest, mac FROM collection_state WHERE "
+                           "collection_id=? AND key_version=?", EPOCH_ROW)
+        if not rows:
+            return 0
+        counter, digest, mac = rows[0]
+        if verify:
+            assert self.live_set is not None
+            if not self.live_set.check(mac, *EPOCH_ROW, counter, digest):
+                raise DataLoss("the store's epoch counter failed its integrity check")
+        return int(counter)
 
     def live_set_state(self, collection_id: str, key_version: int) -> tuple[int, bytes, bytes] | None:
         """(counter, digest, MAC) of a key version's commitment, if stored."""

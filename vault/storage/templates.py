@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
 
 from vault.domain.records import (
     BLOCK,
     DELETED,
     LIVE,
     PAGE,
-    AttemptRow,
     BlockRow,
     PageRow,
     TemplateRow,
 )
-from vault.storage.live_set import LiveSetLedger
+from vault.storage.attempts import AttemptRecords
 
 
-class TemplateRecords(LiveSetLedger):
+class TemplateRecords(AttemptRecords):
     """Rows about templates and their holders; every change goes through the ledger."""
 
     # -- templates -----------------------------------------------------------------------
@@ -163,53 +161,7 @@ class TemplateRecords(LiveSetLedger):
                              t.key_version, LIVE) for t in templates])
             db.execute("DELETE FROM subjects WHERE collection_id=? AND subject_hmac=?",
                        (collection_id, subject_hmac))
-            db.execute("DELETE FROM verify_attempts WHERE collection_id=? AND subject_hmac=?",
-                       (collection_id, subject_hmac))
-
-    # -- verification attempts (vault.attempts) ------------------------------------------
-
-    _ATTEMPT_COLUMNS = ("collection_id, subject_hmac, credential_hmac, failures, since, "
-                        "locked_until, mac")
-
-    def attempt_rows(self, collection_id: str, subject_hmac: bytes) -> list[AttemptRow]:
-        """A subject's attempt rows, one per credential."""
-        return [AttemptRow(*r) for r in self._query(
-            f"SELECT {self._ATTEMPT_COLUMNS} FROM verify_attempts "
-            "WHERE collection_id=? AND subject_hmac=?", (collection_id, subject_hmac))]
-
-    def update_attempts(self, collection_id: str, subject_hmac: bytes,
-                        change: Callable[[list[AttemptRow]], AttemptRow | None]) -> None:
-        """Read a subject's attempt rows and write the row ``change`` returns, in one
-        transaction (an exception from ``change`` writes nothing)."""
-        with self.transaction() as db:
-            rows = [AttemptRow(*r) for r in db.execute(
-                f"SELECT {self._ATTEMPT_COLUMNS} FROM verify_attempts "
-                "WHERE collection_id=? AND subject_hmac=?", (collection_id, subject_hmac))]
-            row = change(rows)
-            if row is not None:
-                db.execute(f"INSERT OR REPLACE INTO verify_attempts({self._ATTEMPT_COLUMNS}) "
-                           "VALUES (?,?,?,?,?,?,?)",
-                           (row.collection_id, row.subject_hmac, row.credential_hmac,
-                            row.failures, row.since, row.locked_until, row.mac))
-
-    def expired_attempt_rows(self, now: float, window: float) -> list[AttemptRow]:
-        """Rows neither locked nor holding failures still in their window."""
-        return [AttemptRow(*r) for r in self._query(
-            f"SELECT {self._ATTEMPT_COLUMNS} FROM verify_attempts "
-            "WHERE locked_until <= ? AND since + ? <= ?", (now, window, now))]
-
-    def delete_attempt_row(self, row: AttemptRow) -> None:
-        """Delete one row as it was read (same MAC), nothing newer."""
-        with self.transaction() as db:
-            db.execute("DELETE FROM verify_attempts WHERE collection_id=? AND subject_hmac=? "
-                       "AND credential_hmac=? AND mac=?",
-                       (row.collection_id, row.subject_hmac, row.credential_hmac, row.mac))
-
-    def delete_attempt_rows(self, collection_id: str, subject_hmac: bytes) -> None:
-        """Forget every attempt row of a subject."""
-        with self.transaction() as db:
-            db.execute("DELETE FROM verify_attempts WHERE collection_id=? AND subject_hmac=?",
-                       (collection_id, subject_hmac))
+            self._delete_attempts(db, collection_id, subject_hmac)
 
     # -- pages and blocks ----------------------------------------------------------------
 
