@@ -96,6 +96,13 @@ def leaked(tmp_path_factory, lfw) -> dict:
                 break
             time.sleep(0.5)
         assert pending == 0, "maintenance did not checkpoint and erase in time"
+        # The pass that erased also truncates the WAL: wait for it, so that the copy below
+        # is not torn between vault.db and a WAL truncated meanwhile (it lost the block
+        # rows then, at random).
+        wal = root / "data" / "vault.db-wal"
+        while wal.exists() and wal.stat().st_size and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not (wal.exists() and wal.stat().st_size), "the WAL was not truncated in time"
         assert len(list(blocks.rglob("*.blk"))) >= 2  # a clustered and a mixed block
         copy = root / "stolen"
         shutil.copytree(root / "data", copy, symlinks=True)  # while it runs, as it is
