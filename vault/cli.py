@@ -315,8 +315,8 @@ def import_file(args: argparse.Namespace) -> int:
         details = exc.details() if hasattr(exc, "details") else type(exc).__name__
         print(f"import failed: {details}", file=sys.stderr)
         return 2
-    print(f"stored {report.stored} of {report.total} templates in {report.seconds:.1f} s "
-          f"({report.rate:.0f}/s); failed {report.failed}")
+    print(f"{report.stored} new, {report.replayed} already stored, {report.failed} failed, of "
+          f"{report.total} items in {report.seconds:.1f} s ({report.rate:.0f} new/s)")
     for message, count in sorted(report.errors.items(), key=lambda kv: -kv[1]):
         print(f"  {count} x {message}")
     return 0 if report.failed == 0 else 1

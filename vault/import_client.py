@@ -25,7 +25,8 @@ from vault.v1 import vault_pb2, vault_pb2_grpc
 @dataclass
 class ImportReport:
     total: int
-    stored: int = 0
+    stored: int = 0  # new templates
+    replayed: int = 0  # items whose request id had stored them before (a re-run)
     failed: int = 0
     seconds: float = 0.0
     errors: dict[str, int] = field(default_factory=dict)  # message -> count
@@ -76,12 +77,14 @@ def run(collection_id: str, path: Path, batch: int, channel: grpc.Channel,
         for response in stub.ImportTemplates(
                 _requests(collection_id, emb, subjects, requests, batch, sent)):
             for r in response.results:
-                if r.code == 0:
+                if r.code == 0 and r.replayed:
+                    report.replayed += 1
+                elif r.code == 0:
                     report.stored += 1
                 else:
                     report.failed += 1
                     report.errors[r.message] = report.errors.get(r.message, 0) + 1
-            shown.update(report.stored + report.failed,
+            shown.update(report.stored + report.replayed + report.failed,
                          note=f"sent={sent[0]} failed={report.failed}")
     report.seconds = time.perf_counter() - start
     return report
