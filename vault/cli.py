@@ -141,11 +141,27 @@ def serve(args: argparse.Namespace) -> int:
     wait = _arm_signals(signal.SIGTERM, signal.SIGINT)
     holder = VaultHolder(open_vault, interval=args.hsm_check_interval,
                          on_refused=lambda: os.kill(os.getpid(), signal.SIGTERM))
+    interceptors = []
+    if args.metrics_listen:
+        from vault.api import metrics
+        from vault.keys.hsm import Hsm
+
+        collected = metrics.Metrics()
+        metrics.instrument_hsm(Hsm, collected)
+        collected.watch(lambda: holder.vault)
+        interceptors.append(collected.interceptor())
+        try:
+            collected.serve(args.metrics_listen)
+        except (OSError, ValueError) as exc:
+            log.error(f"cannot serve metrics on {args.metrics_listen}: {exc}")
+            return 1
+        log.info("metrics", listen=args.metrics_listen)
     try:
         server, port, _health = build_server(holder, args.listen, tls=tls,
                                              rate_limit=args.rate_limit,
                                              budgets=_budget_config(args),
-                                             budget_clock=_budget_clock())
+                                             budget_clock=_budget_clock(),
+                                             interceptors=interceptors)
     except (OSError, ValueError) as exc:
         log.error("cannot listen", listen=args.listen, error_type=type(exc).__name__)
         return 1
@@ -422,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probe-cooldown", type=float,
                    default=_env_float("VAULT_PROBE_COOLDOWN", "3600"),
                    help="seconds a tripped credential's matches are refused (env VAULT_PROBE_COOLDOWN)")
+    p.add_argument("--metrics-listen", default=os.environ.get("VAULT_METRICS_LISTEN"),
+                   help="HOST:PORT serving Prometheus metrics at /metrics, e.g. "
+                        "127.0.0.1:9464 (env VAULT_METRICS_LISTEN; default: off)")
     p.add_argument("--allow-insecure-remote", action="store_true",
                    help="serve plaintext gRPC on a non-loopback address (containers behind a "
                         "private network only)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +81,7 @@ def build_server(vault: Vault | VaultHolder, listen: str, max_workers: int = 8,
                  tls: TlsFiles | None = None, rate_limit: float = 0.0,
                  budgets: BudgetConfig | None = None,
                  budget_clock: Callable[[], float] | None = None,
+                 interceptors: Sequence[grpc.ServerInterceptor] = (),
                  ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A started-ready server bound to ``listen``; returns (server, bound port, health).
 
@@ -88,10 +89,12 @@ def build_server(vault: Vault | VaultHolder, listen: str, max_workers: int = 8,
     given an open :class:`Vault`, the server reports SERVING. With ``tls``, clients need a
     certificate from its client CA and are given the roles their certificate names
     (:mod:`vault.api.access`); ``rate_limit``: calls per second per client (0: none);
-    ``budgets``: match budgets and the probing guard (:mod:`vault.api.budget`).
+    ``budgets``: match budgets and the probing guard (:mod:`vault.api.budget`);
+    ``interceptors``: e.g. :mod:`vault.api.metrics`'s.
     """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
+        interceptors=list(interceptors),
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
