@@ -325,6 +325,19 @@ def restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def backup(args: argparse.Namespace) -> int:
+    """Consistent online snapshot of the data directory (see vault.backup)."""
+    from vault.backup import backup as take
+
+    report = take(Path(args.data_dir), Path(args.to))
+    print(f"backup in {args.to}: vault.db, audit.db and {report.blocks} block files "
+          f"({report.block_bytes / 2**20:.1f} MiB) in {report.seconds:.1f} s, "
+          f"{report.rounds} snapshot round(s); no key (the token stays in the HSM directory). "
+          "Restore: stop the server, copy these files over the data directory, "
+          "vault restore --accept-rollback, start")
+    return 0
+
+
 def demo(args: argparse.Namespace) -> int:
     import grpc
 
@@ -549,6 +562,13 @@ def build_parser() -> argparse.ArgumentParser:
     _data_dir_argument(hm)
     hm.add_argument("--to", required=True, help="new HSM directory, outside the data directory")
     hm.set_defaults(func=hsm_move)
+
+    b = command(sub, "backup", "consistent snapshot of a running vault's data directory "
+                               "(no key in it)")
+    _data_dir_argument(b)
+    b.add_argument("--to", required=True, help="new or empty directory, outside the data "
+                                               "directory")
+    b.set_defaults(func=backup)
 
     r = command(sub, "restore", "accept a data directory restored from an older copy "
                                 "(with the server stopped)")
