@@ -122,9 +122,14 @@ def serve(args: argparse.Namespace) -> int:
         raise CliError("VAULT_HSM_PIN or VAULT_HSM_PIN_FILE must be set with --hsm-module")
     if args.hsm_module:
         readable_file(args.hsm_module, "--hsm-module")
+    if args.health_listen and not _is_loopback(args.health_listen):
+        raise CliError(f"--health-listen {args.health_listen}: the health listener is plaintext "
+                       "and unauthenticated: give a loopback address such as 127.0.0.1:50052")
     preflight.bindable(args.listen, "--listen")
-    if args.metrics_listen:
-        preflight.bindable(args.metrics_listen, "--metrics-listen")
+    for flag, listen in (("--metrics-listen", args.metrics_listen),
+                         ("--health-listen", args.health_listen)):
+        if listen:
+            preflight.bindable(listen, flag)
     hsm_dir = _checked_layout(args, data_dir)
     preflight.writable_dir(data_dir, "--data-dir")
     if hsm_dir is not None:
@@ -173,6 +178,12 @@ def serve(args: argparse.Namespace) -> int:
     except (OSError, ValueError, RuntimeError) as exc:
         raise CliError(f"--listen {args.listen}: cannot listen ({type(exc).__name__}); "
                        "choose another address", preflight.FAILED) from None
+    health_server = None
+    if args.health_listen:
+        from vault.api.server import build_health_server
+
+        health_server = build_health_server(_health, args.health_listen)
+        health_server.start()
     holder.start()
     if holder.refused is not None:
         return 2  # said why in the log; not a NOT_SERVING limbo
@@ -185,6 +196,8 @@ def serve(args: argparse.Namespace) -> int:
     wait()
     log.info("shutting down")
     server.stop(grace=5).wait()
+    if health_server is not None:
+        health_server.stop(grace=1).wait()
     holder.close()
     dir_lock.release()
     log.info("stopped")
@@ -323,6 +336,32 @@ def restore(args: argparse.Namespace) -> int:
     print(f"restore accepted: the token's counter went from checkpoint {before} back to {now}; "
           "the vault will serve this directory")
     return 0
+
+
+def health(args: argparse.Namespace) -> int:
+    """Exit 0 when the vault at --target reports SERVING, 3 otherwise (a health check)."""
+    import time
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + args.wait
+    while True:
+        try:
+            with client.channel(args) as channel:
+                status = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=args.service), timeout=3).status
+        except grpc.RpcError as exc:
+            status, error = None, client.explain(exc, args.target)
+        if status == health_pb2.HealthCheckResponse.SERVING:
+            print("SERVING")
+            return 0
+        if time.monotonic() >= deadline:
+            if status is None:
+                raise error
+            print(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
+            return preflight.UNREACHABLE
+        time.sleep(0.5)
 
 
 def backup(args: argparse.Namespace) -> int:
@@ -482,6 +521,10 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-listen", type=host_port, default=env("VAULT_METRICS_LISTEN", None),
                    help="HOST:PORT serving Prometheus metrics at /metrics, e.g. "
                         "127.0.0.1:9464 (env VAULT_METRICS_LISTEN; default: off)")
+    p.add_argument("--health-listen", type=host_port, default=env("VAULT_HEALTH_LISTEN", None),
+                   help="loopback HOST:PORT serving only grpc.health, in plaintext, for "
+                        "container health checks under mutual TLS or any port "
+                        "(env VAULT_HEALTH_LISTEN; default: off)")
     p.add_argument("--allow-insecure-remote", action="store_true",
                    help="serve plaintext gRPC on a non-loopback address (containers behind a "
                         "private network only)")
@@ -562,6 +605,15 @@ def build_parser() -> argparse.ArgumentParser:
     _data_dir_argument(hm)
     hm.add_argument("--to", required=True, help="new HSM directory, outside the data directory")
     hm.set_defaults(func=hsm_move)
+
+    hc = command(sub, "health", "exit 0 if the vault serves (container health checks)")
+    client.add_arguments(hc)
+    hc.set_defaults(target=env("VAULT_HEALTH_LISTEN", None) or hc.get_default("target"))
+    hc.add_argument("--service", default="", help="health service name ('' is the whole vault; "
+                                                   "vault.v1.Integrity: no damaged collection)")
+    hc.add_argument("--wait", type=number(float), default=0.0,
+                    help="seconds to keep asking until it serves")
+    hc.set_defaults(func=health)
 
     b = command(sub, "backup", "consistent snapshot of a running vault's data directory "
                                "(no key in it)")

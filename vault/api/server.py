@@ -77,6 +77,17 @@ class TlsFiles:
             root_certificates=self.client_ca.read_bytes(), require_client_auth=True)
 
 
+def build_health_server(health_servicer: health.HealthServicer, listen: str) -> grpc.Server:
+    """A second, plaintext server with grpc.health only, for a container's or an
+    orchestrator's probe on loopback: it works whatever TLS and port the API uses."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"),
+                         options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if server.add_insecure_port(listen) == 0:
+        raise OSError(f"cannot listen on {listen}")
+    return server
+
+
 def build_server(vault: Vault | VaultHolder, listen: str, max_workers: int = 8,
                  tls: TlsFiles | None = None, rate_limit: float = 0.0,
                  budgets: BudgetConfig | None = None,
