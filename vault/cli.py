@@ -526,8 +526,9 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                         "container health checks under mutual TLS or any port "
                         "(env VAULT_HEALTH_LISTEN; default: off)")
     p.add_argument("--allow-insecure-remote", action="store_true",
+                   default=os.environ.get("VAULT_ALLOW_INSECURE_REMOTE", "0") == "1",
                    help="serve plaintext gRPC on a non-loopback address (containers behind a "
-                        "private network only)")
+                        "private network only; env VAULT_ALLOW_INSECURE_REMOTE=1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
