@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	bash hsm/install-system-deps.sh
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[test,bench]'
+	$(VENV)/bin/pip install --quiet -e '.[test,bench,faces]'
 	touch $@
 
 setup: $(VENV)/.installed

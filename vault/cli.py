@@ -338,6 +338,31 @@ def restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def embed(args: argparse.Namespace) -> int:
+    """Photos to a .npz of embeddings for ``vault import``, on this machine (extra faces)."""
+    import numpy as np
+
+    from vault.faces import FaceEmbedder, FaceError, embed_files
+
+    try:
+        embedder = FaceEmbedder(upsample=args.upsample, jitter=args.jitter)
+    except FaceError as exc:
+        raise CliError(str(exc)) from None
+    images = [Path(p) for p in args.images]
+    for path in images:
+        readable_file(str(path), "IMAGE")
+    embeddings, done, failed = embed_files(images, embedder)
+    for message in failed.values():
+        print(f"skipped {message}", file=sys.stderr)
+    if not done:
+        raise CliError("no face in any image: nothing written", preflight.FAILED)
+    subjects = [p.parent.name if args.subject_from == "directory" else p.stem for p in done]
+    np.savez(args.out, embeddings=embeddings, subject_ids=np.array(subjects))
+    print(f"{len(done)} embeddings of {len(set(subjects))} subjects written to {args.out} "
+          f"({len(failed)} images skipped); next: vault import {args.out} --collection C")
+    return preflight.FAILED if failed else 0
+
+
 def health(args: argparse.Namespace) -> int:
     """Exit 0 when the vault at --target reports SERVING, 3 otherwise (a health check)."""
     import time
@@ -606,6 +631,19 @@ def build_parser() -> argparse.ArgumentParser:
     _data_dir_argument(hm)
     hm.add_argument("--to", required=True, help="new HSM directory, outside the data directory")
     hm.set_defaults(func=hsm_move)
+
+    em = command(sub, "embed", "photos to face embeddings on this machine, for vault import "
+                               "(extra faces; no image leaves this machine)")
+    em.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG or PNG, one face each")
+    em.add_argument("--out", required=True, help=".npz to write (embeddings, subject_ids)")
+    em.add_argument("--subject-from", choices=("stem", "directory"), default="stem",
+                    help="subject id: the file name without extension, or its directory's "
+                         "name (one directory per person)")
+    em.add_argument("--upsample", type=number(int), default=1,
+                    help="detector upsampling: finds smaller faces, slower")
+    em.add_argument("--jitter", type=number(int), default=0,
+                    help="re-samples averaged per face: steadier, slower")
+    em.set_defaults(func=embed)
 
     hc = command(sub, "health", "exit 0 if the vault serves (container health checks)")
     client.add_arguments(hc)
