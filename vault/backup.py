@@ -127,7 +127,7 @@ def backup(data_dir: Path, to: Path) -> BackupReport:
         damaged = {p for p, d in failed & mismatched if p.exists()}
         if damaged:  # the same row twice, its file there, its bytes not the row's
             shutil.rmtree(to)
-            raise CliError(f"block file {sorted(damaged)[0]} does not match its database row "
+            raise CliError(f"block file {min(damaged)} does not match its database row "
                            "(damaged or replaced behind the vault's back): nothing was kept; "
                            "the server reports it as DATA_LOSS", FAILED)
         mismatched = failed

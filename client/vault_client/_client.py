@@ -135,7 +135,7 @@ class VaultClient:
     def close(self) -> None:
         self.channel.close()
 
-    def __enter__(self) -> VaultClient:
+    def __enter__(self) -> VaultClient:  # noqa: PYI034 - typing.Self needs Python 3.11
         return self
 
     def __exit__(self, *_: object) -> None:
