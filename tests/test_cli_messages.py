@@ -146,3 +146,10 @@ def test_demo_prints_scores_as_the_contract_rounds_them(server: ServerProcess) -
     scores = next(line for line in out.stdout.splitlines() if "analyst" in line)
     assert re.search(r"person-\d \d\.\d\d\b", scores)
     assert not re.search(r"\d\.\d{3,}", out.stdout)
+
+
+def test_missing_hsm_module_is_named(tmp_path: Path) -> None:
+    out = _vault("serve", "--data-dir", str(tmp_path / "d"), "--hsm-module", "/nope/libsofthsm2.so",
+                 env={"VAULT_HSM_PIN": "1234"})
+    assert out.returncode == 2
+    assert _one_line(out) == "--hsm-module /nope/libsofthsm2.so: no such file"
