@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -149,7 +150,19 @@ def test_demo_prints_scores_as_the_contract_rounds_them(server: ServerProcess) -
 
 
 def test_missing_hsm_module_is_named(tmp_path: Path) -> None:
-    out = _vault("serve", "--data-dir", str(tmp_path / "d"), "--hsm-module", "/nope/libsofthsm2.so",
-                 env={"VAULT_HSM_PIN": "1234"})
-    assert out.returncode == 2
-    assert _one_line(out) == "--hsm-module /nope/libsofthsm2.so: no such file"
+    module = tmp_path / "lib" / "libsofthsm2.so"
+    server = ServerProcess(tmp_path / "d", env={"VAULT_HSM_PIN": "1234"},
+                           args=["--hsm-module", str(module)])
+    server.start(serving=False)  # waits for the module (tests/reliability: then serves)
+    try:
+        expected = f"listening but NOT_SERVING: HSM unavailable: PKCS#11 module not found (module {module})"
+        for _ in range(100):  # health answers a moment before that line is written
+            log = server.log_path.read_text()
+            if expected in log:
+                break
+            time.sleep(0.1)
+        assert f"--hsm-module {module}: no such file; not serving until it appears" in log
+        assert expected in log
+        assert "Traceback" not in log
+    finally:
+        server.stop()

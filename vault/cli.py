@@ -120,8 +120,11 @@ def serve(args: argparse.Namespace) -> int:
                        "listen on 127.0.0.1")
     if args.hsm_module and not any(map(os.environ.get, ("VAULT_HSM_PIN", "VAULT_HSM_PIN_FILE"))):
         raise CliError("VAULT_HSM_PIN or VAULT_HSM_PIN_FILE must be set with --hsm-module")
-    if args.hsm_module:
-        readable_file(args.hsm_module, "--hsm-module")
+    if args.hsm_module and not Path(args.hsm_module).is_file():
+        # Not a refusal: the server waits NOT_SERVING for the module (a mount, a package
+        # being installed), but says which file it waits for.
+        log.warning(f"--hsm-module {args.hsm_module}: no such file; not serving until it "
+                    "appears (check the path of your HSM's PKCS#11 library)")
     if args.health_listen and not _is_loopback(args.health_listen):
         raise CliError(f"--health-listen {args.health_listen}: the health listener is plaintext "
                        "and unauthenticated: give a loopback address such as 127.0.0.1:50052")
@@ -170,7 +173,7 @@ def serve(args: argparse.Namespace) -> int:
         collected.serve(args.metrics_listen)
         log.info("metrics", listen=args.metrics_listen)
     try:
-        server, port, _health = build_server(holder, args.listen, tls=tls,
+        server, _port, _health = build_server(holder, args.listen, tls=tls,
                                              rate_limit=args.rate_limit,
                                              budgets=_budget_config(args),
                                              budget_clock=_budget_clock(),
@@ -191,7 +194,15 @@ def serve(args: argparse.Namespace) -> int:
     if tls is None:
         log.warning("serving without TLS: every caller has every role; loopback only "
                     "(embedded default)", listen=args.listen)
-    log.info("serving", listen=args.listen, data_dir=str(data_dir), tls=tls is not None)
+    if holder.vault is None:  # listening, but every RPC answers UNAVAILABLE with the reason
+        try:
+            holder()
+        except VaultError as exc:
+            where = f" (module {args.hsm_module})" if args.hsm_module else ""
+            log.warning(f"listening but NOT_SERVING: {exc.message}{where}; retrying every "
+                        f"{args.hsm_check_interval:g} s", listen=args.listen)
+    else:
+        log.info("serving", listen=args.listen, data_dir=str(data_dir), tls=tls is not None)
 
     wait()
     log.info("shutting down")
@@ -505,11 +516,11 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
         ("--erase-after", "VAULT_ERASE_AFTER", float, "60",
          "seconds after a deletion by which its values are removed from the stored ciphertexts"),
         ("--journal-pages", "VAULT_JOURNAL_PAGES", int, "16",
-         "journal pages (each N/D single enrollments) kept before they are merged into "
-         "blocks; every 1:N match scores them all"),
+         ("journal pages (each N/D single enrollments) kept before they are merged into "
+          "blocks; every 1:N match scores them all")),
         ("--route-fraction", "VAULT_ROUTE_FRACTION", float, "0.15",
-         "share of clustered blocks a 1:N match scores, nearest the probe first (1 scores "
-         "them all)"),
+         ("share of clustered blocks a 1:N match scores, nearest the probe first (1 scores "
+          "them all)")),
         ("--route-min-blocks", "VAULT_ROUTE_MIN_BLOCKS", int, "16",
          "below this many clustered blocks every one is scored"),
         ("--maintenance-interval", "VAULT_MAINTENANCE_INTERVAL", float, "5",
