@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from vault import client, logs, preflight
-from vault.errors import Refused, VaultError
+from vault.errors import HsmPinRejected, Refused, VaultError
 from vault.keys.hsm import HsmConfig
 from vault.lockfile import DataDirLock
 from vault.preflight import EXIT_CODES, USAGE, CliError, env, host_port, number, readable_file
@@ -194,13 +194,17 @@ def serve(args: argparse.Namespace) -> int:
     if tls is None:
         log.warning("serving without TLS: every caller has every role; loopback only "
                     "(embedded default)", listen=args.listen)
-    if holder.vault is None:  # listening, but every RPC answers UNAVAILABLE with the reason
-        try:
+    if holder.vault is None:  # listening; every RPC answers UNAVAILABLE with the reason,
+        try:                  # which the holder logged once (the line above)
             holder()
-        except VaultError as exc:
-            where = f" (module {args.hsm_module})" if args.hsm_module else ""
-            log.warning(f"listening but NOT_SERVING: {exc.message}{where}; retrying every "
-                        f"{args.hsm_check_interval:g} s", listen=args.listen)
+        except HsmPinRejected:
+            log.warning("listening but NOT_SERVING: wrong PIN for the token; fix "
+                        "VAULT_HSM_PIN or VAULT_HSM_PIN_FILE and restart (a PIN is never "
+                        "retried: real HSMs lock users out)", listen=args.listen)
+        except VaultError:
+            where = f" at module {args.hsm_module}" if args.hsm_module else ""
+            log.warning(f"listening but NOT_SERVING until the HSM answers{where}; checked "
+                        f"every {args.hsm_check_interval:g} s", listen=args.listen)
     else:
         log.info("serving", listen=args.listen, data_dir=str(data_dir), tls=tls is not None)
 
