@@ -239,3 +239,28 @@ def test_whole_directory_rollback_is_refused_until_accepted(tmp_path: Path,
     shutil.copytree(old, data)
     again = _serve(data, "--hsm-dir", str(hsm))
     assert again.returncode == 2 and "rollback detected" in again.stderr
+
+
+def test_the_database_alone_restored_beside_the_current_audit_log_is_refused(
+        tmp_path: Path, faces: np.ndarray) -> None:
+    """A writer restores vault.db and the block files from an older backup, keeping the
+    current audit.db (whose checkpoints the token has seen): a deleted subject would match
+    again. The token also keeps the store's epoch, so the start is refused (found in review)."""
+    data, hsm, old = tmp_path / "data", tmp_path / "hsm", tmp_path / "old"
+    with ServerProcess(data, env=_env(), hsm_dir=hsm) as server:
+        _enroll(server, faces[:3])
+    shutil.copytree(data, old)  # a backup taken after a clean stop
+    with ServerProcess(data, env=_env(), hsm_dir=hsm) as server:
+        with server.channel() as channel:
+            vault_pb2_grpc.TemplateVaultStub(channel).DeleteSubject(
+                pb.DeleteSubjectRequest(collection_id="c", subject_id="s1"), timeout=60)
+        assert _count(server) == 2
+    for stale in [p for p in data.iterdir() if p.name.startswith("vault.db") or p.name == "blocks"]:
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    for item in old.iterdir():
+        if item.name.startswith("vault.db") or item.name == "blocks":
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, data / item.name)
+    out = _serve(data, "--hsm-dir", str(hsm))
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "rollback detected" in out.stderr and "store epoch" in out.stderr
+    assert "vault restore --accept-rollback" in out.stderr

@@ -101,6 +101,12 @@ class Attempts:
         key = (collection_id, subject_hmac, cred)
         now = self._clock()
         with self._lock:  # check and reserve under one lock (one server per data directory)
+            if not self._store.attempt_set_intact(collection_id):
+                log.error("integrity failure", kind="attempt_set", collection_id=collection_id)
+                self._on_event("integrity", collection_id, subject_hmac, "DATA_LOSS attempt_set")
+                raise DataLoss("the attempt records of this collection failed their integrity "
+                               "check (one was deleted or restored): 1:1 verification stays "
+                               "refused until an administrator unlocks a subject")
             row = self._row(collection_id, subject_hmac, cred, now)
             wait = row.locked_until - now
             if wait > 0:
@@ -191,6 +197,7 @@ class Attempts:
         with self._lock:
             rows = self._store.attempt_rows(collection_id, subject_hmac)
             self._store.delete_attempt_rows(collection_id, subject_hmac)
+            self._store.reseal_attempt_set(collection_id)  # the admin accepts what is stored
         return sum(r.locked_until > now or not self._integrity.check(r.mac, *self._fields(r))
                    for r in rows)
 

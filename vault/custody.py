@@ -151,10 +151,36 @@ def guard_rollback(store: Store, hsm: Hsm, audit: AuditLog) -> None:
         raise RollbackDetected(
             f"rollback detected: the token has seen audit checkpoint {seen}, this data "
             f"directory's last signed checkpoint is {signed} ({seen - signed} audit entries "
-            "back): it is an older copy. If this restore is intended, run `vault restore "
-            "--accept-rollback --data-dir DIR --hsm-dir HSM_DIR`")
+            f"back): it is an older copy. {_ACCEPT}")
+    # The database alone restored (beside the current audit log) is as old: the token also
+    # keeps the store's epoch, a MACed count of its write transactions.
+    seen_epoch, epoch = hsm.counter(_store_label(label)), store.epoch()
+    if seen_epoch is not None and seen_epoch > epoch:
+        raise RollbackDetected(
+            f"rollback detected: the token has seen store epoch {seen_epoch}, this data "
+            f"directory's database is at epoch {epoch} ({seen_epoch - epoch} write "
+            f"transactions back): vault.db is an older copy. {_ACCEPT}")
     hsm.set_counter(label, signed)
-    audit.on_checkpoint = lambda seq: hsm.set_counter(label, seq)
+    hsm.set_counter(_store_label(label), epoch)
+    audit.on_checkpoint = _recorder(store, hsm, label)
+
+
+_ACCEPT = ("If this restore is intended, run `vault restore --accept-rollback --data-dir DIR "
+           "--hsm-dir HSM_DIR`")
+
+
+def _store_label(label: str) -> str:
+    return label + "/store"
+
+
+def _recorder(store: Store, hsm: Hsm, label: str):  # type: ignore[no-untyped-def]
+    """What a signed checkpoint records in the token: its seq and the store's epoch."""
+
+    def record(seq: int) -> None:
+        hsm.set_counter(label, seq)
+        hsm.set_counter(_store_label(label), store.epoch(verify=store.live_set is not None))
+
+    return record
 
 
 def accept_rollback(store: Store, hsm: Hsm, audit: AuditLog) -> tuple[int | None, int]:
@@ -164,7 +190,8 @@ def accept_rollback(store: Store, hsm: Hsm, audit: AuditLog) -> tuple[int | None
     label = counter_label(vault_id(store))
     before = hsm.counter(label)
     hsm.set_counter(label, audit.signed_seq, backward=True)
-    audit.on_checkpoint = lambda seq: hsm.set_counter(label, seq)
+    hsm.set_counter(_store_label(label), store.epoch(verify=False), backward=True)
+    audit.on_checkpoint = _recorder(store, hsm, label)
     audit.append("admin", secrets.token_hex(8), "cli", "AcceptRollback",
                  outcome=f"OK token counter {before} set back to {audit.signed_seq}")
     return before, audit.signed_seq

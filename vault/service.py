@@ -522,7 +522,13 @@ class Vault:
             raise DataLoss("collection record does not match the loaded key version")
         if row.key_version < row.min_key_version:
             raise FailedPrecondition("collection key version is below its minimum")
+        if not damaged_ok:  # threshold, policy, reference mean: as signed, on every path
+            self._release_settings(row)
         return row, gallery
+
+    def has_collection(self, collection_id: str) -> bool:
+        """True when the collection is loaded (no store read)."""
+        return collection_id in self._galleries
 
     def _release_settings(self, row: CollectionRow) -> CollectionPolicy:
         """The collection's threshold and policy are what the decider applies: the row read
@@ -1000,6 +1006,27 @@ class Vault:
             self.store.update_collection(updated)
         log.info("minimum key version set", collection_id=collection_id, version=min_key_version)
         return updated
+
+    def update_collection(self, collection_id: str, threshold: float | None = None,
+                          require_purpose: bool | None = None) -> CollectionInfo:
+        """Change a collection's threshold or purpose requirement (the admin's call; the
+        API audits it with the new values). Matches in flight finish under the old row."""
+        if threshold is None and require_purpose is None:
+            raise InvalidArgument("nothing to update: set threshold or require_purpose")
+        threshold = None if threshold is None else check_threshold(threshold)
+        _, gallery = self._collection(collection_id)
+        # The gallery's write lock: a key rotation's switch signs the row it read under it.
+        with self._create_lock, gallery.write_lock:
+            row, _ = self._collection(collection_id)
+            policy = CollectionPolicy.from_json(row.policy)
+            if require_purpose is not None:
+                policy = dataclasses.replace(policy, require_purpose=bool(require_purpose))
+            updated = self.sign(dataclasses.replace(
+                row, threshold=row.threshold if threshold is None else threshold,
+                policy=policy.to_json(), mac=b""))
+            self.store.update_collection(updated)
+        log.info("collection updated", collection_id=collection_id)
+        return self.get_collection(collection_id)
 
     def start_import(self, collection_id: str):  # type: ignore[no-untyped-def]
         """A bulk import session (:mod:`vault.imports`)."""

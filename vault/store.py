@@ -145,6 +145,11 @@ CREATE TABLE IF NOT EXISTS verify_attempts (
 );
 """
 
+# The store-wide epoch's row in collection_state: no collection has an empty id.
+EPOCH_ROW = ("", 0)
+# The key version of a collection's attempt-set commitment in collection_state: its
+# verify_attempts rows, so that deleting one (a lock lifted) is detected like a template.
+ATTEMPT_SET = -1
 LIVE = 1
 DELETED = 2
 # Where a template's encrypted values sit: a journal page (template-major, written by
@@ -393,13 +398,19 @@ class Store:
 
     def _commit_states(self, db: sqlite3.Connection) -> None:
         """Fold this transaction's changes into the state rows it touched (checked first:
-        a state row changed behind the vault's back is not built upon)."""
+        a state row changed behind the vault's back is not built upon), and count one more
+        store epoch (:meth:`epoch`)."""
         delta, self._delta = self._delta, {}
+        if delta:
+            delta[EPOCH_ROW] = 0
         for (cid, version), change in delta.items():
             assert self.live_set is not None
             found = db.execute("SELECT counter, digest, mac FROM collection_state WHERE "
                                "collection_id=? AND key_version=?", (cid, version)).fetchone()
-            if found is None or not self.live_set.check(found[2], cid, version, found[0], found[1]):
+            if found is None and (cid, version) == EPOCH_ROW:
+                self._new_state(db, cid, version)  # a first write (a deleted row restarts at 1:
+                found = (0, bytes(32), None)       # below the token's count, see epoch())
+            elif found is None or not self.live_set.check(found[2], cid, version, found[0], found[1]):
                 raise DataLoss("the collection's live-set commitment is missing or failed its "
                                "integrity check; nothing was written")
             counter, digest = found[0] + 1, LiveSet.add(found[1], change)
@@ -407,6 +418,23 @@ class Store:
                        "collection_id=? AND key_version=?",
                        (counter, digest, self.live_set.seal(cid, version, counter, digest),
                         cid, version))
+
+    def epoch(self, verify: bool = True) -> int:
+        """How many write transactions changed a live set, ever: a MACed counter that only
+        rises. The token keeps its value at each signed audit checkpoint
+        (:mod:`vault.custody`), so a ``vault.db`` restored from an older copy, even beside the
+        current audit log, is refused at start. ``verify=False``: without the MAC check (an
+        admin accepting a restore, before the vault's keys are open)."""
+        rows = self._query("SELECT counter, digest, mac FROM collection_state WHERE "
+                           "collection_id=? AND key_version=?", EPOCH_ROW)
+        if not rows:
+            return 0
+        counter, digest, mac = rows[0]
+        if verify:
+            assert self.live_set is not None
+            if not self.live_set.check(mac, *EPOCH_ROW, counter, digest):
+                raise DataLoss("the store's epoch counter failed its integrity check")
+        return int(counter)
 
     def live_set_state(self, collection_id: str, key_version: int) -> tuple[int, bytes, bytes] | None:
         """(counter, digest, MAC) of a key version's commitment, if stored."""
@@ -475,6 +503,7 @@ class Store:
                        (row.collection_id, row.dimension, row.threshold, row.key_version,
                         row.min_key_version, row.mac, row.reference_mean, row.policy))
             self._put_collection_key(db, key)
+            self._new_state(db, row.collection_id, ATTEMPT_SET)
 
     def _put_collection_key(self, db: sqlite3.Connection, key: CollectionKeyRow) -> None:
         """A key version, and its (empty) live-set commitment."""
@@ -638,10 +667,57 @@ class Store:
                              t.key_version, LIVE) for t in templates])
             db.execute("DELETE FROM subjects WHERE collection_id=? AND subject_hmac=?",
                        (collection_id, subject_hmac))
-            db.execute("DELETE FROM verify_attempts WHERE collection_id=? AND subject_hmac=?",
-                       (collection_id, subject_hmac))
+            self._delete_attempts(db, collection_id, subject_hmac)
 
     # -- verification attempts (vault.attempts) ------------------------------------------
+
+    def _attempt_leaf(self, row: AttemptRow) -> int:
+        assert self.live_set is not None
+        return self.live_set.attempt(row.collection_id, row.subject_hmac, row.credential_hmac,
+                                     row.mac)
+
+    def _delete_attempts(self, db: sqlite3.Connection, collection_id: str, subject_hmac: bytes,
+                         only: AttemptRow | None = None) -> None:
+        """Delete a subject's attempt rows (``only``: that row as it was read), and take their
+        leaves out of the collection's attempt set."""
+        rows = [AttemptRow(*r) for r in db.execute(
+            f"SELECT {self._ATTEMPT_COLUMNS} FROM verify_attempts "
+            "WHERE collection_id=? AND subject_hmac=?", (collection_id, subject_hmac))]
+        if only is not None:
+            rows = [r for r in rows if r.credential_hmac == only.credential_hmac
+                    and r.mac == only.mac]
+        for r in rows:
+            db.execute("DELETE FROM verify_attempts WHERE collection_id=? AND subject_hmac=? "
+                       "AND credential_hmac=?", (r.collection_id, r.subject_hmac, r.credential_hmac))
+            self._change(collection_id, ATTEMPT_SET, -self._attempt_leaf(r))
+
+    def reseal_attempt_set(self, collection_id: str) -> None:
+        """Commit the collection's attempt set to the rows stored now (an administrator's
+        unlock, which accepts what a writer may have changed)."""
+        assert self.live_set is not None
+        with self.transaction() as db:
+            total = sum(self._attempt_leaf(AttemptRow(*r)) for r in db.execute(
+                f"SELECT {self._ATTEMPT_COLUMNS} FROM verify_attempts WHERE collection_id=?",
+                (collection_id,)))
+            found = db.execute("SELECT counter FROM collection_state WHERE collection_id=? AND "
+                               "key_version=?", (collection_id, ATTEMPT_SET)).fetchone()
+            counter, digest = (found[0] if found else 0) + 1, LiveSet.add(bytes(32), total)
+            db.execute("INSERT OR REPLACE INTO collection_state VALUES (?,?,?,?,?)",
+                       (collection_id, ATTEMPT_SET, counter, digest,
+                        self.live_set.seal(collection_id, ATTEMPT_SET, counter, digest)))
+
+    def attempt_set_intact(self, collection_id: str) -> bool:
+        """True when the collection's attempt rows sum to their MACed commitment: no row was
+        deleted, restored or added behind the vault's back (a lock lifted by deleting it)."""
+        assert self.live_set is not None
+        state = self.live_set_state(collection_id, ATTEMPT_SET)
+        if state is None or not self.live_set.check(state[2], collection_id, ATTEMPT_SET,
+                                                    state[0], state[1]):
+            return False
+        total = sum(self._attempt_leaf(AttemptRow(*r)) for r in self._query(
+            f"SELECT {self._ATTEMPT_COLUMNS} FROM verify_attempts WHERE collection_id=?",
+            (collection_id,)))
+        return LiveSet.add(bytes(32), total) == bytes(state[1])
 
     _ATTEMPT_COLUMNS = ("collection_id, subject_hmac, credential_hmac, failures, since, "
                         "locked_until, mac")
@@ -661,10 +737,14 @@ class Store:
                 "WHERE collection_id=? AND subject_hmac=?", (collection_id, subject_hmac))]
             row = change(rows)
             if row is not None:
+                for previous in rows:
+                    if previous.credential_hmac == row.credential_hmac:
+                        self._change(collection_id, ATTEMPT_SET, -self._attempt_leaf(previous))
                 db.execute(f"INSERT OR REPLACE INTO verify_attempts({self._ATTEMPT_COLUMNS}) "
                            "VALUES (?,?,?,?,?,?,?)",
                            (row.collection_id, row.subject_hmac, row.credential_hmac,
                             row.failures, row.since, row.locked_until, row.mac))
+                self._change(collection_id, ATTEMPT_SET, self._attempt_leaf(row))
 
     def expired_attempt_rows(self, now: float, window: float) -> list[AttemptRow]:
         """Rows neither locked nor holding failures still in their window."""
@@ -675,14 +755,11 @@ class Store:
     def delete_attempt_row(self, row: AttemptRow) -> None:
         """Delete one row as it was read (same MAC), nothing newer."""
         with self.transaction() as db:
-            db.execute("DELETE FROM verify_attempts WHERE collection_id=? AND subject_hmac=? "
-                       "AND credential_hmac=? AND mac=?",
-                       (row.collection_id, row.subject_hmac, row.credential_hmac, row.mac))
+            self._delete_attempts(db, row.collection_id, row.subject_hmac, only=row)
 
     def delete_attempt_rows(self, collection_id: str, subject_hmac: bytes) -> None:
         with self.transaction() as db:
-            db.execute("DELETE FROM verify_attempts WHERE collection_id=? AND subject_hmac=?",
-                       (collection_id, subject_hmac))
+            self._delete_attempts(db, collection_id, subject_hmac)
 
     # -- pages and blocks ----------------------------------------------------------------
 

@@ -26,7 +26,8 @@ def world(tmp_path_factory, lfw) -> Iterator[tuple[ServerProcess, CertificateAut
     root = tmp_path_factory.mktemp("attempts")
     pki = CertificateAuthority(root / "pki")
     for name, roles in (("enroll-svc", ("enroller",)), ("gate-1", ("matcher",)),
-                        ("gate-2", ("matcher",)), ("gate-3", ("matcher",))):
+                        ("gate-2", ("matcher",)), ("gate-3", ("matcher",)),
+                        ("gate-4", ("matcher",)), ("gate-5", ("matcher",))):
         pki.issue(name, roles)
     emb, ids = lfw["emb"], lfw["ids"]
     people = [int(np.flatnonzero(ids == p)[0]) for p in np.unique(ids)[:40]]
@@ -126,3 +127,25 @@ def test_a_cleared_lock_row_keeps_the_subject_locked_until_an_admin_unlocks(worl
     # The matcher's refused try is counted in a batched `refused` entry (tests/api/test_release.py).
     assert rows == [("admin", "OK")] * 3
     assert integrity >= 1
+
+
+def test_a_deleted_lock_row_is_detected_until_an_admin_unlocks(world) -> None:
+    """A writer deletes the lock rows under the live server: the collection's attempt set no
+    longer sums to its commitment, so 1:1 answers DATA_LOSS (not a fresh count) until an
+    admin unlocks (found in review: deleting a row lifted the lock silently)."""
+    server, pki, faces = world
+    gate = _stub(server, pki, "gate-4")
+    for k in range(LIMIT):
+        assert _match(gate, "p1", faces[f"p{25 + k}"]) == (Code.OK, False)
+    assert _match(gate, "p1", faces["p1"])[0] == Code.RESOURCE_EXHAUSTED
+    db = sqlite3.connect(server.data_dir / "vault.db", timeout=30)
+    with db:
+        deleted = db.execute("DELETE FROM verify_attempts").rowcount
+    db.close()
+    assert deleted >= 1
+    assert _match(gate, "p1", faces["p1"])[0] == Code.DATA_LOSS
+    assert _match(_stub(server, pki, "gate-5"), "p0", faces["p0"])[0] == Code.DATA_LOSS
+    with server.channel() as channel:
+        vault_pb2_grpc.TemplateVaultStub(channel).UnlockSubject(
+            pb.UnlockSubjectRequest(collection_id="doors", subject_id="p1"), timeout=20)
+    assert _match(gate, "p1", faces["p1"]) == (Code.OK, True)

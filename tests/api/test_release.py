@@ -157,13 +157,59 @@ def test_release_settings_edited_under_a_running_vault_are_refused(vault) -> Non
         vault.enroll(cid, "p0", FACES[0].tolist())
     assert vault.identify("p", FACES[0].tolist(), purpose="case 1").matched
     db = sqlite3.connect(vault.store.path)
+    (signed_threshold,) = db.execute("SELECT threshold FROM collections WHERE collection_id='t'").fetchone()
     with db:
         db.execute("UPDATE collections SET policy='' WHERE collection_id='p'")
         db.execute("UPDATE collections SET threshold=-1.0 WHERE collection_id='t'")
     db.close()
     with pytest.raises(DataLoss):
         vault.identify("p", FACES[0].tolist())
+    with pytest.raises(DataLoss):  # giving a purpose skips no check
+        vault.identify("p", FACES[0].tolist(), purpose="case 2")
     with pytest.raises(DataLoss):
         vault.identify("t", FACES[1].tolist())
     with pytest.raises(DataLoss):
+        vault.identify("t", FACES[1].tolist(), purpose="case 3")
+    with pytest.raises(DataLoss):
         vault.verify("t", "p0", FACES[1].tolist())
+    # An enroller cannot use the lowered threshold to attach another face to p0.
+    with pytest.raises(DataLoss):
+        vault.enroll("t", "p0", FACES[1].tolist())
+    db = sqlite3.connect(vault.store.path)
+    with db:  # the writer puts the threshold back: the old MAC holds again, nothing was added
+        db.execute("UPDATE collections SET threshold=? WHERE collection_id='t'",
+                   (signed_threshold,))
+    db.close()
+    assert vault.get_collection("t").template_count == 1
+    assert not vault.verify("t", "p0", FACES[1].tolist()).matched
+
+
+def test_calls_on_unknown_collections_do_not_refill_a_spent_budget(vault, monkeypatch) -> None:
+    """Budgets live in bounded memory; a caller that spent its 1:1 budget must not push its
+    own bucket out by calling Match on made-up collection ids (found in review). The bound
+    is made small here so that the attack needs 20 calls, not 10,000."""
+    from vault.api import budget
+    from vault.api.server import build_server
+
+    original = budget.Budgets.__init__
+    monkeypatch.setattr(budget.Budgets, "__init__",
+                        lambda self, *a, **k: original(self, *a, **{**k, "max_keys": 8}))
+    vault.create_collection("a", DIM, 0.8)
+    vault.enroll("a", "p0", FACES[0].tolist())
+    server, port, _ = build_server(vault, "127.0.0.1:0",
+                                   budgets=budget.BudgetConfig(verify_per_hour=30))
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = vault_pb2_grpc.TemplateVaultStub(channel)
+            verify = pb.MatchRequest(collection_id="a", subject_id="p0",
+                                     embedding=FACES[0].tolist())
+            assert [_code(stub.Match, verify)[0] for _ in range(5)] == [Code.OK] * 5
+            assert _code(stub.Match, verify)[0] == Code.RESOURCE_EXHAUSTED
+            for k in range(20):
+                fake = pb.MatchRequest(collection_id=f"made-up-{k}", subject_id="p0",
+                                       embedding=FACES[0].tolist())
+                assert _code(stub.Match, fake)[0] == Code.NOT_FOUND
+            assert _code(stub.Match, verify)[0] == Code.RESOURCE_EXHAUSTED
+    finally:
+        server.stop(0).wait()

@@ -8,8 +8,8 @@ the certificate's common name and its roles are its organizational unit (OU) val
 - ``matcher``: Match, decisions only
 - ``analyst``: Match, and the only role that may ask for scores (``release_scores``:
   threshold tuning, benchmarks), within its score budget (:mod:`vault.api.budget`)
-- ``admin``: CreateCollection, DeleteSubject, UnlockSubject, the key lifecycle, and Enroll
-  with ``allow_new_face``
+- ``admin``: CreateCollection, UpdateCollection, DeleteSubject, UnlockSubject, the key
+  lifecycle, and Enroll with ``allow_new_face``
 - any role: GetCollection
 
 A call that reaches a method without a verified certificate gets UNAUTHENTICATED; one
@@ -46,6 +46,7 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
     "Match": frozenset({"matcher", "analyst"}),
     "GetCollection": ROLES,
     "CreateCollection": frozenset({"admin"}),
+    "UpdateCollection": frozenset({"admin"}),
     "DeleteSubject": frozenset({"admin"}),
     "ListKeyVersions": frozenset({"admin"}),
     "RotateMasterKey": frozenset({"admin"}),

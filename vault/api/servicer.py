@@ -123,6 +123,10 @@ class _Audit:
             except VaultError:
                 pass  # invalid ids are refused by the method itself; nothing to index
         detail: dict[str, Any] = {}
+        if isinstance(request, vault_pb2.UpdateCollectionRequest):  # what the admin set
+            detail = {f: round(float(getattr(request, f)), 6) if f == "threshold"
+                      else getattr(request, f)
+                      for f in ("threshold", "require_purpose") if request.HasField(f)}
         if isinstance(request, vault_pb2.MatchRequest):
             detail = {"mode": "1:1" if subject_id else "1:N",
                       "release": "values" if request.release_scores else "decisions"}
@@ -240,6 +244,10 @@ class TemplateVaultServicer(vault_pb2_grpc.TemplateVaultServicer):
             cid = check_collection_id(request.collection_id)
         except VaultError:
             return  # the method refuses it with the precise message
+        if not self._vault().has_collection(cid):
+            # NOT_FOUND from the method, and no bucket: calls on made-up collection ids would
+            # otherwise push the caller's own buckets out of the budgets' bounded memory.
+            return
         self.budgets.check_blocked(who.identity, cid)
         self.budgets.take(who.identity, cid, "verify" if request.subject_id else "identify")
         if request.release_scores:
@@ -256,6 +264,14 @@ class TemplateVaultServicer(vault_pb2_grpc.TemplateVaultServicer):
         return _collection(self._vault().create_collection(
             request.collection_id, request.dimension, threshold, request.reference_mean,
             request.require_purpose))
+
+    @_guard
+    def UpdateCollection(self, request: vault_pb2.UpdateCollectionRequest,
+                         context: grpc.ServicerContext) -> vault_pb2.Collection:
+        return _collection(self._vault().update_collection(
+            request.collection_id,
+            request.threshold if request.HasField("threshold") else None,
+            request.require_purpose if request.HasField("require_purpose") else None))
 
     @_guard
     def GetCollection(self, request: vault_pb2.GetCollectionRequest,

@@ -89,6 +89,11 @@ class LiveSet:
         """The leaf of one journal page (tier 0) or block (tier 1) row."""
         return self._leaf("live-holder", collection_id, key_version, tier, loc, generation, mac)
 
+    def attempt(self, collection_id: str, subject_hmac: bytes, credential_hmac: bytes,
+                mac: bytes) -> int:
+        """The leaf of one attempt-limit row (a collection's attempt set: key version -1)."""
+        return self._leaf("attempt-row", collection_id, subject_hmac, credential_hmac, mac)
+
     @staticmethod
     def add(digest: bytes, delta: int) -> bytes:
         return ((int.from_bytes(digest, "big") + delta) % _DIGEST_MOD).to_bytes(32, "big")

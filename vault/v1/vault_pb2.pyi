@@ -27,6 +27,16 @@ class GetCollectionRequest(_message.Message):
     collection_id: str
     def __init__(self, collection_id: _Optional[str] = ...) -> None: ...
 
+class UpdateCollectionRequest(_message.Message):
+    __slots__ = ("collection_id", "threshold", "require_purpose")
+    COLLECTION_ID_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    REQUIRE_PURPOSE_FIELD_NUMBER: _ClassVar[int]
+    collection_id: str
+    threshold: float
+    require_purpose: bool
+    def __init__(self, collection_id: _Optional[str] = ..., threshold: _Optional[float] = ..., require_purpose: _Optional[bool] = ...) -> None: ...
+
 class Collection(_message.Message):
     __slots__ = ("collection_id", "dimension", "threshold", "key_version", "template_count", "min_key_version", "require_purpose")
     COLLECTION_ID_FIELD_NUMBER: _ClassVar[int]

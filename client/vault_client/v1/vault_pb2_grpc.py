@@ -44,6 +44,11 @@ class TemplateVaultStub:
                 request_serializer=vault_dot_v1_dot_vault__pb2.GetCollectionRequest.SerializeToString,
                 response_deserializer=vault_dot_v1_dot_vault__pb2.Collection.FromString,
                 _registered_method=True)
+        self.UpdateCollection = channel.unary_unary(
+                '/vault.v1.TemplateVault/UpdateCollection',
+                request_serializer=vault_dot_v1_dot_vault__pb2.UpdateCollectionRequest.SerializeToString,
+                response_deserializer=vault_dot_v1_dot_vault__pb2.Collection.FromString,
+                _registered_method=True)
         self.Enroll = channel.unary_unary(
                 '/vault.v1.TemplateVault/Enroll',
                 request_serializer=vault_dot_v1_dot_vault__pb2.EnrollRequest.SerializeToString,
@@ -114,6 +119,14 @@ class TemplateVaultServicer:
 
     def GetCollection(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateCollection(self, request, context):
+        """Changes a collection's threshold or purpose requirement (admin). The only way a
+        threshold changes: no caller of Match sets one. Audited with the new values.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -218,6 +231,11 @@ def add_TemplateVaultServicer_to_server(servicer, server):
             'GetCollection': grpc.unary_unary_rpc_method_handler(
                     servicer.GetCollection,
                     request_deserializer=vault_dot_v1_dot_vault__pb2.GetCollectionRequest.FromString,
+                    response_serializer=vault_dot_v1_dot_vault__pb2.Collection.SerializeToString,
+            ),
+            'UpdateCollection': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateCollection,
+                    request_deserializer=vault_dot_v1_dot_vault__pb2.UpdateCollectionRequest.FromString,
                     response_serializer=vault_dot_v1_dot_vault__pb2.Collection.SerializeToString,
             ),
             'Enroll': grpc.unary_unary_rpc_method_handler(
@@ -329,6 +347,33 @@ class TemplateVault:
             target,
             '/vault.v1.TemplateVault/GetCollection',
             vault_dot_v1_dot_vault__pb2.GetCollectionRequest.SerializeToString,
+            vault_dot_v1_dot_vault__pb2.Collection.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateCollection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vault.v1.TemplateVault/UpdateCollection',
+            vault_dot_v1_dot_vault__pb2.UpdateCollectionRequest.SerializeToString,
             vault_dot_v1_dot_vault__pb2.Collection.FromString,
             options,
             channel_credentials,
