@@ -1,8 +1,14 @@
 # The vault on its embedded default: SQLite database on the /data volume, SoftHSM token store
 # on a separate /hsm volume (a copy or backup of /data must hold no key; back the two up apart).
 #   docker build -t template-vault .
-#   docker run -p 127.0.0.1:50051:50051 -v vault-data:/data -v vault-hsm:/hsm template-vault
-#   docker run ... template-vault --tls-cert /certs/server.pem ...   (flags go to vault serve)
+#   docker run -p 50051:50051 -v vault-data:/data -v vault-hsm:/hsm -v ./tls:/tls:ro template-vault
+# Mutual TLS by default: /tls holds server.crt, server.key and client-ca.crt (client
+# certificates signed by that CA carry their roles as OU values; docs/SECURITY.md). Without
+# them the server refuses to start, naming the missing file. Plaintext, for a private
+# network only, is an explicit choice:
+#   docker run ... -e VAULT_TLS_CERT= -e VAULT_TLS_KEY= -e VAULT_TLS_CLIENT_CA= \
+#                  -e VAULT_ALLOW_INSECURE_REMOTE=1 template-vault
+#   docker run ... template-vault --rate-limit 200    (flags are appended to vault serve)
 #   docker run ... --entrypoint vault template-vault audit verify     (any other command)
 # The token's user PIN: from a secret file, e.g. with Compose
 #   secrets: {vault_hsm_pin: {file: ./vault_hsm_pin.txt}}   (service: secrets: [vault_hsm_pin])
@@ -38,12 +44,9 @@ RUN vault-warm-numba
 
 VOLUME ["/data", "/hsm"]
 EXPOSE 50051
-# Plaintext gRPC inside the container network only: publish the port on loopback (above).
-# For anything else mount certificates and pass --tls-cert, --tls-key, --tls-client-ca
-# (mutual TLS, roles from the client certificates' OU values; see docs/SECURITY.md) and
-# set VAULT_ALLOW_INSECURE_REMOTE=0.
 ENV VAULT_DATA_DIR=/data VAULT_HSM_DIR=/hsm VAULT_LISTEN=0.0.0.0:50051 \
-    VAULT_ALLOW_INSECURE_REMOTE=1 VAULT_HEALTH_LISTEN=127.0.0.1:50052
+    VAULT_TLS_CERT=/tls/server.crt VAULT_TLS_KEY=/tls/server.key \
+    VAULT_TLS_CLIENT_CA=/tls/client-ca.crt VAULT_HEALTH_LISTEN=127.0.0.1:50052
 STOPSIGNAL SIGTERM
 # grpc.health on its own plaintext loopback listener: works under mutual TLS and any port.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s CMD ["vault", "health"]
