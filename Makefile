@@ -2,18 +2,18 @@
 # in ./hsm: apart, so that a copy of the data holds no key),
 # `make test` runs ruff, mypy and the whole test suite. Both install what is missing first.
 PYTHON ?= python3.11
-VENV := .venv
+VENV ?= .venv
 DATA_DIR ?= ./data
 HSM_DIR ?= ./hsm
 LISTEN ?= 127.0.0.1:50051
 
-.PHONY: setup run test stress demo bench proto lint typecheck clean
+.PHONY: setup run test stress demo bench proto lint typecheck clean client
 
 $(VENV)/.installed: pyproject.toml
 	bash hsm/install-system-deps.sh
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[test,bench]'
+	$(VENV)/bin/pip install --quiet -e '.[test,bench,faces]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -37,13 +37,22 @@ demo: setup
 bench: setup
 	$(VENV)/bin/python bench/match_latency.py
 
-# Regenerate the committed gRPC code after editing proto/ (needs the dev extra).
+# Regenerate the committed gRPC code after editing proto/ (needs the dev extra): the
+# server's stubs in vault/v1, and the client package's own copy in client/vault_client/v1.
 proto:
 	$(VENV)/bin/pip install --quiet -e '.[dev]'
 	$(VENV)/bin/python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. proto/vault/v1/vault.proto
+	rm -rf build/stubs && mkdir -p build/stubs
+	$(VENV)/bin/python -m grpc_tools.protoc -Iproto --python_out=build/stubs --pyi_out=build/stubs --grpc_python_out=build/stubs proto/vault/v1/vault.proto
+	sed -i 's/^from vault\.v1 import/from vault_client.v1 import/' build/stubs/vault/v1/vault_pb2_grpc.py
+	cp build/stubs/vault/v1/vault_pb2.py build/stubs/vault/v1/vault_pb2.pyi build/stubs/vault/v1/vault_pb2_grpc.py client/vault_client/v1/
+
+# The client package alone (grpcio and protobuf only) into the current environment.
+client:
+	pip install ./client
 
 lint: setup
-	$(VENV)/bin/ruff check vault tests bench
+	$(VENV)/bin/ruff check vault tests bench client
 
 typecheck: setup
 	$(VENV)/bin/python -m mypy

@@ -1,5 +1,8 @@
-"""``vault`` command line: ``serve`` runs the service; ``demo``, ``import`` and ``audit``
-work with a running one or its data directory."""
+"""``vault`` command line: ``serve`` runs the service; ``demo``, ``import`` and ``keys``
+call a running one; ``audit``, ``hsm`` and ``restore`` work on its data directory.
+
+Every option can also be set by the environment variable its help names; an option given
+on the command line wins over the variable, which wins over the default."""
 
 from __future__ import annotations
 
@@ -12,10 +15,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from vault import client, logs
-from vault.domain.errors import Refused, VaultError
+from vault import client, logs, preflight
+from vault.domain.errors import HsmPinRejected, Refused, VaultError
 from vault.keys.hsm import HsmConfig
 from vault.lockfile import DataDirLock
+from vault.preflight import EXIT_CODES, USAGE, CliError, env, host_port, number, readable_file
 
 log = logs.get("vault.cli")
 
@@ -105,22 +109,38 @@ def serve(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir)
     tls_files = [args.tls_cert, args.tls_key, args.tls_client_ca]
     if any(tls_files) and not all(tls_files):
-        log.error("mutual TLS needs --tls-cert, --tls-key and --tls-client-ca together")
-        return 2
-    tls = TlsFiles(*(Path(f) for f in tls_files)) if all(tls_files) else None
+        raise CliError("mutual TLS needs --tls-cert, --tls-key and --tls-client-ca together")
+    tls = None
+    if all(tls_files):
+        tls = TlsFiles(*(readable_file(f, flag) for f, flag in
+                         zip(tls_files, ("--tls-cert", "--tls-key", "--tls-client-ca"))))
     if tls is None and not _is_loopback(args.listen) and not args.allow_insecure_remote:
-        log.error("refusing to serve without TLS on a non-loopback address", listen=args.listen)
-        return 2
+        raise CliError(f"refusing to serve without TLS on the non-loopback address "
+                       f"{args.listen}: give --tls-cert, --tls-key and --tls-client-ca, or "
+                       "listen on 127.0.0.1")
     if args.hsm_module and not any(map(os.environ.get, ("VAULT_HSM_PIN", "VAULT_HSM_PIN_FILE"))):
-        log.error("VAULT_HSM_PIN or VAULT_HSM_PIN_FILE must be set with --hsm-module")
-        return 2
+        raise CliError("VAULT_HSM_PIN or VAULT_HSM_PIN_FILE must be set with --hsm-module")
+    if args.hsm_module and not Path(args.hsm_module).is_file():
+        # Not a refusal: the server waits NOT_SERVING for the module (a mount, a package
+        # being installed), but says which file it waits for.
+        log.warning(f"--hsm-module {args.hsm_module}: no such file; not serving until it "
+                    "appears (check the path of your HSM's PKCS#11 library)")
+    if args.health_listen and not _is_loopback(args.health_listen):
+        raise CliError(f"--health-listen {args.health_listen}: the health listener is plaintext "
+                       "and unauthenticated: give a loopback address such as 127.0.0.1:50052")
+    preflight.bindable(args.listen, "--listen")
+    for flag, listen in (("--metrics-listen", args.metrics_listen),
+                         ("--health-listen", args.health_listen)):
+        if listen:
+            preflight.bindable(listen, flag)
     hsm_dir = _checked_layout(args, data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    preflight.writable_dir(data_dir, "--data-dir")
+    if hsm_dir is not None:
+        preflight.writable_dir(hsm_dir, "--hsm-dir")
     try:
         dir_lock = DataDirLock(data_dir).acquire()
     except VaultError as exc:
-        log.error(exc.message)
-        return 1
+        raise CliError(exc.message, preflight.FAILED) from None
     if hsm_dir is not None:
         log.info("embedded SoftHSM token store, outside the data directory; back it up apart "
                  "from the data", hsm_dir=str(hsm_dir.resolve()))
@@ -141,14 +161,32 @@ def serve(args: argparse.Namespace) -> int:
     wait = _arm_signals(signal.SIGTERM, signal.SIGINT)
     holder = VaultHolder(open_vault, interval=args.hsm_check_interval,
                          on_refused=lambda: os.kill(os.getpid(), signal.SIGTERM))
+    interceptors = []
+    if args.metrics_listen:
+        from vault.api import metrics
+        from vault.keys.hsm import Hsm
+
+        collected = metrics.Metrics()
+        metrics.instrument_hsm(Hsm, collected)
+        collected.watch(lambda: holder.vault)
+        interceptors.append(collected.interceptor())
+        collected.serve(args.metrics_listen)
+        log.info("metrics", listen=args.metrics_listen)
     try:
-        server, port, _health = build_server(holder, args.listen, tls=tls,
+        server, _port, _health = build_server(holder, args.listen, tls=tls,
                                              rate_limit=args.rate_limit,
                                              budgets=_budget_config(args),
-                                             budget_clock=_budget_clock())
-    except (OSError, ValueError) as exc:
-        log.error("cannot listen", listen=args.listen, error_type=type(exc).__name__)
-        return 1
+                                             budget_clock=_budget_clock(),
+                                             interceptors=interceptors)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CliError(f"--listen {args.listen}: cannot listen ({type(exc).__name__}); "
+                       "choose another address", preflight.FAILED) from None
+    health_server = None
+    if args.health_listen:
+        from vault.api.server import build_health_server
+
+        health_server = build_health_server(_health, args.health_listen)
+        health_server.start()
     holder.start()
     if holder.refused is not None:
         return 2  # said why in the log; not a NOT_SERVING limbo
@@ -156,11 +194,25 @@ def serve(args: argparse.Namespace) -> int:
     if tls is None:
         log.warning("serving without TLS: every caller has every role; loopback only "
                     "(embedded default)", listen=args.listen)
-    log.info("serving", listen=args.listen, data_dir=str(data_dir), tls=tls is not None)
+    if holder.vault is None:  # listening; every RPC answers UNAVAILABLE with the reason,
+        try:                  # which the holder logged once (the line above)
+            holder()
+        except HsmPinRejected:
+            log.warning("listening but NOT_SERVING: wrong PIN for the token; fix "
+                        "VAULT_HSM_PIN or VAULT_HSM_PIN_FILE and restart (a PIN is never "
+                        "retried: real HSMs lock users out)", listen=args.listen)
+        except VaultError:
+            where = f" at module {args.hsm_module}" if args.hsm_module else ""
+            log.warning(f"listening but NOT_SERVING until the HSM answers{where}; checked "
+                        f"every {args.hsm_check_interval:g} s", listen=args.listen)
+    else:
+        log.info("serving", listen=args.listen, data_dir=str(data_dir), tls=tls is not None)
 
     wait()
     log.info("shutting down")
     server.stop(grace=5).wait()
+    if health_server is not None:
+        health_server.stop(grace=1).wait()
     holder.close()
     dir_lock.release()
     log.info("stopped")
@@ -173,8 +225,16 @@ def audit_verify(args: argparse.Namespace) -> int:
     from vault.keys.hsm import Hsm
 
     data_dir = Path(args.data_dir)
+    if not (data_dir / "audit.db").is_file():
+        what = "no such directory" if not data_dir.is_dir() else "no audit.db in it"
+        raise CliError(f"--data-dir {data_dir}: {what}; give the data directory of a vault "
+                       "(the one `vault serve --data-dir` used)")
     if args.public_key:
-        public_key = bytes.fromhex(args.public_key)
+        try:
+            public_key = bytes.fromhex(args.public_key)
+        except ValueError:
+            raise CliError("--public-key must be the hex Ed25519 key `vault audit verify` "
+                           "printed") from None
     else:
         try:
             _checked_layout(args, data_dir)
@@ -182,8 +242,8 @@ def audit_verify(args: argparse.Namespace) -> int:
             public_key = hsm.audit_public_key()
             hsm.close()
         except VaultError as exc:
-            print(f"cannot read the audit public key: {exc.message}", file=sys.stderr)
-            return 2
+            raise CliError(f"cannot read the audit public key from the token: {exc.message}",
+                           preflight.UNREACHABLE) from None
     report = audit.verify(data_dir / "audit.db", public_key)
     print(f"entries: {report.entries}, checkpoints: {report.checkpoints}, "
           f"last signed entry: {report.last_signed_seq}, unsigned tail: {report.unsigned_tail}")
@@ -293,15 +353,86 @@ def restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def embed(args: argparse.Namespace) -> int:
+    """Photos to a .npz of embeddings for ``vault import``, on this machine (extra faces)."""
+    import numpy as np
+
+    from vault.faces import FaceEmbedder, FaceError, embed_files
+
+    try:
+        embedder = FaceEmbedder(upsample=args.upsample, jitter=args.jitter)
+    except FaceError as exc:
+        raise CliError(str(exc)) from None
+    images = [Path(p) for p in args.images]
+    for path in images:
+        readable_file(str(path), "IMAGE")
+    embeddings, done, failed = embed_files(images, embedder)
+    for message in failed.values():
+        print(f"skipped {message}", file=sys.stderr)
+    if not done:
+        raise CliError("no face in any image: nothing written", preflight.FAILED)
+    subjects = [p.parent.name if args.subject_from == "directory" else p.stem for p in done]
+    np.savez(args.out, embeddings=embeddings, subject_ids=np.array(subjects))
+    print(f"{len(done)} embeddings of {len(set(subjects))} subjects written to {args.out} "
+          f"({len(failed)} images skipped); next: vault import {args.out} --collection C")
+    return preflight.FAILED if failed else 0
+
+
+def health(args: argparse.Namespace) -> int:
+    """Exit 0 when the vault at --target reports SERVING, 3 otherwise (a health check)."""
+    import time
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + args.wait
+    while True:
+        try:
+            with client.channel(args) as channel:
+                status = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=args.service), timeout=3).status
+        except grpc.RpcError as exc:
+            status, error = None, client.explain(exc, args.target)
+        if status == health_pb2.HealthCheckResponse.SERVING:
+            print("SERVING")
+            return 0
+        if time.monotonic() >= deadline:
+            if status is None:
+                raise error
+            print(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
+            return preflight.UNREACHABLE
+        time.sleep(0.5)
+
+
+def backup(args: argparse.Namespace) -> int:
+    """Consistent online snapshot of the data directory (see vault.backup)."""
+    from vault.backup import backup as take
+
+    report = take(Path(args.data_dir), Path(args.to))
+    print(f"backup in {args.to}: vault.db, audit.db and {report.blocks} block files "
+          f"({report.block_bytes / 2**20:.1f} MiB) in {report.seconds:.1f} s, "
+          f"{report.rounds} snapshot round(s); no key (the token stays in the HSM directory). "
+          "Restore: stop the server, copy these files over the data directory, "
+          "vault restore --accept-rollback, start")
+    return 0
+
+
 def demo(args: argparse.Namespace) -> int:
+    import grpc
+
     from vault.demo import run
 
-    with client.channel(args) as channel:
-        return run(channel)
+    try:
+        with client.channel(args) as channel:
+            return run(channel)
+    except grpc.RpcError as exc:
+        raise client.explain(exc, args.target) from None
 
 
 def import_file(args: argparse.Namespace) -> int:
     """Stream a .npz file into a running vault; exit 1 if any item failed."""
+    import grpc
+
     from vault import import_client
 
     logs.configure()
@@ -309,14 +440,11 @@ def import_file(args: argparse.Namespace) -> int:
         with client.channel(args) as channel:
             report = import_client.run(args.collection, Path(args.file), args.batch, channel=channel)
     except (OSError, ValueError) as exc:
-        print(f"cannot read {args.file}: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # noqa: BLE001 - a gRPC error: say it plainly
-        details = exc.details() if hasattr(exc, "details") else type(exc).__name__
-        print(f"import failed: {details}", file=sys.stderr)
-        return 2
-    print(f"stored {report.stored} of {report.total} templates in {report.seconds:.1f} s "
-          f"({report.rate:.0f}/s); failed {report.failed}")
+        raise CliError(f"cannot read {args.file}: {exc}") from None
+    except grpc.RpcError as exc:
+        raise client.explain(exc, args.target) from None
+    print(f"{report.stored} new, {report.replayed} already stored, {report.failed} failed, of "
+          f"{report.total} items in {report.seconds:.1f} s ({report.rate:.0f} new/s)")
     for message, count in sorted(report.errors.items(), key=lambda kv: -kv[1]):
         print(f"  {count} x {message}")
     return 0 if report.failed == 0 else 1
@@ -328,169 +456,252 @@ def keys(args: argparse.Namespace) -> int:
 
     from vault import keys_client
 
+    logs.configure()  # a rotation's progress lines, as JSON off a terminal
     try:
         with client.channel(args) as channel:
             return keys_client.run(channel, args.keys_command, getattr(args, "collection", ""),
                                    getattr(args, "job_id", ""), getattr(args, "version", 0),
                                    getattr(args, "wait", False))
     except grpc.RpcError as exc:
-        print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
-        return 2
+        raise client.explain(exc, args.target) from None
 
 
 def _hsm_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--hsm-dir", default=os.environ.get("VAULT_HSM_DIR"),
+    p.add_argument("--hsm-dir", default=env("VAULT_HSM_DIR", None),
                    help="embedded SoftHSM token store and PIN, outside the data directory "
                         "(env VAULT_HSM_DIR; default: DATA_DIR-hsm beside the data directory)")
-    p.add_argument("--hsm-token", default=os.environ.get("VAULT_HSM_TOKEN", "vault"),
-                   help="token label")
+    p.add_argument("--hsm-token", default=env("VAULT_HSM_TOKEN", "vault"),
+                   help="token label (env VAULT_HSM_TOKEN)")
 
 
-def _env_float(name: str, default: str) -> float:
-    return float(os.environ.get(name, default))
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vault", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("serve", help="run the gRPC service")
-    p.add_argument("--data-dir", default=os.environ.get("VAULT_DATA_DIR", "./data"),
+def _data_dir_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default=env("VAULT_DATA_DIR", "./data"),
                    help="database, block files and audit log (env VAULT_DATA_DIR)")
-    p.add_argument("--listen", default=os.environ.get("VAULT_LISTEN", "127.0.0.1:50051"),
-                   help="HOST:PORT (env VAULT_LISTEN)")
-    p.add_argument("--hsm-module", default=os.environ.get("VAULT_HSM_MODULE"),
+
+
+def _module_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hsm-module", default=env("VAULT_HSM_MODULE", None),
                    help="PKCS#11 module of an external HSM (PIN in VAULT_HSM_PIN or the "
-                        "file VAULT_HSM_PIN_FILE); default: the embedded SoftHSM token")
+                        "file VAULT_HSM_PIN_FILE; env VAULT_HSM_MODULE); default: the "
+                        "embedded SoftHSM token")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Help that shows each option's default (the value its env variable gives, if set)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.option_strings and action.default not in (None, False, argparse.SUPPRESS)
+                and "%(default)" not in text and "default:" not in text):
+            text += " (default: %(default)s)"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """One line for a usage error, naming the option, and exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    _data_dir_argument(p)
+    p.add_argument("--listen", type=host_port, default=env("VAULT_LISTEN", "127.0.0.1:50051"),
+                   help="HOST:PORT, the port required (env VAULT_LISTEN)")
+    _module_argument(p)
     _hsm_arguments(p)
-    p.add_argument("--hsm-check-interval", type=float,
-                   default=float(os.environ.get("VAULT_HSM_CHECK_INTERVAL", "1.0")),
-                   help="seconds between HSM health checks (env VAULT_HSM_CHECK_INTERVAL)")
-    p.add_argument("--max-failed-verifications", type=int,
-                   default=int(os.environ.get("VAULT_MAX_FAILED_VERIFICATIONS", "5")),
-                   help="failed 1:1 matches in a row that lock a subject; 0 disables "
-                        "(env VAULT_MAX_FAILED_VERIFICATIONS)")
-    p.add_argument("--lockout-seconds", type=float,
-                   default=float(os.environ.get("VAULT_LOCKOUT_SECONDS", "300")),
-                   help="how long a locked subject stays locked (env VAULT_LOCKOUT_SECONDS)")
-    p.add_argument("--erase-after", type=float, default=_env_float("VAULT_ERASE_AFTER", "60"),
-                   help="seconds after a deletion by which its values are removed from the "
-                        "stored ciphertexts (env VAULT_ERASE_AFTER)")
-    p.add_argument("--journal-pages", type=int,
-                   default=int(os.environ.get("VAULT_JOURNAL_PAGES", "16")),
-                   help="journal pages (each N/D single enrollments) kept before they are "
-                        "merged into blocks; every 1:N match scores them all "
-                        "(env VAULT_JOURNAL_PAGES)")
-    p.add_argument("--route-fraction", type=float,
-                   default=_env_float("VAULT_ROUTE_FRACTION", "0.15"),
-                   help="share of clustered blocks a 1:N match scores, nearest the probe "
-                        "first (env VAULT_ROUTE_FRACTION; 1 scores them all)")
-    p.add_argument("--route-min-blocks", type=int,
-                   default=int(os.environ.get("VAULT_ROUTE_MIN_BLOCKS", "16")),
-                   help="below this many clustered blocks every one is scored")
-    p.add_argument("--maintenance-interval", type=float,
-                   default=_env_float("VAULT_MAINTENANCE_INTERVAL", "5"),
-                   help="seconds between checkpoint and erasure passes "
-                        "(env VAULT_MAINTENANCE_INTERVAL)")
-    p.add_argument("--workers", type=int, default=None,
-                   help="encryption worker processes (default: one per core)")
-    p.add_argument("--tls-cert", default=os.environ.get("VAULT_TLS_CERT"),
+    numbers: list[tuple[str, str, type, str, str]] = [
+        ("--hsm-check-interval", "VAULT_HSM_CHECK_INTERVAL", float, "1.0",
+         "seconds between HSM health checks"),
+        ("--max-failed-verifications", "VAULT_MAX_FAILED_VERIFICATIONS", int, "5",
+         "failed 1:1 matches in a row that lock a subject; 0 disables"),
+        ("--lockout-seconds", "VAULT_LOCKOUT_SECONDS", float, "300",
+         "how long a locked subject stays locked"),
+        ("--erase-after", "VAULT_ERASE_AFTER", float, "60",
+         "seconds after a deletion by which its values are removed from the stored ciphertexts"),
+        ("--journal-pages", "VAULT_JOURNAL_PAGES", int, "16",
+         ("journal pages (each N/D single enrollments) kept before they are merged into "
+          "blocks; every 1:N match scores them all")),
+        ("--route-fraction", "VAULT_ROUTE_FRACTION", float, "0.15",
+         ("share of clustered blocks a 1:N match scores, nearest the probe first (1 scores "
+          "them all)")),
+        ("--route-min-blocks", "VAULT_ROUTE_MIN_BLOCKS", int, "16",
+         "below this many clustered blocks every one is scored"),
+        ("--maintenance-interval", "VAULT_MAINTENANCE_INTERVAL", float, "5",
+         "seconds between checkpoint and erasure passes"),
+        ("--rate-limit", "VAULT_RATE_LIMIT", float, "1000",
+         "calls per second per client, bursts of twice that; 0 disables"),
+        ("--verify-budget", "VAULT_VERIFY_BUDGET", float, "6000",
+         "1:1 verifications per hour per credential and collection, 0: unlimited"),
+        ("--identify-budget", "VAULT_IDENTIFY_BUDGET", float, "6000",
+         "1:N identifications per hour per credential and collection, 0: unlimited"),
+        ("--score-budget", "VAULT_SCORE_BUDGET", float, "1000",
+         "score releases (analyst) per day per credential and collection, 0: unlimited"),
+        ("--probe-radius", "VAULT_PROBE_RADIUS", float, "0.95",
+         "cosine within which two probes count as one point"),
+        ("--probe-cluster", "VAULT_PROBE_CLUSTER", int, "32",
+         "earlier probes near a new one that trip the probing guard, 0: off"),
+        ("--probe-window", "VAULT_PROBE_WINDOW", float, "600",
+         "seconds of probes the guard looks back on"),
+        ("--probe-cooldown", "VAULT_PROBE_COOLDOWN", float, "3600",
+         "seconds a tripped credential's matches are refused"),
+    ]
+    for flag, var, kind, default, what in numbers:
+        p.add_argument(flag, type=number(kind, None if flag == "--probe-radius" else 0),
+                       default=env(var, default), help=f"{what} (env {var})")
+    p.add_argument("--workers", type=number(int, 1), default=env("VAULT_WORKERS", None),
+                   help="encryption worker processes (env VAULT_WORKERS; default: one per core)")
+    p.add_argument("--tls-cert", default=env("VAULT_TLS_CERT", None),
                    help="server certificate chain (PEM): serve with mutual TLS (env VAULT_TLS_CERT)")
-    p.add_argument("--tls-key", default=os.environ.get("VAULT_TLS_KEY"),
+    p.add_argument("--tls-key", default=env("VAULT_TLS_KEY", None),
                    help="server private key (PEM) (env VAULT_TLS_KEY)")
-    p.add_argument("--tls-client-ca", default=os.environ.get("VAULT_TLS_CLIENT_CA"),
+    p.add_argument("--tls-client-ca", default=env("VAULT_TLS_CLIENT_CA", None),
                    help="CA that signs client certificates; their OU values are the roles "
                         "enroller, matcher, analyst, admin (env VAULT_TLS_CLIENT_CA)")
-    p.add_argument("--rate-limit", type=float,
-                   default=_env_float("VAULT_RATE_LIMIT", "1000"),
-                   help="calls per second per client, bursts of twice that; 0 disables "
-                        "(env VAULT_RATE_LIMIT)")
-    for flag, env, default, what in [
-            ("--verify-budget", "VAULT_VERIFY_BUDGET", "6000", "1:1 verifications per hour"),
-            ("--identify-budget", "VAULT_IDENTIFY_BUDGET", "6000", "1:N identifications per hour"),
-            ("--score-budget", "VAULT_SCORE_BUDGET", "1000", "score releases (analyst) per day")]:
-        p.add_argument(flag, type=float, default=_env_float(env, default),
-                       help=f"{what} per credential and collection, 0: unlimited (env {env})")
-    p.add_argument("--probe-radius", type=float, default=_env_float("VAULT_PROBE_RADIUS", "0.95"),
-                   help="cosine within which two probes count as one point (env VAULT_PROBE_RADIUS)")
-    p.add_argument("--probe-cluster", type=int,
-                   default=int(os.environ.get("VAULT_PROBE_CLUSTER", "32")),
-                   help="earlier probes near a new one that trip the probing guard, 0: off "
-                        "(env VAULT_PROBE_CLUSTER)")
-    p.add_argument("--probe-window", type=float, default=_env_float("VAULT_PROBE_WINDOW", "600"),
-                   help="seconds of probes the guard looks back on (env VAULT_PROBE_WINDOW)")
-    p.add_argument("--probe-cooldown", type=float,
-                   default=_env_float("VAULT_PROBE_COOLDOWN", "3600"),
-                   help="seconds a tripped credential's matches are refused (env VAULT_PROBE_COOLDOWN)")
+    p.add_argument("--metrics-listen", type=host_port, default=env("VAULT_METRICS_LISTEN", None),
+                   help="HOST:PORT serving Prometheus metrics at /metrics, e.g. "
+                        "127.0.0.1:9464 (env VAULT_METRICS_LISTEN; default: off)")
+    p.add_argument("--health-listen", type=host_port, default=env("VAULT_HEALTH_LISTEN", None),
+                   help="loopback HOST:PORT serving only grpc.health, in plaintext, for "
+                        "container health checks under mutual TLS or any port "
+                        "(env VAULT_HEALTH_LISTEN; default: off)")
     p.add_argument("--allow-insecure-remote", action="store_true",
+                   default=os.environ.get("VAULT_ALLOW_INSECURE_REMOTE", "0") == "1",
                    help="serve plaintext gRPC on a non-loopback address (containers behind a "
-                        "private network only)")
+                        "private network only; env VAULT_ALLOW_INSECURE_REMOTE=1)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``vault`` command line (every option also accepted after its subcommand)."""
+    from vault import __version__
+
+    parser = _Parser(prog="vault", description=__doc__, epilog=EXIT_CODES,
+                     formatter_class=_Formatter)
+    parser.add_argument("--version", action="version", version=f"vault {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def command(parent: argparse._SubParsersAction, name: str, text: str) -> _Parser:
+        return parent.add_parser(name, help=text, description=text, epilog=EXIT_CODES,
+                                 formatter_class=_Formatter)
+
+    p = command(sub, "serve", "run the gRPC service")
+    _serve_arguments(p)
     p.set_defaults(func=serve)
 
-    d = sub.add_parser("demo", help="enroll, verify, identify and delete against a server")
+    d = command(sub, "demo", "enroll, verify, identify and delete against a running server")
     client.add_arguments(d)
     d.set_defaults(func=demo)
 
-    i = sub.add_parser("import", help="stream a .npz file of embeddings into a running vault")
+    i = command(sub, "import", "stream a .npz file of embeddings into a running vault")
     i.add_argument("file", help="a .npz with 'embeddings' (n, D), 'subject_ids' (n,) and "
                                "optionally 'request_ids' (n,)")
     i.add_argument("--collection", required=True)
     client.add_arguments(i)
-    i.add_argument("--batch", type=int, default=256, help="items per message (1 MiB at most)")
+    i.add_argument("--batch", type=number(int, 1), default=256,
+                   help="items per message (1 MiB at most)")
     i.set_defaults(func=import_file)
 
-    k = sub.add_parser("keys", help="key lifecycle of a running vault (admin)")
+    k = command(sub, "keys", "key lifecycle of a running vault (admin)")
     client.add_arguments(k)
-    key_sub = k.add_subparsers(dest="keys_command", required=True)
-    kl = key_sub.add_parser("list", help="master key versions, and a collection's key versions")
+    key_sub = k.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
+
+    def key_command(name: str, text: str) -> _Parser:
+        kp = command(key_sub, name, text)
+        client.add_arguments(kp, after_subcommand=True)
+        return kp
+
+    kl = key_command("list", "master key versions, and a collection's key versions")
     kl.add_argument("--collection", default="")
-    key_sub.add_parser("rotate-master", help="new master key version; rewrap; destroy old versions")
-    key_sub.add_parser("rewrap", help="finish an interrupted master key rotation")
-    kr = key_sub.add_parser("rotate", help="new transform and CKKS keys for a collection")
+    key_command("rotate-master", "new master key version; rewrap; destroy old versions")
+    key_command("rewrap", "finish an interrupted master key rotation")
+    kr = key_command("rotate", "new transform and CKKS keys for a collection")
     kr.add_argument("--collection", required=True)
     kr.add_argument("--wait", action="store_true", help="follow the job until it ends")
-    kj = key_sub.add_parser("job", help="a collection key rotation's progress")
+    kj = key_command("job", "a collection key rotation's progress")
     kj.add_argument("job_id")
     kj.add_argument("--wait", action="store_true")
-    km = key_sub.add_parser("set-min", help="refuse key versions below VERSION (only rises)")
+    km = key_command("set-min", "refuse key versions below VERSION (only rises)")
     km.add_argument("--collection", required=True)
-    km.add_argument("--version", type=int, required=True)
+    km.add_argument("--version", type=number(int, 1), required=True)
     k.set_defaults(func=keys)
 
-    a = sub.add_parser("audit", help="audit log tools")
-    audit_sub = a.add_subparsers(dest="audit_command", required=True)
-    v = audit_sub.add_parser("verify", help="check the hash chain and the signed checkpoints")
-    v.add_argument("--data-dir", default=os.environ.get("VAULT_DATA_DIR", "./data"))
-    v.add_argument("--hsm-module", default=os.environ.get("VAULT_HSM_MODULE"))
+    a = command(sub, "audit", "audit log tools")
+    audit_sub = a.add_subparsers(dest="audit_command", required=True, parser_class=_Parser)
+    v = command(audit_sub, "verify", "check the hash chain and the signed checkpoints")
+    _data_dir_argument(v)
+    _module_argument(v)
     _hsm_arguments(v)
     v.add_argument("--public-key", help="verify offline with this hex Ed25519 public key "
                                         "instead of the token's")
     v.set_defaults(func=audit_verify)
-    se = audit_sub.add_parser("searches", help="who ran 1:N searches on a collection, when, why")
-    se.add_argument("--data-dir", default=os.environ.get("VAULT_DATA_DIR", "./data"))
+    se = command(audit_sub, "searches", "who ran 1:N searches on a collection, when, why")
+    _data_dir_argument(se)
     se.add_argument("--collection", required=True)
     se.add_argument("--purpose", help="only searches with this purpose")
     se.set_defaults(func=audit_searches)
 
-    h = sub.add_parser("hsm", help="embedded SoftHSM token store")
-    hsm_sub = h.add_subparsers(dest="hsm_command", required=True)
-    hm = hsm_sub.add_parser("move", help="move DATA_DIR/hsm (old layout) out of the data directory")
-    hm.add_argument("--data-dir", default=os.environ.get("VAULT_DATA_DIR", "./data"))
+    h = command(sub, "hsm", "embedded SoftHSM token store")
+    hsm_sub = h.add_subparsers(dest="hsm_command", required=True, parser_class=_Parser)
+    hm = command(hsm_sub, "move", "move DATA_DIR/hsm (old layout) out of the data directory")
+    _data_dir_argument(hm)
     hm.add_argument("--to", required=True, help="new HSM directory, outside the data directory")
     hm.set_defaults(func=hsm_move)
 
-    r = sub.add_parser("restore", help="accept a data directory restored from an older copy "
-                                       "(with the server stopped)")
+    em = command(sub, "embed", "photos to face embeddings on this machine, for vault import "
+                               "(extra faces; no image leaves this machine)")
+    em.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG or PNG, one face each")
+    em.add_argument("--out", required=True, help=".npz to write (embeddings, subject_ids)")
+    em.add_argument("--subject-from", choices=("stem", "directory"), default="stem",
+                    help="subject id: the file name without extension, or its directory's "
+                         "name (one directory per person)")
+    em.add_argument("--upsample", type=number(int), default=1,
+                    help="detector upsampling: finds smaller faces, slower")
+    em.add_argument("--jitter", type=number(int), default=0,
+                    help="re-samples averaged per face: steadier, slower")
+    em.set_defaults(func=embed)
+
+    hc = command(sub, "health", "exit 0 if the vault serves (container health checks)")
+    client.add_arguments(hc)
+    hc.set_defaults(target=env("VAULT_HEALTH_LISTEN", None) or hc.get_default("target"))
+    hc.add_argument("--service", default="", help="health service name ('' is the whole vault; "
+                                                   "vault.v1.Integrity: no damaged collection)")
+    hc.add_argument("--wait", type=number(float), default=0.0,
+                    help="seconds to keep asking until it serves")
+    hc.set_defaults(func=health)
+
+    b = command(sub, "backup", "consistent snapshot of a running vault's data directory "
+                               "(no key in it)")
+    _data_dir_argument(b)
+    b.add_argument("--to", required=True, help="new or empty directory, outside the data "
+                                               "directory")
+    b.set_defaults(func=backup)
+
+    r = command(sub, "restore", "accept a data directory restored from an older copy "
+                                "(with the server stopped)")
     r.add_argument("--accept-rollback", action="store_true",
                    help="set the token's rollback counter back to this directory's last "
                         "signed audit checkpoint (recorded in the audit log)")
-    r.add_argument("--data-dir", default=os.environ.get("VAULT_DATA_DIR", "./data"))
-    r.add_argument("--hsm-module", default=os.environ.get("VAULT_HSM_MODULE"))
+    _data_dir_argument(r)
+    _module_argument(r)
     _hsm_arguments(r)
     r.set_defaults(func=restore)
+    return parser
 
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one ``vault`` command; returns its exit code (see ``vault --help``)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CliError as exc:
+        if args.command == "serve":
+            logs.configure()
+            log.error(exc.message)
+        else:
+            print(f"vault {args.command}: {exc.message}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

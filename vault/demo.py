@@ -46,7 +46,7 @@ def run(channel: grpc.Channel) -> int:
     r = stub.Match(vault_pb2.MatchRequest(collection_id=collection, embedding=probe, top_k=3,
                                           release_scores=True), timeout=30)
     print("the same as an analyst (scores, 2 decimals, budgeted):",
-          [(c.subject_id, round(c.score, 2)) for c in r.candidates])
+          ", ".join(f"{c.subject_id} {c.score:.2f}" for c in r.candidates))
     stub.DeleteSubject(vault_pb2.DeleteSubjectRequest(collection_id=collection,
                                                       subject_id="person-2"), timeout=30)
     r = stub.Match(vault_pb2.MatchRequest(collection_id=collection, embedding=probe, top_k=3),

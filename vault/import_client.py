@@ -3,8 +3,8 @@
 The file holds ``embeddings`` (n, D) and ``subject_ids`` (n,), and optionally
 ``request_ids`` (n,); without them each item's request id is derived from the file's
 digest and the item's position, so re-running the same import after an interruption
-stores nothing twice. Progress: a bar on a terminal, a JSON log line per stored tenth
-otherwise.
+stores nothing twice. Progress (items sent): a bar on a terminal, a JSON log line per
+tenth otherwise.
 """
 
 from __future__ import annotations
@@ -18,14 +18,18 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from vault import logs
 from vault.progress import Progress
 from vault.v1 import vault_pb2, vault_pb2_grpc
+
+log = logs.get("vault.import")
 
 
 @dataclass
 class ImportReport:
     total: int
-    stored: int = 0
+    stored: int = 0  # new templates
+    replayed: int = 0  # items whose request id had stored them before (a re-run)
     failed: int = 0
     seconds: float = 0.0
     errors: dict[str, int] = field(default_factory=dict)  # message -> count
@@ -53,35 +57,39 @@ def load(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _requests(collection_id: str, emb: np.ndarray, subjects: np.ndarray, requests: np.ndarray,
-              batch: int, sent: list[int]) -> Iterator[vault_pb2.ImportTemplatesRequest]:
+              batch: int, shown: Progress, report: ImportReport
+              ) -> Iterator[vault_pb2.ImportTemplatesRequest]:
+    # Progress moves as items go out: gRPC's flow control keeps the sender close to the
+    # server, which validates and transforms each message as it reads it. Storing (the
+    # encryption) happens per chunk of up to 262,144 items, so results come in steps.
     for start in range(0, len(emb), batch):
         end = min(start + batch, len(emb))
         msg = vault_pb2.ImportTemplatesRequest(collection_id=collection_id)
         for i in range(start, end):
             msg.items.add(subject_id=subjects[i], embedding=emb[i], request_id=requests[i])
-        sent[0] = end
         yield msg
+        shown.update(end, note=f"stored={report.stored + report.replayed} failed={report.failed}")
+    log.info("all items sent; the vault encrypts and stores them", count=len(emb))
 
 
 def run(collection_id: str, path: Path, batch: int, channel: grpc.Channel,
         progress: bool | None = None) -> ImportReport:
-    """Import the file over ``channel``; returns what was stored and what failed (by
-    error message)."""
+    """Import the file over ``channel``; returns what was stored (new and already stored)
+    and what failed (by error message)."""
     emb, subjects, requests = load(path)
     report = ImportReport(total=len(emb))
-    sent = [0]
     start = time.perf_counter()
     stub = vault_pb2_grpc.TemplateVaultStub(channel)
-    with Progress(report.total, "imported", "tpl", bar=progress) as shown:
+    with Progress(report.total, "sent", "tpl", bar=progress) as shown:
         for response in stub.ImportTemplates(
-                _requests(collection_id, emb, subjects, requests, batch, sent)):
+                _requests(collection_id, emb, subjects, requests, batch, shown, report)):
             for r in response.results:
-                if r.code == 0:
+                if r.code == 0 and r.replayed:
+                    report.replayed += 1
+                elif r.code == 0:
                     report.stored += 1
                 else:
                     report.failed += 1
                     report.errors[r.message] = report.errors.get(r.message, 0) + 1
-            shown.update(report.stored + report.failed,
-                         note=f"sent={sent[0]} failed={report.failed}")
     report.seconds = time.perf_counter() - start
     return report

@@ -327,10 +327,12 @@ def test_vault_import_command(server: ServerProcess, stub, collection: str, tmp_
            "--target", server.target, "--batch", "64"]
     out = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
     assert out.returncode == 1, out.stderr  # one item failed
-    assert "stored 299 of 300 templates" in out.stdout
+    assert "299 new, 0 already stored, 1 failed, of 300 items" in out.stdout
     assert "1 x embedding contains NaN or infinite values" in out.stdout
     progress = [json.loads(line) for line in out.stderr.splitlines() if line.startswith("{")]
     assert progress and progress[-1]["count"] == 300  # not a terminal: JSON progress lines
+    steps = [line["count"] for line in progress if line["event"] == "progress"]
+    assert steps == sorted(set(steps)) and len(steps) >= 5  # moves as items go out
     again = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)  # derived request ids
-    assert "stored 299 of 300" in again.stdout
+    assert "0 new, 299 already stored, 1 failed, of 300 items" in again.stdout
     assert stub.GetCollection(pb.GetCollectionRequest(collection_id=collection)).template_count == 299

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,10 +77,22 @@ class TlsFiles:
             root_certificates=self.client_ca.read_bytes(), require_client_auth=True)
 
 
+def build_health_server(health_servicer: health.HealthServicer, listen: str) -> grpc.Server:
+    """A second, plaintext server with grpc.health only, for a container's or an
+    orchestrator's probe on loopback: it works whatever TLS and port the API uses."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"),
+                         options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if server.add_insecure_port(listen) == 0:
+        raise OSError(f"cannot listen on {listen}")
+    return server
+
+
 def build_server(vault: Vault | VaultHolder, listen: str, max_workers: int = 8,
                  tls: TlsFiles | None = None, rate_limit: float = 0.0,
                  budgets: BudgetConfig | None = None,
                  budget_clock: Callable[[], float] | None = None,
+                 interceptors: Sequence[grpc.ServerInterceptor] = (),
                  ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A started-ready server bound to ``listen``; returns (server, bound port, health).
 
@@ -88,10 +100,12 @@ def build_server(vault: Vault | VaultHolder, listen: str, max_workers: int = 8,
     given an open :class:`Vault`, the server reports SERVING. With ``tls``, clients need a
     certificate from its client CA and are given the roles their certificate names
     (:mod:`vault.api.access`); ``rate_limit``: calls per second per client (0: none);
-    ``budgets``: match budgets and the probing guard (:mod:`vault.api.budget`).
+    ``budgets``: match budgets and the probing guard (:mod:`vault.api.budget`);
+    ``interceptors``: e.g. :mod:`vault.api.metrics`'s.
     """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
+        interceptors=list(interceptors),
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

@@ -422,7 +422,8 @@ def _import_responses(results: list[ImportResult]) -> Iterator[vault_pb2.ImportT
         out = vault_pb2.ImportTemplatesResponse()
         for r in results[start:start + _RESULTS_PER_MESSAGE]:
             if r.error is None:
-                out.results.add(index=r.index, template_id=r.template_id, key_version=r.key_version)
+                out.results.add(index=r.index, template_id=r.template_id, key_version=r.key_version,
+                                replayed=r.replayed)
             else:
                 out.results.add(index=r.index, code=code_of(r.error).value[0], message=r.error.message)
         yield out

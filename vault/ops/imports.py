@@ -59,6 +59,7 @@ class ImportResult:
     template_id: str = ""
     key_version: int = 0
     error: VaultError | None = None
+    replayed: bool = False  # an earlier item or call with its request_id stored it
 
 
 @dataclass
@@ -136,7 +137,7 @@ class ImportSession:
         except AlreadyExists as exc:
             return self._failed(index, exc)
         if previous is not None:
-            return ImportResult(index, previous[0], previous[1])
+            return ImportResult(index, previous[0], previous[1], replayed=True)
         if subject_hmac not in self._new_subjects:
             if self.core.store.subject_templates(self.collection_id, subject_hmac):
                 return self._failed(index, PermissionDenied(
@@ -166,7 +167,7 @@ class ImportSession:
         waiting = []
         for index, first in self._followers:
             if first.index in done:
-                results.append(ImportResult(index, done[first.index], version))
+                results.append(ImportResult(index, done[first.index], version, replayed=True))
             else:
                 waiting.append((index, first))
         self._followers = waiting

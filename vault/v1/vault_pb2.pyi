@@ -150,18 +150,20 @@ class ImportTemplatesResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[ImportResult, _Mapping]]] = ...) -> None: ...
 
 class ImportResult(_message.Message):
-    __slots__ = ("index", "template_id", "key_version", "code", "message")
+    __slots__ = ("index", "template_id", "key_version", "code", "message", "replayed")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_ID_FIELD_NUMBER: _ClassVar[int]
     KEY_VERSION_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
     index: int
     template_id: str
     key_version: int
     code: int
     message: str
-    def __init__(self, index: _Optional[int] = ..., template_id: _Optional[str] = ..., key_version: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    replayed: bool
+    def __init__(self, index: _Optional[int] = ..., template_id: _Optional[str] = ..., key_version: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
 class ListKeyVersionsRequest(_message.Message):
     __slots__ = ("collection_id",)
