@@ -292,3 +292,61 @@ def test_tampered_sets_are_detected(run: dict) -> None:
     log = server.log_path.read_text()
     for kind in ("subject_missing", "live_set", "records"):
         assert f"kind={kind}" in log or f'"kind": "{kind}"' in log, kind
+
+
+def _wait_erased(data: Path, timeout: float = 120) -> None:
+    """Until no tombstone is left and the WAL is truncated (the erasure pass is done)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        wal = data / "vault.db-wal"
+        db = _ro(data / "vault.db")
+        pending = db.execute("SELECT count(*) FROM templates WHERE state=2").fetchone()[0]
+        db.close()
+        if pending == 0 and (not wal.exists() or wal.stat().st_size == 0):
+            return
+        time.sleep(0.2)
+    pytest.fail("the erasure did not finish after the restart")
+
+
+def test_a_kill_before_the_erasure_does_not_keep_a_deleted_subject(tmp_path: Path) -> None:
+    """SIGKILL right after DeleteSubject, before any erasure pass: the restarted server
+    erases the tombstones it finds at once, and a copy then holds nothing of the subject
+    (the copy taken at the kill still holds it: the kill came first)."""
+    data = tmp_path / "data"
+    args = ["--erase-after", str(ERASE_AFTER), "--maintenance-interval", str(INTERVAL)]
+    faces = np.random.default_rng(8).standard_normal((3, DIM))
+    server = ServerProcess(data, args=args).start()
+    try:
+        with server.channel() as channel:
+            stub = vault_pb2_grpc.TemplateVaultStub(channel)
+            stub.CreateCollection(pb.CreateCollectionRequest(collection_id="k", dimension=DIM,
+                                                             threshold=0.9))
+            for name, face in zip(("alice", "bob", "carol"), faces):
+                before = _subject_rows(data, "k")
+                stub.Enroll(pb.EnrollRequest(collection_id="k", subject_id=name,
+                                             embedding=face.tolist()))
+                if name == "bob":
+                    (bob,) = [h for h in _subject_rows(data, "k") if h not in before]
+            needles = {"sealed_id": [_subject_rows(data, "k")[bob]], "subject_hmac": [bob]}
+            db = _ro(data / "vault.db")
+            needles["page_ciphertext"] = [w for (ct,) in db.execute("SELECT ciphertext FROM pages")
+                                          for w in _windows(ct)]
+            db.close()
+            stub.DeleteSubject(pb.DeleteSubjectRequest(collection_id="k", subject_id="bob"))
+        server.kill()  # well inside the erasure window: no pass has erased anything yet
+        at_kill = tmp_path / "at-kill"
+        shutil.copytree(data, at_kill)
+        assert _leftovers(at_kill, {"page_ciphertext": needles["page_ciphertext"]}, ())
+        server.start()
+        _wait_erased(data)
+        with server.channel() as channel:
+            stub = vault_pb2_grpc.TemplateVaultStub(channel)
+            probe = pb.MatchRequest(collection_id="k", embedding=faces[1].tolist())
+            assert not stub.Match(probe).matched
+            assert stub.Match(pb.MatchRequest(collection_id="k",
+                                              embedding=faces[0].tolist())).matched
+        after = tmp_path / "after"
+        shutil.copytree(data, after)
+    finally:
+        server.kill()
+    assert _leftovers(after, needles, skip_hmac_in=("audit.db",)) == []
