@@ -45,12 +45,12 @@ def _needles(emb: np.ndarray, windows: bool = True) -> list[bytes]:
     return out
 
 
-
 def _copy_if_there(src: str, dst: str) -> None:
     try:
         shutil.copy2(src, dst)
     except FileNotFoundError:
         pass
+
 
 @pytest.fixture(scope="module")
 def leaked(tmp_path_factory, lfw) -> dict:
