@@ -71,17 +71,21 @@ def delete_collection(core: Core, collection_id: str) -> int:
         if core.store.collection(collection_id) is None:
             raise NotFound("collection not found")
         job = core.store.unfinished_job(collection_id)
-        thread = core.job_threads.get(collection_id)
+        thread = core.job_threads.get(job.job_id) if job is not None else None
         if (job is not None and job.state == "running") or (thread is not None and thread.is_alive()):
             raise FailedPrecondition("a key rotation of this collection is running: wait until "
                                      "GetKeyJob says it is done, then delete again")
         gallery = core.current_galleries.get(collection_id)
         lock = gallery.write_lock if gallery is not None else contextlib.nullcontext()
         with lock:  # enrolments in flight finish first; later ones find no collection
+            # Row and gallery go together, as core.current reads them: never a row without
+            # its gallery (DATA_LOSS to a caller racing the deletion) nor the reverse.
             with core.switch_lock:
-                core.current_galleries.pop(collection_id, None)
-                core.next_galleries.pop(collection_id, None)
-            templates, versions = core.store.delete_collection(collection_id)
+                templates, versions = core.store.delete_collection(collection_id)
+                for galleries in (core.current_galleries, core.next_galleries):
+                    stale = galleries.pop(collection_id, None)
+                    if stale is not None:  # writers waiting on its lock retry, find nothing
+                        stale.retired = True
         for version in versions:
             core.decider.forget(collection_id, version)
         core.damage_reasons.pop(collection_id, None)
