@@ -77,15 +77,15 @@ def delete_collection(core: Core, collection_id: str) -> int:
                                      "GetKeyJob says it is done, then delete again")
         gallery = core.current_galleries.get(collection_id)
         lock = gallery.write_lock if gallery is not None else contextlib.nullcontext()
-        with lock:  # enrolments in flight finish first; later ones find no collection
-            # Row and gallery go together, as core.current reads them: never a row without
-            # its gallery (DATA_LOSS to a caller racing the deletion) nor the reverse.
-            with core.switch_lock:
-                templates, versions = core.store.delete_collection(collection_id)
-                for galleries in (core.current_galleries, core.next_galleries):
-                    stale = galleries.pop(collection_id, None)
-                    if stale is not None:  # writers waiting on its lock retry, find nothing
-                        stale.retired = True
+        # The write lock: enrolments in flight finish first. The switch lock: row and
+        # gallery go together, as core.current reads them (a row without its gallery is
+        # DATA_LOSS to a caller racing the deletion).
+        with lock, core.switch_lock:
+            templates, versions = core.store.delete_collection(collection_id)
+            for galleries in (core.current_galleries, core.next_galleries):
+                stale = galleries.pop(collection_id, None)
+                if stale is not None:  # writers waiting on its lock retry, find nothing
+                    stale.retired = True
         for version in versions:
             core.decider.forget(collection_id, version)
         core.damage_reasons.pop(collection_id, None)
