@@ -98,3 +98,18 @@ def test_enrollments_racing_the_deletion_leave_nothing_behind(
             reopened.get_collection("c")
     finally:
         reopened.close()
+
+
+def test_a_negative_zero_threshold_is_stored_as_signed(tmp_path: Path, hsm_config: HsmConfig) -> None:
+    """SQLite stores -0.0 as 0.0: a row signed over -0.0 then failed its MAC (DATA_LOSS on
+    every GetCollection; found by tests/api/test_fuzz.py)."""
+    data = tmp_path / "data"
+    vault = Vault.open(data, hsm_config, tuning=TUNING)
+    try:
+        vault.create_collection("z", DIM, -0.0)
+        assert vault.get_collection("z").threshold == 0.0
+        vault.update_collection("z", threshold=0.5)
+        vault.update_collection("z", threshold=-0.0)
+        assert vault.get_collection("z").threshold == 0.0
+    finally:
+        vault.close()
