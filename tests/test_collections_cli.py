@@ -3,6 +3,7 @@ server: output, exit codes (docs: 0 done, 1 the RPC failed, 2 bad usage, 3 unrea
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -61,3 +62,23 @@ def test_failures_are_one_line_with_their_exit_code(target: str, tmp_path: Path)
     assert out.returncode == 2 and "eight" in out.stderr and "Traceback" not in out.stderr
     out = _vault("list", "--target", f"127.0.0.1:{free_port()}")
     assert out.returncode == 3 and "cannot reach" in out.stderr
+
+
+def test_the_client_package_lists_and_deletes(target: str) -> None:
+    """vault_client's list_collections (every page) and delete_collection, from its own
+    source directory (tests/test_client_package.py installs it alone in a fresh venv)."""
+    script = (
+        "import sys\nfrom vault_client import VaultClient\n"
+        "with VaultClient(sys.argv[1]) as c:\n"
+        "    for cid in ('p1', 'p2', 'p3'):\n"
+        "        c.create_collection(cid, 8, 0.9)\n"
+        "    print(','.join(x.collection_id for x in c.list_collections(page_size=2)))\n"
+        "    print(c.delete_collection('p2'))\n"
+        "    print(','.join(x.collection_id for x in c.list_collections()))\n")
+    client_dir = Path(__file__).resolve().parents[1] / "client"
+    out = subprocess.run([sys.executable, "-c", script, target], check=False, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(client_dir)})
+    assert out.returncode == 0, out.stderr
+    before, deleted, after = out.stdout.split()
+    assert [c for c in before.split(",") if c.startswith("p")] == ["p1", "p2", "p3"]
+    assert deleted == "0" and [c for c in after.split(",") if c.startswith("p")] == ["p1", "p3"]
