@@ -466,6 +466,22 @@ def keys(args: argparse.Namespace) -> int:
         raise client.explain(exc, args.target) from None
 
 
+def collections(args: argparse.Namespace) -> int:
+    """Collection admin commands against a running vault (see vault.collections_client)."""
+    import grpc
+
+    from vault import collections_client
+
+    if args.collections_command == "delete" and not args.yes:
+        raise CliError("delete destroys the collection and every template in it for good: "
+                       "add --yes to confirm")
+    try:
+        with client.channel(args) as channel:
+            return collections_client.run(channel, args)
+    except grpc.RpcError as exc:
+        raise client.explain(exc, args.target) from None
+
+
 def _hsm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hsm-dir", default=env("VAULT_HSM_DIR", None),
                    help="embedded SoftHSM token store and PIN, outside the data directory "
@@ -624,6 +640,36 @@ def build_parser() -> argparse.ArgumentParser:
     km.add_argument("--collection", required=True)
     km.add_argument("--version", type=number(int, 1), required=True)
     k.set_defaults(func=keys)
+
+    c = command(sub, "collections", "create, list, get, update, delete collections (admin; "
+                                    "list and get: any role)")
+    client.add_arguments(c)
+    coll_sub = c.add_subparsers(dest="collections_command", required=True, parser_class=_Parser)
+
+    def coll_command(name: str, text: str, named: bool = True) -> _Parser:
+        cp = command(coll_sub, name, text)
+        client.add_arguments(cp, after_subcommand=True)
+        if named:
+            cp.add_argument("--collection", required=True, help="collection id")
+        return cp
+
+    cc = coll_command("create", "a new collection with its own CKKS keys")
+    cc.add_argument("--dimension", type=number(int, 2), required=True,
+                    help="embedding dimension, 2..1024")
+    cc.add_argument("--threshold", type=number(float, None), required=True,
+                    help="decision threshold on cosine similarity, in [-1, 1]")
+    cc.add_argument("--require-purpose", action="store_true",
+                    help="every 1:N identification must give a purpose")
+    cl = coll_command("list", "every collection, by id", named=False)
+    cl.add_argument("--page-size", type=number(int, 1), default=100,
+                    help="collections per request (the server's maximum: 1000)")
+    coll_command("get", "one collection's settings and template count")
+    cu = coll_command("update", "change the threshold or the purpose requirement (audited)")
+    cu.add_argument("--threshold", type=number(float, None), default=None)
+    cu.add_argument("--require-purpose", choices=("yes", "no"), default=None)
+    cd = coll_command("delete", "crypto-shred a collection: keys, templates, files (audited)")
+    cd.add_argument("--yes", action="store_true", help="confirm: nothing can bring it back")
+    c.set_defaults(func=collections)
 
     a = command(sub, "audit", "audit log tools")
     audit_sub = a.add_subparsers(dest="audit_command", required=True, parser_class=_Parser)

@@ -20,6 +20,7 @@ from vault.domain.model import Candidate, CollectionInfo, CollectionPolicy, Matc
 from vault.domain.records import RUNNING
 from vault.keys.hsm import Hsm, HsmConfig
 from vault.ops import (
+    collection_admin,
     collection_key,
     collections,
     delete,
@@ -94,6 +95,8 @@ class Vault(Core):
     get_collection = collections.get_collection
     get_collection_info = collections.get_collection_info
     update_collection = collections.update_collection
+    list_collections = collection_admin.list_collections
+    delete_collection = collection_admin.delete_collection
     enroll = enroll.enroll
     verify = match.verify
     identify = match.identify

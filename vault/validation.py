@@ -62,7 +62,7 @@ def check_request_id(value: str) -> str:
 def check_threshold(value: float) -> float:
     if not math.isfinite(value) or not -1.0 <= value <= 1.0:
         raise InvalidArgument("threshold must be a number in [-1, 1]")
-    return float(value)
+    return float(value) + 0.0  # -0.0 becomes 0.0: SQLite stores it so, and the row's MAC must hold
 
 
 def check_top_k(value: int) -> int:

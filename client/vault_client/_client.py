@@ -20,7 +20,7 @@ SERVICE = "vault.v1.TemplateVault"
 # Safe to send twice: Enroll always carries a request id (the server answers a repeat with
 # the first answer and stores nothing), the others only read. Match is left out on
 # purpose: a failed 1:1 attempt counts against the subject's lock and the budgets.
-IDEMPOTENT = ("Enroll", "GetCollection", "ListKeyVersions", "GetKeyJob")
+IDEMPOTENT = ("Enroll", "GetCollection", "ListCollections", "ListKeyVersions", "GetKeyJob")
 DEFAULT_TIMEOUT = 30.0
 MAX_BATCH = 256  # items per ImportTemplates message: 256 x 512 floats stays under 1 MiB
 
@@ -159,6 +159,24 @@ class VaultClient:
     def get_collection(self, collection_id: str, *, timeout: float | None = None) -> Collection:
         return _collection(self.stub.GetCollection(
             pb.GetCollectionRequest(collection_id=collection_id), timeout=self._t(timeout)))
+
+    def list_collections(self, *, page_size: int = 0,
+                         timeout: float | None = None) -> list[Collection]:
+        """Every collection, by id (all pages of ListCollections)."""
+        found, token = [], ""
+        while True:
+            page = self.stub.ListCollections(pb.ListCollectionsRequest(
+                page_size=page_size, page_token=token), timeout=self._t(timeout))
+            found += [_collection(c) for c in page.collections]
+            token = page.next_page_token
+            if not token:
+                return found
+
+    def delete_collection(self, collection_id: str, *, timeout: float | None = None) -> int:
+        """Crypto-shred a collection (admin); returns how many templates it held. Rotate
+        the master key afterwards so old backups cannot open it either."""
+        return int(self.stub.DeleteCollection(pb.DeleteCollectionRequest(
+            collection_id=collection_id), timeout=self._t(timeout)).templates_deleted)
 
     def enroll(self, collection_id: str, subject_id: str, embedding: Embedding, *,
                request_id: str | None = None, allow_new_face: bool = False,

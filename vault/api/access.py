@@ -8,9 +8,9 @@ the certificate's common name and its roles are its organizational unit (OU) val
 - ``matcher``: Match, decisions only
 - ``analyst``: Match, and the only role that may ask for scores (``release_scores``:
   threshold tuning, benchmarks), within its score budget (:mod:`vault.api.budget`)
-- ``admin``: CreateCollection, UpdateCollection, DeleteSubject, UnlockSubject, the key
+- ``admin``: CreateCollection, UpdateCollection, DeleteCollection, DeleteSubject, UnlockSubject, the key
   lifecycle, and Enroll with ``allow_new_face``
-- any role: GetCollection
+- any role: GetCollection, ListCollections
 
 A call that reaches a method without a verified certificate gets UNAUTHENTICATED; one
 whose certificate lacks the method's role gets PERMISSION_DENIED. Without TLS (the
@@ -47,6 +47,8 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
     "GetCollection": ROLES,
     "CreateCollection": frozenset({"admin"}),
     "UpdateCollection": frozenset({"admin"}),
+    "ListCollections": ROLES,  # what any role may GetCollection
+    "DeleteCollection": frozenset({"admin"}),
     "DeleteSubject": frozenset({"admin"}),
     "ListKeyVersions": frozenset({"admin"}),
     "RotateMasterKey": frozenset({"admin"}),

@@ -276,6 +276,19 @@ class TemplateVaultServicer(vault_pb2_grpc.TemplateVaultServicer):
             request.require_purpose if request.HasField("require_purpose") else None))
 
     @_guard
+    def ListCollections(self, request: vault_pb2.ListCollectionsRequest,
+                        context: grpc.ServicerContext) -> vault_pb2.ListCollectionsResponse:
+        page, token = self._vault().list_collections(request.page_size, request.page_token)
+        return vault_pb2.ListCollectionsResponse(collections=[_collection(c) for c in page],
+                                                 next_page_token=token)
+
+    @_guard
+    def DeleteCollection(self, request: vault_pb2.DeleteCollectionRequest,
+                         context: grpc.ServicerContext) -> vault_pb2.DeleteCollectionResponse:
+        deleted = self._vault().delete_collection(request.collection_id)
+        return vault_pb2.DeleteCollectionResponse(templates_deleted=deleted)
+
+    @_guard
     def GetCollection(self, request: vault_pb2.GetCollectionRequest,
                       context: grpc.ServicerContext) -> vault_pb2.Collection:
         return _collection(self._vault().get_collection(request.collection_id))

@@ -10,7 +10,7 @@ from vault.domain.records import (
     CollectionRow,
     KeyJobRow,
 )
-from vault.storage.live_set import ATTEMPT_SET, LiveSetLedger
+from vault.storage.live_set import ATTEMPT_SET, EPOCH_ROW, LiveSetLedger
 
 
 class KeyRecords(LiveSetLedger):
@@ -48,6 +48,23 @@ class KeyRecords(LiveSetLedger):
         """Every collection row, by id."""
         return [CollectionRow(*r) for r in self._query(
             f"SELECT {self._COLLECTION_COLUMNS} FROM collections ORDER BY collection_id")]
+
+    # Every table with a collection_id column: what a deleted collection leaves behind.
+    _COLLECTION_TABLES = ("templates", "subjects", "pages", "blocks", "verify_attempts",
+                          "key_jobs", "collection_state", "collection_keys", "collections")
+
+    def delete_collection(self, collection_id: str) -> tuple[int, list[int]]:
+        """Delete every row of a collection in one transaction (``secure_delete`` zeroes
+        the freed pages); returns its template count and the key versions it held."""
+        with self.transaction() as db:
+            (templates,) = db.execute("SELECT COUNT(DISTINCT template_id) FROM templates "
+                                      "WHERE collection_id=?", (collection_id,)).fetchone()
+            versions = [v for (v,) in db.execute(
+                "SELECT key_version FROM collection_keys WHERE collection_id=?", (collection_id,))]
+            for table in self._COLLECTION_TABLES:
+                db.execute(f"DELETE FROM {table} WHERE collection_id=?", (collection_id,))
+            self._change(*EPOCH_ROW, 0)  # one more store epoch: a rollback would bring it back
+        return int(templates), versions
 
     def insert_collection(self, row: CollectionRow, key: CollectionKeyRow) -> None:
         """A new collection with its first key version, in one transaction."""

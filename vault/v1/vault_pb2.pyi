@@ -37,6 +37,34 @@ class UpdateCollectionRequest(_message.Message):
     require_purpose: bool
     def __init__(self, collection_id: _Optional[str] = ..., threshold: _Optional[float] = ..., require_purpose: _Optional[bool] = ...) -> None: ...
 
+class ListCollectionsRequest(_message.Message):
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListCollectionsResponse(_message.Message):
+    __slots__ = ("collections", "next_page_token")
+    COLLECTIONS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    collections: _containers.RepeatedCompositeFieldContainer[Collection]
+    next_page_token: str
+    def __init__(self, collections: _Optional[_Iterable[_Union[Collection, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class DeleteCollectionRequest(_message.Message):
+    __slots__ = ("collection_id",)
+    COLLECTION_ID_FIELD_NUMBER: _ClassVar[int]
+    collection_id: str
+    def __init__(self, collection_id: _Optional[str] = ...) -> None: ...
+
+class DeleteCollectionResponse(_message.Message):
+    __slots__ = ("templates_deleted",)
+    TEMPLATES_DELETED_FIELD_NUMBER: _ClassVar[int]
+    templates_deleted: int
+    def __init__(self, templates_deleted: _Optional[int] = ...) -> None: ...
+
 class Collection(_message.Message):
     __slots__ = ("collection_id", "dimension", "threshold", "key_version", "template_count", "min_key_version", "require_purpose")
     COLLECTION_ID_FIELD_NUMBER: _ClassVar[int]

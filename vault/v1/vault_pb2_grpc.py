@@ -49,6 +49,16 @@ class TemplateVaultStub:
                 request_serializer=vault_dot_v1_dot_vault__pb2.UpdateCollectionRequest.SerializeToString,
                 response_deserializer=vault_dot_v1_dot_vault__pb2.Collection.FromString,
                 _registered_method=True)
+        self.ListCollections = channel.unary_unary(
+                '/vault.v1.TemplateVault/ListCollections',
+                request_serializer=vault_dot_v1_dot_vault__pb2.ListCollectionsRequest.SerializeToString,
+                response_deserializer=vault_dot_v1_dot_vault__pb2.ListCollectionsResponse.FromString,
+                _registered_method=True)
+        self.DeleteCollection = channel.unary_unary(
+                '/vault.v1.TemplateVault/DeleteCollection',
+                request_serializer=vault_dot_v1_dot_vault__pb2.DeleteCollectionRequest.SerializeToString,
+                response_deserializer=vault_dot_v1_dot_vault__pb2.DeleteCollectionResponse.FromString,
+                _registered_method=True)
         self.Enroll = channel.unary_unary(
                 '/vault.v1.TemplateVault/Enroll',
                 request_serializer=vault_dot_v1_dot_vault__pb2.EnrollRequest.SerializeToString,
@@ -126,6 +136,27 @@ class TemplateVaultServicer:
     def UpdateCollection(self, request, context):
         """Changes a collection's threshold or purpose requirement (admin). The only way a
         threshold changes: no caller of Match sets one. Audited with the new values.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCollections(self, request, context):
+        """Lists collections by id, a page at a time (AIP-158): any role. The same Collection
+        messages as GetCollection, for serving collections and those stopped by their
+        minimum key version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteCollection(self, request, context):
+        """Deletes a collection by crypto-shredding (admin, audited): it stops serving, its
+        sealed secret contexts, wrapped keys, templates, subjects, journal pages, blocks and
+        attempt rows are deleted in one transaction, its block files are zero-filled and
+        unlinked and the WAL truncated. Refused with FAILED_PRECONDITION while a key rotation
+        of it runs. The sealed material stays openable in an old backup until the master key
+        is rotated (`vault keys rotate-master`, docs/SECURITY.md).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -237,6 +268,16 @@ def add_TemplateVaultServicer_to_server(servicer, server):
                     servicer.UpdateCollection,
                     request_deserializer=vault_dot_v1_dot_vault__pb2.UpdateCollectionRequest.FromString,
                     response_serializer=vault_dot_v1_dot_vault__pb2.Collection.SerializeToString,
+            ),
+            'ListCollections': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCollections,
+                    request_deserializer=vault_dot_v1_dot_vault__pb2.ListCollectionsRequest.FromString,
+                    response_serializer=vault_dot_v1_dot_vault__pb2.ListCollectionsResponse.SerializeToString,
+            ),
+            'DeleteCollection': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteCollection,
+                    request_deserializer=vault_dot_v1_dot_vault__pb2.DeleteCollectionRequest.FromString,
+                    response_serializer=vault_dot_v1_dot_vault__pb2.DeleteCollectionResponse.SerializeToString,
             ),
             'Enroll': grpc.unary_unary_rpc_method_handler(
                     servicer.Enroll,
@@ -375,6 +416,60 @@ class TemplateVault:
             '/vault.v1.TemplateVault/UpdateCollection',
             vault_dot_v1_dot_vault__pb2.UpdateCollectionRequest.SerializeToString,
             vault_dot_v1_dot_vault__pb2.Collection.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCollections(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vault.v1.TemplateVault/ListCollections',
+            vault_dot_v1_dot_vault__pb2.ListCollectionsRequest.SerializeToString,
+            vault_dot_v1_dot_vault__pb2.ListCollectionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteCollection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vault.v1.TemplateVault/DeleteCollection',
+            vault_dot_v1_dot_vault__pb2.DeleteCollectionRequest.SerializeToString,
+            vault_dot_v1_dot_vault__pb2.DeleteCollectionResponse.FromString,
             options,
             channel_credentials,
             insecure,
