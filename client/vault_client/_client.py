@@ -148,7 +148,8 @@ class VaultClient:
                           threshold: float | None = None, *, require_purpose: bool = False,
                           reference_mean: Embedding | None = None,
                           timeout: float | None = None) -> Collection:
-        """Create a collection (admin); ``threshold`` None takes the server's default."""
+        """Create a collection (admin). ``threshold`` is required by the server: left None,
+        the request goes without one and the server answers INVALID_ARGUMENT."""
         request = pb.CreateCollectionRequest(collection_id=collection_id, dimension=dimension,
                                              require_purpose=require_purpose,
                                              reference_mean=_floats(reference_mean or []))
