@@ -5,7 +5,8 @@ restored behind the vault's back (a lock lifted) is found."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from vault.domain.records import AttemptRow
 from vault.keys.integrity import LiveSet
@@ -43,12 +44,10 @@ class AttemptRecords(LiveSetLedger):
         unlock, which accepts what a writer may have changed)."""
         assert self.live_set is not None
         with self.transaction() as db:
-            total = sum(self._attempt_leaf(AttemptRow(*r)) for r in db.execute(
-                f"SELECT {self._ATTEMPT_COLUMNS} FROM verify_attempts WHERE collection_id=?",
-                (collection_id,)))
+            digest = self._attempt_set_digest(db.execute(self._SET_ROWS, (collection_id,)))
             found = db.execute("SELECT counter FROM collection_state WHERE collection_id=? AND "
                                "key_version=?", (collection_id, ATTEMPT_SET)).fetchone()
-            counter, digest = (found[0] if found else 0) + 1, LiveSet.add(bytes(32), total)
+            counter = (found[0] if found else 0) + 1
             db.execute("INSERT OR REPLACE INTO collection_state VALUES (?,?,?,?,?)",
                        (collection_id, ATTEMPT_SET, counter, digest,
                         self.live_set.seal(collection_id, ATTEMPT_SET, counter, digest)))
@@ -61,13 +60,16 @@ class AttemptRecords(LiveSetLedger):
         if state is None or not self.live_set.check(state[2], collection_id, ATTEMPT_SET,
                                                     state[0], state[1]):
             return False
-        total = sum(self._attempt_leaf(AttemptRow(*r)) for r in self._query(
-            f"SELECT {self._ATTEMPT_COLUMNS} FROM verify_attempts WHERE collection_id=?",
-            (collection_id,)))
-        return LiveSet.add(bytes(32), total) == bytes(state[1])
+        rows = self._query(self._SET_ROWS, (collection_id,))
+        return self._attempt_set_digest(rows) == bytes(state[1])
+
+    def _attempt_set_digest(self, rows: Iterable[tuple[Any, ...]]) -> bytes:
+        """The attempt set's commitment recomputed from a collection's stored rows."""
+        return LiveSet.add(bytes(32), sum(self._attempt_leaf(AttemptRow(*r)) for r in rows))
 
     _ATTEMPT_COLUMNS = ("collection_id, subject_hmac, credential_hmac, failures, since, "
                         "locked_until, mac")
+    _SET_ROWS = f"SELECT {_ATTEMPT_COLUMNS} FROM verify_attempts WHERE collection_id=?"
 
     def attempt_rows(self, collection_id: str, subject_hmac: bytes) -> list[AttemptRow]:
         return [AttemptRow(*r) for r in self._query(

@@ -104,11 +104,10 @@ class LiveSetLedger(Connection):
         (:mod:`vault.custody`), so a ``vault.db`` restored from an older copy, even beside the
         current audit log, is refused at start. ``verify=False``: without the MAC check (an
         admin accepting a restore, before the vault's keys are open)."""
-        rows = self._query("SELECT counter, digest, mac FROM collection_state WHERE "
-                           "collection_id=? AND key_version=?", EPOCH_ROW)
-        if not rows:
+        state = self.live_set_state(*EPOCH_ROW)
+        if state is None:
             return 0
-        counter, digest, mac = rows[0]
+        counter, digest, mac = state
         if verify:
             assert self.live_set is not None
             if not self.live_set.check(mac, *EPOCH_ROW, counter, digest):
