@@ -57,6 +57,22 @@ def _match(stub, subject: str, face: np.ndarray) -> tuple[Code, bool]:  # type: 
     return Code.OK, answer.matched
 
 
+def _lock_out(gate, subject: str, faces: dict, first: int) -> None:  # type: ignore[no-untyped-def]
+    """LIMIT impostor tries (faces p<first>...) lock the (subject, credential) pair."""
+    for k in range(LIMIT):
+        assert _match(gate, subject, faces[f"p{first + k}"]) == (Code.OK, False)
+    assert _match(gate, subject, faces[subject])[0] == Code.RESOURCE_EXHAUSTED
+
+
+def _write_db(server: ServerProcess, sql: str) -> int:
+    """An attacker's write to the live server's database; returns the rows it touched."""
+    db = sqlite3.connect(server.data_dir / "vault.db", timeout=30)
+    with db:
+        count = db.execute(sql).rowcount
+    db.close()
+    return count
+
+
 def test_parallel_impostor_tries_are_evaluated_at_most_limit_times(world) -> None:
     server, pki, faces = world
     gate = _stub(server, pki, "gate-1")
@@ -90,15 +106,9 @@ def test_four_failures_and_a_success_repeated_lock(world) -> None:
 def test_a_cleared_lock_row_keeps_the_subject_locked_until_an_admin_unlocks(world, tmp_path) -> None:
     server, pki, faces = world
     gate = _stub(server, pki, "gate-3")
-    for k in range(LIMIT):
-        assert _match(gate, "p2", faces[f"p{20 + k}"]) == (Code.OK, False)
-    assert _match(gate, "p2", faces["p2"])[0] == Code.RESOURCE_EXHAUSTED
+    _lock_out(gate, "p2", faces, first=20)
     # An attacker with write access to the database clears every lock, under the live server.
-    db = sqlite3.connect(server.data_dir / "vault.db", timeout=30)
-    with db:
-        cleared = db.execute("UPDATE verify_attempts SET failures=0, locked_until=0").rowcount
-    db.close()
-    assert cleared >= 2
+    assert _write_db(server, "UPDATE verify_attempts SET failures=0, locked_until=0") >= 2
     code, _ = _match(gate, "p2", faces["p2"])
     assert code == Code.DATA_LOSS
     # Only an admin may unlock; the unlock is on the audit record.
@@ -135,14 +145,8 @@ def test_a_deleted_lock_row_is_detected_until_an_admin_unlocks(world) -> None:
     admin unlocks (found in review: deleting a row lifted the lock silently)."""
     server, pki, faces = world
     gate = _stub(server, pki, "gate-4")
-    for k in range(LIMIT):
-        assert _match(gate, "p1", faces[f"p{25 + k}"]) == (Code.OK, False)
-    assert _match(gate, "p1", faces["p1"])[0] == Code.RESOURCE_EXHAUSTED
-    db = sqlite3.connect(server.data_dir / "vault.db", timeout=30)
-    with db:
-        deleted = db.execute("DELETE FROM verify_attempts").rowcount
-    db.close()
-    assert deleted >= 1
+    _lock_out(gate, "p1", faces, first=25)
+    assert _write_db(server, "DELETE FROM verify_attempts") >= 1
     assert _match(gate, "p1", faces["p1"])[0] == Code.DATA_LOSS
     assert _match(_stub(server, pki, "gate-5"), "p0", faces["p0"])[0] == Code.DATA_LOSS
     with server.channel() as channel:
