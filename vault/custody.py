@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 from vault.audit import AuditLog
@@ -173,7 +174,7 @@ def _store_label(label: str) -> str:
     return label + "/store"
 
 
-def _recorder(store: Store, hsm: Hsm, label: str):  # type: ignore[no-untyped-def]
+def _recorder(store: Store, hsm: Hsm, label: str) -> Callable[[int], None]:
     """What a signed checkpoint records in the token: its seq and the store's epoch."""
 
     def record(seq: int) -> None:
