@@ -18,7 +18,7 @@ from vault import he, logs  # noqa: E402
 from vault.keys import softhsm  # noqa: E402
 from vault.keys.hsm import Hsm, HsmConfig  # noqa: E402
 from vault.service import Vault  # noqa: E402
-from vault.testing import ServerProcess  # noqa: E402
+from vault.testing import PostgresServer, ServerProcess  # noqa: E402
 
 DATA = Path(__file__).parent / "data" / "lfw-dlib128.npz"
 
@@ -68,6 +68,20 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     root = tmp_path_factory.mktemp("server")
     with ServerProcess(root / "data") as s:
         yield s
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the session (a fresh database per test: pg_url)."""
+    server = PostgresServer().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def pg_url(postgres: PostgresServer) -> str:
+    """The URL of a new, empty PostgreSQL database."""
+    return postgres.create_database()
 
 
 @pytest.fixture(scope="session")

@@ -133,6 +133,7 @@ def serve(args: argparse.Namespace) -> int:
                          ("--health-listen", args.health_listen)):
         if listen:
             preflight.bindable(listen, flag)
+    _store_url(args)  # a malformed --store is refused before anything starts
     hsm_dir = _checked_layout(args, data_dir)
     preflight.writable_dir(data_dir, "--data-dir")
     if hsm_dir is not None:
@@ -147,12 +148,13 @@ def serve(args: argparse.Namespace) -> int:
 
     def open_vault() -> Vault:
         # A database without its token must not get a fresh, empty token.
-        hsm_config = _hsm_config(args, data_dir, create=not (data_dir / "vault.db").exists())
+        hsm_config = _hsm_config(args, data_dir, create=_new_store(args, data_dir))
         limits = AttemptLimits(args.max_failed_verifications, args.lockout_seconds)
         tuning = Tuning(routing=Routing(args.route_fraction, args.route_min_blocks),
                         journal_pages=args.journal_pages, erase_after=args.erase_after,
                         workers=args.workers, maintenance_interval=args.maintenance_interval)
-        vault = Vault.open(data_dir, hsm_config, limits=limits, tuning=tuning)
+        vault = Vault.open(data_dir, hsm_config, store_url=_store_url(args), limits=limits,
+                           tuning=tuning)
         vault.encryption.warm()
         return vault
 
@@ -323,7 +325,7 @@ def restore(args: argparse.Namespace) -> int:
     if not args.accept_rollback:
         print("nothing to do: pass --accept-rollback to accept this older copy", file=sys.stderr)
         return 2
-    if not (data_dir / "vault.db").exists():
+    if _new_store(args, data_dir):
         print(f"no vault database in {data_dir}", file=sys.stderr)
         return 2
     _checked_layout(args, data_dir)
@@ -332,7 +334,12 @@ def restore(args: argparse.Namespace) -> int:
     except VaultError as exc:
         print(f"cannot accept the restore: {exc.message}", file=sys.stderr)
         return 2
-    store = Store(data_dir / "vault.db")
+    try:
+        store = Store(_store_url(args) or data_dir / "vault.db")
+    except VaultError as exc:
+        dir_lock.release()
+        print(f"cannot accept the restore: {exc.message}", file=sys.stderr)
+        return 2
     hsm = audit = None
     try:
         hsm = Hsm(_hsm_config(args, data_dir, create=False))
@@ -495,6 +502,29 @@ def _data_dir_argument(p: argparse.ArgumentParser) -> None:
                    help="database, block files and audit log (env VAULT_DATA_DIR)")
 
 
+def _store_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", default=env("VAULT_STORE", None),
+                   help="postgresql://... : keep the database and the block ciphertexts in "
+                        "PostgreSQL (the audit log and lock stay in --data-dir; env "
+                        "VAULT_STORE); default: SQLite and files in --data-dir")
+
+
+def _store_url(args: argparse.Namespace) -> str | None:
+    """The PostgreSQL URL of --store (never logged: it may hold a password), or None."""
+    from vault.storage.connection import is_url
+
+    url: str | None = getattr(args, "store", None)
+    if url and not is_url(url):
+        raise CliError("--store: give a postgresql://USER@HOST:PORT/DATABASE URL")
+    return url or None
+
+
+def _new_store(args: argparse.Namespace, data_dir: Path) -> bool:
+    """True before a vault's first start (a new token may be made): no vault.db, or with
+    PostgreSQL no audit log in the data directory yet."""
+    return not (data_dir / ("audit.db" if _store_url(args) else "vault.db")).exists()
+
+
 def _module_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hsm-module", default=env("VAULT_HSM_MODULE", None),
                    help="PKCS#11 module of an external HSM (PIN in VAULT_HSM_PIN or the "
@@ -522,6 +552,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _serve_arguments(p: argparse.ArgumentParser) -> None:
     _data_dir_argument(p)
+    _store_argument(p)
     p.add_argument("--listen", type=host_port, default=env("VAULT_LISTEN", "127.0.0.1:50051"),
                    help="HOST:PORT, the port required (env VAULT_LISTEN)")
     _module_argument(p)
@@ -728,6 +759,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="set the token's rollback counter back to this directory's last "
                         "signed audit checkpoint (recorded in the audit log)")
     _data_dir_argument(r)
+    _store_argument(r)
     _module_argument(r)
     _hsm_arguments(r)
     r.set_defaults(func=restore)

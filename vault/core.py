@@ -28,7 +28,7 @@ import numpy as np
 from vault import custody, he, logs
 from vault.attempts import AttemptLimits, Attempts
 from vault.audit import AuditLog
-from vault.block_files import BlockFiles
+from vault.block_files import BlockStore
 from vault.crypto import aad
 from vault.decider import Decider
 from vault.domain.errors import (
@@ -101,7 +101,7 @@ class Core:
         self.attempts = Attempts(store, self.integrity, hsm, self.limits, clock, self.event)
         self.protector = Protector(hsm)
         self.decider = Decider()
-        self.files = BlockFiles(data_dir / "blocks")
+        self.files: BlockStore = store.block_store(data_dir / "blocks")
         self.encryption = EncryptionPool(self.tuning.workers)
         self.current_galleries: dict[str, CollectionGallery] = {}  # the current key version's
         # Key rotations: the target version's gallery, filled block by block while the
@@ -228,7 +228,7 @@ class Core:
         path = self.files.path(gallery.collection_id, gallery.key_version, block.block_no,
                                block.generation)
         try:
-            residues, digest = BlockFiles.read(path)
+            residues, digest = self.files.read(path)
         except (OSError, ValueError) as exc:
             raise DataLoss("a block file is missing or unreadable") from exc
         if digest != block.digest:
@@ -297,7 +297,7 @@ class Core:
             due = [r for r in self._retired if everything or now - r[0] >= grace]
             self._retired = [r for r in self._retired if r not in due]
         for _, path, erase in due:
-            BlockFiles.remove(path, erase=erase)
+            self.files.remove(path, erase=erase)
         with self._retired_lock:
             keys = [r for r in self._retired_keys if everything or now - r[0] >= key_grace]
             self._retired_keys = [r for r in self._retired_keys if r not in keys]

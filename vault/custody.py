@@ -97,7 +97,8 @@ def _meta(store: Store, key: str) -> str | None:
 
 def _set_meta(store: Store, key: str, value: str) -> None:
     with store.transaction() as db:
-        db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+        db.execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET "
+                   "value=excluded.value", (key, value.encode()))
 
 
 def vault_id(store: Store) -> str:

@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from vault import he, logs
-from vault.block_files import BlockFiles
 from vault.core import Core
 from vault.crypto import aad
 from vault.domain.records import (
@@ -117,7 +116,7 @@ def _load_blocks(core: Core, gallery: CollectionGallery) -> int:
     def read(b: BlockRow) -> tuple[np.ndarray, bytes] | None:
         """The block file's first prime and digest, None when it cannot be read."""
         try:  # hashing and file reads release the GIL: several at once
-            residues, digest = BlockFiles.read(
+            residues, digest = core.files.read(
                 core.files.path(cid, version, b.block_no, b.generation), levels=1)
         except (OSError, ValueError):
             return None

@@ -45,10 +45,13 @@ class Vault(Core):
         loading.load(self)
 
     @classmethod
-    def open(cls, data_dir: Path, hsm_config: HsmConfig, **kwargs: Any) -> Vault:
-        """Open (creating if needed) the vault whose database lives in ``data_dir``, with
-        its audit log next to it, and start its maintenance thread."""
-        store = Store(data_dir / "vault.db")
+    def open(cls, data_dir: Path, hsm_config: HsmConfig, store_url: str | None = None,
+             **kwargs: Any) -> Vault:
+        """Open (creating if needed) the vault whose database lives in ``data_dir`` (or at
+        ``store_url``, a PostgreSQL database), with its audit log in ``data_dir``, and start
+        its maintenance thread."""
+        data_dir.mkdir(parents=True, exist_ok=True)  # the audit log's, with either store
+        store = Store(store_url or data_dir / "vault.db")
         try:
             vault = cls(store, Hsm(hsm_config), data_dir, **kwargs)
         except BaseException:

@@ -1,4 +1,9 @@
-"""Store role, part 1: the SQLite file with metadata, journal pages, wrapped keys.
+"""Store role, part 1: the database with metadata, journal pages, wrapped keys.
+
+Two engines run the same SQL (:mod:`vault.storage.connection`): a SQLite file in the data
+directory (the embedded default, described here) or a PostgreSQL database given by URL
+(:mod:`vault.storage.postgres`: the same tables and guarantees, and the block ciphertexts
+too, so replicas share it).
 
 WAL journal with ``synchronous=FULL`` (an acknowledged write survives power loss) and
 ``secure_delete`` (freed pages are zeroed, so overwritten ciphertexts and deleted rows do
@@ -28,6 +33,9 @@ erased from the ciphertexts; the subject's sealed id goes at once.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from vault.block_files import BlockBlobs, BlockFiles
 from vault.storage.keys import KeyRecords
 from vault.storage.sqlite import SCHEMA_VERSION
 from vault.storage.templates import TemplateRecords
@@ -36,5 +44,13 @@ __all__ = ["SCHEMA_VERSION", "Store"]
 
 
 class Store(TemplateRecords, KeyRecords):
-    """The vault's SQLite repository: one connection (vault.storage.sqlite), the live-set
-    ledger every write goes through (vault.storage.live_set), and the rows by concern."""
+    """The vault's repository: one connection (vault.storage.connection: SQLite or
+    PostgreSQL), the live-set ledger every write goes through (vault.storage.live_set),
+    and the rows by concern."""
+
+    def block_store(self, root: Path) -> BlockFiles:
+        """Where block generations live: files under ``root`` (SQLite), or rows of the
+        database itself (PostgreSQL: any node rebuilds its state from it)."""
+        if self.engine.kind == "postgresql":
+            return BlockBlobs(self)
+        return BlockFiles(root)

@@ -6,12 +6,16 @@ fault-injection harnesses share them.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Self, TypeVar
@@ -158,6 +162,88 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def postgres_bin() -> Path:
+    """The directory of PostgreSQL's server binaries (Debian's ``postgresql`` package puts
+    them in /usr/lib/postgresql/MAJOR/bin). Missing binaries are an error, not a skip:
+    CI installs them (hsm/install-system-deps.sh)."""
+    override = os.environ.get("VAULT_PG_BIN")
+    found = [Path(override)] if override else sorted(
+        Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name)
+        if p.parent.name.isdigit() else 0)
+    found += [Path(shutil.which("initdb") or "/nonexistent").parent]
+    for directory in found:
+        if (directory / "initdb").is_file() and (directory / "pg_ctl").is_file():
+            return directory
+    raise RuntimeError("PostgreSQL's initdb and pg_ctl were not found: install the "
+                       "`postgresql` package (make setup runs hsm/install-system-deps.sh)")
+
+
+class PostgresServer:
+    """A real PostgreSQL server for tests: ``initdb`` into a fresh temporary directory,
+    listening on 127.0.0.1 at a free port, its unix socket in that directory, trust
+    authentication for the one local user ``vault``. PostgreSQL refuses to run as root, so
+    under uid 0 it runs as Debian's unprivileged ``postgres`` user. :meth:`close` stops it
+    (also at interpreter exit) and removes the directory."""
+
+    def __init__(self) -> None:
+        self.bin = postgres_bin()
+        # Not under pytest's root-only temp directory: the server's user must reach it.
+        self.root = Path(tempfile.mkdtemp(prefix="vault-pg-"))
+        self.data, self.sockets, self.log = self.root / "data", self.root / "run", self.root / "pg.log"
+        self.sockets.mkdir()
+        self.port = free_port()
+        self.user = "postgres" if os.geteuid() == 0 else None
+        if self.user is not None:
+            shutil.chown(self.root, self.user)
+            shutil.chown(self.sockets, self.user)
+        self._running = False
+        atexit.register(self.close)
+
+    def _run(self, *cmd: str) -> None:
+        as_user = ["runuser", "-u", self.user, "--"] if self.user else []
+        done = subprocess.run([*as_user, *cmd], capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{Path(cmd[0]).name} failed: {done.stderr.strip()[-2000:]}")
+
+    def start(self) -> Self:
+        """initdb (the first time), then start and wait until it accepts connections."""
+        if not self.data.exists():
+            self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", "vault",
+                      "--auth=trust", "-E", "UTF8", "--no-sync")
+        options = (f"-p {self.port} -k {self.sockets} -c listen_addresses=127.0.0.1 "
+                   "-c fsync=on -c synchronous_commit=on -c shared_buffers=32MB "
+                   "-c max_connections=60")
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w",
+                  "-t", "60", "-o", options, "start")
+        self._running = True
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server (``immediate``: as a crash, without a checkpoint)."""
+        if self._running:
+            self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
+            self._running = False
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://vault@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self, name: str | None = None) -> str:
+        """A new, empty database; its URL."""
+        import psycopg
+
+        name = name or f"v{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def close(self) -> None:
+        """Stop the server and remove its directory."""
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 class BreakableHsm(Hsm):

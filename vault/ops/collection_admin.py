@@ -5,10 +5,8 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import shutil
 
 from vault import logs
-from vault.block_files import BlockFiles
 from vault.core import Core
 from vault.domain.errors import FailedPrecondition, InvalidArgument, NotFound, VaultError
 from vault.domain.model import CollectionInfo
@@ -101,10 +99,4 @@ def delete_collection(core: Core, collection_id: str) -> int:
 
 def _erase_files(core: Core, collection_id: str) -> None:
     """Zero-fill and unlink every block file of the collection, of any key version."""
-    root = core.files.root / collection_id
-    if not root.is_dir():
-        return
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            BlockFiles.remove(path, erase=True)
-    shutil.rmtree(root, ignore_errors=True)
+    core.files.erase_collection(collection_id)

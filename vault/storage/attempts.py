@@ -4,13 +4,19 @@ restored behind the vault's back (a lock lifted) is found."""
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from vault.domain.records import AttemptRow
 from vault.keys.integrity import LiveSet
+from vault.storage.connection import upsert
 from vault.storage.live_set import ATTEMPT_SET, LiveSetLedger
+
+_STATE_UPSERT = upsert("collection_state", ("collection_id", "key_version", "counter", "digest",
+                                            "mac"), ("collection_id", "key_version"))
+_ATTEMPT_UPSERT = upsert("verify_attempts", ("collection_id", "subject_hmac", "credential_hmac",
+                                             "failures", "since", "locked_until", "mac"),
+                         ("collection_id", "subject_hmac", "credential_hmac"))
 
 
 class AttemptRecords(LiveSetLedger):
@@ -24,7 +30,7 @@ class AttemptRecords(LiveSetLedger):
         return self.live_set.attempt(row.collection_id, row.subject_hmac, row.credential_hmac,
                                      row.mac)
 
-    def _delete_attempts(self, db: sqlite3.Connection, collection_id: str, subject_hmac: bytes,
+    def _delete_attempts(self, db: Any, collection_id: str, subject_hmac: bytes,
                          only: AttemptRow | None = None) -> None:
         """Delete a subject's attempt rows (``only``: that row as it was read), and take their
         leaves out of the collection's attempt set."""
@@ -48,7 +54,7 @@ class AttemptRecords(LiveSetLedger):
             found = db.execute("SELECT counter FROM collection_state WHERE collection_id=? AND "
                                "key_version=?", (collection_id, ATTEMPT_SET)).fetchone()
             counter = (found[0] if found else 0) + 1
-            db.execute("INSERT OR REPLACE INTO collection_state VALUES (?,?,?,?,?)",
+            db.execute(_STATE_UPSERT,
                        (collection_id, ATTEMPT_SET, counter, digest,
                         self.live_set.seal(collection_id, ATTEMPT_SET, counter, digest)))
 
@@ -89,8 +95,7 @@ class AttemptRecords(LiveSetLedger):
                 for previous in rows:
                     if previous.credential_hmac == row.credential_hmac:
                         self._change(collection_id, ATTEMPT_SET, -self._attempt_leaf(previous))
-                db.execute(f"INSERT OR REPLACE INTO verify_attempts({self._ATTEMPT_COLUMNS}) "
-                           "VALUES (?,?,?,?,?,?,?)",
+                db.execute(_ATTEMPT_UPSERT,
                            (row.collection_id, row.subject_hmac, row.credential_hmac,
                             row.failures, row.since, row.locked_until, row.mac))
                 self._change(collection_id, ATTEMPT_SET, self._attempt_leaf(row))

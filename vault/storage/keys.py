@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import sqlite3
+from typing import Any
+
 
 from vault.domain.records import (
     DONE,
@@ -76,7 +77,7 @@ class KeyRecords(LiveSetLedger):
             self._put_collection_key(db, key)
             self._new_state(db, row.collection_id, ATTEMPT_SET)
 
-    def _put_collection_key(self, db: sqlite3.Connection, key: CollectionKeyRow) -> None:
+    def _put_collection_key(self, db: Any, key: CollectionKeyRow) -> None:
         """A key version, and its (empty) live-set commitment."""
         db.execute("INSERT INTO collection_keys VALUES (?,?,?,?,?)",
                    (key.collection_id, key.key_version, key.he_params, key.public_context,
@@ -120,13 +121,13 @@ class KeyRecords(LiveSetLedger):
         """Every rotation job (or those in ``state``), oldest first."""
         where, args = ("WHERE state=?", (state,)) if state else ("", ())
         return [KeyJobRow(*r) for r in self._query(
-            f"SELECT {self._JOB_COLUMNS} FROM key_jobs {where} ORDER BY rowid", args)]
+            f"SELECT {self._JOB_COLUMNS} FROM key_jobs {where} ORDER BY {self.engine.insert_order}", args)]
 
     def unfinished_job(self, collection_id: str) -> KeyJobRow | None:
         """The collection's rotation that is not done (running or failed), if any: there
         is at most one, since a new rotation resumes it rather than starting another."""
         rows = self._query(f"SELECT {self._JOB_COLUMNS} FROM key_jobs WHERE collection_id=? "
-                           "AND state!=? ORDER BY rowid DESC LIMIT 1", (collection_id, DONE))
+                           f"AND state!=? ORDER BY {self.engine.insert_order} DESC LIMIT 1", (collection_id, DONE))
         return KeyJobRow(*rows[0]) if rows else None
 
     def finish_job(self, job_id: str, state: str, error: str | None = None) -> None:

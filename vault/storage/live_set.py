@@ -3,7 +3,6 @@ transaction: what a row deleted, restored or replayed behind the vault's back ch
 
 from __future__ import annotations
 
-import sqlite3
 from typing import Any
 
 from vault.domain.errors import DataLoss
@@ -14,7 +13,7 @@ from vault.domain.records import (
     TemplateRow,
 )
 from vault.keys.integrity import LiveSet
-from vault.storage.sqlite import Connection
+from vault.storage.connection import Connection
 
 # The store-wide epoch's row in collection_state: no collection has an empty id.
 EPOCH_ROW = ("", 0)
@@ -41,7 +40,7 @@ class LiveSetLedger(Connection):
 
     _LEAF_COLUMNS = "template_id, collection_id, subject_hmac, key_version, tier, loc, slot, mac"
 
-    def _forget_template(self, db: sqlite3.Connection, template_id: str, key_version: int) -> None:
+    def _forget_template(self, db: Any, template_id: str, key_version: int) -> None:
         """Take a stored template row out of its commitment, if it is live (before it is
         updated, replaced or deleted)."""
         found = db.execute(f"SELECT {self._LEAF_COLUMNS} FROM templates WHERE template_id=? "
@@ -60,7 +59,7 @@ class LiveSetLedger(Connection):
         assert self.live_set is not None
         return self.live_set.holder(cid, version, tier, loc, generation, mac)
 
-    def _forget_holder(self, db: sqlite3.Connection, tier: int, cid: str, version: int,
+    def _forget_holder(self, db: Any, tier: int, cid: str, version: int,
                        loc: int) -> None:
         table, column = ("pages", "page_no") if tier == PAGE else ("blocks", "block_no")
         found = db.execute(f"SELECT generation, mac FROM {table} WHERE collection_id=? AND "
@@ -68,14 +67,14 @@ class LiveSetLedger(Connection):
         if found is not None:
             self._change(cid, version, -self._holder_leaf(cid, version, tier, loc, *found))
 
-    def _new_state(self, db: sqlite3.Connection, collection_id: str, key_version: int) -> None:
+    def _new_state(self, db: Any, collection_id: str, key_version: int) -> None:
         assert self.live_set is not None
         digest = bytes(32)
         db.execute("INSERT INTO collection_state VALUES (?,?,?,?,?)",
                    (collection_id, key_version, 0, digest,
                     self.live_set.seal(collection_id, key_version, 0, digest)))
 
-    def _commit_states(self, db: sqlite3.Connection) -> None:
+    def _commit_states(self, db: Any) -> None:
         """Fold this transaction's changes into the state rows it touched (checked first:
         a state row changed behind the vault's back is not built upon), and count one more
         store epoch (:meth:`epoch`)."""

@@ -1,17 +1,15 @@
-"""The SQLite connection: schema, pragmas, one write transaction at a time, and the
-mapping of the medium's failures to precise vault errors (see vault.store)."""
+"""The SQLite engine: schema, pragmas, one write transaction at a time, and the mapping of
+the medium's failures to precise vault errors (see vault.store, vault.storage.connection)."""
 
 from __future__ import annotations
 
 import sqlite3
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from vault.domain.errors import ResourceExhausted, Unavailable
-from vault.keys.integrity import LiveSet
 
 # The schema's version, kept in SQLite's header (PRAGMA user_version). A database at an
 # older version is brought up to it by _MIGRATIONS, in the transaction that opens it;
@@ -20,7 +18,7 @@ SCHEMA_VERSION = 4
 # _MIGRATIONS[v]: the statements that take a database from version v to v + 1.
 _MIGRATIONS: dict[int, tuple[str, ...]] = {}
 
-_SCHEMA = """
+SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
   key TEXT PRIMARY KEY,
   value BLOB NOT NULL
@@ -137,7 +135,7 @@ def _migrate(db: sqlite3.Connection) -> None:
         raise Unavailable(f"database schema version {version} is newer than this vault's "
                           f"({SCHEMA_VERSION}): open it with the vault that wrote it")
     if not tables:
-        for statement in _SCHEMA.split(";"):
+        for statement in SCHEMA.split(";"):
             if statement.strip():
                 db.execute(statement)
         version = SCHEMA_VERSION
@@ -173,32 +171,30 @@ def _storage_errors() -> Iterator[None]:
         raise
 
 
-class Connection:
-    """One SQLite connection behind a lock (the embedded default serves from one process)."""
+class SqliteEngine:
+    """One SQLite file: WAL, ``synchronous=FULL``, ``secure_delete``; writes take the
+    file's write lock at BEGIN (one writer at a time, as the live-set ledger needs)."""
+
+    kind = "sqlite"
+    insert_order = "rowid"  # key_jobs in the order they were made
 
     def __init__(self, path: Path) -> None:
-        self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.RLock()
-        # Set by the vault: keys the live-set commitment every write transaction updates.
-        self.live_set: LiveSet | None = None
-        self._delta: dict[tuple[str, int], int] = {}
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA secure_delete=ON")
-        self._db.execute("PRAGMA foreign_keys=ON")
+        self.raw = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self.raw.execute("PRAGMA journal_mode=WAL")
+        self.raw.execute("PRAGMA synchronous=FULL")
+        self.raw.execute("PRAGMA secure_delete=ON")
+        self.raw.execute("PRAGMA foreign_keys=ON")
         try:
             with self.transaction() as db:
                 _migrate(db)
         except BaseException:
-            self._db.close()
+            self.raw.close()
             raise
 
     def close(self) -> None:
         """Close the connection."""
-        with self._lock:
-            self._db.close()
+        self.raw.close()
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -207,34 +203,29 @@ class Connection:
         Storage failures become :class:`ResourceExhausted` (disk full) or
         :class:`Unavailable` (I/O error, locked, read-only): either way nothing was written.
         """
-        with self._lock, _storage_errors():
-            self._db.execute("BEGIN IMMEDIATE")
-            self._delta = {}
+        with _storage_errors():
+            self.raw.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
-                self._commit_states(self._db)
-                self._db.execute("COMMIT")
+                yield self.raw
+                self.raw.execute("COMMIT")
             except BaseException:
-                if self._db.in_transaction:  # SQLite may have rolled back by itself already
+                if self.raw.in_transaction:  # SQLite may have rolled back by itself already
                     try:
-                        self._db.execute("ROLLBACK")
+                        self.raw.execute("ROLLBACK")
                     except sqlite3.Error:
                         pass
                 raise
+
+    def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        """Run one read statement; every row."""
+        with _storage_errors():
+            return self.raw.execute(sql, args).fetchall()
 
     def checkpoint_wal(self) -> None:
         """Copy the WAL into the main file and truncate it to zero bytes: older page images
         (a deleted row, a replaced ciphertext) leave the WAL, and the pages they were
         freed from are zeroed in the main file (``secure_delete``)."""
-        with self._lock, _storage_errors():
-            busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        with _storage_errors():
+            busy, _, _ = self.raw.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         if busy:
             raise Unavailable("the database was busy: its write-ahead log was not truncated")
-
-    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
-        with self._lock, _storage_errors():
-            return self._db.execute(sql, args).fetchall()
-
-    def _commit_states(self, db: sqlite3.Connection) -> None:
-        """Called inside every write transaction before COMMIT: the live-set ledger
-        (vault.storage.live_set) folds the transaction's changes into the commitment."""

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import sqlite3
+from typing import Any
+
 
 from vault.domain.records import (
     BLOCK,
@@ -14,6 +15,13 @@ from vault.domain.records import (
     TemplateRow,
 )
 from vault.storage.attempts import AttemptRecords
+from vault.storage.connection import upsert
+
+_PAGE_UPSERT = upsert("pages", ("collection_id", "key_version", "page_no", "generation", "fill",
+                                "ciphertext", "mac"), ("collection_id", "key_version", "page_no"))
+_BLOCK_UPSERT = upsert("blocks", ("collection_id", "key_version", "block_no", "kind", "generation",
+                                  "levels", "fill", "digest", "sketch", "mac"),
+                       ("collection_id", "key_version", "block_no"))
 
 
 class TemplateRecords(AttemptRecords):
@@ -78,11 +86,11 @@ class TemplateRecords(AttemptRecords):
         found = self._query(
             "SELECT MAX(n) FROM (SELECT MAX(loc) AS n FROM templates WHERE collection_id=? "
             "AND key_version=? AND tier=? "
-            f"UNION ALL SELECT MAX({column}) FROM {table} WHERE collection_id=? AND key_version=?)",
+            f"UNION ALL SELECT MAX({column}) FROM {table} WHERE collection_id=? AND key_version=?) AS m",
             (collection_id, key_version, tier, collection_id, key_version))[0][0]
         return -1 if found is None else int(found)
 
-    def _insert_templates(self, db: sqlite3.Connection, templates: list[TemplateRow]) -> None:
+    def _insert_templates(self, db: Any, templates: list[TemplateRow]) -> None:
         db.executemany(
             "INSERT INTO templates VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             [(t.template_id, t.collection_id, t.subject_hmac, t.key_version, t.tier, t.loc,
@@ -90,7 +98,7 @@ class TemplateRecords(AttemptRecords):
         for t in templates:
             self._add_template(t)
 
-    def _update_templates(self, db: sqlite3.Connection, templates: list[TemplateRow]) -> None:
+    def _update_templates(self, db: Any, templates: list[TemplateRow]) -> None:
         for t in templates:
             self._forget_template(db, t.template_id, t.key_version)
             self._add_template(t)
@@ -100,17 +108,17 @@ class TemplateRecords(AttemptRecords):
             [(t.tier, t.loc, t.slot, t.state, t.erased, t.mac, t.template_id, t.key_version)
              for t in templates])
 
-    def _put_page(self, db: sqlite3.Connection, page: PageRow) -> None:
+    def _put_page(self, db: Any, page: PageRow) -> None:
         self._forget_holder(db, PAGE, page.collection_id, page.key_version, page.page_no)
-        db.execute("INSERT OR REPLACE INTO pages VALUES (?,?,?,?,?,?,?)",
+        db.execute(_PAGE_UPSERT,
                    (page.collection_id, page.key_version, page.page_no, page.generation,
                     page.fill, page.ciphertext, page.mac))
         self._change(page.collection_id, page.key_version, self._holder_leaf(
             page.collection_id, page.key_version, PAGE, page.page_no, page.generation, page.mac))
 
-    def _put_block(self, db: sqlite3.Connection, block: BlockRow) -> None:
+    def _put_block(self, db: Any, block: BlockRow) -> None:
         self._forget_holder(db, BLOCK, block.collection_id, block.key_version, block.block_no)
-        db.execute("INSERT OR REPLACE INTO blocks VALUES (?,?,?,?,?,?,?,?,?,?)",
+        db.execute(_BLOCK_UPSERT,
                    (block.collection_id, block.key_version, block.block_no, block.kind,
                     block.generation, block.levels, block.fill, block.digest, block.sketch,
                     block.mac))
@@ -128,7 +136,7 @@ class TemplateRecords(AttemptRecords):
                 self._put_page(db, page)
             for block in blocks:
                 self._put_block(db, block)
-            db.executemany("INSERT OR IGNORE INTO subjects VALUES (?,?,?)", subjects)
+            db.executemany("INSERT INTO subjects VALUES (?,?,?) ON CONFLICT DO NOTHING", subjects)
             self._insert_templates(db, templates)
 
     def write_relocation(self, blocks: list[BlockRow], moved: list[TemplateRow],

@@ -1,0 +1,211 @@
+"""The PostgreSQL engine (psycopg 3): the same tables as SQLite, for replicas that share
+one database, plus the block ciphertexts themselves (``block_data``, see
+:class:`vault.block_files.BlockBlobs`) so that any node rebuilds its state from it.
+
+- Durability: an acknowledged write is committed. At connect the server's ``fsync`` and
+  ``synchronous_commit`` are read and a server that could lose a committed transaction
+  (``fsync=off``, ``synchronous_commit=off``) is refused.
+- One writer at a time: every write transaction first takes one transaction-scoped
+  advisory lock, so the live-set ledger's read-modify-write of a commitment is never
+  interleaved with another process's (what SQLite's ``BEGIN IMMEDIATE`` gives the file).
+  Reads run outside it and see committed rows only.
+- Migrations: the version is the one row of ``schema_version``; an older database is
+  migrated in the transaction that opens it, a newer one refused untouched.
+- A lost connection (the server restarted) is replaced at the next call; meanwhile calls
+  fail with :class:`Unavailable`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import Any
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg.pq import TransactionStatus
+
+from vault.domain.errors import Refused, ResourceExhausted, Unavailable
+from vault.storage import sqlite
+
+SCHEMA_VERSION = sqlite.SCHEMA_VERSION
+# _MIGRATIONS[v]: the statements that take a PostgreSQL database from version v to v + 1.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {}
+# The advisory lock every write transaction holds ("vault" in ASCII).
+WRITE_LOCK = 0x7661756C74
+
+
+def _schema() -> list[str]:
+    """SQLite's tables in PostgreSQL's types (one definition of the columns for both)."""
+    ddl = re.sub(r"\bBLOB\b", "BYTEA", sqlite.SCHEMA)
+    ddl = re.sub(r"\bREAL\b", "DOUBLE PRECISION", ddl)
+    ddl = re.sub(r"\bINTEGER\b", "BIGINT", ddl)
+    statements = [s.strip() for s in ddl.split(";") if s.strip()]
+    return statements + [
+        # SQLite orders key jobs by rowid; PostgreSQL has no stable row order of its own.
+        "ALTER TABLE key_jobs ADD COLUMN seq BIGSERIAL",
+        # A block generation's bytes (the file format of vault.block_files), named like
+        # its file; ``written`` lets the start-up sweep spare another replica's write in
+        # flight (a blob is written, then the row naming it commits).
+        "CREATE TABLE block_data (name TEXT PRIMARY KEY, data BYTEA NOT NULL, "
+        "written TIMESTAMPTZ NOT NULL DEFAULT now())",
+        "CREATE TABLE schema_version (version INTEGER NOT NULL)",
+    ]
+
+
+@lru_cache(maxsize=512)
+def _sql(statement: str) -> str:
+    """The shared SQL's ``?`` placeholders in psycopg's style (no statement holds a ``%``)."""
+    return statement.replace("?", "%s")
+
+
+@contextmanager
+def _storage_errors(what: str = "nothing was written") -> Iterator[None]:
+    """Map PostgreSQL failures of the medium to precise, data-free vault errors."""
+    try:
+        yield
+    except pg_errors.DiskFull as exc:
+        raise ResourceExhausted(f"storage is full: the database has no space left; {what}") from exc
+    except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+        raise Unavailable(f"storage unavailable (the PostgreSQL connection failed: "
+                          f"{type(exc).__name__}); {what}") from exc
+
+
+class _Db:
+    """What the storage modules call inside a transaction (sqlite3.Connection's subset)."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self._conn = conn
+
+    def execute(self, statement: str, args: tuple[Any, ...] = ()) -> psycopg.Cursor[Any]:
+        cur = self._conn.cursor(binary=True)
+        cur.execute(_sql(statement), args or None)
+        return cur
+
+    def executemany(self, statement: str, rows: Iterable[tuple[Any, ...]]) -> None:
+        rows = list(rows)
+        if rows:
+            self._conn.cursor(binary=True).executemany(_sql(statement), rows)
+
+
+class PostgresEngine:
+    """One psycopg connection in autocommit mode; transactions are explicit."""
+
+    kind = "postgresql"
+    insert_order = "seq"
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.raw = self._connect()
+        try:
+            with self.transaction() as db:
+                _migrate(db)
+        except BaseException:
+            self.raw.close()
+            raise
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        with _storage_errors("the database could not be reached"):
+            conn = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+            settings = {name: conn.execute(f"SHOW {name}").fetchone()[0]  # type: ignore[index]
+                        for name in ("fsync", "synchronous_commit")}
+        if settings["fsync"] != "on" or settings["synchronous_commit"] == "off":
+            conn.close()
+            raise Refused(f"PostgreSQL would not keep acknowledged writes (fsync="
+                          f"{settings['fsync']}, synchronous_commit="
+                          f"{settings['synchronous_commit']}): set fsync=on and "
+                          "synchronous_commit=on for this database")
+        return conn
+
+    def _live(self) -> psycopg.Connection[Any]:
+        """The connection, replaced if the server dropped it (a restart, a failover)."""
+        if self.raw.closed or self.raw.broken:
+            self.raw = self._connect()
+        return self.raw
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.raw.close()
+
+    def _begin(self) -> psycopg.Connection[Any]:
+        """BEGIN on a live connection: one found dead at BEGIN (nothing done yet) is
+        replaced once, so the first call after a server restart does not fail."""
+        for attempt in (0, 1):
+            conn = self._live()
+            try:
+                conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
+                return conn
+            except psycopg.OperationalError:
+                if attempt or not conn.broken:
+                    raise
+        raise AssertionError("unreachable")
+
+    @contextmanager
+    def transaction(self) -> Iterator[_Db]:
+        """A write transaction holding the database's write lock; rolled back on any
+        exception (a connection lost before COMMIT writes nothing)."""
+        with _storage_errors():
+            conn = self._begin()
+            try:
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+                yield _Db(conn)
+            except BaseException:
+                if not conn.broken and conn.info.transaction_status != TransactionStatus.IDLE:
+                    try:
+                        conn.execute("ROLLBACK")
+                    except psycopg.Error:
+                        pass
+                raise
+        # Lost at COMMIT, the outcome is unknown to us: the caller retries with its
+        # request id (idempotent), which finds the template if it was committed.
+        with _storage_errors("the write may or may not have been committed; retry it"):
+            conn.execute("COMMIT")
+
+    def query(self, statement: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        """Run one read statement; every row (a dead connection is replaced once)."""
+        with _storage_errors("nothing was read"):
+            for attempt in (0, 1):
+                conn = self._live()
+                try:
+                    return conn.cursor(binary=True).execute(_sql(statement), args or None).fetchall()
+                except psycopg.OperationalError:
+                    if attempt or not conn.broken:
+                        raise
+        raise AssertionError("unreachable")
+
+    def execute(self, statement: str, args: tuple[Any, ...] = ()) -> int:
+        """Run one statement in its own (committed) transaction; the rows it changed."""
+        with _storage_errors():
+            return self._live().cursor(binary=True).execute(_sql(statement), args or None).rowcount
+
+    def checkpoint_wal(self) -> None:
+        """VACUUM the tables that held erased values: their dead row versions' space is
+        freed for reuse (PostgreSQL does not zero it, see docs/SECURITY.md)."""
+        with _storage_errors("nothing was vacuumed"):
+            conn = self._live()
+            for table in ("templates", "pages", "blocks", "subjects", "block_data"):
+                conn.execute(f"VACUUM {table}")
+
+
+def _migrate(db: _Db) -> None:
+    """Create a new database at SCHEMA_VERSION, or migrate an older one to it."""
+    exists = db.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()[0]
+    if not exists:
+        for statement in _schema():
+            db.execute(statement)
+        db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+        return
+    version = int(db.execute("SELECT version FROM schema_version").fetchone()[0])
+    if version > SCHEMA_VERSION:
+        raise Unavailable(f"database schema version {version} is newer than this vault's "
+                          f"({SCHEMA_VERSION}): open it with the vault that wrote it")
+    while version < SCHEMA_VERSION:
+        if version not in _MIGRATIONS:
+            raise Unavailable(f"database schema version {version} has no migration to "
+                              f"{SCHEMA_VERSION}: this vault cannot open it")
+        for statement in _MIGRATIONS[version]:
+            db.execute(statement)
+        version += 1
+    db.execute("UPDATE schema_version SET version=?", (version,))
