@@ -103,16 +103,6 @@ class BlockStore(Protocol):
     def write(self, path: Path, residues: Sequence[np.ndarray], moduli: Sequence[int]) -> bytes: ...
     def read(self, path: Path, levels: int | None = None) -> tuple[list[np.ndarray], bytes]: ...
     def remove(self, path: Path, erase: bool = False) -> None: ...
-    def erase_collection(self, collection_id: str) -> None:
-        """Zero-fill and remove every block file of a collection (crypto-shredding)."""
-        root = self.root / collection_id
-        if not root.exists():
-            return
-        for path in sorted(root.rglob("*")):
-            if path.is_file():
-                self.remove(path, erase=True)
-        shutil.rmtree(root, ignore_errors=True)
-
     def sweep(self, keep: set[Path]) -> int: ...
     def erase_collection(self, collection_id: str) -> None: ...
 

@@ -6,6 +6,11 @@ a check value only that token can compute (:func:`bind_token`), so pointing it a
 token is refused rather than half-working. And the token keeps, per data directory, the
 sequence number of the latest signed audit checkpoint (:func:`guard_rollback`): a vault
 started on an older copy of its directory refuses until an admin accepts the restore.
+
+With the PostgreSQL store the database is shared and each node keeps its own audit log in
+its own data directory: the binding and the store epoch are the database's (its random
+id is in its meta table), the audit checkpoint counter is per node (``node_id`` in the
+node's data directory), so a node that joins starts its own chain.
 """
 
 from __future__ import annotations
@@ -114,6 +119,28 @@ def counter_label(vid: str) -> str:
     return COUNTER_PREFIX + vid
 
 
+def node_id(data_dir: Path) -> str:
+    """This node's random id, kept in its data directory (made at its first start)."""
+    path = data_dir / "node_id"
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            f.write(secrets.token_hex(16))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return path.read_text().strip()
+
+
+def _labels(store: Store, audit: AuditLog) -> tuple[str, str]:
+    """(audit checkpoint counter, store epoch counter) labels in the token. SQLite: one
+    node per database, the labels of before. PostgreSQL: the audit counter is the node's."""
+    label = counter_label(vault_id(store))
+    if store.path is None:
+        return f"{label}/node/{node_id(audit.path.parent)}", _store_label(label)
+    return label, _store_label(label)
+
+
 def _check_value(hsm: Hsm, vid: str) -> str:
     return hsm.hmac(MAC, encode("token-binding", vid)).hex()
 
@@ -146,7 +173,7 @@ def guard_rollback(store: Store, hsm: Hsm, audit: AuditLog) -> None:
     no HSM call per request. The checkpoint row is written before the counter, so a crash
     between the two leaves the token behind the directory, never ahead of it.
     """
-    label = counter_label(vault_id(store))
+    label, store_label = _labels(store, audit)
     seen = hsm.counter(label)
     signed = audit.signed_seq
     if seen is not None and seen > signed:
@@ -156,15 +183,15 @@ def guard_rollback(store: Store, hsm: Hsm, audit: AuditLog) -> None:
             f"back): it is an older copy. {_ACCEPT}")
     # The database alone restored (beside the current audit log) is as old: the token also
     # keeps the store's epoch, a MACed count of its write transactions.
-    seen_epoch, epoch = hsm.counter(_store_label(label)), store.epoch()
+    seen_epoch, epoch = hsm.counter(store_label), store.epoch()
     if seen_epoch is not None and seen_epoch > epoch:
         raise RollbackDetected(
             f"rollback detected: the token has seen store epoch {seen_epoch}, this data "
             f"directory's database is at epoch {epoch} ({seen_epoch - epoch} write "
             f"transactions back): vault.db is an older copy. {_ACCEPT}")
     hsm.set_counter(label, signed)
-    hsm.set_counter(_store_label(label), epoch)
-    audit.on_checkpoint = _recorder(store, hsm, label)
+    hsm.set_counter(store_label, epoch)
+    audit.on_checkpoint = _recorder(store, hsm, label, store_label)
 
 
 _ACCEPT = ("If this restore is intended, run `vault restore --accept-rollback --data-dir DIR "
@@ -175,12 +202,12 @@ def _store_label(label: str) -> str:
     return label + "/store"
 
 
-def _recorder(store: Store, hsm: Hsm, label: str) -> Callable[[int], None]:
+def _recorder(store: Store, hsm: Hsm, label: str, store_label: str) -> Callable[[int], None]:
     """What a signed checkpoint records in the token: its seq and the store's epoch."""
 
     def record(seq: int) -> None:
         hsm.set_counter(label, seq)
-        hsm.set_counter(_store_label(label), store.epoch(verify=store.live_set is not None))
+        hsm.set_counter(store_label, store.epoch(verify=store.live_set is not None))
 
     return record
 
@@ -189,11 +216,11 @@ def accept_rollback(store: Store, hsm: Hsm, audit: AuditLog) -> tuple[int | None
     """Set the token's counter back to this directory's last checkpoint (an admin's
     decision) and record that in the audit log. Returns (token's value before, now)."""
     bind_token(store, hsm, new=False)
-    label = counter_label(vault_id(store))
+    label, store_label = _labels(store, audit)
     before = hsm.counter(label)
     hsm.set_counter(label, audit.signed_seq, backward=True)
-    hsm.set_counter(_store_label(label), store.epoch(verify=False), backward=True)
-    audit.on_checkpoint = _recorder(store, hsm, label)
+    hsm.set_counter(store_label, store.epoch(verify=False), backward=True)
+    audit.on_checkpoint = _recorder(store, hsm, label, store_label)
     audit.append("admin", secrets.token_hex(8), "cli", "AcceptRollback",
                  outcome=f"OK token counter {before} set back to {audit.signed_seq}")
     return before, audit.signed_seq

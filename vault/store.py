@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vault.block_files import BlockBlobs, BlockFiles
+from vault.block_files import BlockBlobs, BlockFiles, BlockStore
 from vault.storage.keys import KeyRecords
 from vault.storage.sqlite import SCHEMA_VERSION
 from vault.storage.templates import TemplateRecords
@@ -48,7 +48,7 @@ class Store(TemplateRecords, KeyRecords):
     PostgreSQL), the live-set ledger every write goes through (vault.storage.live_set),
     and the rows by concern."""
 
-    def block_store(self, root: Path) -> BlockFiles:
+    def block_store(self, root: Path) -> BlockStore:
         """Where block generations live: files under ``root`` (SQLite), or rows of the
         database itself (PostgreSQL: any node rebuilds its state from it)."""
         if self.engine.kind == "postgresql":

@@ -203,7 +203,8 @@ class PostgresServer:
 
     def _run(self, *cmd: str) -> None:
         as_user = ["runuser", "-u", self.user, "--"] if self.user else []
-        done = subprocess.run([*as_user, *cmd], capture_output=True, text=True, timeout=120)
+        done = subprocess.run([*as_user, *cmd], capture_output=True, text=True, timeout=120,
+                              check=False)
         if done.returncode != 0:
             raise RuntimeError(f"{Path(cmd[0]).name} failed: {done.stderr.strip()[-2000:]}")
 

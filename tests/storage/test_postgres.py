@@ -13,7 +13,14 @@ import pytest
 
 from vault.block_files import BlockBlobs, BlockFiles
 from vault.domain.errors import Refused, Unavailable
-from vault.domain.records import LIVE, PAGE, AttemptRow, CollectionKeyRow, CollectionRow, TemplateRow
+from vault.domain.records import (
+    LIVE,
+    PAGE,
+    AttemptRow,
+    CollectionKeyRow,
+    CollectionRow,
+    TemplateRow,
+)
 from vault.keys.hsm import Hsm
 from vault.keys.integrity import Integrity, LiveSet
 from vault.storage import postgres as schema

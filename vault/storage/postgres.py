@@ -49,8 +49,8 @@ def _schema() -> list[str]:
         # A block generation's bytes (the file format of vault.block_files), named like
         # its file; ``written`` lets the start-up sweep spare another replica's write in
         # flight (a blob is written, then the row naming it commits).
-        "CREATE TABLE block_data (name TEXT PRIMARY KEY, data BYTEA NOT NULL, "
-        "written TIMESTAMPTZ NOT NULL DEFAULT now())",
+        ("CREATE TABLE block_data (name TEXT PRIMARY KEY, data BYTEA NOT NULL, "
+         "written TIMESTAMPTZ NOT NULL DEFAULT now())"),
         "CREATE TABLE schema_version (version INTEGER NOT NULL)",
     ]
 
@@ -189,15 +189,22 @@ class PostgresEngine:
                 conn.execute(f"VACUUM {table}")
 
 
+def _one(db: _Db, statement: str) -> Any:
+    row = db.execute(statement).fetchone()
+    if row is None:
+        raise Unavailable("the database's schema_version table is empty: it was damaged")
+    return row[0]
+
+
 def _migrate(db: _Db) -> None:
     """Create a new database at SCHEMA_VERSION, or migrate an older one to it."""
-    exists = db.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()[0]
+    exists = _one(db, "SELECT to_regclass('schema_version') IS NOT NULL")
     if not exists:
         for statement in _schema():
             db.execute(statement)
         db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
         return
-    version = int(db.execute("SELECT version FROM schema_version").fetchone()[0])
+    version = int(_one(db, "SELECT version FROM schema_version"))
     if version > SCHEMA_VERSION:
         raise Unavailable(f"database schema version {version} is newer than this vault's "
                           f"({SCHEMA_VERSION}): open it with the vault that wrote it")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 from vault.domain.records import (
     BLOCK,
     DELETED,
