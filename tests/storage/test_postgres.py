@@ -204,3 +204,48 @@ def test_a_restarted_server_is_unavailable_then_reconnected(hsm: Hsm) -> None:
         store.close()
     finally:
         server.close()
+
+
+# -- a connection lost at COMMIT ----------------------------------------------------------
+
+class _LostAfterCommit:
+    """The network fails right after the server committed: the COMMIT's answer is lost."""
+
+    def __init__(self, real: psycopg.Connection) -> None:  # type: ignore[type-arg]
+        self._real = real
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._real, name)
+
+    def execute(self, statement: str, *args: object) -> object:
+        result = self._real.execute(statement, *args)  # type: ignore[call-overload]
+        if statement == "COMMIT":
+            self._real.close()
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return result
+
+
+def test_a_commit_whose_answer_was_lost_is_resolved_by_the_server(pg_url: str) -> None:
+    store = Store(pg_url)
+    try:
+        store.engine.raw = _LostAfterCommit(store.engine.raw)
+        store.put_wrapped_key("a", 1, b"blob")  # committed: no error, whatever the network did
+        assert store.wrapped_key("a", 1) == b"blob"
+    finally:
+        store.close()
+
+
+def test_a_connection_killed_before_commit_writes_nothing(pg_url: str) -> None:
+    store = Store(pg_url)
+    try:
+        with pytest.raises(Unavailable, match="at commit\\); nothing was written"):
+            with store.transaction() as db:
+                db.execute("INSERT INTO wrapped_keys(name, version, blob) VALUES (?,?,?)",
+                           ("a", 1, b"blob"))
+                pid = store.engine.raw.info.backend_pid
+                _sql(pg_url, f"SELECT pg_terminate_backend({pid})")  # an admin, a failover
+        assert store.wrapped_key("a", 1) is None
+        store.put_wrapped_key("a", 1, b"blob")  # and the store carries on
+        assert store.wrapped_key("a", 1) == b"blob"
+    finally:
+        store.close()

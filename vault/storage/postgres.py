@@ -12,12 +12,16 @@ one database, plus the block ciphertexts themselves (``block_data``, see
 - Migrations: the version is the one row of ``schema_version``; an older database is
   migrated in the transaction that opens it, a newer one refused untouched.
 - A lost connection (the server restarted) is replaced at the next call; meanwhile calls
-  fail with :class:`Unavailable`.
+  fail with :class:`Unavailable`. A connection lost at COMMIT leaves the outcome unknown:
+  the engine asks the server (``txid_status``) once it is back, so the caller learns
+  whether the write was committed (the vault's memory must not diverge from the rows); if
+  the server stays away, writes are refused until the vault restarts and reloads.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -35,6 +39,8 @@ SCHEMA_VERSION = sqlite.SCHEMA_VERSION
 _MIGRATIONS: dict[int, tuple[str, ...]] = {}
 # The advisory lock every write transaction holds ("vault" in ASCII).
 WRITE_LOCK = 0x7661756C74
+# How long a COMMIT whose connection was lost waits for the server to say what happened.
+RESOLVE_SECONDS = 30.0
 
 
 def _schema() -> list[str]:
@@ -98,6 +104,7 @@ class PostgresEngine:
 
     def __init__(self, url: str) -> None:
         self.url = url
+        self.unresolved: int | None = None  # a transaction whose COMMIT outcome is unknown
         self.raw = self._connect()
         try:
             with self.transaction() as db:
@@ -132,6 +139,9 @@ class PostgresEngine:
     def _begin(self) -> psycopg.Connection[Any]:
         """BEGIN on a live connection: one found dead at BEGIN (nothing done yet) is
         replaced once, so the first call after a server restart does not fail."""
+        if self.unresolved is not None:
+            raise Unavailable("storage unavailable: the outcome of an earlier write is unknown "
+                              "(PostgreSQL did not answer); restart the vault; nothing was written")
         for attempt in (0, 1):
             conn = self._live()
             try:
@@ -149,7 +159,8 @@ class PostgresEngine:
         with _storage_errors():
             conn = self._begin()
             try:
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+                xid = int(conn.execute("SELECT txid_current() FROM pg_advisory_xact_lock(%s)",
+                                       (WRITE_LOCK,)).fetchone()[0])  # type: ignore[index]
                 yield _Db(conn)
             except BaseException:
                 if not conn.broken and conn.info.transaction_status != TransactionStatus.IDLE:
@@ -158,10 +169,31 @@ class PostgresEngine:
                     except psycopg.Error:
                         pass
                 raise
-        # Lost at COMMIT, the outcome is unknown to us: the caller retries with its
-        # request id (idempotent), which finds the template if it was committed.
-        with _storage_errors("the write may or may not have been committed; retry it"):
+        try:
             conn.execute("COMMIT")
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            if not self._committed(xid):  # lost at COMMIT: the server says what happened
+                raise Unavailable("storage unavailable (the PostgreSQL connection failed at "
+                                  "commit); nothing was written") from exc
+
+    def _committed(self, xid: int) -> bool:
+        """Whether transaction ``xid`` committed, asked of the server once it answers again;
+        if it does not within RESOLVE_SECONDS, writes are refused (:attr:`unresolved`)."""
+        deadline = time.monotonic() + RESOLVE_SECONDS
+        while True:
+            try:
+                conn = self._live()
+                status = conn.execute("SELECT txid_status(%s)", (xid,)).fetchone()
+                if status is not None and status[0] != "in progress":
+                    return bool(status[0] == "committed")
+            except (psycopg.OperationalError, psycopg.InterfaceError, Unavailable):
+                pass
+            if time.monotonic() > deadline:
+                self.unresolved = xid
+                raise Unavailable("storage unavailable: PostgreSQL was lost at commit and did "
+                                  "not come back; the outcome is unknown, writes are refused "
+                                  "until the vault restarts")
+            time.sleep(0.5)
 
     def query(self, statement: str, args: tuple[Any, ...] = ()) -> list[Any]:
         """Run one read statement; every row (a dead connection is replaced once)."""
