@@ -204,6 +204,7 @@ class BlockBlobs:
     """
 
     def __init__(self, store: Any) -> None:
+        self._store = store
         self._engine = store.engine
         self._lock = store._lock
 
@@ -221,8 +222,7 @@ class BlockBlobs:
 
     def read(self, path: Path, levels: int | None = None) -> tuple[list[np.ndarray], bytes]:
         """A block generation's residues and digest (FileNotFoundError if there is none)."""
-        with self._lock:
-            rows = self._engine.query("SELECT data FROM block_data WHERE name=?", (str(path),))
+        rows = self._store._query("SELECT data FROM block_data WHERE name=?", (str(path),))
         if not rows:
             raise FileNotFoundError(f"no block data {path}")
         return decode(io.BytesIO(rows[0][0]), levels)
@@ -240,9 +240,8 @@ class BlockBlobs:
 
     def sweep(self, keep: set[Path]) -> int:
         """Delete blobs that no committed row names and that are over an hour old."""
-        with self._lock:
-            names = [n for (n,) in self._engine.query(
-                "SELECT name FROM block_data WHERE written < now() - interval '1 hour'")]
+        names = [n for (n,) in self._store._query(
+            "SELECT name FROM block_data WHERE written < now() - interval '1 hour'")]
         removed = 0
         for name in names:
             if Path(name) not in keep:

@@ -238,12 +238,12 @@ def test_a_commit_whose_answer_was_lost_is_resolved_by_the_server(pg_url: str) -
 def test_a_connection_killed_before_commit_writes_nothing(pg_url: str) -> None:
     store = Store(pg_url)
     try:
-        with pytest.raises(Unavailable, match="at commit\\); nothing was written"):
-            with store.transaction() as db:
-                db.execute("INSERT INTO wrapped_keys(name, version, blob) VALUES (?,?,?)",
-                           ("a", 1, b"blob"))
-                pid = store.engine.raw.info.backend_pid
-                _sql(pg_url, f"SELECT pg_terminate_backend({pid})")  # an admin, a failover
+        with (pytest.raises(Unavailable, match="at commit\\); nothing was written"),
+              store.transaction() as db):
+            db.execute("INSERT INTO wrapped_keys(name, version, blob) VALUES (?,?,?)",
+                       ("a", 1, b"blob"))
+            pid = store.engine.raw.info.backend_pid
+            _sql(pg_url, f"SELECT pg_terminate_backend({pid})")  # an admin, a failover
         assert store.wrapped_key("a", 1) is None
         store.put_wrapped_key("a", 1, b"blob")  # and the store carries on
         assert store.wrapped_key("a", 1) == b"blob"

@@ -20,7 +20,6 @@ import dataclasses
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -34,6 +33,7 @@ from vault.gallery.blocks import Block
 from vault.gallery.prefilter import balanced_clusters, sketch
 from vault.he import poly
 from vault.ops import enroll
+from vault.ops.commit import BlockCommit
 from vault.protector import centre, validate_embedding
 from vault.validation import check_request_id, check_subject_id
 
@@ -199,63 +199,61 @@ def store_chunk(core: Core, gallery: CollectionGallery, chunk: list[_Pending]) -
         new_mixed = gallery.new_block_numbers(-(-len(leftover) // n))
         targets += [(b, MIXED, None, leftover[k * n:(k + 1) * n], 0) for k, b in enumerate(new_mixed)]
 
-        blocks: list[Block] = []
-        block_rows: list[BlockRow] = []
-        retired: list[Path] = []
-        places: dict[int, tuple[int, int]] = {}  # chunk index -> (block_no, slot)
-        for block_no, kind, base, members, first in targets:
-            plain = block_ops.dimension_major_plaintexts(templates[members], first, n,
-                                                         params.template_scale, moduli)
-            cts = core.encryption.encrypt(ctx, gallery.public_context, plain)
-            del plain
-            generation = 1
-            if base is not None:
-                cts = poly.add(core.read_block(gallery, base), cts, moduli)
-                generation = base.generation + 1
-                retired.append(core.files.path(cid, version, block_no, base.generation))
-            centroid = sketch(templates[members]) if kind == CLUSTERED else None
-            block = core.write_block(gallery, block_no, kind, generation,
-                                     first + len(members), cts, moduli, centroid=centroid)
-            del cts
-            blocks.append(block)
-            sealed = (core.seal_sketch(cid, version, block_no, centroid)
-                      if centroid is not None else None)
-            block_rows.append(core.block_row(gallery, block, block.digest, sealed))
-            for slot, i in enumerate(members.tolist(), first):
-                places[i] = (block_no, slot)
+        with BlockCommit(core, gallery) as unit:  # files, transaction, install, retire
+            blocks: list[Block] = []
+            block_rows: list[BlockRow] = []
+            places: dict[int, tuple[int, int]] = {}  # chunk index -> (block_no, slot)
+            for block_no, kind, base, members, first in targets:
+                plain = block_ops.dimension_major_plaintexts(templates[members], first, n,
+                                                             params.template_scale, moduli)
+                cts = core.encryption.encrypt(ctx, gallery.public_context, plain)
+                del plain
+                generation = 1
+                if base is not None:
+                    cts = poly.add(core.read_block(gallery, base), cts, moduli)
+                    generation = base.generation + 1
+                    unit.replaces(block_no, base.generation)
+                centroid = sketch(templates[members]) if kind == CLUSTERED else None
+                block = unit.write(block_no, kind, generation, first + len(members), cts, moduli,
+                                   centroid=centroid)
+                del cts
+                blocks.append(block)
+                sealed = (core.seal_sketch(cid, version, block_no, centroid)
+                          if centroid is not None else None)
+                block_rows.append(core.block_row(gallery, block, block.digest, sealed))
+                for slot, i in enumerate(members.tolist(), first):
+                    places[i] = (block_no, slot)
 
-        def template_row(i: int, live: bool) -> TemplateRow:
-            """Item ``i``'s template row, live or (a request answered meanwhile) a tombstone."""
-            block_no, slot = places[i]
-            p = chunk[i]  # a tombstone names no subject and no request
-            return core.sign(TemplateRow(ids[i], cid, p.subject_hmac if live else b"", version,
-                                          BLOCK, block_no, slot, p.request_hmac if live else None,
-                                          LIVE if live else DELETED, 0, b""))
+            def template_row(i: int, live: bool) -> TemplateRow:
+                """Item ``i``'s template row, live or (a request answered meanwhile) a tombstone."""
+                block_no, slot = places[i]
+                p = chunk[i]  # a tombstone names no subject and no request
+                return core.sign(TemplateRow(ids[i], cid, p.subject_hmac if live else b"", version,
+                                              BLOCK, block_no, slot, p.request_hmac if live else None,
+                                              LIVE if live else DELETED, 0, b""))
 
-        rows = [template_row(i, True) for i in range(len(chunk))]
-        with gallery.write_lock:
-            if gallery.retired:  # a key rotation switched versions meanwhile
-                raise Unavailable("the collection's key version changed during the import; "
-                                  "retry the stream (request ids make it safe)")
-            # A request id committed meanwhile by another call: that call's answer stands;
-            # the values encrypted here for it are stored as a deleted template, erased later.
-            taken = core.store.existing_requests([p.request_hmac for p in chunk if p.request_hmac])
-            for i, p in enumerate(chunk):
-                if p.request_hmac in taken:
-                    rows[i] = template_row(i, False)
-                    answered = core.store.template_by_request(p.request_hmac)
-                    assert answered is not None  # it is in ``taken``
-                    ids[i] = answered.template_id
-            subjects = [(cid, p.subject_hmac, core.seal_subject(cid, p.subject_hmac, p.subject_id))
-                        for p, row in zip(chunk, rows) if row.state == LIVE]
-            core.store.write_templates([], block_rows, rows, subjects)
-            for block in blocks:
-                gallery.install_block(block)
-            for row in rows:  # slots become live once their block is installed
-                if row.state == LIVE:
-                    gallery.set_live(BLOCK, row.loc, row.slot, gallery.group(row.subject_hmac))
-        for path in retired:
-            core.retire(path, erase=True)
+            rows = [template_row(i, True) for i in range(len(chunk))]
+            with gallery.write_lock:
+                if gallery.retired:  # a key rotation switched versions meanwhile
+                    raise Unavailable("the collection's key version changed during the import; "
+                                      "retry the stream (request ids make it safe)")
+                # A request id committed meanwhile by another call: that call's answer stands;
+                # the values encrypted here for it are stored as a deleted template, erased later.
+                taken = core.store.existing_requests([p.request_hmac for p in chunk if p.request_hmac])
+                for i, p in enumerate(chunk):
+                    if p.request_hmac in taken:
+                        rows[i] = template_row(i, False)
+                        answered = core.store.template_by_request(p.request_hmac)
+                        assert answered is not None  # it is in ``taken``
+                        ids[i] = answered.template_id
+                subjects = [(cid, p.subject_hmac, core.seal_subject(cid, p.subject_hmac, p.subject_id))
+                            for p, row in zip(chunk, rows) if row.state == LIVE]
+                unit.commit(lambda: core.store.write_templates([], block_rows, rows, subjects))
+                for block in blocks:
+                    gallery.install_block(block)
+                for row in rows:  # slots become live once their block is installed
+                    if row.state == LIVE:
+                        gallery.set_live(BLOCK, row.loc, row.slot, gallery.group(row.subject_hmac))
     log.info("import chunk stored", collection_id=cid, count=len(chunk), blocks=len(blocks))
     return ids
 

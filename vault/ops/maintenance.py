@@ -37,6 +37,7 @@ from vault.domain.errors import DataLoss, VaultError
 from vault.domain.records import BLOCK, DELETED, LIVE, MIXED, PAGE, TemplateRow
 from vault.gallery import CollectionGallery
 from vault.he import poly
+from vault.ops.commit import BlockCommit
 
 log = logs.get("vault.maintenance")
 
@@ -106,44 +107,44 @@ def checkpoint(core: Core, gallery: CollectionGallery) -> int:
             del moved_mask
         del mask, masked
 
-        new_blocks, old_paths = [], []
-        for b, block_no in enumerate(block_nos):
-            assert fresh is not None  # blocks are written only when templates move
-            cts = fresh[b * dim:(b + 1) * dim]
-            fill = 1 + max((s for bb, s in places if bb == b), default=-1)
-            if b == 0 and reuse_tail and tail is not None:
-                cts = poly.add(core.read_block(gallery, tail), cts, moduli)
-                generation, fill = tail.generation + 1, max(fill, tail.fill)
-                old_paths.append(core.files.path(cid, version, block_no, tail.generation))
-            else:
-                generation = 1
-            block = core.write_block(gallery, block_no, MIXED, generation, fill, cts, moduli)
-            new_blocks.append((block, core.block_row(gallery, block, block.digest, None)))
-        del fresh
+        with BlockCommit(core, gallery) as unit:  # files, transaction, install, retire
+            new_blocks = []
+            for b, block_no in enumerate(block_nos):
+                assert fresh is not None  # blocks are written only when templates move
+                cts = fresh[b * dim:(b + 1) * dim]
+                fill = 1 + max((s for bb, s in places if bb == b), default=-1)
+                if b == 0 and reuse_tail and tail is not None:
+                    cts = poly.add(core.read_block(gallery, tail), cts, moduli)
+                    generation, fill = tail.generation + 1, max(fill, tail.fill)
+                    unit.replaces(block_no, tail.generation)
+                else:
+                    generation = 1
+                block = unit.write(block_no, MIXED, generation, fill, cts, moduli)
+                new_blocks.append((block, core.block_row(gallery, block, block.digest, None)))
+            del fresh
 
-        with gallery.write_lock:
-            changed: list[TemplateRow] = []
-            erased: list[tuple[str, int]] = []
-            moved_ids = {t.template_id: places[k] for k, (_, t) in enumerate(moving)}
-            for p in pages:
-                for t in store.templates_in(cid, version, PAGE, p.page_no):
-                    if t.template_id in moved_ids:
-                        b, slot = moved_ids[t.template_id]
-                        changed.append(core.sign(replace(t, tier=BLOCK, loc=block_nos[b],
-                                                          slot=slot, erased=0, mac=b"")))
-                    elif t.state == DELETED:
-                        # Deleted before the checkpoint: its page, values and all, is dropped,
-                        # and its tombstone with it.
-                        erased.append((t.template_id, version))
-            dropped = [(cid, version, p.page_no) for p in pages]
-            store.write_relocation([row for _, row in new_blocks], changed, dropped, erased)
-            for b, (block, _row) in enumerate(new_blocks):
-                moved = [(pages[i].page_no, t.slot, places[k][1])
-                         for k, (i, t) in enumerate(moving) if places[k][0] == b]
-                gallery.install_block(block, moved)
-            gallery.drop_pages(p.page_no for p in pages)
-        for path in old_paths:
-            core.retire(path, erase=True)
+            with gallery.write_lock:
+                changed: list[TemplateRow] = []
+                erased: list[tuple[str, int]] = []
+                moved_ids = {t.template_id: places[k] for k, (_, t) in enumerate(moving)}
+                for p in pages:
+                    for t in store.templates_in(cid, version, PAGE, p.page_no):
+                        if t.template_id in moved_ids:
+                            b, slot = moved_ids[t.template_id]
+                            changed.append(core.sign(replace(t, tier=BLOCK, loc=block_nos[b],
+                                                              slot=slot, erased=0, mac=b"")))
+                        elif t.state == DELETED:
+                            # Deleted before the checkpoint: its page, values and all, is dropped,
+                            # and its tombstone with it.
+                            erased.append((t.template_id, version))
+                dropped = [(cid, version, p.page_no) for p in pages]
+                unit.commit(lambda: store.write_relocation([row for _, row in new_blocks], changed,
+                                                           dropped, erased))
+                for b, (block, _row) in enumerate(new_blocks):
+                    moved = [(pages[i].page_no, t.slot, places[k][1])
+                             for k, (i, t) in enumerate(moving) if places[k][0] == b]
+                    gallery.install_block(block, moved)
+                gallery.drop_pages(p.page_no for p in pages)
     log.info("journal checkpoint", collection_id=cid, count=count, blocks=len(new_blocks))
     return count
 
@@ -176,15 +177,17 @@ def compact(core: Core, gallery: CollectionGallery, block_no: int) -> int:
         fresh[:, 0] = poly.sub(fresh[:, 0], mask, moduli)
         del cts, mask
         generation = block.generation + 1
-        new = core.write_block(gallery, block_no, block.kind, generation, block.fill, fresh,
-                               moduli, block.groups, block.centroid)
-        with gallery.write_lock:
-            # The tombstones of the values left out go (a row deleted meanwhile is still
-            # live in the rows erased here: it is erased by the next pass).
-            store.write_relocation([core.block_row(gallery, new, new.digest, row.sketch)], [], [],
-                                   [(t.template_id, version) for t in erase])
-            gallery.install_block(new)
-        core.retire(core.files.path(cid, version, block_no, block.generation), erase=True)
+        with BlockCommit(core, gallery) as unit:
+            new = unit.write(block_no, block.kind, generation, block.fill, fresh, moduli,
+                             block.groups, block.centroid)
+            unit.replaces(block_no, block.generation)
+            with gallery.write_lock:
+                # The tombstones of the values left out go (a row deleted meanwhile is still
+                # live in the rows erased here: it is erased by the next pass).
+                unit.commit(lambda: store.write_relocation(
+                    [core.block_row(gallery, new, new.digest, row.sketch)], [], [],
+                    [(t.template_id, version) for t in erase]))
+                gallery.install_block(new)
     log.info("erased deleted templates", collection_id=cid, count=len(erase), blocks=1)
     return len(erase)
 

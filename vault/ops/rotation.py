@@ -40,6 +40,7 @@ from vault.domain.records import BLOCK, FAILED, LIVE, RUNNING, CollectionKeyRow,
 from vault.gallery import CollectionGallery
 from vault.he import linear, poly
 from vault.keys import envelope
+from vault.ops.commit import BlockCommit
 from vault.ops.maintenance import checkpoint
 
 log = logs.get("vault.rotation")
@@ -171,25 +172,26 @@ def move_block(core: Core, job: KeyJobRow, old: CollectionGallery, new: Collecti
         if block.centroid is not None:
             turned = change @ block.centroid.astype(np.float64)
             centroid = (turned / np.linalg.norm(turned)).astype(np.float32)
-        moved = core.write_block(new, block_no, block.kind, block.generation, block.fill,
-                                 rotated, moduli[:1], centroid=centroid)
-        del rotated
-        replaced = new.blocks.get(block_no)
-        with old.write_lock:  # deletions meanwhile are in the rows read here
-            rows = [core.sign(dataclasses.replace(t, key_version=new.key_version, mac=b""))
-                    for t in core.store.templates_in(cid, old.key_version, BLOCK, block_no)]
-            sketch = (core.seal_sketch(cid, new.key_version, block_no, centroid)
-                      if centroid is not None else None)
-            done = len(new.blocks) + (0 if block_no in new.blocks else 1)
-            core.store.write_moved_block(core.block_row(new, moved, moved.digest, sketch), rows,
-                                          job.job_id, done, len(old.blocks))
-            for t in rows:  # owners from the rows: an earlier move of this block is stale
-                if t.state == LIVE:
-                    moved.groups[t.slot] = new.group(t.subject_hmac)
-            new.install_block(moved, keep_owners=False)
-        if replaced is not None:
-            core.retire(core.files.path(cid, new.key_version, block_no, replaced.generation),
-                         erase=True)
+        with BlockCommit(core, new) as unit:  # files, transaction, install, retire
+            moved = unit.write(block_no, block.kind, block.generation, block.fill, rotated,
+                               moduli[:1], centroid=centroid)
+            del rotated
+            replaced = new.blocks.get(block_no)
+            if replaced is not None:  # an earlier move of this block (a resumed job)
+                unit.replaces(block_no, replaced.generation)
+            with old.write_lock:  # deletions meanwhile are in the rows read here
+                rows = [core.sign(dataclasses.replace(t, key_version=new.key_version, mac=b""))
+                        for t in core.store.templates_in(cid, old.key_version, BLOCK, block_no)]
+                sketch = (core.seal_sketch(cid, new.key_version, block_no, centroid)
+                          if centroid is not None else None)
+                done = len(new.blocks) + (0 if block_no in new.blocks else 1)
+                unit.commit(lambda: core.store.write_moved_block(
+                    core.block_row(new, moved, moved.digest, sketch), rows, job.job_id, done,
+                    len(old.blocks)))
+                for t in rows:  # owners from the rows: an earlier move of this block is stale
+                    if t.state == LIVE:
+                        moved.groups[t.slot] = new.group(t.subject_hmac)
+                new.install_block(moved, keep_owners=False)
     log.info("key rotation progress", collection_id=cid, version=new.key_version,
              blocks_done=done, blocks_total=len(old.blocks))
 

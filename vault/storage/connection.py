@@ -10,11 +10,13 @@ of its failures to precise vault errors.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from vault.domain.errors import Unavailable
 from vault.keys.integrity import LiveSet
 from vault.storage.sqlite import SqliteEngine
 
@@ -32,11 +34,16 @@ def upsert(table: str, columns: tuple[str, ...], key: tuple[str, ...]) -> str:
 
 
 class Connection:
-    """The store's engine behind a lock (one connection per process), and the write
-    transactions the live-set ledger folds its changes into."""
+    """The store's engine: one write connection behind a lock, whose transactions the
+    live-set ledger folds its changes into, and one read connection per thread (reads
+    wait for no writer: WAL on SQLite, MVCC on PostgreSQL; each sees committed rows)."""
 
     def __init__(self, location: Path | str) -> None:
         self._lock = threading.RLock()
+        self._local = threading.local()
+        # Every thread's reader, to close them with the store; a thread's goes with it.
+        self._readers: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._closed = False
         # Set by the vault: keys the live-set commitment every write transaction updates.
         self.live_set: LiveSet | None = None
         self._delta: dict[tuple[str, int], int] = {}
@@ -55,8 +62,11 @@ class Connection:
         return self.engine.raw
 
     def close(self) -> None:
-        """Close the connection."""
+        """Close the write connection and every thread's read connection."""
         with self._lock:
+            self._closed = True
+            for reader in list(self._readers):
+                reader.close()
             self.engine.close()
 
     @contextmanager
@@ -75,8 +85,16 @@ class Connection:
             self.engine.checkpoint_wal()
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
-        with self._lock:
-            return self.engine.query(sql, args)  # type: ignore[no-any-return]
+        """One read statement on this thread's read connection (made at its first read)."""
+        reader = getattr(self._local, "reader", None)
+        if reader is None:
+            with self._lock:
+                if self._closed:
+                    raise Unavailable("storage unavailable: the store is closed")
+                reader = self.engine.reader()
+                self._readers.add(reader)
+            self._local.reader = reader
+        return reader.query(sql, args)  # type: ignore[no-any-return]
 
     def _commit_states(self, db: Any) -> None:
         """Called inside every write transaction before COMMIT: the live-set ledger

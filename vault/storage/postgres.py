@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
@@ -33,6 +33,7 @@ from psycopg.pq import TransactionStatus
 
 from vault.domain.errors import Refused, ResourceExhausted, Unavailable
 from vault.storage import sqlite
+from vault.storage.errors import CommitUnknown
 
 SCHEMA_VERSION = sqlite.SCHEMA_VERSION
 # _MIGRATIONS[v]: the statements that take a PostgreSQL database from version v to v + 1.
@@ -94,6 +95,36 @@ class _Db:
         rows = list(rows)
         if rows:
             self._conn.cursor(binary=True).executemany(_sql(statement), rows)
+
+
+class PostgresReader:
+    """A read connection of one thread, replaced if the server dropped it."""
+
+    def __init__(self, connect: Callable[[], psycopg.Connection[Any]]) -> None:
+        self._connect = connect
+        self.raw = connect()
+
+    def query(self, statement: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        """Run one read statement; every row (a dead connection is replaced once)."""
+        with _storage_errors("nothing was read"):
+            for attempt in (0, 1):
+                if self.raw.closed or self.raw.broken:
+                    self.raw = self._connect()
+                try:
+                    return self.raw.cursor(binary=True).execute(
+                        _sql(statement), args or None).fetchall()
+                except psycopg.OperationalError:
+                    if attempt or not self.raw.broken:
+                        raise
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.raw.close()
+
+    def __del__(self) -> None:  # its thread ended (the thread's locals went)
+        if getattr(self, "raw", None) is not None:  # (not if the connect failed)
+            self.raw.close()
 
 
 class PostgresEngine:
@@ -190,22 +221,14 @@ class PostgresEngine:
                 pass
             if time.monotonic() > deadline:
                 self.unresolved = xid
-                raise Unavailable("storage unavailable: PostgreSQL was lost at commit and did "
+                raise CommitUnknown("storage unavailable: PostgreSQL was lost at commit and did "
                                   "not come back; the outcome is unknown, writes are refused "
                                   "until the vault restarts")
             time.sleep(0.5)
 
-    def query(self, statement: str, args: tuple[Any, ...] = ()) -> list[Any]:
-        """Run one read statement; every row (a dead connection is replaced once)."""
-        with _storage_errors("nothing was read"):
-            for attempt in (0, 1):
-                conn = self._live()
-                try:
-                    return conn.cursor(binary=True).execute(_sql(statement), args or None).fetchall()
-                except psycopg.OperationalError:
-                    if attempt or not conn.broken:
-                        raise
-        raise AssertionError("unreachable")
+    def reader(self) -> PostgresReader:
+        """A new read connection (one per thread, see vault.storage.connection)."""
+        return PostgresReader(self._connect)
 
     def execute(self, statement: str, args: tuple[Any, ...] = ()) -> int:
         """Run one statement in its own (committed) transaction; the rows it changed."""

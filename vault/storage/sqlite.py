@@ -171,6 +171,28 @@ def _storage_errors() -> Iterator[None]:
         raise
 
 
+class SqliteReader:
+    """A read-only connection of one thread (WAL: readers do not wait for the writer)."""
+
+    def __init__(self, path: Path) -> None:
+        with _storage_errors():
+            self.raw = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True,
+                                       check_same_thread=False, isolation_level=None)
+
+    def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        """Run one read statement; every row."""
+        with _storage_errors():
+            return self.raw.execute(sql, args).fetchall()
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.raw.close()
+
+    def __del__(self) -> None:  # its thread ended (the thread's locals went)
+        if getattr(self, "raw", None) is not None:  # (not if the connect failed)
+            self.raw.close()
+
+
 class SqliteEngine:
     """One SQLite file: WAL, ``synchronous=FULL``, ``secure_delete``; writes take the
     file's write lock at BEGIN (one writer at a time, as the live-set ledger needs)."""
@@ -179,6 +201,7 @@ class SqliteEngine:
     insert_order = "rowid"  # key_jobs in the order they were made
 
     def __init__(self, path: Path) -> None:
+        self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self.raw = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self.raw.execute("PRAGMA journal_mode=WAL")
@@ -216,10 +239,9 @@ class SqliteEngine:
                         pass
                 raise
 
-    def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
-        """Run one read statement; every row."""
-        with _storage_errors():
-            return self.raw.execute(sql, args).fetchall()
+    def reader(self) -> SqliteReader:
+        """A new read-only connection (one per thread, see vault.storage.connection)."""
+        return SqliteReader(self.path)
 
     def checkpoint_wal(self) -> None:
         """Copy the WAL into the main file and truncate it to zero bytes: older page images
