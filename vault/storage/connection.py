@@ -43,6 +43,7 @@ class Connection:
         self._local = threading.local()
         # Every thread's reader, to close them with the store; a thread's goes with it.
         self._readers: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._readers_lock = threading.Lock()  # not the writer's: a read never waits for it
         self._closed = False
         # Set by the vault: keys the live-set commitment every write transaction updates.
         self.live_set: LiveSet | None = None
@@ -63,7 +64,7 @@ class Connection:
 
     def close(self) -> None:
         """Close the write connection and every thread's read connection."""
-        with self._lock:
+        with self._lock, self._readers_lock:
             self._closed = True
             for reader in list(self._readers):
                 reader.close()
@@ -88,7 +89,7 @@ class Connection:
         """One read statement on this thread's read connection (made at its first read)."""
         reader = getattr(self._local, "reader", None)
         if reader is None:
-            with self._lock:
+            with self._readers_lock:
                 if self._closed:
                     raise Unavailable("storage unavailable: the store is closed")
                 reader = self.engine.reader()
