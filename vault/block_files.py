@@ -215,8 +215,8 @@ class BlockBlobs:
         """Store one block generation (committed when this returns); its SHA-256."""
         data = b"".join(encode(residues, moduli))
         with self._lock:
-            self._engine.execute(
-                "INSERT INTO block_data(name, data) VALUES (?, ?) ON CONFLICT (name) DO UPDATE "
+            self._engine.execute(  # %b: the bytes go in binary, not hex-escaped
+                "INSERT INTO block_data(name, data) VALUES (?, %b) ON CONFLICT (name) DO UPDATE "
                 "SET data=excluded.data, written=now()", (str(path), data))
         return hashlib.sha256(data).digest()
 

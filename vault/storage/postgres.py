@@ -59,6 +59,10 @@ def _schema() -> list[str]:
         ("CREATE TABLE block_data (name TEXT PRIMARY KEY, data BYTEA NOT NULL, "
          "written TIMESTAMPTZ NOT NULL DEFAULT now())"),
         "CREATE TABLE schema_version (version INTEGER NOT NULL)",
+        # Ciphertexts do not compress: without this, each write spends its time in pglz
+        # (a 12 MiB block: 1.5 s compressing for nothing, 0.34 s stored as it is).
+        "ALTER TABLE block_data ALTER COLUMN data SET STORAGE EXTERNAL",
+        "ALTER TABLE pages ALTER COLUMN ciphertext SET STORAGE EXTERNAL",
     ]
 
 
