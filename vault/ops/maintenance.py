@@ -32,6 +32,7 @@ import numpy as np
 
 from vault import logs
 from vault.core import Core, Tuning
+from vault.crypto.reencrypt import blind_reencrypt
 from vault.decider import Moves
 from vault.domain.errors import DataLoss, VaultError
 from vault.domain.records import BLOCK, DELETED, LIVE, MIXED, PAGE, TemplateRow
@@ -84,10 +85,6 @@ def checkpoint(core: Core, gallery: CollectionGallery) -> int:
         block_nos = ([tail.block_no] if tail is not None and reuse_tail else []) + \
             gallery.new_block_numbers(block_count - int(reuse_tail))
 
-        mask = poly.uniform((len(pages), n), moduli)  # (pages, levels, N) coefficient form
-        masked = np.stack([p.ct[:, :levels] for p in pages])
-        for i in range(len(pages)):
-            masked[i, 0] = poly.add(masked[i, 0], gallery.ctx.to_ntt(mask[i]), moduli)
         count = len(moving)
         src_ct = np.repeat([i for i, _ in moving], dim)
         src_pos = (np.array([t.slot for _, t in moving], np.int64)[:, None] * dim
@@ -98,13 +95,9 @@ def checkpoint(core: Core, gallery: CollectionGallery) -> int:
         moves = Moves(block_count * dim, src_ct, src_pos, dst_ct, dst_pos)
         fresh = None
         if count:
-            fresh = core.decider.reencrypt(cid, version, masked, True, moves,
-                                            _encryptor(core, gallery))
-            moved_mask = np.zeros((moves.targets, levels, n), np.uint64)
-            moved_mask[dst_ct, :, dst_pos] = mask[src_ct, :, src_pos]
-            fresh[:, 0] = poly.sub(fresh[:, 0], moved_mask, moduli)
-            del moved_mask
-        del mask, masked
+            fresh = blind_reencrypt(core.decider, gallery.ctx, cid, version,
+                                    np.stack([p.ct[:, :levels] for p in pages]), True, moves,
+                                    _encryptor(core, gallery))
 
         new_blocks, old_paths = [], []
         for b, block_no in enumerate(block_nos):
@@ -165,16 +158,12 @@ def compact(core: Core, gallery: CollectionGallery, block_no: int) -> int:
         row = store.block(cid, version, block_no)
         if row is None:
             raise DataLoss("a block's record is missing")
-        cts = core.read_block(gallery, block)
-        mask = poly.uniform((dim, n), moduli)
-        cts[:, 0] = poly.add(cts[:, 0], mask, moduli)
         keep = np.setdiff1d(np.arange(n), slots)
         moves = Moves(dim, np.repeat(np.arange(dim), keep.size), np.tile(keep, dim),
                       np.repeat(np.arange(dim), keep.size), np.tile(keep, dim))
-        fresh = core.decider.reencrypt(cid, version, cts, False, moves, _encryptor(core, gallery))
-        mask[:, :, slots] = 0
-        fresh[:, 0] = poly.sub(fresh[:, 0], mask, moduli)
-        del cts, mask
+        fresh = blind_reencrypt(core.decider, gallery.ctx, cid, version,
+                                core.read_block(gallery, block), False, moves,
+                                _encryptor(core, gallery))
         generation = block.generation + 1
         new = core.write_block(gallery, block_no, block.kind, generation, block.fill, fresh,
                                moduli, block.groups, block.centroid)
