@@ -209,8 +209,8 @@ def run_once(core: Core, force: bool = False,
     rewrote = False
     galleries = core.galleries()
     if journals is not None:  # forget replaced key versions and deleted collections
-        for key in set(journals) - {(g.collection_id, g.key_version) for g in galleries}:
-            del journals[key]
+        for gone in set(journals) - {(g.collection_id, g.key_version) for g in galleries}:
+            del journals[gone]
     for gallery in galleries:
         cid, version = gallery.collection_id, gallery.key_version
         try:
