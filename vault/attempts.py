@@ -27,8 +27,9 @@ from dataclasses import dataclass
 from vault import logs
 from vault.domain.errors import DataLoss, ResourceExhausted
 from vault.domain.records import AttemptRow
-from vault.keys.hsm import INDEX, Hsm
+from vault.keys.hsm import INDEX
 from vault.keys.integrity import Integrity, encode
+from vault.keys.roles import Mac
 from vault.store import Store
 
 log = logs.get("vault.attempts")
@@ -57,7 +58,7 @@ class Reservation:
 class Attempts:
     """Reserves and settles verification attempts in the store (see the module docstring)."""
 
-    def __init__(self, store: Store, integrity: Integrity, hsm: Hsm, limits: AttemptLimits,
+    def __init__(self, store: Store, integrity: Integrity, hsm: Mac, limits: AttemptLimits,
                  clock: Callable[[], float], on_event: Callable[[str, str, bytes, str], None]) -> None:
         self._store = store
         self._integrity = integrity

@@ -48,8 +48,8 @@ from vault.gallery import blocks as block_ops
 from vault.gallery.blocks import Block
 from vault.gallery.workers import EncryptionPool
 from vault.keys import envelope
-from vault.keys.hsm import Hsm
 from vault.keys.integrity import Integrity, LiveSet
+from vault.keys.roles import HsmRoles
 from vault.protector import Protector
 from vault.store import Store
 from vault.validation import (
@@ -88,7 +88,7 @@ log = logs.get("vault.service")
 class Core:
     """The wired roles of one vault (see the module docstring)."""
 
-    def __init__(self, store: Store, hsm: Hsm, data_dir: Path,
+    def __init__(self, store: Store, hsm: HsmRoles, data_dir: Path,
                  params: he.HeParams = he.DEFAULT_PARAMS, limits: AttemptLimits | None = None,
                  tuning: Tuning | None = None, clock: Callable[[], float] = time.time) -> None:
         self.store = store
