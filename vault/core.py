@@ -73,12 +73,15 @@ class Tuning:
     its values are removed from the ciphertexts (plus one maintenance pass).
     ``maintenance_interval``: seconds between maintenance passes (0: none; tests call
     :meth:`Vault.maintain`). ``workers``: encryption processes (0 or 1: in process).
+    ``journal_quiet``: seconds a journal below ``journal_pages`` may sit unchanged (no
+    enrollment) before a pass checkpoints it anyway (0: never).
     """
 
     routing: Routing = field(default_factory=Routing)
     journal_pages: int = 16
     erase_after: float = 60.0
     maintenance_interval: float = 5.0
+    journal_quiet: float = 60.0
     workers: int | None = None
     import_chunk_bytes: int = 1 << 29
 

@@ -188,21 +188,25 @@ def schedule(tuning: Tuning) -> tuple[float, float]:
     return max(0.0, tuning.erase_after - grace - 2 * tuning.maintenance_interval), grace
 
 
+# A journal as first seen in its current state: each page's (number, fill), and when.
+Journal = tuple[tuple[tuple[int, int], ...], float]
+
+
 def _journal(gallery: CollectionGallery) -> tuple[tuple[int, int], ...]:
     """What changes when a journal is written: each page's number and fill."""
     return tuple(sorted((p.page_no, p.fill) for p in list(gallery.pages.values())))
 
 
 def run_once(core: Core, force: bool = False,
-             journals: dict[tuple[str, int], tuple[tuple[int, int], ...]] | None = None) -> None:
+             journals: dict[tuple[str, int], Journal] | None = None) -> None:
     """Checkpoint full journals, erase deletions that are due, remove retired files.
 
-    ``journals``: each journal as the previous pass saw it (kept by :func:`run_forever`);
-    one that has not changed since is checkpointed however few pages it holds. Every 1:N
-    scores each page apart (a page of N // D templates costs about what a block of N
-    does), so pages left below ``journal_pages`` once enrollments stop would slow every
-    match until the next burst (the match_latency bench measured 3.3 or 6.6 ms at
-    random, by where the last pass fell)."""
+    ``journals``: each journal as a pass first saw it as it is now, and when (kept by
+    :func:`run_forever`); one unchanged for ``journal_quiet`` seconds is checkpointed
+    however few pages it holds. Every 1:N scores each page apart (a page of N // D
+    templates costs about what a block of N does), so pages left below ``journal_pages``
+    once enrollments stop would slow every match until the next burst (the match_latency
+    bench measured 3.3 or 6.6 ms at random, by where the last pass fell)."""
     now = time.monotonic()
     tuning = core.tuning
     start, grace = schedule(tuning)
@@ -219,13 +223,17 @@ def run_once(core: Core, force: bool = False,
             due = [(tier, loc) for tier, loc in pending
                    if force or now - core.deleted_since.get((cid, version, tier, loc), -1e18) >= start]
             journal = _journal(gallery)
-            quiet = bool(journal) and journals is not None and journals.get((cid, version)) == journal
+            seen = journals.get((cid, version)) if journals is not None else None
+            quiet = (bool(journal) and tuning.journal_quiet > 0 and seen is not None
+                     and seen[0] == journal and now - seen[1] >= tuning.journal_quiet)
             if (len(gallery.pages) >= tuning.journal_pages or quiet
                     or any(tier == PAGE for tier, _ in due) or (force and gallery.pages)):
                 checkpoint(core, gallery)
                 rewrote = True
             if journals is not None:
-                journals[(cid, version)] = _journal(gallery)
+                after = _journal(gallery)
+                if seen is None or seen[0] != after:
+                    journals[(cid, version)] = (after, now)
             for tier, loc in due:
                 if tier == BLOCK:
                     rewrote = compact(core, gallery, loc) > 0 or rewrote
@@ -255,7 +263,7 @@ def run_once(core: Core, force: bool = False,
 
 def run_forever(core: Core, stop: threading.Event) -> None:
     """The maintenance thread: a pass every ``maintenance_interval`` until ``stop``."""
-    journals: dict[tuple[str, int], tuple[tuple[int, int], ...]] = {}
+    journals: dict[tuple[str, int], Journal] = {}
     while not stop.wait(core.tuning.maintenance_interval):
         try:
             run_once(core, journals=journals)
