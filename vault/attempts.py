@@ -27,8 +27,9 @@ from dataclasses import dataclass
 from vault import logs
 from vault.domain.errors import DataLoss, ResourceExhausted
 from vault.domain.records import AttemptRow
-from vault.keys.hsm import INDEX, Hsm
+from vault.keys.hsm import INDEX
 from vault.keys.integrity import Integrity, encode
+from vault.keys.roles import Mac
 from vault.store import Store
 
 log = logs.get("vault.attempts")
@@ -57,7 +58,7 @@ class Reservation:
 class Attempts:
     """Reserves and settles verification attempts in the store (see the module docstring)."""
 
-    def __init__(self, store: Store, integrity: Integrity, hsm: Hsm, limits: AttemptLimits,
+    def __init__(self, store: Store, integrity: Integrity, hsm: Mac, limits: AttemptLimits,
                  clock: Callable[[], float], on_event: Callable[[str, str, bytes, str], None]) -> None:
         self._store = store
         self._integrity = integrity
@@ -102,13 +103,14 @@ class Attempts:
         key = (collection_id, subject_hmac, cred)
         now = self._clock()
         with self._lock:  # check and reserve under one lock (one server per data directory)
-            if not self._store.attempt_set_intact(collection_id):
+            stored = self._store.subject_attempts(collection_id, subject_hmac)
+            if stored is None:
                 log.error("integrity failure", kind="attempt_set", collection_id=collection_id)
                 self._on_event("integrity", collection_id, subject_hmac, "DATA_LOSS attempt_set")
                 raise DataLoss("the attempt records of this collection failed their integrity "
                                "check (one was deleted or restored): 1:1 verification stays "
                                "refused until an administrator unlocks a subject")
-            row = self._row(collection_id, subject_hmac, cred, now)
+            row = self._row(stored, collection_id, subject_hmac, cred, now)
             wait = row.locked_until - now
             if wait > 0:
                 raise ResourceExhausted("too many failed verifications for this subject: "
@@ -169,9 +171,11 @@ class Attempts:
                         count=locked_for)
             self._on_event("alert", cid, subject_hmac, f"LOCKED credentials={locked_for}")
 
-    def _row(self, collection_id: str, subject_hmac: bytes, cred: bytes, now: float) -> AttemptRow:
-        """The pair's row (every row of the subject MAC-checked), or an empty one."""
-        rows = [self._checked(r) for r in self._store.attempt_rows(collection_id, subject_hmac)]
+    def _row(self, stored: list[AttemptRow], collection_id: str, subject_hmac: bytes, cred: bytes,
+             now: float) -> AttemptRow:
+        """The pair's row among the subject's ``stored`` rows (every one MAC-checked), or an
+        empty one."""
+        rows = [self._checked(r) for r in stored]
         return next((r for r in rows if r.credential_hmac == cred),
                     AttemptRow(collection_id, subject_hmac, cred, 0, now, 0.0, b""))
 

@@ -50,8 +50,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from vault import logs
 from vault.domain.errors import Unavailable, VaultError
-from vault.keys.hsm import Hsm
 from vault.keys.integrity import encode
+from vault.keys.roles import Signer
 
 log = logs.get("vault.audit")
 
@@ -118,7 +118,7 @@ class AuditUnavailable(Unavailable):
 class AuditLog:
     """The writer. One connection, one lock: entries are strictly sequential."""
 
-    def __init__(self, path: Path, hsm: Hsm, checkpoint_every: int = CHECKPOINT_EVERY) -> None:
+    def __init__(self, path: Path, hsm: Signer, checkpoint_every: int = CHECKPOINT_EVERY) -> None:
         self.path = path
         self._hsm = hsm
         self._every = checkpoint_every

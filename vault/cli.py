@@ -152,7 +152,8 @@ def serve(args: argparse.Namespace) -> int:
         limits = AttemptLimits(args.max_failed_verifications, args.lockout_seconds)
         tuning = Tuning(routing=Routing(args.route_fraction, args.route_min_blocks),
                         journal_pages=args.journal_pages, erase_after=args.erase_after,
-                        workers=args.workers, maintenance_interval=args.maintenance_interval)
+                        workers=args.workers, maintenance_interval=args.maintenance_interval,
+                        journal_quiet=args.journal_quiet)
         vault = Vault.open(data_dir, hsm_config, store_url=_store_url(args), limits=limits,
                            tuning=tuning)
         vault.encryption.warm()
@@ -569,6 +570,9 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
         ("--journal-pages", "VAULT_JOURNAL_PAGES", int, "16",
          ("journal pages (each N/D single enrollments) kept before they are merged into "
           "blocks; every 1:N match scores them all")),
+        ("--journal-quiet", "VAULT_JOURNAL_QUIET", float, "60",
+         ("seconds a smaller journal may sit without enrollments before it is merged into "
+          "blocks anyway; 0 never")),
         ("--route-fraction", "VAULT_ROUTE_FRACTION", float, "0.15",
          ("share of clustered blocks a 1:N match scores, nearest the probe first (1 scores "
           "them all)")),

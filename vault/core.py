@@ -48,8 +48,8 @@ from vault.gallery import blocks as block_ops
 from vault.gallery.blocks import Block
 from vault.gallery.workers import EncryptionPool
 from vault.keys import envelope
-from vault.keys.hsm import Hsm
 from vault.keys.integrity import Integrity, LiveSet
+from vault.keys.roles import HsmRoles
 from vault.protector import Protector
 from vault.store import Store
 from vault.validation import (
@@ -73,12 +73,15 @@ class Tuning:
     its values are removed from the ciphertexts (plus one maintenance pass).
     ``maintenance_interval``: seconds between maintenance passes (0: none; tests call
     :meth:`Vault.maintain`). ``workers``: encryption processes (0 or 1: in process).
+    ``journal_quiet``: seconds a journal below ``journal_pages`` may sit unchanged (no
+    enrollment) before a pass checkpoints it anyway (0: never).
     """
 
     routing: Routing = field(default_factory=Routing)
     journal_pages: int = 16
     erase_after: float = 60.0
     maintenance_interval: float = 5.0
+    journal_quiet: float = 60.0
     workers: int | None = None
     import_chunk_bytes: int = 1 << 29
 
@@ -88,7 +91,7 @@ log = logs.get("vault.service")
 class Core:
     """The wired roles of one vault (see the module docstring)."""
 
-    def __init__(self, store: Store, hsm: Hsm, data_dir: Path,
+    def __init__(self, store: Store, hsm: HsmRoles, data_dir: Path,
                  params: he.HeParams = he.DEFAULT_PARAMS, limits: AttemptLimits | None = None,
                  tuning: Tuning | None = None, clock: Callable[[], float] = time.time) -> None:
         self.store = store

@@ -23,8 +23,9 @@ from pathlib import Path
 
 from vault.audit import AuditLog
 from vault.domain.errors import Refused, WrongToken
-from vault.keys.hsm import COUNTER_PREFIX, MAC, Hsm
+from vault.keys.hsm import COUNTER_PREFIX, MAC
 from vault.keys.integrity import encode
+from vault.keys.roles import HsmRoles
 from vault.store import Store
 
 OLD_LAYOUT = "hsm"  # where the token used to live, inside the data directory
@@ -141,11 +142,11 @@ def _labels(store: Store, audit: AuditLog) -> tuple[str, str]:
     return label, _store_label(label)
 
 
-def _check_value(hsm: Hsm, vid: str) -> str:
+def _check_value(hsm: HsmRoles, vid: str) -> str:
     return hsm.hmac(MAC, encode("token-binding", vid)).hex()
 
 
-def bind_token(store: Store, hsm: Hsm, new: bool) -> None:
+def bind_token(store: Store, hsm: HsmRoles, new: bool) -> None:
     """Record (``new`` database) or compare the token's check value for this directory.
 
     The value is an HMAC inside the token over the directory's id, so neither a different
@@ -166,7 +167,7 @@ def bind_token(store: Store, hsm: Hsm, new: bool) -> None:
                          "it with its own token (--hsm-dir / --hsm-module, --hsm-token)")
 
 
-def guard_rollback(store: Store, hsm: Hsm, audit: AuditLog) -> None:
+def guard_rollback(store: Store, hsm: HsmRoles, audit: AuditLog) -> None:
     """Refuse a directory older than the token's counter; then keep the counter in step.
 
     The counter moves only at signed checkpoints (every 64 audit entries and at close):
@@ -202,7 +203,7 @@ def _store_label(label: str) -> str:
     return label + "/store"
 
 
-def _recorder(store: Store, hsm: Hsm, label: str, store_label: str) -> Callable[[int], None]:
+def _recorder(store: Store, hsm: HsmRoles, label: str, store_label: str) -> Callable[[int], None]:
     """What a signed checkpoint records in the token: its seq and the store's epoch."""
 
     def record(seq: int) -> None:
@@ -212,7 +213,7 @@ def _recorder(store: Store, hsm: Hsm, label: str, store_label: str) -> Callable[
     return record
 
 
-def accept_rollback(store: Store, hsm: Hsm, audit: AuditLog) -> tuple[int | None, int]:
+def accept_rollback(store: Store, hsm: HsmRoles, audit: AuditLog) -> tuple[int | None, int]:
     """Set the token's counter back to this directory's last checkpoint (an admin's
     decision) and record that in the audit log. Returns (token's value before, now)."""
     bind_token(store, hsm, new=False)

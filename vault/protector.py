@@ -30,7 +30,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from vault.domain.errors import InvalidArgument
-from vault.keys.hsm import TRANSFORM, Hsm
+from vault.keys.hsm import TRANSFORM
+from vault.keys.roles import Mac
 
 MIN_DIMENSION = 2
 MAX_DIMENSION = 1024
@@ -125,7 +126,7 @@ class Transform:
 class Protector:
     """Turns raw embeddings into protected templates for a collection's key version."""
 
-    def __init__(self, hsm: Hsm) -> None:
+    def __init__(self, hsm: Mac) -> None:
         self._hsm = hsm
         self._lock = threading.Lock()
         self._cache: dict[tuple[str, int, int], Transform] = {}

@@ -19,6 +19,7 @@ from vault.core import Core, Tuning
 from vault.domain.model import Candidate, CollectionInfo, CollectionPolicy, MatchResult, Observer
 from vault.domain.records import RUNNING
 from vault.keys.hsm import Hsm, HsmConfig
+from vault.keys.roles import HsmRoles
 from vault.ops import (
     collection_admin,
     collection_key,
@@ -40,7 +41,7 @@ __all__ = ["AttemptLimits", "Candidate", "CollectionInfo", "CollectionPolicy", "
 class Vault(Core):
     """Enroll, import, match and delete over encrypted templates; keys in the HSM."""
 
-    def __init__(self, store: Store, hsm: Hsm, data_dir: Path, **kwargs: Any) -> None:
+    def __init__(self, store: Store, hsm: HsmRoles, data_dir: Path, **kwargs: Any) -> None:
         super().__init__(store, hsm, data_dir, **kwargs)
         loading.load(self)
 

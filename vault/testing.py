@@ -16,18 +16,17 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import Any, Self
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from vault.custody import default_hsm_dir
 from vault.domain.errors import HsmUnavailable
-from vault.keys.hsm import Hsm
-
-T = TypeVar("T")
+from vault.keys.hsm import Hsm, HsmConfig
+from vault.keys.roles import HsmRoles
 
 
 def stress() -> bool:
@@ -247,20 +246,97 @@ class PostgresServer:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
-class BreakableHsm(Hsm):
+class BreakableHsm:
     """A real HSM client that can be switched to fail like an unreachable token.
 
     The fault is the thing under test (requests must get UNAVAILABLE and write nothing);
-    everything else goes to the real token.
+    everything else goes to the real token. It implements the HSM's roles
+    (:mod:`vault.keys.roles`) by delegating to a :class:`vault.keys.hsm.Hsm`, so the vault
+    takes it where it takes the real one.
     """
 
-    broken = False
+    def __init__(self, config: HsmConfig) -> None:
+        self._real = Hsm(config)
+        self.broken = False
 
-    def _call(self, fn: Callable[[Any], T]) -> T:
+    def _up(self) -> Hsm:
+        """The real client, unless broken: then its session is dropped, as a lost token's."""
         if self.broken:
-            self._drop()
+            self._real.close()
             raise HsmUnavailable("HSM unavailable: token not reachable")
-        return super()._call(fn)
+        return self._real
+
+    # Mac
+    def hmac(self, name: str, data: bytes, version: int = 1) -> bytes:
+        return self._up().hmac(name, data, version)
+
+    def hmac_many(self, name: str, datas: Sequence[bytes], version: int = 1) -> list[bytes]:
+        return self._up().hmac_many(name, datas, version)
+
+    # KeyWrap
+    def wrap(self, secret: bytes, aad: bytes, kek_version: int | None = None) -> bytes:
+        return self._up().wrap(secret, aad, kek_version)
+
+    def unwrap(self, blob: bytes, aad: bytes) -> bytes:
+        return self._up().unwrap(blob, aad)
+
+    def rewrap(self, blob: bytes, aad: bytes, version: int | None = None) -> bytes:
+        return self._up().rewrap(blob, aad, version)
+
+    def wrapped_version(self, blob: bytes) -> int:
+        return self._real.wrapped_version(blob)  # reads the blob's header, not the token
+
+    def current_kek_version(self) -> int:
+        return self._up().current_kek_version()
+
+    def create_kek(self) -> int:
+        return self._up().create_kek()
+
+    def destroy_kek(self, version: int) -> None:
+        self._up().destroy_kek(version)
+
+    def versions(self, name: str) -> list[int]:
+        return self._up().versions(name)
+
+    # Signer
+    def ensure_audit_key(self) -> bool:
+        return self._up().ensure_audit_key()
+
+    def audit_sign(self, data: bytes) -> bytes:
+        return self._up().audit_sign(data)
+
+    def audit_public_key(self) -> bytes:
+        return self._up().audit_public_key()
+
+    # Counters
+    def counter(self, counter_label: str) -> int | None:
+        return self._up().counter(counter_label)
+
+    def has_counters(self) -> bool:
+        return self._up().has_counters()
+
+    def set_counter(self, counter_label: str, value: int, backward: bool = False) -> int:
+        return self._up().set_counter(counter_label, value, backward)
+
+    # Token
+    def ping(self) -> None:
+        self._up().ping()
+
+    def close(self) -> None:
+        self._real.close()  # closing works with the token gone, as the real one's does
+
+    def random(self, nbytes: int) -> bytes:
+        return self._up().random(nbytes)
+
+    def ensure_keys(self, create: bool = True) -> list[str]:
+        return self._up().ensure_keys(create)
+
+    def key_attributes(self, key_label: str) -> dict[str, bool]:
+        return self._up().key_attributes(key_label)
+
+
+def _roles(hsm: BreakableHsm) -> HsmRoles:
+    return hsm  # checked by mypy: the fake implements every role the vault is given
 
 
 class CertificateAuthority:

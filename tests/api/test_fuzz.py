@@ -396,8 +396,13 @@ class Fuzzer:
 def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """A server of its own, without background maintenance: erasing earlier deletions
     would change the state between two requests and be blamed on the second."""
+    # No match budgets nor probing guard either: thousands of generated probes (the long
+    # version) spend them, and refusals the model does not predict are not what is fuzzed
+    # here (tests/api/test_release.py and tests/test_probing.py attack those).
     with ServerProcess(tmp_path_factory.mktemp("fuzz") / "data",
-                       env={"VAULT_MAINTENANCE_INTERVAL": "0"}) as server:
+                       env={"VAULT_MAINTENANCE_INTERVAL": "0", "VAULT_VERIFY_BUDGET": "0",
+                            "VAULT_IDENTIFY_BUDGET": "0", "VAULT_SCORE_BUDGET": "0",
+                            "VAULT_PROBE_CLUSTER": "0"}) as server:
         yield server
 
 

@@ -146,3 +146,33 @@ def test_restart_finds_everything_and_sweeps_unnamed_block_files(vault: Vault, h
         assert BlockFiles.read(v.files.path("c", 1, 0, 1))[1] == v.galleries()[0].blocks[0].digest
     finally:
         v.close()
+
+
+def test_a_journal_left_below_its_threshold_moves_once_enrollments_stop(vault: Vault) -> None:
+    """Pages left below journal_pages slow every 1:N (each is scored and decrypted apart):
+    the maintenance thread checkpoints a journal that did not change for one pass."""
+    import dataclasses
+    import time
+
+    from vault.ops import maintenance
+
+    vault.tuning = dataclasses.replace(vault.tuning, journal_quiet=0.05)
+    journals: dict = {}
+    faces = _faces(3)
+    vault.enroll("c", "s0", faces[0].tolist())
+    gallery = vault.galleries()[0]
+    maintenance.run_once(vault, journals=journals)  # first sight: one page, below 16
+    assert len(gallery.pages) == 1 and not gallery.blocks
+    vault.enroll("c", "s1", faces[1].tolist())
+    time.sleep(0.1)
+    maintenance.run_once(vault, journals=journals)  # it changed since: still enrolling
+    assert len(gallery.pages) == 1 and not gallery.blocks
+    time.sleep(0.1)
+    maintenance.run_once(vault, journals=journals)  # unchanged for journal_quiet: moved
+    assert not gallery.pages and [b.fill for b in gallery.blocks.values()] == [2]
+    vault.maintain()  # a pass without the thread's memory keeps the journal-size rule only
+    vault.enroll("c", "s2", faces[2].tolist())
+    vault.maintain()
+    assert len(gallery.pages) == 1
+    hits = vault.identify("c", faces[1].tolist(), top_k=1, threshold=-1.0)
+    assert [c.subject_id for c in hits.candidates] == ["s1"]

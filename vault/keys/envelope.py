@@ -15,12 +15,13 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from vault.domain.errors import DataLoss
-from vault.keys.hsm import Hsm
+from vault.keys.hsm import wrapped_version
+from vault.keys.roles import KeyWrap
 
 _LEN = struct.Struct(">H")
 
 
-def seal(hsm: Hsm, value: bytes, aad: bytes) -> bytes:
+def seal(hsm: KeyWrap, value: bytes, aad: bytes) -> bytes:
     """Encrypt ``value`` under a fresh data key wrapped in the HSM."""
     data_key = AESGCM.generate_key(bit_length=256)
     wrapped = hsm.wrap(data_key, aad)
@@ -36,7 +37,7 @@ def _split(blob: bytes) -> tuple[bytes, bytes]:
     return blob[_LEN.size:_LEN.size + n], blob[_LEN.size + n:]
 
 
-def open_sealed(hsm: Hsm, blob: bytes, aad: bytes) -> bytes:
+def open_sealed(hsm: KeyWrap, blob: bytes, aad: bytes) -> bytes:
     """Inverse of :func:`seal`; raises DataLoss when the blob or ``aad`` do not match."""
     wrapped, rest = _split(blob)
     if len(rest) < 12 + 16:
@@ -50,10 +51,10 @@ def open_sealed(hsm: Hsm, blob: bytes, aad: bytes) -> bytes:
 
 def sealed_kek_version(blob: bytes) -> int:
     """The KEK version that wraps a sealed value's data key."""
-    return Hsm.wrapped_version(_split(blob)[0])
+    return wrapped_version(_split(blob)[0])
 
 
-def rewrap_sealed(hsm: Hsm, blob: bytes, aad: bytes, version: int | None = None) -> bytes:
+def rewrap_sealed(hsm: KeyWrap, blob: bytes, aad: bytes, version: int | None = None) -> bytes:
     """The same sealed value with its data key rewrapped under the current KEK version:
     the value itself is not decrypted (master key rotation)."""
     wrapped, rest = _split(blob)

@@ -14,7 +14,8 @@ import struct
 from collections.abc import Sequence
 
 from vault.domain.records import Field
-from vault.keys.hsm import INDEX, MAC, Hsm
+from vault.keys.hsm import INDEX, MAC
+from vault.keys.roles import Mac
 
 _FIELD = struct.Struct(">I")
 
@@ -39,7 +40,7 @@ def encode(tag: str, *fields: str | bytes | int | None) -> bytes:
 class Integrity:
     """MACs of stored rows and HMAC blind indexes of personal identifiers."""
 
-    def __init__(self, hsm: Hsm) -> None:
+    def __init__(self, hsm: Mac) -> None:
         self._hsm = hsm
 
     def mac(self, tag: str, *fields: str | bytes | int | None) -> bytes:

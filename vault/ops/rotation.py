@@ -34,11 +34,12 @@ import numpy as np
 from vault import he, logs
 from vault.core import Core
 from vault.crypto import aad
+from vault.crypto.reencrypt import blind_reencrypt
 from vault.decider import Moves
 from vault.domain.errors import FailedPrecondition, NotFound, VaultError
 from vault.domain.records import BLOCK, FAILED, LIVE, RUNNING, CollectionKeyRow, KeyJobRow
 from vault.gallery import CollectionGallery
-from vault.he import linear, poly
+from vault.he import linear
 from vault.keys import envelope
 from vault.ops.commit import BlockCommit
 from vault.ops.maintenance import checkpoint
@@ -149,20 +150,14 @@ def move_block(core: Core, job: KeyJobRow, old: CollectionGallery, new: Collecti
             return
         cts = core.read_block(old, block)  # (D, 2, 1, N)
         dim, n = cts.shape[0], cts.shape[3]
-        margin = 2 ** (params.template_scale_bits + 1)
-        mask = poly.uniform_interior((dim, n), moduli[0], margin)
-        masked = cts.copy()
-        masked[:, 0, 0] = poly.add(cts[:, 0], mask[:, None, :], moduli[:1])[:, 0]
         every = np.arange(n)
         moves = Moves(dim, np.repeat(np.arange(dim), n), np.tile(every, dim),
                       np.repeat(np.arange(dim), n), np.tile(every, dim))
-        fresh = core.decider.reencrypt(
-            cid, old.key_version, masked, False, moves,
+        fresh = blind_reencrypt(
+            core.decider, old.ctx, cid, old.key_version, cts, False, moves,
             lambda plain: core.encryption.encrypt(new.ctx, new.public_context, plain),
-            lift_to=moduli)
-        fresh[:, 0] = poly.sub(fresh[:, 0], poly.residues(mask.astype(np.int64), moduli).swapaxes(0, 1),
-                               moduli)
-        del mask, masked, cts
+            lift_to=moduli, margin=2 ** (params.template_scale_bits + 1))
+        del cts
         change = core.protector.transform(cid, old.key_version, old.dimension).change_to(
             core.protector.transform(cid, new.key_version, new.dimension))
         rotated = linear.rescale(linear.linear_map(
