@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
@@ -43,11 +42,6 @@ log = logs.get("vault.maintenance")
 # Seconds a replaced block file (at most; see schedule) and a replaced key version are kept
 # for matches that may still use them.
 RETIRE_GRACE = 30.0
-
-
-def _encryptor(core: Core, gallery: CollectionGallery) -> Callable[[np.ndarray], np.ndarray]:
-    return lambda plaintexts: core.encryption.encrypt(gallery.ctx, gallery.public_context,
-                                                       plaintexts)
 
 
 def checkpoint(core: Core, gallery: CollectionGallery) -> int:
@@ -98,8 +92,7 @@ def checkpoint(core: Core, gallery: CollectionGallery) -> int:
         moves = Moves(block_count * dim, src_ct, src_pos, dst_ct, dst_pos)
         fresh = None
         if count:
-            fresh = core.decider.reencrypt(cid, version, masked, True, moves,
-                                            _encryptor(core, gallery))
+            fresh = core.decider.reencrypt(cid, version, masked, True, moves, version)
             moved_mask = np.zeros((moves.targets, levels, n), np.uint64)
             moved_mask[dst_ct, :, dst_pos] = mask[src_ct, :, src_pos]
             fresh[:, 0] = poly.sub(fresh[:, 0], moved_mask, moduli)
@@ -171,7 +164,7 @@ def compact(core: Core, gallery: CollectionGallery, block_no: int) -> int:
         keep = np.setdiff1d(np.arange(n), slots)
         moves = Moves(dim, np.repeat(np.arange(dim), keep.size), np.tile(keep, dim),
                       np.repeat(np.arange(dim), keep.size), np.tile(keep, dim))
-        fresh = core.decider.reencrypt(cid, version, cts, False, moves, _encryptor(core, gallery))
+        fresh = core.decider.reencrypt(cid, version, cts, False, moves, version)
         mask[:, :, slots] = 0
         fresh[:, 0] = poly.sub(fresh[:, 0], mask, moduli)
         del cts, mask
