@@ -302,3 +302,26 @@ def test_the_decryption_budget_refuses_a_flood(hsm: Hsm) -> None:
     keeper.decide(row, parts[:5], 1)
     with pytest.raises(ResourceExhausted, match="budget"):
         keeper.decide(row, parts[:1], 1)
+
+
+def test_a_server_killed_with_sigkill_takes_its_decider_with_it(served) -> None:
+    """Last in this module: it kills the module's server."""
+    server, _ = served
+    assert server.proc is not None
+    child = _decider_pid(server.proc.pid)
+    socket_dir = Path(Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[3].decode()).parent
+    server.proc.kill()  # the process alone, not its group: no shutdown code runs
+    server.proc.wait()
+    deadline = time.monotonic() + 60
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(child), "the decider outlived its server"
+    assert not socket_dir.exists()
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for whoever inherited it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -96,8 +96,9 @@ def _exit_with_parent(parent: int, path: Path) -> None:
     """Exit at once when the parent is gone (stdin at EOF, or re-parented)."""
 
     def gone() -> None:
-        try:
+        try:  # the socket and its private directory (made by the parent, empty otherwise)
             path.unlink()
+            path.parent.rmdir()
         except OSError:
             pass
         os._exit(0)
