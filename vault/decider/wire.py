@@ -25,8 +25,8 @@ _PREFIX = struct.Struct("<II")
 _LENGTH = struct.Struct("<Q")
 _MAX_HEADER = 16 << 20
 _MAX_BUFFER = 8 << 30
-_TYPES: dict[str, type] = {t.__name__: t for t in (ScoreCiphertext, Moves, GroupScore,
-                                                   CollectionRow, CollectionKeyRow)}
+_TYPES: dict[str, type] = {t.__name__: t for t in (Moves, GroupScore, CollectionRow,
+                                                   CollectionKeyRow)}
 _DTYPES = {"<u8", "<i8", "<i4", "<u4", "<f8", "<f4", "|u1", "|b1"}
 
 
@@ -52,6 +52,13 @@ def _pack(obj: Any, bufs: list[memoryview]) -> Any:
         return {"he": obj.to_json()}
     if isinstance(obj, dict) and all(isinstance(k, str) for k in obj):
         return {"m": {k: _pack(v, bufs) for k, v in obj.items()}}
+    if isinstance(obj, ScoreCiphertext):  # the hot path's bulk: positions fit 32 bits,
+        same = np.array_equal(obj.slots, obj.positions)  # and a block's slots are its positions
+        return {"sc": {"data": _pack(obj.data, bufs), "ntt": obj.ntt,
+                       "positions": _pack(np.asarray(obj.positions, np.int32), bufs),
+                       "groups": _pack(np.asarray(obj.groups, np.int32), bufs),
+                       "slots": None if same else _pack(obj.slots, bufs),
+                       "tier": int(obj.tier), "loc": int(obj.loc)}}
     name = type(obj).__name__
     if dataclasses.is_dataclass(obj) and _TYPES.get(name) is type(obj):
         return {"dc": name, "f": {f.name: _pack(getattr(obj, f.name), bufs)
@@ -72,6 +79,11 @@ def _unpack(obj: Any, bufs: list[memoryview]) -> Any:
         return [_unpack(x, bufs) for x in obj["l"]]
     if "he" in obj:
         return HeParams.from_json(obj["he"])
+    if "sc" in obj:
+        f = {k: _unpack(v, bufs) for k, v in obj["sc"].items()}
+        f["positions"] = f["positions"].astype(np.int64)
+        f["slots"] = f["positions"] if f["slots"] is None else f["slots"]
+        return ScoreCiphertext(**f)
     if "dc" in obj and obj["dc"] in _TYPES:
         return _TYPES[obj["dc"]](**{k: _unpack(v, bufs) for k, v in obj["f"].items()})
     if "m" in obj:  # a plain mapping (a frame's top level)
