@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 
 from vault import he
-from vault.decider import DECISION_NOISE, MAX_TOP_K, NOISE_BOUND, Decider, Moves, ScoreCiphertext
+from vault.decider import DECISION_NOISE, MAX_TOP_K, NOISE_BOUND, Moves, ScoreCiphertext, SecretKeys
 from vault.gallery import blocks
 from vault.he import poly
 
 
 @pytest.fixture
-def decider(keypair) -> Decider:
-    d = Decider()
+def decider(keypair) -> SecretKeys:
+    d = SecretKeys()
     d.load("c", 1, keypair[0], he.DEFAULT_PARAMS)
     return d
 

@@ -154,8 +154,18 @@ def serve(args: argparse.Namespace) -> int:
                         journal_pages=args.journal_pages, erase_after=args.erase_after,
                         workers=args.workers, maintenance_interval=args.maintenance_interval,
                         journal_quiet=args.journal_quiet)
-        vault = Vault.open(data_dir, hsm_config, store_url=_store_url(args), limits=limits,
-                           tuning=tuning)
+        decider = None
+        if args.decider == "process":  # the keys live in a child process, not here
+            from vault.decider.process import ProcessDecider
+
+            decider = ProcessDecider(hsm_config, workers=args.workers)
+        try:
+            vault = Vault.open(data_dir, hsm_config, store_url=_store_url(args), limits=limits,
+                               tuning=tuning, decider=decider)
+        except BaseException:
+            if decider is not None:
+                decider.close()
+            raise
         vault.encryption.warm()
         return vault
 
@@ -600,6 +610,10 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     for flag, var, kind, default, what in numbers:
         p.add_argument(flag, type=number(kind, None if flag == "--probe-radius" else 0),
                        default=env(var, default), help=f"{what} (env {var})")
+    p.add_argument("--decider", choices=("process", "inprocess"),
+                   default=env("VAULT_DECIDER", "process"),
+                   help="where the secret keys, the PII key and the transforms live: a child "
+                        "process of the server (default) or the server itself (env VAULT_DECIDER)")
     p.add_argument("--workers", type=number(int, 1), default=env("VAULT_WORKERS", None),
                    help="encryption worker processes (env VAULT_WORKERS; default: one per core)")
     p.add_argument("--tls-cert", default=env("VAULT_TLS_CERT", None),

@@ -31,6 +31,7 @@ from vault.audit import AuditLog
 from vault.block_files import BlockStore
 from vault.crypto import aad
 from vault.decider import Decider
+from vault.decider.keeper import PII_KEY, Keeper
 from vault.domain.errors import (
     DataLoss,
     FailedPrecondition,
@@ -50,13 +51,12 @@ from vault.gallery.workers import EncryptionPool
 from vault.keys import envelope
 from vault.keys.integrity import Integrity, LiveSet
 from vault.keys.roles import HsmRoles
-from vault.protector import Protector
+from vault.protector import prepare
 from vault.store import Store
 from vault.validation import (
     check_collection_id,
 )
 
-_PII_KEY = "pii"
 _SKETCH_KEY = "sketch"
 _AUDIT_REF_KEY = "audit-ref"
 _LIVE_SET_KEY = "live-set"
@@ -93,7 +93,8 @@ class Core:
 
     def __init__(self, store: Store, hsm: HsmRoles, data_dir: Path,
                  params: he.HeParams = he.DEFAULT_PARAMS, limits: AttemptLimits | None = None,
-                 tuning: Tuning | None = None, clock: Callable[[], float] = time.time) -> None:
+                 tuning: Tuning | None = None, clock: Callable[[], float] = time.time,
+                 decider: Decider | None = None) -> None:
         self.store = store
         self.audit: AuditLog | None = None  # set by open(); see vault.audit
         self.limits = limits or AttemptLimits()
@@ -102,10 +103,10 @@ class Core:
         self.params = params
         self.integrity = Integrity(hsm)
         self.attempts = Attempts(store, self.integrity, hsm, self.limits, clock, self.event)
-        self.protector = Protector(hsm)
-        self.decider = Decider()
         self.files: BlockStore = store.block_store(data_dir / "blocks")
         self.encryption = EncryptionPool(self.tuning.workers)
+        # The key holder: a child process under `vault serve`, else in this process.
+        self.decider: Decider = decider or Keeper(hsm, encrypt=self.encryption.encrypt)
         self.current_galleries: dict[str, CollectionGallery] = {}  # the current key version's
         # Key rotations: the target version's gallery, filled block by block while the
         # current one serves (vault.ops.rotation).
@@ -132,7 +133,10 @@ class Core:
         custody.bind_token(store, hsm, new)  # a different token is refused, not half-used
         if created:
             log.info("key ceremony: created keys in the HSM", count=len(created))
-        self.pii = envelope.DataKey(self.data_key(_PII_KEY))
+        self.decider.bind(lambda: store.wrapped_key(PII_KEY, 1), store.collection_key)
+        made = self.decider.init_pii(store.wrapped_key(PII_KEY, 1))
+        if made is not None:  # created and wrapped by the decider: only the blob is here
+            store.put_wrapped_key(PII_KEY, 1, made)
         self.sketch_key = envelope.DataKey(self.data_key(_SKETCH_KEY))
         self.audit_ref_key = self.data_key(_AUDIT_REF_KEY)
         store.live_set = LiveSet(self.data_key(_LIVE_SET_KEY), self.integrity)
@@ -147,6 +151,7 @@ class Core:
         for thread in list(self.job_threads.values()):
             thread.join(timeout=120)
         self.encryption.close()
+        self.decider.close()
         if self.audit is not None:
             self.audit.close()
         self.store.close()
@@ -180,9 +185,18 @@ class Core:
         return self.sketch_key.encrypt(np.asarray(centroid, np.float32).tobytes(),
                                         aad.sketch(collection_id, key_version, block_no))
 
-    def seal_subject(self, collection_id: str, subject_hmac: bytes, subject_id: str) -> bytes:
-        """A subject id, sealed under the PII data key and bound to its blind index."""
-        return self.pii.encrypt(subject_id.encode(), aad.subject_id(collection_id, subject_hmac))
+    def seal_subjects(self, collection_id: str, items: Sequence[tuple[bytes, str]]) -> list[bytes]:
+        """(blind index, subject id) pairs sealed by the decider under the PII data key,
+        each bound to its blind index."""
+        return self.decider.seal_subjects(collection_id, items) if items else []
+
+    def protect(self, collection_id: str, key_version: int, dimension: int,
+                values: Sequence[float], field: str = "embedding",
+                reference_mean: np.ndarray | None = None) -> np.ndarray:
+        """Validate, normalise and centre an embedding here, then have the decider apply
+        the key version's transform (which only it holds); a unit vector (D,)."""
+        x = prepare(values, dimension, field, reference_mean)
+        return self.decider.transform(collection_id, key_version, dimension, x)
 
     def event(self, kind: str, collection_id: str, subject_hmac: bytes, outcome: str,
                method: str = "Match", actor: str = "vault") -> None:
@@ -306,7 +320,6 @@ class Core:
             self._retired_keys = [r for r in self._retired_keys if r not in keys]
         for _, cid, version in keys:
             self.decider.forget(cid, version)
-            self.protector.forget(cid, version)
 
     def write_block(self, gallery: CollectionGallery, block_no: int, kind: int, generation: int,
                     fill: int, cts: np.ndarray, moduli: Sequence[int],

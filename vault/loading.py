@@ -24,7 +24,6 @@ from vault.gallery import CollectionGallery
 from vault.gallery import pages as page_ops
 from vault.gallery.blocks import Block
 from vault.gallery.pages import Page
-from vault.keys import envelope
 
 log = logs.get("vault.service")
 
@@ -73,13 +72,11 @@ def load_collection(core: Core, row: CollectionRow) -> None:
 
 
 def load_key_version(core: Core, key: CollectionKeyRow, dimension: int) -> CollectionGallery:
-    """A stored key version: its secret key unsealed into the decider, its gallery loaded."""
+    """A stored key version: the decider unseals its secret key (this process never sees
+    it), its gallery is loaded."""
     cid, version = key.collection_id, key.key_version
     params = he.HeParams.from_json(key.he_params)
-    secret = envelope.open_sealed(core.hsm, key.sealed_secret_context,
-                                  aad.secret_context(cid, version, key.he_params))
-    core.decider.load(cid, version, secret, params)
-    del secret
+    core.decider.load(key)
     gallery = CollectionGallery(cid, version, dimension, params, key.public_context,
                                 core.tuning.routing)
     bad = _load_blocks(core, gallery) + _load_pages(core, gallery)

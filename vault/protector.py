@@ -97,6 +97,13 @@ def centre(unit: np.ndarray, mean: np.ndarray, field: str = "embedding") -> np.n
     return out
 
 
+def prepare(values: Sequence[float], dimension: int, field: str = "embedding",
+            reference_mean: np.ndarray | None = None) -> np.ndarray:
+    """Validate, normalise and centre an embedding (what needs no key); a unit vector."""
+    x = validate_embedding(values, dimension, field)
+    return x if reference_mean is None else centre(x, reference_mean, field)
+
+
 class Transform:
     """A keyed orthonormal rotation. Its repr never shows the matrix."""
 
@@ -123,8 +130,17 @@ class Transform:
         return f"Transform(dimension={self._q.shape[0]})"
 
 
+def transform_seed(hsm: Mac, collection_id: str, key_version: int, dimension: int) -> bytes:
+    """The seed of a key version's transform: an HMAC inside the token."""
+    info = (b"vault.v1/transform\x00" + collection_id.encode() + b"\x00"
+            + struct.pack(">II", key_version, dimension))
+    return hsm.hmac(TRANSFORM, info)
+
+
 class Protector:
-    """Turns raw embeddings into protected templates for a collection's key version."""
+    """The transforms of every key version, derived in the HSM, and protection with them.
+    The vault keeps its Protector in the decider (vault.decider.keeper): the serving
+    process validates and centres, the decider transforms."""
 
     def __init__(self, hsm: Mac) -> None:
         self._hsm = hsm
@@ -138,8 +154,8 @@ class Protector:
             found = self._cache.get(cache_key)
         if found is not None:
             return found
-        info = b"vault.v1/transform\x00" + collection_id.encode() + b"\x00" + struct.pack(">II", key_version, dimension)
-        made = Transform(self._hsm.hmac(TRANSFORM, info), dimension)
+        made = Transform(transform_seed(self._hsm, collection_id, key_version, dimension),
+                         dimension)
         with self._lock:
             return self._cache.setdefault(cache_key, made)
 
@@ -154,7 +170,5 @@ class Protector:
                 reference_mean: np.ndarray | None = None) -> np.ndarray:
         """Validate, normalise, centre on the collection's reference mean (if it has one)
         and transform an embedding; returns a unit vector (D,)."""
-        x = validate_embedding(values, dimension, field)
-        if reference_mean is not None:
-            x = centre(x, reference_mean, field)
+        x = prepare(values, dimension, field, reference_mean)
         return self.transform(collection_id, key_version, dimension).apply(x)

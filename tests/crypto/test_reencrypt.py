@@ -8,18 +8,36 @@ import pytest
 
 from vault import he
 from vault.crypto.reencrypt import blind_reencrypt
-from vault.decider import Decider, Moves
+from vault.decider import Moves, SecretKeys
 from vault.gallery import blocks
 from vault.he import poly
 
 NOISE = 2 ** 9  # fresh encryption noise plus the carried noise, in plaintext units
 
 
+class _Decider:
+    """The decider's re-encryption as the recipe calls it (vault.decider.Decider's
+    signature), over the real secret keys; ``seen`` records what it handed to encryption."""
+
+    def __init__(self, keys: SecretKeys, public) -> None:
+        self.keys, self.public, self.seen = keys, public, []
+
+    def _encrypt(self, plain: np.ndarray) -> np.ndarray:
+        self.seen.append(plain.copy())
+        return blocks.encrypt_plaintexts(self.public, plain)
+
+    def reencrypt(self, collection_id, key_version, masked, ntt, moves, target_version,
+                  lift_to=()):
+        assert target_version == key_version  # one key pair in these tests
+        return self.keys.reencrypt(collection_id, key_version, masked, ntt, moves,
+                                   self._encrypt, lift_to)
+
+
 @pytest.fixture
-def decider(keypair) -> Decider:
-    d = Decider()
-    d.load("c", 1, keypair[0], he.DEFAULT_PARAMS)
-    return d
+def decider(keypair, public) -> _Decider:
+    keys = SecretKeys()
+    keys.load("c", 1, keypair[0], he.DEFAULT_PARAMS)
+    return _Decider(keys, public)
 
 
 def _encrypt(public, values: np.ndarray, levels: int) -> np.ndarray:
@@ -44,13 +62,8 @@ def test_moved_values_arrive_and_erased_ones_leave_nothing(public, secret, decid
     # everything else (ct2 but one value, say, an erased template) is left out.
     moves = Moves(2, np.array([0, 2, 1]), np.array([10, 20, 7]), np.array([0, 0, 1]),
                   np.array([3, 4, 7]))
-    seen: list[np.ndarray] = []
-
-    def encrypt(plain: np.ndarray) -> np.ndarray:
-        seen.append(plain.copy())
-        return blocks.encrypt_plaintexts(public, plain)
-
-    fresh = blind_reencrypt(decider, public, "c", 1, given, ntt, moves, encrypt)
+    fresh = blind_reencrypt(decider, public, "c", 1, given, ntt, moves, 1)
+    seen = decider.seen
     assert np.array_equal(given, before)  # the caller's ciphertexts are not modified
     assert fresh.shape == (2, 2, len(moduli), public.n)
     # The decider handed masked values to encryption, never the values themselves.
@@ -73,8 +86,7 @@ def test_lifted_to_more_primes_for_a_key_rotation(public, secret, decider) -> No
     every = np.arange(public.n)
     moves = Moves(2, np.repeat([0, 1], public.n), np.tile(every, 2), np.repeat([0, 1], public.n),
                   np.tile(every, 2))
-    fresh = blind_reencrypt(decider, public, "c", 1, cts, False, moves,
-                            lambda plain: blocks.encrypt_plaintexts(public, plain),
+    fresh = blind_reencrypt(decider, public, "c", 1, cts, False, moves, 1,
                             lift_to=moduli, margin=2 ** 29)
     assert fresh.shape == (2, 2, len(moduli), public.n)
     for t in range(2):
@@ -82,5 +94,5 @@ def test_lifted_to_more_primes_for_a_key_rotation(public, secret, decider) -> No
         for level, q in enumerate(moduli):
             assert np.abs(poly.centered(plain[level], q) - values[t]).max() < NOISE
     with pytest.raises(ValueError, match="score prime alone"):
-        blind_reencrypt(decider, public, "c", 1, _encrypt(public, values, 2), False, moves,
-                        lambda plain: plain, lift_to=moduli, margin=2 ** 29)
+        blind_reencrypt(decider, public, "c", 1, _encrypt(public, values, 2), False, moves, 1,
+                        lift_to=moduli, margin=2 ** 29)

@@ -6,7 +6,7 @@ import numpy as np
 
 from tests.he.conftest import unit
 from vault import he
-from vault.decider import Decider, Moves
+from vault.decider import Moves, SecretKeys
 from vault.gallery import blocks
 from vault.he import linear, poly
 
@@ -51,7 +51,7 @@ def test_reencryption_lifts_a_score_prime_ciphertext_to_both_primes_under_a_new_
     margin = 2 ** 28
     values = rng.integers(-2 ** 27, 2 ** 27, public.n)
     ct = blocks.encrypt_plaintexts(public, poly.residues(values, moduli[:1])[None])  # score prime
-    old = Decider()
+    old = SecretKeys()
     old.load("c", 1, keypair[0], he.DEFAULT_PARAMS)
     new_secret, new_public_bytes = he.generate(he.DEFAULT_PARAMS)
     new_public = he.PublicContext(new_public_bytes, he.DEFAULT_PARAMS)

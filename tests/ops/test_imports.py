@@ -58,7 +58,7 @@ def test_import_fills_clustered_blocks_and_the_journal(vault: Vault) -> None:
     assert not gallery.pages
     assert vault.get_collection("c").template_count == len(items)
     # Blocks hold templates near each other: each member is nearer its own block's sketch.
-    protected = vault.protector.transform("c", 1, DIM).apply(x / np.linalg.norm(x, axis=1, keepdims=True))
+    protected = vault.decider.transform("c", 1, DIM, x / np.linalg.norm(x, axis=1, keepdims=True))
     clustered = [b for b in gallery.blocks.values() if b.kind == CLUSTERED]
     sketches = np.stack([b.centroid for b in clustered])
     place = {vault.integrity.request_index("c", f"r{i}"): i for i in range(0, len(items), 7)}

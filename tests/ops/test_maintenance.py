@@ -69,7 +69,7 @@ def test_checkpoint_moves_the_journal_into_a_block_and_matching_is_unchanged(vau
     assert [c.subject_id for c in ident_after.candidates] == ["s7"]
     # The block holds exactly the protected templates, at their slots.
     values = _block_plaintext(vault, 0)
-    protected = np.stack([vault.protector.protect("c", 1, DIM, f) for f in faces])
+    protected = np.stack([vault.protect("c", 1, DIM, f) for f in faces])
     rows = {r[0]: r[1] for r in db.execute("SELECT subject_hmac, slot FROM templates")}
     for i in (0, 7, 39):
         slot = rows[vault.integrity.subject_index("c", f"s{i}")]

@@ -40,6 +40,9 @@ def test_a_1_to_n_release_asks_the_token_once_whatever_top_k(
     session.finish()
     for i in range(3):  # journal pages too
         vault.enroll("c", f"e{i}", emb[400 + i].tolist())
+    # Once per row state, the decider checks the collection row's MAC itself (its own
+    # session under `vault serve`): a first match pays it before counting.
+    vault.identify("c", emb[501].tolist())
     calls = _counting(vault, monkeypatch)
     asked = {}
     for top_k in (1, 5, 10):  # 10: the cap (vault.validation.MAX_TOP_K)

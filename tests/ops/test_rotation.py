@@ -108,8 +108,8 @@ def test_rotation_moves_every_template_under_new_keys(data: Path, hsm_config: Hs
         values = [poly.centered(ctx.decrypt(np.ascontiguousarray(ct[:, :1]), False)[0], q)[slot[1]]
                   for ct in vault.read_block(gallery, gallery.blocks[slot[0]])]
         values = np.array(values) / gallery.params.template_scale
-        new = vault.protector.protect("c", 2, DIM, bulk[7])
-        old = vault.protector.protect("c", 1, DIM, bulk[7])
+        new = vault.protect("c", 2, DIM, bulk[7])
+        old = vault.protect("c", 1, DIM, bulk[7])
         assert np.abs(values - new).max() < 1e-5
         assert np.abs(values - old).max() > 0.1
     finally:

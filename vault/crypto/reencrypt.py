@@ -9,7 +9,6 @@ templates) leave nothing behind, not even their mask.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -22,20 +21,20 @@ class Reencrypts(Protocol):
     """The decider's side of a blind re-encryption (its in-process or remote form)."""
 
     def reencrypt(self, collection_id: str, key_version: int, masked: np.ndarray, ntt: bool,
-                  moves: Moves, encrypt: Callable[[np.ndarray], np.ndarray],
+                  moves: Moves, target_version: int,
                   lift_to: tuple[int, ...] = ()) -> np.ndarray: ...
 
 
 def blind_reencrypt(decider: Reencrypts, ctx: PublicContext, collection_id: str,
                     key_version: int, cts: np.ndarray, ntt: bool, moves: Moves,
-                    encrypt: Callable[[np.ndarray], np.ndarray],
-                    lift_to: tuple[int, ...] = (), margin: int = 0) -> np.ndarray:
+                    target_version: int, lift_to: tuple[int, ...] = (),
+                    margin: int = 0) -> np.ndarray:
     """Fresh ciphertexts (targets, 2, levels, N), coefficient form, whose plaintexts are
     those of ``cts`` (k, 2, levels, N; NTT form when ``ntt``) rearranged by ``moves``;
-    ``cts`` is not modified. ``encrypt`` makes fresh encryptions (possibly under another
-    key pair). ``lift_to``: the result's primes when the input holds the score prime
-    alone (key rotation); the mask then stays ``margin`` away from 0 and q so that no
-    value wraps around (:func:`vault.he.poly.uniform_interior`)."""
+    ``cts`` is not modified. The fresh encryptions are under ``target_version``'s public
+    key (the same version, or a key rotation's target). ``lift_to``: the result's primes
+    when the input holds the score prime alone (key rotation); the mask then stays
+    ``margin`` away from 0 and q so that no value wraps around (:func:`vault.he.poly.uniform_interior`)."""
     k, _, levels, n = cts.shape
     moduli = ctx.level_moduli(levels)
     if lift_to:
@@ -50,7 +49,7 @@ def blind_reencrypt(decider: Reencrypts, ctx: PublicContext, collection_id: str,
         out_moduli = moduli
     masked = cts.copy()
     masked[:, 0] = poly.add(masked[:, 0], ctx.many_to_ntt(mask_in) if ntt else mask_in, moduli)
-    fresh = decider.reencrypt(collection_id, key_version, masked, ntt, moves, encrypt, lift_to)
+    fresh = decider.reencrypt(collection_id, key_version, masked, ntt, moves, target_version, lift_to)
     del masked
     moved = np.zeros((moves.targets, len(out_moduli), n), np.uint64)
     moved[moves.dst_ct, :, moves.dst_pos] = mask_out[moves.src_ct, :, moves.src_pos]

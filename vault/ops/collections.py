@@ -5,9 +5,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from vault import he, logs
+from vault import logs
 from vault.core import Core
-from vault.crypto import aad
 from vault.domain.errors import (
     AlreadyExists,
     InvalidArgument,
@@ -18,7 +17,6 @@ from vault.domain.records import (
     CollectionRow,
 )
 from vault.gallery import CollectionGallery
-from vault.keys import envelope
 from vault.ops import collection_key
 from vault.protector import validate_reference_mean
 from vault.validation import (
@@ -51,18 +49,21 @@ def create_collection(core: Core, collection_id: str, dimension: int, threshold:
     with core.create_lock:
         if core.store.collection(collection_id) is not None:
             raise AlreadyExists("collection already exists")
-        secret, public = he.generate(core.params)
+        # The decider makes the key pair and seals the secret itself; only the public
+        # context and the sealed blob come back.
+        public, sealed = core.decider.create_key(collection_id, 1, core.params)
         params_json = core.params.to_json()
-        sealed = envelope.seal(core.hsm, secret, aad.secret_context(collection_id, 1, params_json))
         policy = CollectionPolicy(require_purpose=bool(require_purpose))
         row = core.sign(CollectionRow(collection_id, dimension, threshold, 1, 1, b"",
                                       mean_bytes, policy.to_json()))
         gallery = CollectionGallery(collection_id, 1, dimension, core.params, public,
                                     core.tuning.routing)
-        core.store.insert_collection(row, CollectionKeyRow(collection_id, 1, params_json,
-                                                           public, sealed))
-        core.decider.load(collection_id, 1, secret, core.params)
-        del secret
+        try:
+            core.store.insert_collection(row, CollectionKeyRow(collection_id, 1, params_json,
+                                                               public, sealed))
+        except BaseException:
+            core.decider.forget(collection_id, 1)
+            raise
         core.current_galleries[collection_id] = gallery
     log.info("collection created", collection_id=collection_id, dimension=dimension,
              status="centred" if mean is not None else "no_reference_mean")

@@ -74,8 +74,7 @@ def _same_face(core: Core, collection_id: str, row: CollectionRow, gallery: Coll
     reservation = core.attempts.reserve(collection_id, subject_hmac, f"enroll/{credential}")
     try:
         parts = gallery.score_held(template, held)
-        matched = bool(core.decider.decide(collection_id, row.key_version, parts,
-                                           row.threshold, 1))
+        matched = bool(core.decider.decide(row, parts, 1))
     except BaseException:
         core.attempts.release(reservation)
         raise
@@ -92,8 +91,8 @@ def _enroll(core: Core, collection_id: str, subject_id: str, embedding: Sequence
     row, gallery = core.current(collection_id)
     subject_id = check_subject_id(subject_id)
     check_request_id(request_id)
-    template = core.protector.protect(collection_id, row.key_version, row.dimension, embedding,
-                                      reference_mean=core.reference_mean(row))
+    template = core.protect(collection_id, row.key_version, row.dimension, embedding,
+                            reference_mean=core.reference_mean(row))
     subject_hmac = core.integrity.subject_index(collection_id, subject_id)
     request_hmac = core.integrity.request_index(collection_id, request_id) if request_id else None
     version = row.key_version
@@ -122,7 +121,7 @@ def _enroll(core: Core, collection_id: str, subject_id: str, embedding: Sequence
                                      page_ops.pack(ct, gallery.ctx.level_moduli(levels)), b""))
         t = core.sign(TemplateRow(uuid.uuid4().hex, collection_id, subject_hmac, version,
                                   PAGE, page_no, slot, request_hmac, LIVE, 0, b""))
-        sealed = core.seal_subject(collection_id, subject_hmac, subject_id)
+        sealed = core.seal_subjects(collection_id, [(subject_hmac, subject_id)])[0]
         core.store.write_templates([page_row], [], [t], [(collection_id, subject_hmac, sealed)])
         groups = (page.groups.copy() if page is not None
                   else np.full(gallery.page_slots, -1, np.int32))

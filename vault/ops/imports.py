@@ -105,9 +105,9 @@ class ImportSession:
             except VaultError as exc:
                 results.append(self._failed(index, exc))
         if valid:
-            transform = self.core.protector.transform(self.collection_id, self.row.key_version,
-                                                       self.row.dimension)
-            protected = transform.apply(np.stack([x for _, _, x in valid]))
+            protected = self.core.decider.transform(self.collection_id, self.row.key_version,
+                                                    self.row.dimension,
+                                                    np.stack([x for _, _, x in valid]))
             for (index, item, _), template in zip(valid, protected):
                 result = self._accept(index, item, template)
                 if result is not None:
@@ -246,8 +246,9 @@ def store_chunk(core: Core, gallery: CollectionGallery, chunk: list[_Pending]) -
                         answered = core.store.template_by_request(p.request_hmac)
                         assert answered is not None  # it is in ``taken``
                         ids[i] = answered.template_id
-                subjects = [(cid, p.subject_hmac, core.seal_subject(cid, p.subject_hmac, p.subject_id))
-                            for p, row in zip(chunk, rows) if row.state == LIVE]
+                live = [p for p, row in zip(chunk, rows) if row.state == LIVE]
+                sealed_ids = core.seal_subjects(cid, [(p.subject_hmac, p.subject_id) for p in live])
+                subjects = [(cid, p.subject_hmac, s) for p, s in zip(live, sealed_ids, strict=True)]
                 unit.commit(lambda: core.store.write_templates([], block_rows, rows, subjects))
                 for block in blocks:
                     gallery.install_block(block)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
@@ -45,11 +44,6 @@ log = logs.get("vault.maintenance")
 # Seconds a replaced block file (at most; see schedule) and a replaced key version are kept
 # for matches that may still use them.
 RETIRE_GRACE = 30.0
-
-
-def _encryptor(core: Core, gallery: CollectionGallery) -> Callable[[np.ndarray], np.ndarray]:
-    return lambda plaintexts: core.encryption.encrypt(gallery.ctx, gallery.public_context,
-                                                       plaintexts)
 
 
 def checkpoint(core: Core, gallery: CollectionGallery) -> int:
@@ -98,7 +92,7 @@ def checkpoint(core: Core, gallery: CollectionGallery) -> int:
         if count:
             fresh = blind_reencrypt(core.decider, gallery.ctx, cid, version,
                                     np.stack([p.ct[:, :levels] for p in pages]), True, moves,
-                                    _encryptor(core, gallery))
+                                    version)
 
         with BlockCommit(core, gallery) as unit:  # files, transaction, install, retire
             new_blocks = []
@@ -164,7 +158,7 @@ def compact(core: Core, gallery: CollectionGallery, block_no: int) -> int:
                       np.repeat(np.arange(dim), keep.size), np.tile(keep, dim))
         fresh = blind_reencrypt(core.decider, gallery.ctx, cid, version,
                                 core.read_block(gallery, block), False, moves,
-                                _encryptor(core, gallery))
+                                version)
         generation = block.generation + 1
         with BlockCommit(core, gallery) as unit:
             new = unit.write(block_no, block.kind, generation, block.fill, fresh, moduli,

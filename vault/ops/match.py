@@ -21,6 +21,7 @@ from vault.domain.model import Candidate, MatchResult, Observer
 from vault.domain.records import (
     BLOCK,
     PAGE,
+    CollectionRow,
     TemplateRow,
 )
 from vault.gallery import CollectionGallery
@@ -90,9 +91,10 @@ def verify(core: Core, collection_id: str, subject_id: str, embedding: Sequence[
     row, gallery = core.current(collection_id)
     subject_id = check_subject_id(subject_id)
     core.release_settings(row)
-    threshold = row.threshold if threshold is None else check_threshold(threshold)
-    probe = core.protector.protect(collection_id, row.key_version, row.dimension, embedding,
-                                   reference_mean=core.reference_mean(row))
+    override = None if threshold is None else check_threshold(threshold)
+    threshold = row.threshold if override is None else override
+    probe = core.protect(collection_id, row.key_version, row.dimension, embedding,
+                         reference_mean=core.reference_mean(row))
     if observe is not None:
         observe(probe)
     subject_hmac = core.integrity.subject_index(collection_id, subject_id)
@@ -102,12 +104,11 @@ def verify(core: Core, collection_id: str, subject_id: str, embedding: Sequence[
     reservation = core.attempts.reserve(collection_id, subject_hmac, credential)
     try:
         if held is None:
-            _decoy(core, gallery, probe, cancelled)
+            _decoy(core, row, gallery, probe, cancelled)
             decided: list[GroupScore] = []
         else:
             parts = gallery.score_held(probe, held, cancelled)
-            decided = core.decider.decide(collection_id, row.key_version, parts, threshold, 1,
-                                          release_scores)
+            decided = core.decider.decide(row, parts, 1, release_scores, threshold=override)
     except BaseException:
         core.attempts.release(reservation)  # no answer leaves: nothing was learnt
         raise
@@ -118,7 +119,7 @@ def verify(core: Core, collection_id: str, subject_id: str, embedding: Sequence[
                        threshold, release_scores)
 
 
-def _decoy(core: Core, gallery: CollectionGallery, probe: np.ndarray,
+def _decoy(core: Core, row: CollectionRow, gallery: CollectionGallery, probe: np.ndarray,
            cancelled: Callable[[], bool] | None) -> None:
     """Score and decrypt one stored slot and release nothing: an unknown subject costs
     about what a known one does (best effort; not constant time)."""
@@ -128,7 +129,7 @@ def _decoy(core: Core, gallery: CollectionGallery, probe: np.ndarray,
             else [(BLOCK, blocks[0], np.zeros(1, np.int64))] if blocks else [])
     if held:
         parts = gallery.score_held(probe, held, cancelled)
-        core.decider.decide(gallery.collection_id, gallery.key_version, parts, 2.0, 1)
+        core.decider.decide(row, parts, 1, decoy=True)
 
 
 def unlock_subject(core: Core, collection_id: str, subject_id: str) -> int:
@@ -157,17 +158,17 @@ def identify(core: Core, collection_id: str, embedding: Sequence[float], top_k: 
     if not purpose and core.release_settings(row).require_purpose:
         raise FailedPrecondition("this collection requires a purpose (a case reference) "
                                  "on every 1:N identification")
-    threshold = row.threshold if threshold is None else check_threshold(threshold)
+    override = None if threshold is None else check_threshold(threshold)
+    threshold = row.threshold if override is None else override
     if gallery.damaged:
         raise DataLoss("a block or journal page of this collection failed its integrity "
                        "check: a 1:N match cannot cover every template")
-    probe = core.protector.protect(collection_id, row.key_version, row.dimension, embedding,
-                                   reference_mean=core.reference_mean(row))
+    probe = core.protect(collection_id, row.key_version, row.dimension, embedding,
+                         reference_mean=core.reference_mean(row))
     if observe is not None:
         observe(probe)
     parts = gallery.score_all(probe, cancelled)
-    decided = core.decider.decide(collection_id, row.key_version, parts, threshold, top_k,
-                                  release_scores)
+    decided = core.decider.decide(row, parts, top_k, release_scores, threshold=override)
     return _released(core, collection_id, gallery, decided, threshold, release_scores)
 
 
@@ -179,14 +180,17 @@ def _released(core: Core, collection_id: str, gallery: CollectionGallery,
     rows = {h: core.store.subject_templates(collection_id, h, gallery.key_version)
             for h in subjects}
     _check_rows(core, collection_id, [t for found in rows.values() for t in found])
-    candidates = [c for c in (_release(core, collection_id, gallery, d, bool(rows[h]))
-                              for d, h in zip(decided, subjects, strict=True)) if c]
+    named = [n for n in (_release(core, collection_id, gallery, d, bool(rows[h]))
+                         for d, h in zip(decided, subjects, strict=True)) if n]
+    # The subject ids, opened by the decider in one call (the PII key is only there).
+    ids = core.decider.open_subjects(collection_id, [(h, sealed) for _, h, sealed in named])
+    candidates = [Candidate(i, d.score, h) for (d, h, _), i in zip(named, ids, strict=True)]
     return MatchResult(bool(candidates), candidates, threshold, release_scores)
 
 
 def _release(core: Core, collection_id: str, gallery: CollectionGallery,
-             decided: GroupScore, checked: bool) -> Candidate | None:
-    """The subject id behind a decided group, after checking its rows' MACs (``checked``:
+             decided: GroupScore, checked: bool) -> tuple[GroupScore, bytes, bytes] | None:
+    """The sealed subject id behind a decided group, after checking its rows' MACs (``checked``:
     they were, and were found); a tampered record is never named: DATA_LOSS (logged),
     not a silent non-match."""
     subject_hmac = gallery.subject(decided.group)
@@ -208,8 +212,7 @@ def _release(core: Core, collection_id: str, gallery: CollectionGallery,
         log.error("integrity failure", kind="subject_missing", collection_id=collection_id)
         raise DataLoss("the subject record of a matching template is missing: failed its "
                        "integrity check")
-    subject_id = core.pii.decrypt(sealed, aad.subject_id(collection_id, subject_hmac))
-    return Candidate(subject_id.decode(), decided.score, subject_hmac)
+    return decided, subject_hmac, sealed
 
 
 def audit_subject_ref(core: Core, collection_id: str, subject_hmac: bytes, entry_ref: str) -> bytes:

@@ -31,16 +31,14 @@ import uuid
 
 import numpy as np
 
-from vault import he, logs
+from vault import logs
 from vault.core import Core
-from vault.crypto import aad
 from vault.crypto.reencrypt import blind_reencrypt
 from vault.decider import Moves
 from vault.domain.errors import FailedPrecondition, NotFound, VaultError
 from vault.domain.records import BLOCK, FAILED, LIVE, RUNNING, CollectionKeyRow, KeyJobRow
 from vault.gallery import CollectionGallery
 from vault.he import linear
-from vault.keys import envelope
 from vault.ops.commit import BlockCommit
 from vault.ops.maintenance import checkpoint
 
@@ -66,16 +64,12 @@ def start(core: Core, collection_id: str) -> KeyJobRow:
             return resumed
         new_version = row.key_version + 1
         params = gallery.params
-        secret, public = he.generate(params)
+        public, sealed = core.decider.create_key(collection_id, new_version, params)
         params_json = params.to_json()
-        sealed = envelope.seal(core.hsm, secret,
-                               aad.secret_context(collection_id, new_version, params_json))
         job = KeyJobRow(uuid.uuid4().hex, collection_id, row.key_version, new_version, RUNNING, 0,
                         len(gallery.blocks), None)
         core.store.insert_key_version(CollectionKeyRow(collection_id, new_version, params_json,
                                                         public, sealed), job)
-        core.decider.load(collection_id, new_version, secret, params)
-        del secret
         core.next_galleries[collection_id] = CollectionGallery(
             collection_id, new_version, row.dimension, params, public, core.tuning.routing)
         launch(core, job)
@@ -153,13 +147,11 @@ def move_block(core: Core, job: KeyJobRow, old: CollectionGallery, new: Collecti
         every = np.arange(n)
         moves = Moves(dim, np.repeat(np.arange(dim), n), np.tile(every, dim),
                       np.repeat(np.arange(dim), n), np.tile(every, dim))
-        fresh = blind_reencrypt(
-            core.decider, old.ctx, cid, old.key_version, cts, False, moves,
-            lambda plain: core.encryption.encrypt(new.ctx, new.public_context, plain),
-            lift_to=moduli, margin=2 ** (params.template_scale_bits + 1))
+        fresh = blind_reencrypt(core.decider, old.ctx, cid, old.key_version, cts, False, moves,
+                                new.key_version, lift_to=moduli,
+                                margin=2 ** (params.template_scale_bits + 1))
         del cts
-        change = core.protector.transform(cid, old.key_version, old.dimension).change_to(
-            core.protector.transform(cid, new.key_version, new.dimension))
+        change = core.decider.change(cid, old.key_version, new.key_version, old.dimension)
         rotated = linear.rescale(linear.linear_map(
             fresh, np.rint(change * moduli[1]).astype(np.int64), moduli), moduli)
         del fresh

@@ -1,6 +1,6 @@
-"""Decider: the only holder of CKKS secret keys.
+"""The decider's release policy and secret-key operations (no HSM, no transport).
 
-It decrypts two kinds of ciphertexts, and releases nothing it decrypts:
+:class:`SecretKeys` decrypts two kinds of ciphertexts, and releases nothing it decrypts:
 
 - **score ciphertexts** computed by the gallery. Of each it reads only the coefficients
   the caller names (live templates' scores; journal pages arrive with every other
@@ -10,15 +10,16 @@ It decrypts two kinds of ciphertexts, and releases nothing it decrypts:
   policy below). CKKS decryptions handed to someone who chose
   the ciphertext leak the secret key (IND-CPA^D), and raw score vectors allow template
   reconstruction: neither ever leaves.
-- **masked ciphertexts** for blind re-encryption (:meth:`Decider.reencrypt`): the matcher
+- **masked ciphertexts** for blind re-encryption (:meth:`SecretKeys.reencrypt`): the matcher
   adds a uniform mask R mod q to a template ciphertext, the decider decrypts ``m + R``
   (uniform: it learns nothing), moves or erases coefficients (integer operations, which
   commute with the mask), encrypts the result afresh and returns the ciphertext; the
   matcher subtracts the moved mask. This is how journal pages become blocks and how
   deleted templates leave the ciphertexts, without a template ever being decrypted.
 
-Its interface takes arrays and opaque group numbers, never subject ids, so that it can
-run as its own process later.
+Its interface takes arrays and opaque group numbers, never subject ids. Custody (where
+the keys come from, the MAC-checked settings, the budget) is :mod:`vault.decider.keeper`'s;
+the process boundary is :mod:`vault.decider.process`'s.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def _top_groups(value: np.ndarray, group: np.ndarray, top_k: int) -> np.ndarray:
         m = min(size, 4 * m)
 
 
-class Decider:
+class SecretKeys:
     """Holds the secret contexts of every (collection, key version) it was given."""
 
     def __init__(self) -> None:
@@ -119,11 +120,13 @@ class Decider:
 
     def load(self, collection_id: str, key_version: int, secret_context: bytes,
              params: HeParams) -> None:
+        """Deserialize and hold one key version's secret context."""
         ctx = SecretContext(secret_context, params)
         with self._lock:
             self._contexts[(collection_id, key_version)] = ctx
 
     def forget(self, collection_id: str, key_version: int) -> None:
+        """Drop one key version's secret context."""
         with self._lock:
             self._contexts.pop((collection_id, key_version), None)
 
