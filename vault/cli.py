@@ -135,6 +135,8 @@ def serve(args: argparse.Namespace) -> int:
                          ("--health-listen", args.health_listen)):
         if listen:
             preflight.bindable(listen, flag)
+    if data_dir.exists():  # the layout check looks inside: a root-owned 0700 volume first
+        preflight.writable_dir(data_dir, "--data-dir")
     hsm_dir = _checked_layout(args, data_dir)
     preflight.writable_dir(data_dir, "--data-dir")
     if hsm_dir is not None:
