@@ -158,6 +158,8 @@ def serve(args: argparse.Namespace) -> int:
                         workers=args.workers, maintenance_interval=args.maintenance_interval)
         vault = Vault.open(data_dir, hsm_config, limits=limits, tuning=tuning)
         vault.encryption.warm()
+        if collected is not None:
+            collected.instrument_vault(vault)
         return vault
 
     # The server starts even when the HSM is out: NOT_SERVING until the watcher opens it.
@@ -166,12 +168,14 @@ def serve(args: argparse.Namespace) -> int:
     holder = VaultHolder(open_vault, interval=args.hsm_check_interval,
                          on_refused=lambda: os.kill(os.getpid(), signal.SIGTERM))
     interceptors = []
+    collected = None  # read by open_vault when the holder opens the vault
     if args.metrics_listen:
         from vault.api import metrics
         from vault.keys.hsm import Hsm
 
         collected = metrics.Metrics()
         metrics.instrument_hsm(Hsm, collected)
+        collected.instrument_maintenance()
         collected.watch(lambda: holder.vault)
         interceptors.append(collected.interceptor())
         collected.serve(args.metrics_listen)
