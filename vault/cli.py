@@ -180,6 +180,16 @@ def serve(args: argparse.Namespace) -> int:
         interceptors.append(collected.interceptor())
         collected.serve(args.metrics_listen)
         log.info("metrics", listen=args.metrics_listen)
+    traced = None
+    from vault.api import tracing
+
+    if tracing.wanted(args.otel_endpoint):
+        try:
+            traced = tracing.provider(args.otel_endpoint)
+        except tracing.TracingUnavailable as exc:
+            raise CliError(f"--otel-endpoint: {exc}") from None
+        interceptors.append(tracing.interceptor(traced))
+        log.info("tracing: a span per RPC over OTLP")
     try:
         server, _port, _health = build_server(holder, args.listen, tls=tls,
                                              rate_limit=args.rate_limit,
@@ -219,6 +229,8 @@ def serve(args: argparse.Namespace) -> int:
     wait()
     log.info("shutting down")
     server.stop(grace=5).wait()
+    if traced is not None:
+        traced.shutdown()  # the spans still batched
     if health_server is not None:
         health_server.stop(grace=1).wait()
     holder.close()
@@ -585,6 +597,11 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-listen", type=host_port, default=env("VAULT_METRICS_LISTEN", None),
                    help="HOST:PORT serving Prometheus metrics at /metrics, e.g. "
                         "127.0.0.1:9464 (env VAULT_METRICS_LISTEN; default: off)")
+    p.add_argument("--otel-endpoint", default=env("VAULT_OTEL_ENDPOINT", None),
+                   help="OTLP/gRPC collector for OpenTelemetry traces, a span per RPC with "
+                        "no request field in it, e.g. http://127.0.0.1:4317 (extra otel; env "
+                        "VAULT_OTEL_ENDPOINT, or OpenTelemetry's OTEL_EXPORTER_OTLP_ENDPOINT; "
+                        "default: off)")
     p.add_argument("--health-listen", type=host_port, default=env("VAULT_HEALTH_LISTEN", None),
                    help="loopback HOST:PORT serving only grpc.health, in plaintext, for "
                         "container health checks under mutual TLS or any port "

@@ -86,7 +86,13 @@ class Metrics:
         self.rpc_seconds.labels(*labels).observe(seconds)
 
     def interceptor(self) -> grpc.ServerInterceptor:
-        return _RpcInterceptor(self)
+        """Counts and times every RPC by method and status code."""
+        def begin(method: str, _details: grpc.HandlerCallDetails
+                  ) -> Callable[[grpc.StatusCode], None]:
+            start = time.perf_counter()
+            return lambda code: self.observe_rpc(method, code, time.perf_counter() - start)
+
+        return RpcObserver(begin)
 
     def watch(self, vault_of: Callable[[], Any]) -> None:
         """Report templates per collection and the progress of rotations, imports and
@@ -159,30 +165,33 @@ def _code(context: grpc.ServicerContext, failed: bool) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
 
 
-class _RpcInterceptor(grpc.ServerInterceptor):
-    """Counts and times every RPC, unary and streaming (a stream: until its last answer)."""
+class RpcObserver(grpc.ServerInterceptor):
+    """Sees every RPC, unary and streaming (a stream: until its last answer): ``begin``
+    gets the full method name and the call's details when it starts and returns the
+    function that gets its status code when it ends. Shared by metrics and tracing."""
 
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
+    def __init__(self, begin: Callable[[str, grpc.HandlerCallDetails],
+                                       Callable[[grpc.StatusCode], None]]) -> None:
+        self._begin = begin
 
     def intercept_service(self, continuation: Callable[[Any], Any],
                           details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
         if handler is None:
             return None
-        method, observe = details.method, self._metrics.observe_rpc
+        method, begin = details.method, self._begin
         if handler.unary_unary is not None:
             inner = handler.unary_unary
 
             @functools.wraps(inner)
             def unary(request: Any, context: grpc.ServicerContext) -> Any:
-                start, failed = time.perf_counter(), True
+                end, failed = begin(method, details), True
                 try:
                     response = inner(request, context)
                     failed = False
                     return response
                 finally:
-                    observe(method, _code(context, failed), time.perf_counter() - start)
+                    end(_code(context, failed))
 
             return grpc.unary_unary_rpc_method_handler(
                 unary, request_deserializer=handler.request_deserializer,
@@ -191,17 +200,17 @@ class _RpcInterceptor(grpc.ServerInterceptor):
             inner_stream = handler.stream_stream
 
             def stream(requests: Iterable[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-                start, failed = time.perf_counter(), True
+                end, failed = begin(method, details), True
                 try:
                     yield from inner_stream(requests, context)
                     failed = False
                 finally:
-                    observe(method, _code(context, failed), time.perf_counter() - start)
+                    end(_code(context, failed))
 
             return grpc.stream_stream_rpc_method_handler(
                 stream, request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
-        return handler  # unary-stream (health Watch): not counted
+        return handler  # unary-stream (health Watch): not observed
 
 
 class _VaultCollector(Collector):
