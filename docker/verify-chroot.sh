@@ -34,21 +34,21 @@ mount --bind /proc "$root/proc"; mount --bind /dev "$root/dev"
 mount -t tmpfs -o mode=1777 shm "$root/dev/shm"  # a runtime's /dev/shm (multiprocessing)
 # The image's environment, with the two listeners moved to free ports ("any port").
 env_args=$(podman inspect "$image" --format '{{range .Config.Env}}{{.}} {{end}}')
-in_image() {  # $1: user; the rest: the command, with the image's environment
-  user=$1; shift
+in_image() {  # $1: user; the rest: the command, with the image's environment. exec: in a
+  user=$1; shift  # subshell, its pid is the server's (chroot and env exec in turn)
   # shellcheck disable=SC2086
-  chroot --userspec="$user" "$root" /usr/bin/env -i $env_args HOME=/data \
+  exec chroot --userspec="$user" "$root" /usr/bin/env -i $env_args HOME=/data \
     VAULT_LISTEN="0.0.0.0:$port" VAULT_HEALTH_LISTEN="127.0.0.1:$health" "$@"
 }
 echo "== numba kernels cached in the image: $(find "$root/opt/vault/numba-cache" -name '*.nbi' | wc -l)"
 echo "== a root-owned /data:"
 chown 0 "$root/data"
-in_image 10001:10001 vault serve 2>&1 | tail -${TAIL:-1} || true
+(in_image 10001:10001 vault serve) 2>&1 | tail -"${TAIL:-1}" || true
 chown 10001 "$root/data"
 echo "== ENTRYPOINT (vault serve) as uid 10001, mutual TLS from /tls:"
-in_image 10001:10001 vault serve > "$work/server.log" 2>&1 &
+(in_image 10001:10001 vault serve) > "$work/server.log" 2>&1 &
 pid=$!
-in_image 10001:10001 vault health --wait 180 || { tail -20 "$work/server.log"; exit 1; }
+(in_image 10001:10001 vault health --wait 180) || { tail -20 "$work/server.log"; exit 1; }
 echo "== a client with the admin certificate, over mutual TLS on port $port:"
 "$py" -m vault collections create --collection image-check --dimension 8 --threshold 0.9 \
   --target "localhost:$port" --tls-ca "$work/ca.pem" --tls-cert "$work/admin.crt" \

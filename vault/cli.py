@@ -136,11 +136,11 @@ def serve(args: argparse.Namespace) -> int:
         if listen:
             preflight.bindable(listen, flag)
     if data_dir.exists():  # the layout check looks inside: a root-owned 0700 volume first
-        preflight.writable_dir(data_dir, "--data-dir")
+        preflight.writable_dir(data_dir, preflight.source(args.data_dir, "--data-dir"))
     hsm_dir = _checked_layout(args, data_dir)
-    preflight.writable_dir(data_dir, "--data-dir")
+    preflight.writable_dir(data_dir, preflight.source(args.data_dir, "--data-dir"))
     if hsm_dir is not None:
-        preflight.writable_dir(hsm_dir, "--hsm-dir")
+        preflight.writable_dir(hsm_dir, preflight.source(args.hsm_dir, "--hsm-dir"))
     try:
         dir_lock = DataDirLock(data_dir).acquire()
     except VaultError as exc:
