@@ -92,6 +92,8 @@ target = "{unused[1]}"
     ("[serve]\nallow-insecure-remote = 1\n", "[serve] allow-insecure-remote must be true or false"),
     ("[client]\nlisten = '127.0.0.1:1'\n", "unknown key 'listen' in [client]"),
     ("[serve\n", "--config {cfg}: not valid TOML"),
+    ("[serve]\nhsm-pin-file = '/nonexistent/pin'\n",
+     "--config {cfg} [serve] hsm-pin-file /nonexistent/pin: no such file"),
 ])
 def test_bad_config_is_one_line_naming_the_key(tmp_path: Path, text: str, expected: str) -> None:
     cfg = tmp_path / "vault.toml"

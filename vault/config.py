@@ -18,7 +18,7 @@ import tomllib
 from collections.abc import Iterator
 from typing import Any
 
-from vault.preflight import CliError, FromEnv, tag
+from vault.preflight import CliError, FromEnv, readable_file, tag
 
 CLIENT_KEYS = ("target", "tls-ca", "tls-cert", "tls-key")
 # Not an option of serve, read from the environment where the token is opened.
@@ -83,7 +83,9 @@ def apply(parser: argparse.ArgumentParser, sections: dict[str, dict[str, Any]],
     if pin_file is not None:
         if not isinstance(pin_file, str):
             raise CliError(f"{source_name(path)}: [serve] {PIN_FILE_KEY} must be a string")
-        os.environ.setdefault(PIN_FILE_VAR, pin_file)  # the variable, when set, wins
+        if PIN_FILE_VAR not in os.environ:  # the variable, when set, wins
+            readable_file(tag(pin_file, f"{source_name(path)} [serve] {PIN_FILE_KEY}"), "")
+            os.environ[PIN_FILE_VAR] = pin_file
     client = dict(sections.get("client", {}))
     for route, sub in parsers.items():
         options = _options(sub)
