@@ -112,7 +112,8 @@ def test_missing_config_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("env", "expected"), [
     ({"VAULT_ALLOW_INSECURE_REMOTE": "maybe"}, "VAULT_ALLOW_INSECURE_REMOTE='maybe': give 1 or 0"),
-    ({"VAULT_HSM_PIN_FILE": "/nonexistent/pin"}, "VAULT_HSM_PIN_FILE /nonexistent/pin: no such file"),
+    ({"VAULT_HSM_PIN_FILE": "/nonexistent/pin", "VAULT_ALLOW_INSECURE_REMOTE": "1"},
+     "VAULT_HSM_PIN_FILE /nonexistent/pin: no such file"),
     ({"VAULT_AUDIT_REFUSED_INTERVAL": "soon"}, "VAULT_AUDIT_REFUSED_INTERVAL='soon' is not a number"),
     ({"VAULT_TLS_CERT": "/nonexistent/c.pem", "VAULT_TLS_KEY": "/nonexistent/k.pem",
       "VAULT_TLS_CLIENT_CA": "/nonexistent/ca.pem"}, "VAULT_TLS_CERT /nonexistent/c.pem: no such file"),

@@ -138,6 +138,7 @@ def serve(args: argparse.Namespace) -> int:
     if data_dir.exists():  # the layout check looks inside: a root-owned 0700 volume first
         preflight.writable_dir(data_dir, preflight.source(args.data_dir, "--data-dir"))
     hsm_dir = _checked_layout(args, data_dir)
+    readable_file(env("VAULT_HSM_PIN_FILE", None), "VAULT_HSM_PIN_FILE")
     preflight.writable_dir(data_dir, preflight.source(args.data_dir, "--data-dir"))
     if hsm_dir is not None:
         preflight.writable_dir(hsm_dir, preflight.source(args.hsm_dir, "--hsm-dir"))

@@ -175,8 +175,8 @@ def bindable(listen: str, option: str) -> None:
 
 def environment() -> None:
     """The variables read outside the option parser, checked before anything starts: each
-    bad value is one line naming the variable."""
-    readable_file(env("VAULT_HSM_PIN_FILE", None), "VAULT_HSM_PIN_FILE")
+    bad value is one line naming the variable (VAULT_HSM_PIN_FILE: after the layout check,
+    which refuses a PIN file inside the data directory first)."""
     readable_file(env("VAULT_BUDGET_CLOCK_FILE", None), "VAULT_BUDGET_CLOCK_FILE")
     interval = env("VAULT_AUDIT_REFUSED_INTERVAL", None)
     if interval is not None:
