@@ -20,6 +20,10 @@
 #
 # Pin the base by digest for a reproducible build (the digest of the tag you verified):
 #   docker build --build-arg BASE=python:3.11-slim-bookworm@sha256:<digest> .
+# Not pinned here: the machine that built and checked this image reaches no registry, so it
+# could not read the digest. Without a registry: docker/local-base.sh builds a Debian 12
+# base from the apt mirror; podman build --format docker --isolation chroot
+# --build-arg BASE=localhost/debian12-python:3.11 .; docker/verify-chroot.sh IMAGE checks it.
 ARG BASE=python:3.11-slim-bookworm
 FROM ${BASE}
 

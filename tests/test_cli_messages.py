@@ -89,11 +89,13 @@ needs_userns = pytest.mark.skipif(
 
 
 @needs_userns
-def test_data_directory_owned_by_another_user(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", [0o755, 0o700])  # 0700: the image's own /data, root-owned
+def test_data_directory_owned_by_another_user(tmp_path: Path, mode: int) -> None:
     # A volume owned by someone else (the root-owned Docker volume): in a user namespace,
     # root has no power over a directory whose owner is not mapped into it.
     data = tmp_path / "volume"
-    data.mkdir(mode=0o755)
+    data.mkdir(mode=mode)
+    data.chmod(mode)
     os.chown(data, 12345, 12345)
     out = _vault("serve", "--data-dir", str(data), "--hsm-dir", str(tmp_path / "hsm"),
                  prefix=("unshare", "-r"))

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from vault import client, logs, preflight
+from vault import client, config, logs, preflight
 from vault.domain.errors import HsmPinRejected, Refused, VaultError
 from vault.keys.hsm import HsmConfig
 from vault.lockfile import DataDirLock
@@ -94,6 +94,7 @@ def _checked_layout(args: argparse.Namespace, data_dir: Path) -> Path | None:
 
 
 def serve(args: argparse.Namespace) -> int:
+    preflight.environment()  # before the imports below read any of it
     from vault.api.lifecycle import VaultHolder
     from vault.api.server import TlsFiles, build_server
     from vault.gallery import Routing
@@ -114,7 +115,8 @@ def serve(args: argparse.Namespace) -> int:
     if all(tls_files):
         tls = TlsFiles(*(readable_file(f, flag) for f, flag in
                          zip(tls_files, ("--tls-cert", "--tls-key", "--tls-client-ca"))))
-    if tls is None and not _is_loopback(args.listen) and not args.allow_insecure_remote:
+    insecure = preflight.boolean(args.allow_insecure_remote, "--allow-insecure-remote")
+    if tls is None and not _is_loopback(args.listen) and not insecure:
         raise CliError(f"refusing to serve without TLS on the non-loopback address "
                        f"{args.listen}: give --tls-cert, --tls-key and --tls-client-ca, or "
                        "listen on 127.0.0.1")
@@ -134,10 +136,13 @@ def serve(args: argparse.Namespace) -> int:
         if listen:
             preflight.bindable(listen, flag)
     _store_url(args)  # a malformed --store is refused before anything starts
+    if data_dir.exists():  # the layout check looks inside: a root-owned 0700 volume first
+        preflight.writable_dir(data_dir, preflight.source(args.data_dir, "--data-dir"))
     hsm_dir = _checked_layout(args, data_dir)
-    preflight.writable_dir(data_dir, "--data-dir")
+    readable_file(env("VAULT_HSM_PIN_FILE", None), "VAULT_HSM_PIN_FILE")
+    preflight.writable_dir(data_dir, preflight.source(args.data_dir, "--data-dir"))
     if hsm_dir is not None:
-        preflight.writable_dir(hsm_dir, "--hsm-dir")
+        preflight.writable_dir(hsm_dir, preflight.source(args.hsm_dir, "--hsm-dir"))
     try:
         dir_lock = DataDirLock(data_dir).acquire()
     except VaultError as exc:
@@ -167,6 +172,8 @@ def serve(args: argparse.Namespace) -> int:
                 decider.close()
             raise
         vault.encryption.warm()
+        if collected is not None:
+            collected.instrument_vault(vault)
         return vault
 
     # The server starts even when the HSM is out: NOT_SERVING until the watcher opens it.
@@ -175,16 +182,28 @@ def serve(args: argparse.Namespace) -> int:
     holder = VaultHolder(open_vault, interval=args.hsm_check_interval,
                          on_refused=lambda: os.kill(os.getpid(), signal.SIGTERM))
     interceptors = []
+    collected = None  # read by open_vault when the holder opens the vault
     if args.metrics_listen:
         from vault.api import metrics
         from vault.keys.hsm import Hsm
 
         collected = metrics.Metrics()
         metrics.instrument_hsm(Hsm, collected)
+        collected.instrument_maintenance()
         collected.watch(lambda: holder.vault)
         interceptors.append(collected.interceptor())
         collected.serve(args.metrics_listen)
         log.info("metrics", listen=args.metrics_listen)
+    traced = None
+    from vault.api import tracing
+
+    if tracing.wanted(args.otel_endpoint):
+        try:
+            traced = tracing.provider(args.otel_endpoint)
+        except tracing.TracingUnavailable as exc:
+            raise CliError(f"--otel-endpoint: {exc}") from None
+        interceptors.append(tracing.interceptor(traced))
+        log.info("tracing: a span per RPC over OTLP")
     try:
         server, _port, _health = build_server(holder, args.listen, tls=tls,
                                              rate_limit=args.rate_limit,
@@ -224,6 +243,8 @@ def serve(args: argparse.Namespace) -> int:
     wait()
     log.info("shutting down")
     server.stop(grace=5).wait()
+    if traced is not None:
+        traced.shutdown()  # the spans still batched
     if health_server is not None:
         health_server.stop(grace=1).wait()
     holder.close()
@@ -626,28 +647,43 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-listen", type=host_port, default=env("VAULT_METRICS_LISTEN", None),
                    help="HOST:PORT serving Prometheus metrics at /metrics, e.g. "
                         "127.0.0.1:9464 (env VAULT_METRICS_LISTEN; default: off)")
+    p.add_argument("--otel-endpoint", default=env("VAULT_OTEL_ENDPOINT", None),
+                   help="OTLP/gRPC collector for OpenTelemetry traces, a span per RPC with "
+                        "no request field in it, e.g. http://127.0.0.1:4317 (extra otel; env "
+                        "VAULT_OTEL_ENDPOINT, or OpenTelemetry's OTEL_EXPORTER_OTLP_ENDPOINT; "
+                        "default: off)")
     p.add_argument("--health-listen", type=host_port, default=env("VAULT_HEALTH_LISTEN", None),
                    help="loopback HOST:PORT serving only grpc.health, in plaintext, for "
                         "container health checks under mutual TLS or any port "
                         "(env VAULT_HEALTH_LISTEN; default: off)")
     p.add_argument("--allow-insecure-remote", action="store_true",
-                   default=os.environ.get("VAULT_ALLOW_INSECURE_REMOTE", "0") == "1",
+                   default=env("VAULT_ALLOW_INSECURE_REMOTE", False),
                    help="serve plaintext gRPC on a non-loopback address (containers behind a "
                         "private network only; env VAULT_ALLOW_INSECURE_REMOTE=1)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _config_argument(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument("--config", metavar="FILE.toml", default=default,
+                   help="option defaults from a TOML file: [serve] for serve and the data "
+                        "directory commands, [client] for target and TLS; a flag wins over "
+                        "its env variable, which wins over the file (env VAULT_CONFIG)")
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The ``vault`` command line (every option also accepted after its subcommand)."""
     from vault import __version__
 
     parser = _Parser(prog="vault", description=__doc__, epilog=EXIT_CODES,
                      formatter_class=_Formatter)
     parser.add_argument("--version", action="version", version=f"vault {__version__}")
+    _config_argument(parser, os.environ.get("VAULT_CONFIG"))
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def command(parent: argparse._SubParsersAction, name: str, text: str) -> _Parser:
-        return parent.add_parser(name, help=text, description=text, epilog=EXIT_CODES,
-                                 formatter_class=_Formatter)
+        sub = parent.add_parser(name, help=text, description=text, epilog=EXIT_CODES,
+                                formatter_class=_Formatter)
+        _config_argument(sub, argparse.SUPPRESS)
+        return sub
 
     p = command(sub, "serve", "run the gRPC service")
     _serve_arguments(p)
@@ -781,12 +817,20 @@ def build_parser() -> argparse.ArgumentParser:
     _module_argument(r)
     _hsm_arguments(r)
     r.set_defaults(func=restore)
+    path = config.path_from(sys.argv[1:] if argv is None else argv)
+    if path:
+        config.apply(parser, config.load(path), path)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one ``vault`` command; returns its exit code (see ``vault --help``)."""
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser(argv)
+    except CliError as exc:  # the config file: nothing parsed, nothing done
+        print(f"vault: {exc.message}", file=sys.stderr)
+        return exc.code
+    args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except CliError as exc:

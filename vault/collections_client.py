@@ -25,8 +25,9 @@ def line(c: pb.Collection) -> str:
 
 
 def run(channel: grpc.Channel, args: argparse.Namespace) -> int:
-    """Run one ``vault collections`` subcommand; prints its result, returns 0 (a failed
-    RPC raises grpc.RpcError for the caller to explain)."""
+    """Run one ``vault collections`` subcommand; prints its result, returns 0, or 1 when
+    the list holds damaged collections (a failed RPC raises grpc.RpcError for the caller
+    to explain)."""
     stub = vault_pb2_grpc.TemplateVaultStub(channel)
     command, cid = args.collections_command, getattr(args, "collection", "")
     if command == "create":
@@ -35,12 +36,15 @@ def run(channel: grpc.Channel, args: argparse.Namespace) -> int:
                                              require_purpose=args.require_purpose)
         print(line(stub.CreateCollection(request, timeout=120)))
     elif command == "list":
-        token = ""
+        token, damaged = "", 0
         while True:
             page = stub.ListCollections(pb.ListCollectionsRequest(
                 page_size=args.page_size, page_token=token), timeout=60)
             for c in page.collections:
                 print(line(c))
+            for d in page.damaged:
+                print(f"{d.collection_id}\tDAMAGED: {d.reason}")
+                damaged += 1
             token = page.next_page_token
             if not token:
                 break
@@ -57,4 +61,4 @@ def run(channel: grpc.Channel, args: argparse.Namespace) -> int:
         done = stub.DeleteCollection(pb.DeleteCollectionRequest(collection_id=cid), timeout=300)
         print(f"deleted collection {cid} and its {done.templates_deleted} templates; run "
               "`vault keys rotate-master` so that old backups cannot open it either")
-    return 0
+    return 1 if command == "list" and damaged else 0

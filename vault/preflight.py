@@ -34,23 +34,46 @@ class CliError(Exception):
 
 
 class FromEnv(str):
-    """An option's default read from an environment variable: a bad value names it."""
+    """An option's default read from an environment variable (``env`` is its name) or a
+    config file (``env`` names the file and key): a bad value names where it came from."""
 
     env: str
+
+
+def tag(value: str, where: str) -> FromEnv:
+    """``value`` tagged with where it was read (a variable, a config file's key)."""
+    tagged = FromEnv(value)
+    tagged.env = where
+    return tagged
 
 
 def env(name: str, default: str | None) -> str | None:
     """The value of ``name`` (tagged with its name), else ``default``."""
     value = os.environ.get(name)
-    if value is None:
-        return default
-    tagged = FromEnv(value)
-    tagged.env = name
-    return tagged
+    return default if value is None else tag(value, name)
+
+
+def source(text: object, option: str) -> str:
+    """Where ``text`` came from, for a message: its variable or config key, else ``option``."""
+    return text.env if isinstance(text, FromEnv) else option
 
 
 def _source(text: str) -> str:
     return f"{text.env}={text!r}" if isinstance(text, FromEnv) else repr(text)
+
+
+def boolean(value: object, option: str) -> bool:
+    """A switch given as a flag (True), a variable ("1"/"0", "true"/"false") or a config
+    boolean; anything else is refused naming where it came from."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("", "0", "false", "no", "off"):
+        return False
+    raise CliError(f"{_source(value) if isinstance(value, FromEnv) else option}: "
+                   "give 1 or 0 (true or false)")
 
 
 def number(kind: type[int | float], minimum: float | None = 0) -> Callable[[str], float]:
@@ -85,14 +108,14 @@ def readable_file(path: str | None, option: str) -> Path | None:
     """``path`` as a Path after checking it can be read; the error names the option."""
     if not path:
         return None
-    p = Path(path)
+    p, where = Path(path), source(path, option)
     if not p.is_file():
-        raise CliError(f"{option} {path}: no such file")
+        raise CliError(f"{where} {path}: no such file")
     try:
         with p.open("rb"):
             pass
     except OSError as exc:
-        raise CliError(f"{option} {path}: cannot read it ({exc.strerror})") from None
+        raise CliError(f"{where} {path}: cannot read it ({exc.strerror})") from None
     return p
 
 
@@ -148,3 +171,16 @@ def bindable(listen: str, option: str) -> None:
                 raise CliError(f"{option} {listen}: ports below 1024 need privileges; choose "
                                "a higher port") from None
             raise CliError(f"{option} {listen}: cannot listen ({exc.strerror})") from None
+
+
+def environment() -> None:
+    """The variables read outside the option parser, checked before anything starts: each
+    bad value is one line naming the variable (VAULT_HSM_PIN_FILE: after the layout check,
+    which refuses a PIN file inside the data directory first)."""
+    readable_file(env("VAULT_BUDGET_CLOCK_FILE", None), "VAULT_BUDGET_CLOCK_FILE")
+    interval = env("VAULT_AUDIT_REFUSED_INTERVAL", None)
+    if interval is not None:
+        try:
+            number(float)(interval)
+        except argparse.ArgumentTypeError as exc:
+            raise CliError(str(exc)) from None

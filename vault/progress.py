@@ -18,13 +18,14 @@ class Progress:
     ``quiet`` shows nothing at all (tests that drive a benchmark)."""
 
     def __init__(self, total: int, desc: str, unit: str = "it", *, bar: bool | None = None,
-                 quiet: bool = False) -> None:
+                 quiet: bool = False, position: int = 0) -> None:
         self.total, self.desc, self.done = total, desc, 0
         self._logged_tenth = 0
         self._bar = None
         if not quiet and (sys.stderr.isatty() if bar is None else bar):
             from tqdm import tqdm
-            self._bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr)
+            self._bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr,
+                             position=position)
         self._log = not quiet and self._bar is None
 
     def update(self, done: int, total: int | None = None, note: str = "") -> None:
@@ -43,6 +44,15 @@ class Progress:
             self._logged_tenth = tenth
             log.info("progress", kind=self.desc, count=done,
                      status=f"{done}/{self.total}" + (f" {note}" if note else ""))
+
+    def still(self, note: str) -> None:
+        """Say the work goes on without moving (a long step that reports no count): the
+        bar's note, or one log line."""
+        if self._bar is not None:
+            self._bar.set_postfix_str(note)  # redraws: the elapsed time moves
+        elif self._log:
+            log.info("progress", kind=self.desc, count=self.done,
+                     status=f"{self.done}/{self.total} {note}")
 
     def advance(self, count: int = 1) -> None:
         """Move ``count`` further."""

@@ -331,7 +331,8 @@ def test_vault_import_command(server: ServerProcess, stub, collection: str, tmp_
     assert "1 x embedding contains NaN or infinite values" in out.stdout
     progress = [json.loads(line) for line in out.stderr.splitlines() if line.startswith("{")]
     assert progress and progress[-1]["count"] == 300  # not a terminal: JSON progress lines
-    steps = [line["count"] for line in progress if line["event"] == "progress"]
+    steps = [line["count"] for line in progress
+             if line["event"] == "progress" and line["kind"] == "sent"]
     assert steps == sorted(set(steps)) and len(steps) >= 5  # moves as items go out
     again = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)  # derived request ids
     assert "0 new, 299 already stored, 1 failed, of 300 items" in again.stdout

@@ -278,9 +278,12 @@ class TemplateVaultServicer(vault_pb2_grpc.TemplateVaultServicer):
     @_guard
     def ListCollections(self, request: vault_pb2.ListCollectionsRequest,
                         context: grpc.ServicerContext) -> vault_pb2.ListCollectionsResponse:
-        page, token = self._vault().list_collections(request.page_size, request.page_token)
-        return vault_pb2.ListCollectionsResponse(collections=[_collection(c) for c in page],
-                                                 next_page_token=token)
+        page, damaged, token = self._vault().list_collections(request.page_size,
+                                                              request.page_token)
+        return vault_pb2.ListCollectionsResponse(
+            collections=[_collection(c) for c in page], next_page_token=token,
+            damaged=[vault_pb2.DamagedCollection(collection_id=cid, reason=reason)
+                     for cid, reason in damaged.items()])
 
     @_guard
     def DeleteCollection(self, request: vault_pb2.DeleteCollectionRequest,

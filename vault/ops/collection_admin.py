@@ -8,7 +8,7 @@ import contextlib
 
 from vault import logs
 from vault.core import Core
-from vault.domain.errors import FailedPrecondition, InvalidArgument, NotFound, VaultError
+from vault.domain.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, VaultError
 from vault.domain.model import CollectionInfo
 from vault.ops.collections import get_collection_info
 from vault.validation import check_collection_id
@@ -38,21 +38,30 @@ def _after(page_token: str) -> str:
         raise InvalidArgument("page_token is not a next_page_token of ListCollections") from None
 
 
-def list_collections(core: Core, page_size: int = 0,
-                     page_token: str = "") -> tuple[list[CollectionInfo], str]:
-    """One page of collections by id, and the token of the next page ("" on the last).
-    ``page_size`` 0 means :data:`DEFAULT_PAGE_SIZE`; above :data:`MAX_PAGE_SIZE` or
-    negative is INVALID_ARGUMENT."""
+def list_collections(core: Core, page_size: int = 0, page_token: str = ""
+                     ) -> tuple[list[CollectionInfo], dict[str, str], str]:
+    """One page of collections by id, the damaged ones on it (id -> reason: a record that
+    fails its MAC, or a collection stopped as damaged at load; never listed with settings
+    as if fine), and the token of the next page ("" on the last). ``page_size`` 0 means
+    :data:`DEFAULT_PAGE_SIZE`; above :data:`MAX_PAGE_SIZE` or negative is INVALID_ARGUMENT."""
     if page_size < 0 or page_size > MAX_PAGE_SIZE:
         raise InvalidArgument(f"page_size must be in 0..{MAX_PAGE_SIZE} (0: {DEFAULT_PAGE_SIZE})")
     size = page_size or DEFAULT_PAGE_SIZE
     after = _after(page_token)
     ids = [r.collection_id for r in core.store.collections() if r.collection_id > after]
     page: list[CollectionInfo] = []
+    damaged: dict[str, str] = {}
     for cid in ids[:size]:
-        with contextlib.suppress(NotFound):  # deleted since the ids were read
+        if cid in core.damage_reasons:
+            damaged[cid] = core.damage_reasons[cid]
+            continue
+        try:
             page.append(get_collection_info(core, cid))
-    return page, _token(ids[size - 1]) if len(ids) > size else ""
+        except NotFound:  # deleted since the ids were read
+            continue
+        except DataLoss as exc:
+            damaged[cid] = exc.message
+    return page, damaged, _token(ids[size - 1]) if len(ids) > size else ""
 
 
 def delete_collection(core: Core, collection_id: str) -> int:

@@ -65,6 +65,7 @@ def set_min_key_version(core: Core, collection_id: str, min_key_version: int) ->
         stored = core.store.collection(collection_id)
         if stored is None:
             raise NotFound("collection not found")
+        core.release_settings(stored)  # a tampered row is DATA_LOSS, never signed afresh
         updated = core.sign(dataclasses.replace(stored, min_key_version=min_key_version, mac=b""))
         core.store.update_collection(updated)
     log.info("minimum key version set", collection_id=collection_id, version=min_key_version)

@@ -82,6 +82,7 @@ def get_collection_info(core: Core, collection_id: str) -> CollectionInfo:
     """As :meth:`get_collection`, also for a collection stopped by its minimum key
     version (what the key administrator needs to see)."""
     row, _versions, _job = collection_key.key_versions(core, collection_id)
+    core.release_settings(row)  # its MAC: DATA_LOSS for a tampered row, never shown as fine
     gallery = core.current_galleries.get(collection_id)
     count = gallery.template_count() if gallery is not None else 0
     return CollectionInfo(row.collection_id, row.dimension, row.threshold, row.key_version,

@@ -197,6 +197,7 @@ def switch(core: Core, job: KeyJobRow, old: CollectionGallery, new: CollectionGa
             row = core.store.collection(cid)
             if row is None:
                 raise NotFound("collection not found")
+            core.release_settings(row)  # a tampered row is DATA_LOSS, never signed afresh
             current = core.sign(dataclasses.replace(
                 row, key_version=new.key_version,
                 min_key_version=max(row.min_key_version, new.key_version), mac=b""))
