@@ -101,9 +101,11 @@ class BlockFiles:
         return digest.digest()
 
     @staticmethod
-    def read(path: Path, levels: int | None = None) -> tuple[list[np.ndarray], bytes]:
+    def read(path: Path, levels: int | None = None,
+             as_stored: bool = False) -> tuple[list[np.ndarray], bytes]:
         """Read a block file into memory: its first ``levels`` primes' (D, 2, N) residues
-        (all by default, as uint64) and the SHA-256 of the whole file."""
+        (all by default, as uint64; ``as_stored``: in their stored type, uint32 for primes
+        below 2^32) and the SHA-256 of the whole file."""
         digest = hashlib.sha256()
         with open(path, "rb") as f:
             head = f.read(_HEADER)
@@ -121,8 +123,8 @@ class BlockFiles:
                     raise ValueError("block file is truncated")
                 digest.update(raw)
                 if levels is None or level < levels:
-                    out.append(np.frombuffer(raw, dt, int(np.prod(shape))).reshape(shape)
-                               .astype(np.uint64))
+                    arr = np.frombuffer(raw, dt, int(np.prod(shape))).reshape(shape)
+                    out.append(arr if as_stored else arr.astype(np.uint64))  # read-only as stored
             if f.read(1):
                 raise ValueError("block file has trailing data")
         return out, digest.digest()

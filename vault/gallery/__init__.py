@@ -125,6 +125,8 @@ class CollectionGallery:
             self.prefilter.add(block.block_no, block.centroid)
 
     def install_page(self, page: Page) -> None:
+        if page.scored is None:
+            page.scored = page_ops.scored(self.ctx, page.ct)
         with self._lock:
             self.pages[page.page_no] = page
             self._next_page_no = max(self._next_page_no, page.page_no + 1)

@@ -19,8 +19,9 @@ os.environ.setdefault("NUMBA_CACHE_DIR", str(
 
 from numba import njit  # noqa: E402 - reads NUMBA_CACHE_DIR when first imported
 
-# Residues are split in halves of _SPLIT bits so that a signed probe scalar (at most
-# 2^21) times a half fits in 47 bits and D <= 1024 of them sum below 2^63.
+# score_block (score primes above 2^32, key versions from before issue 14): residues are
+# split in halves of _SPLIT bits so that a signed probe scalar (at most 2^21) times a half
+# fits in 47 bits and D <= 1024 of them sum below 2^63.
 _SPLIT = np.uint64(26)
 _MASK = np.uint64((1 << 26) - 1)
 
@@ -97,3 +98,31 @@ def score_block(block: np.ndarray, scalars: np.ndarray, q: int, out: np.ndarray)
     shift = (1 << 26) % q
     for k in range(2):
         _reduce_split(hi[k], lo[k], q, shift, out[k])
+
+
+@njit(nogil=True, cache=True)
+def score_block32(block: np.ndarray, scalars: np.ndarray, q: int, out: np.ndarray) -> None:
+    """:func:`score_block` for a score prime below 2^32: ``block`` (D, 2, N) uint32.
+
+    Whole residues times scalars (|s| <= 2^20) summed over D <= 1024 terms stay below
+    2^62, so one int64 multiply-add per residue, no split, and half the bytes streamed.
+    """
+    dim = block.shape[0]
+    n = block.shape[2]
+    acc = np.zeros((2, n), np.int64)
+    for j in range(dim):
+        s = np.int64(scalars[j])
+        if s == 0:
+            continue
+        for k in range(2):
+            row = block[j, k]
+            a = acc[k]
+            for i in range(n):
+                a[i] += s * np.int64(row[i])
+    qi = np.int64(q)
+    for k in range(2):
+        for i in range(n):
+            v = acc[k, i] % qi
+            if v < 0:
+                v += qi
+            out[k, i] = np.uint64(v)

@@ -36,6 +36,7 @@ from vault.decider import Moves
 from vault.domain.errors import DataLoss, VaultError
 from vault.domain.records import BLOCK, DELETED, LIVE, MIXED, PAGE, TemplateRow
 from vault.gallery import CollectionGallery
+from vault.gallery import pages as page_ops
 from vault.he import poly
 
 log = logs.get("vault.maintenance")
@@ -66,7 +67,9 @@ def checkpoint(core: Core, gallery: CollectionGallery) -> int:
         # Everything live now moves; a deletion after this point leaves a tombstone.
         moving = [(i, t) for i, p in enumerate(pages) for t in rows[p.page_no]
                   if t.state == LIVE and t.slot < p.fill]
-        levels = min(p.ct.shape[1] for p in pages)
+        held = [p.scored if p.scored is not None else page_ops.scored(gallery.ctx, p.ct)
+                for p in pages]  # at the score prime, templates at the template scale
+        levels = min(h.shape[1] for h in held)
         moduli = gallery.ctx.level_moduli(levels)
         tail = gallery.mixed_tail()
         if tail is not None and tail.levels != levels:
@@ -85,7 +88,7 @@ def checkpoint(core: Core, gallery: CollectionGallery) -> int:
             gallery.new_block_numbers(block_count - int(reuse_tail))
 
         mask = poly.uniform((len(pages), n), moduli)  # (pages, levels, N) coefficient form
-        masked = np.stack([p.ct[:, :levels] for p in pages])
+        masked = np.stack([h[:, :levels] for h in held])
         for i in range(len(pages)):
             masked[i, 0] = poly.add(masked[i, 0], gallery.ctx.to_ntt(mask[i]), moduli)
         count = len(moving)
