@@ -164,6 +164,10 @@ def budget(params: HeParams, reencryptions: int = 0) -> dict[str, float]:
 
 
 DEFAULT_PARAMS = HeParams()
+# Six standard deviations of a score's CKKS and quantisation error after four blind
+# re-encryptions (1.6e-3 for the defaults): the tolerance of tests that compare decisions
+# or released scores with plaintext cosine.
+SCORE_ERROR_BOUND = budget(DEFAULT_PARAMS, reencryptions=4)["bound_6_sigma"]
 # The parameters of key versions written before issue 14 (16 bytes per template-dimension).
 LEGACY_PARAMS = HeParams(coeff_mod_bit_sizes=(50, 30, 29), template_scale_bits=27,
                          probe_scale_bits=20)
