@@ -62,6 +62,8 @@ class ScoreCiphertext:
     slots: np.ndarray = field(repr=False)
     tier: int
     loc: int
+    # The same scores for the probe's low digit (HeParams.probe_low_bits), or None.
+    low: np.ndarray | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -150,8 +152,9 @@ class Decider:
         for index, part in enumerate(parts):
             if part.positions.size == 0:
                 continue
-            plain = ctx.decrypt(part.data, part.ntt)[0]
-            values.append(poly.centered(plain[part.positions], q) / scale)
+            plains = [ctx.decrypt(ct, part.ntt)[0][part.positions]
+                      for ct in (part.data, part.low) if ct is not None]
+            values.append(poly.combine_digits(plains, q, params.probe_low_bits) / scale)
             groups.append(part.groups.astype(np.int64))
             origin.append(np.stack([np.full(part.slots.size, index), part.slots]))
         if not values:

@@ -17,8 +17,13 @@ TOLERANCE = budget(DEFAULT_PARAMS)["bound_6_sigma"]
 
 
 def _scores(secret, part, params) -> np.ndarray:
-    plain = secret.decrypt(part.data, part.ntt)[0]
-    return poly.centered(plain, secret.public.moduli[0]) / (params.template_scale * params.probe_scale)
+    plains = [secret.decrypt(ct, part.ntt)[0] for ct in (part.data, part.low) if ct is not None]
+    return poly.combine_digits(plains, secret.public.moduli[0], params.probe_low_bits) / (
+        params.template_scale * params.probe_scale)
+
+
+def _digits(probe, params) -> np.ndarray:
+    return poly.probe_digits(probe, params.probe_scale_bits, params.probe_low_bits)
 
 
 @pytest.mark.parametrize("dim", [128, 512, 1000])
@@ -31,7 +36,7 @@ def test_a_page_filled_one_enrollment_at_a_time_scores_like_numpy(public, secret
         ct = pages.write(public, ct, k, templates[k:k + 1])
     page = pages.Page(0, slots, slots, ct, np.arange(slots, dtype=np.int32))
     for probe in unit(rng, 3, dim):
-        (part,) = pages.score(public, [page], poly.quantise(probe, public.params.probe_scale))
+        (part,) = pages.score(public, [page], _digits(probe, public.params))
         assert list(part.groups) == list(range(slots)) and list(part.slots) == list(range(slots))
         got = _scores(secret, part, public.params)[part.positions]
         assert np.abs(got - templates @ probe).max() < TOLERANCE
@@ -50,8 +55,9 @@ def test_only_live_scores_reach_the_decider_the_rest_is_uniform(public, secret) 
     groups[[1, 5]] = [10, 11]  # two live templates, the others deleted
     page = pages.Page(0, 1, slots, ct, groups)
     probe = unit(rng, 1, dim)[0]
-    scalars = poly.quantise(probe, public.params.probe_scale)
+    scalars = _digits(probe, public.params)
     (part,) = pages.score(public, [page], scalars)
+    assert part.low is not None  # the low digit's product: masked the same way
     assert list(part.positions) == [1 * dim, 5 * dim] and list(part.groups) == [10, 11]
     plain = secret.decrypt(part.data, part.ntt)[0]
     q = public.moduli[0]
@@ -59,12 +65,15 @@ def test_only_live_scores_reach_the_decider_the_rest_is_uniform(public, secret) 
     hidden[part.positions] = False
     r = plain[hidden].astype(np.float64) / q
     assert abs(r.mean() - 0.5) < 0.02 and abs(r.var() - 1 / 12) < 0.01  # uniform
-    scores = poly.centered(plain[part.positions], q) / (public.params.template_scale * public.params.probe_scale)
+    low = secret.decrypt(part.low, part.ntt)[0]
+    r = low[hidden].astype(np.float64) / q
+    assert abs(r.mean() - 0.5) < 0.02 and abs(r.var() - 1 / 12) < 0.01  # uniform too
+    scores = _scores(secret, part, public.params)[part.positions]
     assert np.abs(scores - templates[[1, 5]] @ probe).max() < TOLERANCE
     # The same product unmasked: small, structured values everywhere (what the mask hides).
     raw = np.empty_like(part.data)
     from vault.he import kernels
-    phat = public.to_ntt(poly.residues(poly.negacyclic_reverse(scalars, public.n), (q,)))[0]
+    phat = public.to_ntt(poly.residues(poly.negacyclic_reverse(scalars[0], public.n), (q,)))[0]
     held = pages.scored(public, ct)
     kernels.mulmod(held[0, 0], phat, q, raw[0, 0])
     kernels.mulmod(held[1, 0], phat, q, raw[1, 0])

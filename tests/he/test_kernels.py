@@ -53,12 +53,14 @@ def test_score_block32_is_exact(q: int) -> None:
     scalars = rng.integers(-(1 << 20), (1 << 20) + 1, d).astype(np.int64)
     scalars[:4] = [1 << 20, -(1 << 20), 0, 1]
     scalars_max = np.full(d, 1 << 20, np.int64)  # every term at its largest, one sign
-    for s in (scalars, scalars_max, -scalars_max):
-        out = np.empty((2, n), np.uint64)
-        kernels.score_block32(block, s, q, out)
-        for k in range(2):
-            for i in range(n):
-                assert int(out[k, i]) == sum(int(a) * int(c) for a, c in zip(s, block[:, k, i])) % q
+    for digits in (scalars[None], scalars_max[None], np.stack([scalars, -scalars_max]),
+                   np.stack([scalars, scalars_max, -scalars])):
+        out = np.empty((len(digits), 2, n), np.uint64)
+        kernels.score_block32(block, digits, q, out)
+        for s, got in zip(digits, out):
+            for k in range(2):
+                for i in range(n):
+                    assert int(got[k, i]) == sum(int(a) * int(c) for a, c in zip(s, block[:, k, i])) % q
 
 
 def test_blocks_are_held_and_scored_as_uint32(public) -> None:
@@ -70,10 +72,11 @@ def test_blocks_are_held_and_scored_as_uint32(public) -> None:
     residues = rng.integers(0, q, (64, 2, public.n), dtype=np.uint64)
     held = blocks.held(residues, q)
     assert held.dtype == np.uint32 and held.nbytes == 64 * public.n * 8
-    scalars = poly.quantise(unit(rng, 1, 64)[0], public.params.probe_scale)
+    scalars = poly.probe_digits(unit(rng, 1, 64)[0], 10, 6)
     block = blocks.Block(0, 1, 1, public.n, 1, held, b"", np.zeros(public.n, np.int32))
     wide = blocks.Block(0, 1, 1, public.n, 1, residues, b"", np.zeros(public.n, np.int32))
     assert np.array_equal(blocks.score(block, scalars, q), blocks.score(wide, scalars, q))
+    assert blocks.score(block, scalars, q).shape == (2, 2, 1, public.n)
 
 
 def test_encrypted_block_scores_agree_with_numpy_and_tenseal(public, secret) -> None:
@@ -94,10 +97,13 @@ def test_encrypted_block_scores_agree_with_numpy_and_tenseal(public, secret) -> 
                       coeff_mod_bit_sizes=[60, 40, 40, 60])
     tctx.global_scale = 2.0 ** 40
     tenseal_cols = [ts.ckks_vector(tctx, templates[:, j].tolist()) for j in range(d)]
+    q = public.moduli[0]
     for probe in probes:
-        ours = poly.centered(secret.decrypt(blocks.score(block, poly.quantise(probe, params.probe_scale),
-                                                         public.moduli[0]), ntt=False)[0],
-                             public.moduli[0]) / (params.template_scale * params.probe_scale)
+        digits = poly.probe_digits(probe, params.probe_scale_bits, params.probe_low_bits)
+        assert digits.shape == (2, d)  # the default parameters: two probe digits
+        scores = blocks.score(block, digits, q)
+        ours = poly.combine_digits([secret.decrypt(ct, ntt=False)[0] for ct in scores], q,
+                                   params.probe_low_bits) / (params.template_scale * params.probe_scale)
         acc = tenseal_cols[0] * float(probe[0])
         for j in range(1, d):
             acc += tenseal_cols[j] * float(probe[j])

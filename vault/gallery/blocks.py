@@ -72,10 +72,14 @@ def held(residues: np.ndarray, q: int) -> np.ndarray:
 
 
 def score(block: Block, scalars: np.ndarray, q: int) -> np.ndarray:
-    """The score ciphertext (2, 1, N), coefficient form, at the score prime ``q``."""
-    out = np.empty((2, 1, block.residues.shape[2]), np.uint64)
+    """The score ciphertext (2, 1, N), coefficient form, at the score prime ``q``; for
+    probe digits ``scalars`` (k, D) (:func:`vault.he.poly.probe_digits`), one per digit,
+    (k, 2, 1, N), from one pass over the block."""
+    digits = np.atleast_2d(scalars)
+    out = np.empty((digits.shape[0], 2, 1, block.residues.shape[2]), np.uint64)
     if block.residues.dtype == np.uint32:
-        kernels.score_block32(block.residues, scalars, q, out[:, 0, :])
+        kernels.score_block32(block.residues, digits, q, out[:, :, 0, :])
     else:
-        kernels.score_block(block.residues, scalars, q, out[:, 0, :])
-    return out
+        for d in range(digits.shape[0]):
+            kernels.score_block(block.residues, digits[d], q, out[d, :, 0, :])
+    return out[0] if np.ndim(scalars) == 1 else out

@@ -94,8 +94,9 @@ def score(ctx: PublicContext, pages: list[Page], scalars: np.ndarray,
     if not pages:
         return []
     q, n = ctx.moduli[0], ctx.n
-    dimension = len(scalars)
-    probe = ctx.to_ntt(poly.residues(poly.negacyclic_reverse(scalars, n), (q,)))[0]
+    digits = np.atleast_2d(scalars)  # (k, D): one product per probe digit
+    dimension = digits.shape[1]
+    probes = [ctx.to_ntt(poly.residues(poly.negacyclic_reverse(s, n), (q,)))[0] for s in digits]
     chosen = []
     for page in pages:
         slots = (only_slots[page.page_no] if only_slots is not None
@@ -104,22 +105,27 @@ def score(ctx: PublicContext, pages: list[Page], scalars: np.ndarray,
             chosen.append((page, slots))
     if not chosen:
         return []
-    masks = poly.uniform((len(chosen), n), (q,))  # (pages, 1, N)
+    masks = poly.uniform((len(chosen) * len(probes), n), (q,))  # (pages * digits, 1, N)
     for k, (_, slots) in enumerate(chosen):
-        masks[k, 0, slots.astype(np.int64) * dimension] = 0
+        masks[k * len(probes):(k + 1) * len(probes), 0, slots.astype(np.int64) * dimension] = 0
     masks = ctx.many_to_ntt(masks)
     out = []
     for k, (page, slots) in enumerate(chosen):
         if cancelled is not None and cancelled():
             raise Cancelled("the caller cancelled or its deadline passed")
         held = page.scored if page.scored is not None else scored(ctx, page.ct)
-        product = np.empty((2, 1, n), np.uint64)
-        kernels.mulmod(held[0, 0], probe, q, product[0, 0])
-        kernels.mulmod(held[1, 0], probe, q, product[1, 0])
-        product[0] = poly.add(product[0], masks[k], (q,))
-        out.append(ScoreCiphertext(product, ntt=True, positions=slots.astype(np.int64) * dimension,
+        products = []
+        for d, probe in enumerate(probes):  # each digit's product masked on its own
+            product = np.empty((2, 1, n), np.uint64)
+            kernels.mulmod(held[0, 0], probe, q, product[0, 0])
+            kernels.mulmod(held[1, 0], probe, q, product[1, 0])
+            product[0] = poly.add(product[0], masks[k * len(probes) + d], (q,))
+            products.append(product)
+        out.append(ScoreCiphertext(products[0], ntt=True,
+                                   positions=slots.astype(np.int64) * dimension,
                                    groups=page.groups[slots], slots=slots, tier=PAGE,
-                                   loc=page.page_no))
+                                   loc=page.page_no,
+                                   low=products[1] if len(products) > 1 else None))
     return out
 
 

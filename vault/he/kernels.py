@@ -101,28 +101,41 @@ def score_block(block: np.ndarray, scalars: np.ndarray, q: int, out: np.ndarray)
 
 
 @njit(nogil=True, cache=True)
-def score_block32(block: np.ndarray, scalars: np.ndarray, q: int, out: np.ndarray) -> None:
-    """:func:`score_block` for a score prime below 2^32: ``block`` (D, 2, N) uint32.
+def score_block32(block: np.ndarray, digits: np.ndarray, q: int, out: np.ndarray) -> None:
+    """:func:`score_block` for a score prime below 2^32, one score per probe digit in the
+    same pass: ``block`` (D, 2, N) uint32, ``digits`` (k, D) signed integers
+    (|s| <= 2^20), ``out`` (k, 2, N).
 
-    Whole residues times scalars (|s| <= 2^20) summed over D <= 1024 terms stay below
-    2^62, so one int64 multiply-add per residue, no split, and half the bytes streamed.
+    Whole residues times scalars summed over D <= 1024 terms stay below 2^62: one int64
+    multiply-add per residue and digit, no split, and each residue read once.
     """
     dim = block.shape[0]
     n = block.shape[2]
-    acc = np.zeros((2, n), np.int64)
+    count = digits.shape[0]
+    acc = np.zeros((count, 2, n), np.int64)
     for j in range(dim):
-        s = np.int64(scalars[j])
-        if s == 0:
-            continue
         for k in range(2):
             row = block[j, k]
-            a = acc[k]
-            for i in range(n):
-                a[i] += s * np.int64(row[i])
+            if count == 2:
+                s0 = np.int64(digits[0, j])
+                s1 = np.int64(digits[1, j])
+                a0 = acc[0, k]
+                a1 = acc[1, k]
+                for i in range(n):
+                    c = np.int64(row[i])
+                    a0[i] += s0 * c
+                    a1[i] += s1 * c
+            else:
+                for d in range(count):
+                    s = np.int64(digits[d, j])
+                    a = acc[d, k]
+                    for i in range(n):
+                        a[i] += s * np.int64(row[i])
     qi = np.int64(q)
-    for k in range(2):
-        for i in range(n):
-            v = acc[k, i] % qi
-            if v < 0:
-                v += qi
-            out[k, i] = np.uint64(v)
+    for d in range(count):
+        for k in range(2):
+            for i in range(n):
+                v = acc[d, k, i] % qi
+                if v < 0:
+                    v += qi
+                out[d, k, i] = np.uint64(v)

@@ -22,9 +22,10 @@ prime before). The rotation prime is used while a transform rotation runs: a bli
 re-encryption under the new key lifts the ciphertexts to both primes, the rotation (a
 linear map with 30-bit integers) is applied, and a rescale by q1 brings them back down.
 
-**Noise and precision budget** (defaults; ``Dt = 2^17`` template scale, ``Dp = 2^12``
-probe scale, t and p unit vectors, scores relative to a cosine of 1;
-:func:`budget` computes it and ``tests/he/test_budget.py`` checks it against SEAL):
+**Noise and precision budget** (defaults; ``Dt = 2^19`` template scale, probe in two
+digits ``hi`` at ``Dp = 2^10`` and ``lo`` at 2^6 below it (:func:`vault.he.poly.probe_digits`),
+t and p unit vectors, scores relative to a cosine of 1; :func:`budget` computes it and
+``tests/he/test_budget.py`` checks it against SEAL):
 
 - *Fresh noise*: SEAL encrypts at the special prime's level and divides by it; what is
   left is the rounding ``r0 + r1*s`` (r uniform in [-1/2, 1/2], s ternary with 2N/3
@@ -33,25 +34,32 @@ probe scale, t and p unit vectors, scores relative to a cosine of 1;
   below 0.001).
 - *Re-encryptions*: a blind re-encryption decrypts ``m + e + R`` and encrypts it afresh,
   so the old noise stays in the plaintext and a fresh one is added: after r of them
-  (checkpoint 1, each compaction of the block 1, each key rotation 2: the fresh
-  encryption and the rescale's rounding) sigma = sigma_f * sqrt(1 + r).
+  (a checkpoint 1, with the page's rescale; each compaction of the block 1; each key
+  rotation 2: the fresh encryption and the rescale's rounding) sigma = sigma_f sqrt(1 + r).
 - *Accumulated over D terms*: a score is ``sum_j s_j (Dt t_j + e_j)``; the noise term
-  ``sum_j s_j e_j`` has std ``sigma * |s| = sigma * Dp``, relative ``sigma / Dt``
-  = 1.15e-4 fresh (2.6e-4 at r = 4). The probe scale cancels: it sets only the probe's
-  quantisation error.
-- *Quantisation*: the probe rounded to ``Dp``: ``sum_j d_j t_j / Dp`` with d_j uniform in
-  [-1/2, 1/2]: std sqrt(1/12) / Dp = 7.0e-5; templates rounded to ``Dt``: 2.2e-6.
-- *Total*: std 1.35e-4 for a fresh template (2.7e-4 at r = 4); six standard deviations
-  (8e-4 fresh) stay under 1e-3, against released decisions flooded with +-0.005.
-- *Margin to q0/2*: ``|score coefficient| <= Dt * Dp * (1 + 2^-10) + 6 sigma Dp`` is about
-  2^29, against q0/2 = 2^31 (at least 2^30 for any 32-bit prime): a factor of 4 (the
-  decider centres residues in (-q0/2, q0/2]).
-- *Kernel accumulators*: ``|s_j| <= Dp + 1/2 = 2^12``, residues below 2^32, D <= 1024
-  terms: sums below 2^54, exact in int64 (``score_block32``).
+  ``sum_j s_j e_j`` has std ``sigma * |s| = sigma * Dp``, relative ``sigma / Dt``:
+  2.9e-5 fresh, 6.4e-5 at r = 4. The probe scale cancels: it sets only the probe's
+  quantisation error. The noise floor is the template scale; the 32-bit prime bounds
+  ``Dt * Dp``, hence the second digit.
+- *Quantisation*: the probe, in two digits, to 2^-16: std sqrt(1/12) / 2^16 = 4.4e-6;
+  templates rounded to ``Dt``: 5.5e-7.
+- *Total*: std 2.9e-5 for a fresh template (6.5e-5 at r = 4, 8.6e-5 at r = 8); six
+  standard deviations (1.7e-4 fresh, 3.9e-4 at r = 4) stay far under the release
+  precision (2 decimals) and the decision noise (+-0.005).
+- *Margin to q0/2*: the high digit's score ``|sum hi_j m_j| <= Dt * Dp * (1 + 2^-10)`` +
+  noise = 2^29; the low digit's ``|sum lo_j m_j| <= 2^(6-1) * Dt * sqrt(D)``
+  (Cauchy-Schwarz, D <= 1024) = 2^29. Against q0/2 = 2^31 (at least 2^30
+  for any 32-bit prime): a factor of 4 (at least 2). The decider centres each residue in
+  (-q0/2, q0/2] and adds ``hi + lo / 2^6``.
+- *Kernel accumulators*: ``|hi_j| <= 2^10``, ``|lo_j| <= 2^5``, residues below 2^32, D <=
+  1024 terms: sums below 2^52, exact in int64 (``score_block32``, both digits in one pass
+  over the residues).
 - *Rotation's lift*: the decider sees ``m + R`` with R uniform in [M, q0 - M),
   M = :attr:`HeParams.lift_margin` = Dt + 2^12 (above any plaintext coefficient): within
-  statistical distance 2M/q0 = 2^-14 per coefficient of uniform (2^-21 with the 50-bit
-  prime). Checkpoints and compaction stay at one prime and use masks exactly uniform mod q0.
+  statistical distance 2M/q0 = 2^-12 per coefficient of uniform (2^-21 with the 50-bit
+  prime): the price of the larger template scale, paid once per coefficient and rotation,
+  to the decider only. Checkpoints and compaction stay at one prime and use masks
+  exactly uniform mod q0.
 
 Older key versions (50-bit score prime, scales 2^27 and 2^20, 16 bytes per
 template-dimension) load and match as stored: their parameters are stored with them and
@@ -80,8 +88,9 @@ NOISE_BOUND_BITS = 12
 class HeParams:
     poly_modulus_degree: int = 4096
     coeff_mod_bit_sizes: tuple[int, ...] = (32, 30, 29)
-    template_scale_bits: int = 17
-    probe_scale_bits: int = 12
+    template_scale_bits: int = 19
+    probe_scale_bits: int = 10
+    probe_low_bits: int = 6  # a second probe digit (0: none, as before issue 14)
 
     def __post_init__(self) -> None:
         bits = self.coeff_mod_bit_sizes
@@ -92,9 +101,14 @@ class HeParams:
         # Scores up to 1 plus sign, with a factor 2 to spare, under the score prime.
         if self.template_scale_bits + self.probe_scale_bits + 2 >= bits[0]:
             raise ValueError("template and probe scales do not fit under the score prime")
+        # The low digit's score: |lo| <= 2^(low-1) per term, sum_j |lo_j t_j| <= 2^(low-1) *
+        # sqrt(D) (Cauchy-Schwarz, |t| = 1), sqrt(D) <= 2^5, under q0/4 > 2^(bits-3).
+        if self.probe_low_bits and (self.probe_low_bits - 1 + self.template_scale_bits + 5
+                                    > bits[0] - 3):
+            raise ValueError("the probe's low digit does not fit under the score prime")
         # Kernel accumulators: |s| * q * D below 2^63 (the 64-bit kernel: 2^21 * 2^26 * D).
         limit = 21 if bits[0] > UINT32_PRIME_BITS else 63 - UINT32_PRIME_BITS - 10 - 1
-        if self.probe_scale_bits > limit:
+        if max(self.probe_scale_bits, self.probe_low_bits) > limit:
             raise ValueError("probe scale too large for the scoring kernel's accumulators")
 
     @property
@@ -137,6 +151,7 @@ class HeParams:
     def from_json(cls, text: str) -> HeParams:
         raw = json.loads(text)
         raw["coeff_mod_bit_sizes"] = tuple(raw["coeff_mod_bit_sizes"])
+        raw.setdefault("probe_low_bits", 0)  # stored before issue 14: one digit
         return cls(**raw)
 
 
@@ -151,16 +166,20 @@ def budget(params: HeParams, reencryptions: int = 0) -> dict[str, float]:
     template that went through ``reencryptions`` blind re-encryptions. See the module
     docstring; every figure is a standard deviation except the bounds."""
     dt, dp = params.template_scale, params.probe_scale
+    low = params.probe_low_bits
     sigma = fresh_noise_sigma(params.poly_modulus_degree) * math.sqrt(1 + reencryptions)
     noise = sigma / dt
-    probe_q = math.sqrt(1 / 12) / dp
+    probe_q = math.sqrt(1 / 12) / (dp * 2.0 ** low)
     template_q = math.sqrt(1 / 12) / dt
     total = math.sqrt(noise ** 2 + probe_q ** 2 + template_q ** 2)
     largest = dt * dp * (1 + 2.0 ** -10) + 6 * sigma * dp
+    if low:
+        largest = max(largest, 2.0 ** (low - 1) * dt * math.sqrt(MAX_DIMENSION) * (1 + 2.0 ** -10))
     half_q = 2.0 ** (params.coeff_mod_bit_sizes[0] - 2)  # q0 > 2^(bits-1)
     return {"noise_sigma_units": sigma, "noise": noise, "probe_quantisation": probe_q,
             "template_quantisation": template_q, "total": total, "bound_6_sigma": 6 * total,
-            "largest_coefficient": largest, "margin_to_half_q": half_q / largest}
+            "largest_coefficient": largest, "margin_to_half_q": half_q / largest,
+            "lift_statistical_distance": 2 * params.lift_margin / 2.0 ** (params.coeff_mod_bit_sizes[0] - 1)}
 
 
 DEFAULT_PARAMS = HeParams()
@@ -170,4 +189,4 @@ DEFAULT_PARAMS = HeParams()
 SCORE_ERROR_BOUND = budget(DEFAULT_PARAMS, reencryptions=4)["bound_6_sigma"]
 # The parameters of key versions written before issue 14 (16 bytes per template-dimension).
 LEGACY_PARAMS = HeParams(coeff_mod_bit_sizes=(50, 30, 29), template_scale_bits=27,
-                         probe_scale_bits=20)
+                         probe_scale_bits=20, probe_low_bits=0)
