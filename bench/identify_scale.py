@@ -261,8 +261,8 @@ def table(r: dict) -> str:
         ("bytes at rest per template", f"{r['bytes_per_template'] / 1024:.2f} KiB"),
         ("server peak RSS", f"{r['peak_rss_mb']:.0f} MiB"),
         ("restart to SERVING", f"{r['restart_s']:.1f} s"),
-    ] + [(f"Identify, {c} concurrent clients", f"{t['qps']:.1f} QPS, p50 {t['p50_ms']:.0f} ms, "
-                                                 f"p99 {t['p99_ms']:.0f} ms")
+    ] + [(f"Identify, {c} concurrent clients",
+          f"{t['qps']:.1f} QPS, p50 {t['p50_ms']:.0f} ms, p99 {t['p99_ms']:.0f} ms")
          for c, t in r["throughput"].items()]
     width = max(len(a) for a, _ in rows)
     head = f"N = {r['n']:,}, dim = {r['dim']}, {r['queries']} queries"

@@ -205,8 +205,9 @@ def encrypted_scores(protected: np.ndarray, params) -> np.ndarray:  # type: igno
     out = np.empty((n_img, n_img))
     scale = params.template_scale * params.probe_scale
     for i, x in enumerate(protected):
-        ct = blocks.score(block, poly.quantise(x, params.probe_scale), q)
-        out[i] = poly.centered(secret.decrypt(ct, False)[0][:n_img], q) / scale
+        digits = poly.probe_digits(x, params.probe_scale_bits, params.probe_low_bits)
+        parts = [secret.decrypt(ct, False)[0][:n_img] for ct in blocks.score(block, digits, q)]
+        out[i] = poly.combine_digits(parts, q, params.probe_low_bits) / scale
     return out
 
 

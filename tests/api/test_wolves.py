@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from vault.decider import DECISION_NOISE
-from vault.he.params import SCORE_ERROR_BOUND
 from vault.domain.errors import DataLoss
+from vault.he.params import SCORE_ERROR_BOUND
 from vault.keys.hsm import HsmConfig
 from vault.protector import centre
 from vault.service import Vault

@@ -3,7 +3,7 @@
 A page is one ciphertext (NTT form) whose plaintext holds up to S = N // D templates,
 template ``k`` in coefficients ``k*D .. k*D+D-1``. Enrolling one template adds a fresh
 encryption of zero and the template's plaintext to the page: one encryption and one
-ciphertext written (about 96 KiB) instead of D of each for a block.
+ciphertext written (64 KiB: both primes, see write()) instead of D of each for a block.
 
 Scoring multiplies the page by the probe polynomial ``sum_j s_j X^-j`` (pointwise in the
 NTT domain): coefficient ``k*D`` of the product is template ``k``'s score. Its other

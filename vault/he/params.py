@@ -138,7 +138,7 @@ class HeParams:
     def lift_margin(self) -> int:
         """A bound on every stored plaintext coefficient (|t_j| <= 1 plus noise): masks for a
         lift to more primes stay this far from 0 and q0."""
-        return 2 ** self.template_scale_bits + 2 ** NOISE_BOUND_BITS
+        return (1 << self.template_scale_bits) + (1 << NOISE_BOUND_BITS)
 
     def page_slots(self, dimension: int) -> int:
         """Templates per journal page (template-major, ``dimension`` coefficients each)."""
