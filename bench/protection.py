@@ -229,12 +229,17 @@ def agreement(plain: np.ndarray, enc: np.ndarray, ids: np.ndarray, mated: np.nda
         best = m.argmax(axis=1)
         return ids[best], m[np.arange(n_img), best] >= threshold
     (pi, pa), (ei, ea), (fi, fa) = one_n(pm), one_n(em), one_n(fm)
+    # A variant: the noise on the accept decision only, candidates ranked on exact scores.
+    best = em.argmax(axis=1)
+    ri = ids[best]
+    ra = em[np.arange(n_img), best] + rng.uniform(-noise, noise, n_img) >= threshold
     same = lambda ai, aa: float(np.mean((aa == pa) & (~pa | (ai == pi))))  # noqa: E731
     return {"threshold": threshold, "max_abs_score_error": float(np.abs(enc - plain).max()),
             "score_error_std": float((enc - plain).std()),
             "one_to_one_exact": float(np.mean((e >= threshold) == (p >= threshold))),
             "one_to_one_released": float(np.mean((flooded >= threshold) == (p >= threshold))),
             "one_to_n_exact": same(ei, ea), "one_to_n_released": same(fi, fa),
+            "one_to_n_released_exact_ranks": same(ri, ra),
             "eer_frr_exact": eer_and_frr(enc[mated[:, 0], mated[:, 1]], enc[non[:, 0], non[:, 1]])[:2],
             "eer_frr_released": eer_and_frr(flooded[:len(mated)], flooded[len(mated):])[:2]}
 
