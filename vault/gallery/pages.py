@@ -47,17 +47,9 @@ def _plaintext_ntt(ctx: PublicContext, templates: np.ndarray, first_slot: int,
     start = first_slot * dimension
     values[start:start + templates.size] = poly.quantise(templates.reshape(-1),
                                                          ctx.params.template_scale)
-    plain = poly.residues(values, ctx.level_moduli(levels))
     if levels > 1:  # lifted: times the rotation prime, so that scored() divides the noise
-        for level, q in enumerate(ctx.level_moduli(levels)):
-            plain[level] = _times(plain[level], ctx.moduli[1], q)
-    return ctx.to_ntt(plain)
-
-
-def _times(x: np.ndarray, factor: int, q: int) -> np.ndarray:
-    out = np.empty_like(x)
-    kernels.mulmod(x, np.full(x.size, factor % q, np.uint64), q, out)
-    return out
+        values *= ctx.moduli[1]  # |t| * 2^27 * 2^30 at most: exact in int64
+    return ctx.to_ntt(poly.residues(values, ctx.level_moduli(levels)))
 
 
 def write(ctx: PublicContext, ct: np.ndarray | None, first_slot: int,
