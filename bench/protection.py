@@ -7,8 +7,12 @@ the run, for collection "a" at key versions 1 and 2 and collection "b" at versio
   every same-person pair and a sample of different-person pairs, for plaintext cosine,
   for protected templates (enrolled and probed under the collection's key), and for an
   impostor who holds the transform key ("stolen key": he protects his own face with it).
-  A rotation keeps cosine exactly, so all three agree; the HE layer adds about 1e-6 to a
-  score (tests/test_accuracy.py), far below what moves an error rate.
+  A rotation keeps cosine exactly, so all three agree.
+- The encryption: every image against every other through the vault's block layout (SEAL
+  encryption, the compiled kernel, decryption), for the 50-bit layout and the 32-bit one
+  of issue 14: score error, EER and FRR on the exact encrypted scores, and how often
+  decisions agree with plaintext cosine at the 0.1%-FAR threshold, exact and as released
+  (flooded with the decider's noise, and with narrower bands for comparison).
 - Unlinkability (Gomez-Barrero et al., "General framework to evaluate unlinkability in
   biometric template protection systems", IEEE TIFS 2018): D_sys between templates of the
   same faces (mated) and of different faces (non-mated) under two key versions of a
