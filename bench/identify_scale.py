@@ -66,6 +66,48 @@ def _import(stub, x: np.ndarray, owner: np.ndarray) -> float:  # type: ignore[no
     return time.perf_counter() - t
 
 
+CONCURRENCY = (1, 4, 16)
+
+
+def _breakdown(data: Path) -> dict:
+    """Bytes at rest by kind: block files, the database (and its WAL, by table), the rest."""
+    import sqlite3
+
+    out = {"block_files": dir_bytes(data / "blocks") if (data / "blocks").exists() else 0}
+    for p in data.iterdir():
+        if p.is_file():
+            out[p.name] = p.stat().st_size
+    try:
+        db = sqlite3.connect(f"file:{data / 'vault.db'}?mode=ro", uri=True)
+        out["vault.db_by_table"] = dict(db.execute(
+            "SELECT name, SUM(pgsize) FROM dbstat GROUP BY name ORDER BY 2 DESC").fetchall())
+        db.close()
+    except sqlite3.Error as exc:  # dbstat is not compiled into every SQLite
+        out["vault.db_by_table"] = str(exc)
+    return out
+
+
+def _throughput(stub, probes: np.ndarray, levels: tuple[int, ...]) -> dict:  # type: ignore[no-untyped-def]
+    """Identify QPS and latency with ``c`` concurrent clients (threads on one channel),
+    every probe once per level."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    out = {}
+    for clients in levels:
+        def one(p: np.ndarray) -> float:
+            dt, _ = timed(stub.Match, pb.MatchRequest(collection_id="bench", embedding=p, top_k=1),
+                          timeout=600)
+            return dt
+        t = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=clients) as pool:
+            times = list(pool.map(one, probes))
+        wall = time.perf_counter() - t
+        st = stats(times)
+        out[str(clients)] = {"qps": len(probes) / wall, "p50_ms": st["p50_ms"],
+                             "p99_ms": float(np.percentile(np.array(times) * 1e3, 99))}
+    return out
+
+
 def plaintext_twin(unit: np.ndarray, probes: np.ndarray, dim: int, tuning: Tuning) -> dict:
     """The same queries in plaintext: exact FAISS, and the vault's pre-filter replayed."""
     flat = faiss.IndexFlatIP(dim)
@@ -140,6 +182,7 @@ def run(n: int, dim: int, queries: int, verifies: int, enrolls: int, workdir: Pa
             seconds = _import(stub, x, owner)
             result["bulk_enroll_per_s"] = n / seconds
             result["bytes_per_template"] = dir_bytes(Path(tmp) / "data") / n
+            result["bytes_at_rest"] = _breakdown(Path(tmp) / "data")
             for p in probes[:5]:  # warm-up: compiled kernels, caches
                 stub.Match(pb.MatchRequest(collection_id="bench", embedding=p, top_k=1))
             identify, got = [], []
@@ -160,7 +203,22 @@ def run(n: int, dim: int, queries: int, verifies: int, enrolls: int, workdir: Pa
                 dt, _ = timed(stub.Enroll, pb.EnrollRequest(collection_id="bench", subject_id=f"new{k}",
                                                             embedding=fresh[k], request_id=f"e{k}"))
                 enroll.append(dt)
+            result["throughput"] = _throughput(stub, probes, CONCURRENCY)
             result["peak_rss_mb"] = peak_rss_mb(server.proc.pid)
+        # Restart: from `vault serve` to SERVING on the same data directory (block files
+        # read and their digests checked, rows MACed, live sets recomputed), then a match.
+        t = time.perf_counter()
+        server.start(timeout=3600)
+        result["restart_s"] = time.perf_counter() - t
+        try:
+            with server.channel() as channel:
+                stub = vault_pb2_grpc.TemplateVaultStub(channel)
+                dt, r = timed(stub.Match, pb.MatchRequest(collection_id="bench", embedding=probes[0],
+                                                          top_k=1), timeout=600)
+                result["first_match_after_restart_ms"] = dt * 1e3
+                result["first_match_after_restart_ok"] = bool(r.candidates)
+        finally:
+            server.stop()
     unit = x / np.linalg.norm(x, axis=1, keepdims=True)
     punit = probes / np.linalg.norm(probes, axis=1, keepdims=True)
     del x
@@ -202,7 +260,10 @@ def table(r: dict) -> str:
         ("bulk import", f"{r['bulk_enroll_per_s']:.0f} templates/s"),
         ("bytes at rest per template", f"{r['bytes_per_template'] / 1024:.2f} KiB"),
         ("server peak RSS", f"{r['peak_rss_mb']:.0f} MiB"),
-    ]
+        ("restart to SERVING", f"{r['restart_s']:.1f} s"),
+    ] + [(f"Identify, {c} concurrent clients",
+          f"{t['qps']:.1f} QPS, p50 {t['p50_ms']:.0f} ms, p99 {t['p99_ms']:.0f} ms")
+         for c, t in r["throughput"].items()]
     width = max(len(a) for a, _ in rows)
     head = f"N = {r['n']:,}, dim = {r['dim']}, {r['queries']} queries"
     return "\n".join([head] + [f"  {a:<{width}}  {b}" for a, b in rows])

@@ -7,8 +7,12 @@ the run, for collection "a" at key versions 1 and 2 and collection "b" at versio
   every same-person pair and a sample of different-person pairs, for plaintext cosine,
   for protected templates (enrolled and probed under the collection's key), and for an
   impostor who holds the transform key ("stolen key": he protects his own face with it).
-  A rotation keeps cosine exactly, so all three agree; the HE layer adds about 1e-6 to a
-  score (tests/test_accuracy.py), far below what moves an error rate.
+  A rotation keeps cosine exactly, so all three agree.
+- The encryption: every image against every other through the vault's block layout (SEAL
+  encryption, the compiled kernel, decryption), for the 50-bit layout and the 32-bit one
+  of issue 14: score error, EER and FRR on the exact encrypted scores, and how often
+  decisions agree with plaintext cosine at the 0.1%-FAR threshold, exact and as released
+  (flooded with the decider's noise, and with narrower bands for comparison).
 - Unlinkability (Gomez-Barrero et al., "General framework to evaluate unlinkability in
   biometric template protection systems", IEEE TIFS 2018): D_sys between templates of the
   same faces (mated) and of different faces (non-mated) under two key versions of a
@@ -182,6 +186,68 @@ def _wolves(unit: np.ndarray, ids: np.ndarray, rng: np.random.Generator, nonmate
     return out
 
 
+def encrypted_scores(protected: np.ndarray, params) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """Every image against every image, scored as the vault scores a block: the protected
+    templates encrypted (SEAL, coefficient encoding, stored at the score prime as the
+    layout of ``params`` keeps them) into one block, each image quantised as a probe and
+    scored by the compiled kernel, the score ciphertext decrypted. (n, n) cosines."""
+    from vault import he
+    from vault.gallery import blocks
+    from vault.he import poly
+
+    secret_bytes, public_bytes = he.generate(params)
+    public = he.PublicContext(public_bytes, params)
+    secret = he.SecretContext(secret_bytes, params)
+    n_img, n = protected.shape[0], params.slots
+    q = public.moduli[0]
+    assert n_img <= n
+    plain = blocks.dimension_major_plaintexts(protected, 0, n, params.template_scale,
+                                              public.level_moduli(params.levels))
+    cts = blocks.encrypt_plaintexts(public, plain)
+    block = blocks.Block(0, 1, 1, n_img, 1, blocks.held(cts[:, :, 0, :], q), b"",
+                         np.zeros(n, np.int32))
+    out = np.empty((n_img, n_img))
+    scale = params.template_scale * params.probe_scale
+    for i, x in enumerate(protected):
+        digits = poly.probe_digits(x, params.probe_scale_bits, params.probe_low_bits)
+        parts = [secret.decrypt(ct, False)[0][:n_img] for ct in blocks.score(block, digits, q)]
+        out[i] = poly.combine_digits(parts, q, params.probe_low_bits) / scale
+    return out
+
+
+def agreement(plain: np.ndarray, enc: np.ndarray, ids: np.ndarray, mated: np.ndarray,
+              non: np.ndarray, threshold: float, noise: float, seed: int) -> dict:
+    """How often decisions on encrypted scores agree with plaintext cosine at ``threshold``:
+    exact (the decrypted score) and as released (flooded with uniform noise in
+    +-``noise``, as vault.decider does), 1:1 over the pairs and 1:N (each image against
+    all others: the best one's identity and whether it reaches the threshold)."""
+    rng = np.random.default_rng(seed)
+    pairs = np.concatenate([mated, non])
+    p, e = plain[pairs[:, 0], pairs[:, 1]], enc[pairs[:, 0], pairs[:, 1]]
+    flooded = e + rng.uniform(-noise, noise, e.size)
+    n_img = plain.shape[0]
+    off = ~np.eye(n_img, dtype=bool)
+    pm, em = np.where(off, plain, -2), np.where(off, enc, -2)
+    fm = np.where(off, enc + rng.uniform(-noise, noise, enc.shape), -2)
+    def one_n(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        best = m.argmax(axis=1)
+        return ids[best], m[np.arange(n_img), best] >= threshold
+    (pi, pa), (ei, ea), (fi, fa) = one_n(pm), one_n(em), one_n(fm)
+    # A variant: the noise on the accept decision only, candidates ranked on exact scores.
+    best = em.argmax(axis=1)
+    ri = ids[best]
+    ra = em[np.arange(n_img), best] + rng.uniform(-noise, noise, n_img) >= threshold
+    same = lambda ai, aa: float(np.mean((aa == pa) & (~pa | (ai == pi))))  # noqa: E731
+    return {"threshold": threshold, "max_abs_score_error": float(np.abs(enc - plain).max()),
+            "score_error_std": float((enc - plain).std()),
+            "one_to_one_exact": float(np.mean((e >= threshold) == (p >= threshold))),
+            "one_to_one_released": float(np.mean((flooded >= threshold) == (p >= threshold))),
+            "one_to_n_exact": same(ei, ea), "one_to_n_released": same(fi, fa),
+            "one_to_n_released_exact_ranks": same(ri, ra),
+            "eer_frr_exact": eer_and_frr(enc[mated[:, 0], mated[:, 1]], enc[non[:, 0], non[:, 1]])[:2],
+            "eer_frr_released": eer_and_frr(flooded[:len(mated)], flooded[len(mated):])[:2]}
+
+
 def run(nonmated: int, seed: int, key_pairs: int) -> dict:
     with np.load(DATA) as f:
         emb, ids = f["emb"].astype(np.float64), f["ids"]
@@ -248,6 +314,23 @@ def run(nonmated: int, seed: int, key_pairs: int) -> dict:
         "pairs": key_pairs, "median": float(np.median(over_keys)),
         "min": float(np.min(over_keys)), "max": float(np.max(over_keys))}
     result["wolves"] = wolves
+    # The encryption: the same protected templates through the vault's block layout, before
+    # (the 50-bit layout) and after issue 14 (the 32-bit one), in the same run.
+    from vault.decider import DECISION_NOISE
+    from vault.he import DEFAULT_PARAMS
+    from vault.he.params import LEGACY_PARAMS
+    plain_all = p @ p.T
+    result["encrypted"] = {}
+    for name, params in (("legacy_50bit", LEGACY_PARAMS), ("uint32_32bit", DEFAULT_PARAMS)):
+        enc = encrypted_scores(p, params)
+        result["encrypted"][name] = {
+            "params": json.loads(params.to_json()),
+            **agreement(plain_all, enc, ids, mated, non, thr_plain, DECISION_NOISE, seed),
+            "decision_noise": DECISION_NOISE}
+        for narrower in (0.001, 0.0005):
+            result["encrypted"][name][f"released_with_noise_{narrower}"] = {
+                k: v for k, v in agreement(plain_all, enc, ids, mated, non, thr_plain, narrower,
+                                           seed).items() if "released" in k}
     result["_scores"] = {  # for the plot only
         "versions_mated": scores(protected["a1"], protected["a2"], mated),
         "versions_nonmated": scores(protected["a1"], protected["a2"], non),
@@ -296,6 +379,14 @@ def table(r: dict) -> str:
                      f"({name}): " + ", ".join(
                          f"k={k}: {v['mean_accepted']:.2f} (of {v['count']})" for k, v in b.items()
                          if v["mean_accepted"] is not None))
+    for name, e in r.get("encrypted", {}).items():
+        lines.append(f"encrypted ({name}): score error max {e['max_abs_score_error']:.1e} std "
+                     f"{e['score_error_std']:.1e}; decisions agreeing with plaintext at "
+                     f"{e['threshold']:.3f}: 1:1 exact {e['one_to_one_exact']:.4%}, released "
+                     f"{e['one_to_one_released']:.4%}; 1:N exact {e['one_to_n_exact']:.4%}, released "
+                     f"{e['one_to_n_released']:.4%}; EER/FRR exact {e['eer_frr_exact'][0]:.2%}/"
+                     f"{e['eer_frr_exact'][1]:.2%}, released {e['eer_frr_released'][0]:.2%}/"
+                     f"{e['eer_frr_released'][1]:.2%}")
     return "\n".join(lines)
 
 

@@ -18,13 +18,14 @@ import numpy as np
 import pytest
 
 from vault.decider import DECISION_NOISE
+from vault.he.params import SCORE_ERROR_BOUND
 from vault.testing import ServerProcess, record_figures
 from vault.v1 import vault_pb2 as pb
 from vault.v1 import vault_pb2_grpc
 
 THRESHOLD = float(np.float32(0.92))  # near the 0.1%-false-accept point of this data
-BAND = DECISION_NOISE + 1e-4  # plus CKKS and quantisation error
-SCORE_ERROR = 0.005 + DECISION_NOISE + 1e-4  # rounding to 2 decimals, flooding, CKKS
+BAND = DECISION_NOISE + SCORE_ERROR_BOUND  # plus CKKS and quantisation error
+SCORE_ERROR = 0.005 + DECISION_NOISE + SCORE_ERROR_BOUND  # rounding to 2 decimals, flooding, CKKS
 
 
 @pytest.fixture(scope="module")

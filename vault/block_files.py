@@ -68,9 +68,11 @@ def encode(residues: Sequence[np.ndarray], moduli: Sequence[int]) -> Iterator[by
         yield data + b"\0" * (_aligned(len(data)) - len(data))
 
 
-def decode(f: BinaryIO, levels: int | None = None) -> tuple[list[np.ndarray], bytes]:
-    """Parse a block generation's bytes: its first ``levels`` primes' residues (uint64)
-    and the SHA-256 of everything read, computed in the same pass."""
+def decode(f: BinaryIO, levels: int | None = None,
+           as_stored: bool = False) -> tuple[list[np.ndarray], bytes]:
+    """Parse a block generation's bytes: its first ``levels`` primes' residues (uint64, or
+    ``as_stored`` in their stored type, uint32 for primes below 2^32) and the SHA-256 of
+    everything read, computed in the same pass."""
     digest = hashlib.sha256()
     head = f.read(_HEADER)
     digest.update(head)
@@ -87,8 +89,8 @@ def decode(f: BinaryIO, levels: int | None = None) -> tuple[list[np.ndarray], by
             raise ValueError("block file is truncated")
         digest.update(raw)
         if levels is None or level < levels:
-            out.append(np.frombuffer(raw, dt, int(np.prod(shape))).reshape(shape)
-                       .astype(np.uint64))
+            arr = np.frombuffer(raw, dt, int(np.prod(shape))).reshape(shape)
+            out.append(arr if as_stored else arr.astype(np.uint64))  # read-only as stored
     if f.read(1):
         raise ValueError("block file has trailing data")
     return out, digest.digest()
@@ -101,7 +103,8 @@ class BlockStore(Protocol):
 
     def path(self, collection_id: str, key_version: int, block_no: int, generation: int) -> Path: ...
     def write(self, path: Path, residues: Sequence[np.ndarray], moduli: Sequence[int]) -> bytes: ...
-    def read(self, path: Path, levels: int | None = None) -> tuple[list[np.ndarray], bytes]: ...
+    def read(self, path: Path, levels: int | None = None,
+             as_stored: bool = False) -> tuple[list[np.ndarray], bytes]: ...
     def remove(self, path: Path, erase: bool = False) -> None: ...
     def sweep(self, keep: set[Path]) -> int: ...
     def erase_collection(self, collection_id: str) -> None: ...
@@ -146,11 +149,13 @@ class BlockFiles:
         return digest.digest()
 
     @staticmethod
-    def read(path: Path, levels: int | None = None) -> tuple[list[np.ndarray], bytes]:
+    def read(path: Path, levels: int | None = None,
+             as_stored: bool = False) -> tuple[list[np.ndarray], bytes]:
         """Read a block file into memory: its first ``levels`` primes' (D, 2, N) residues
-        (all by default, as uint64) and the SHA-256 of the whole file."""
+        (all by default, as uint64; ``as_stored``: in their stored type, uint32 for primes
+        below 2^32) and the SHA-256 of the whole file."""
         with open(path, "rb") as f:
-            return decode(f, levels)
+            return decode(f, levels, as_stored)
 
     @staticmethod
     def remove(path: Path, erase: bool = False) -> None:
@@ -220,12 +225,13 @@ class BlockBlobs:
                 "SET data=excluded.data, written=now()", (str(path), data))
         return hashlib.sha256(data).digest()
 
-    def read(self, path: Path, levels: int | None = None) -> tuple[list[np.ndarray], bytes]:
+    def read(self, path: Path, levels: int | None = None,
+             as_stored: bool = False) -> tuple[list[np.ndarray], bytes]:
         """A block generation's residues and digest (FileNotFoundError if there is none)."""
         rows = self._store._query("SELECT data FROM block_data WHERE name=?", (str(path),))
         if not rows:
             raise FileNotFoundError(f"no block data {path}")
-        return decode(io.BytesIO(rows[0][0]), levels)
+        return decode(io.BytesIO(rows[0][0]), levels, as_stored)
 
     def remove(self, path: Path, erase: bool = False) -> None:
         """Delete a generation's row (``erase``: its space is freed at the next VACUUM)."""

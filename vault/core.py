@@ -333,7 +333,7 @@ class Core:
         digest = self.files.write(path, block_ops.split_levels(cts), moduli)
         owners = np.full(gallery.params.slots, -1, np.int32) if groups is None else groups
         return Block(block_no, kind, generation, fill, len(moduli),
-                     np.ascontiguousarray(cts[:, :, 0, :]), digest, owners, centroid)
+                     block_ops.held(cts[:, :, 0, :], moduli[0]), digest, owners, centroid)
 
     def block_row(self, gallery: CollectionGallery, block: Block, digest: bytes,
                   sketch: bytes | None) -> BlockRow:

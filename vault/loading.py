@@ -24,6 +24,7 @@ from vault.gallery import CollectionGallery
 from vault.gallery import pages as page_ops
 from vault.gallery.blocks import Block
 from vault.gallery.pages import Page
+from vault.he.poly import residue_dtype
 
 log = logs.get("vault.service")
 
@@ -114,7 +115,8 @@ def _load_blocks(core: Core, gallery: CollectionGallery) -> int:
         """The block file's first prime and digest, None when it cannot be read."""
         try:  # hashing and file reads release the GIL: several at once
             residues, digest = core.files.read(
-                core.files.path(cid, version, b.block_no, b.generation), levels=1)
+                core.files.path(cid, version, b.block_no, b.generation), levels=1,
+                as_stored=True)
         except (OSError, ValueError):
             return None
         return residues[0], digest
@@ -124,7 +126,8 @@ def _load_blocks(core: Core, gallery: CollectionGallery) -> int:
     bad = 0
     for b, found in zip(rows, loaded):
         if (found is None or found[1] != b.digest or not core.verified(b)
-                or found[0].shape != (gallery.dimension, 2, gallery.params.slots)):
+                or found[0].shape != (gallery.dimension, 2, gallery.params.slots)
+                or found[0].dtype != residue_dtype(gallery.ctx.moduli[0])):
             bad += 1
             continue
         centroid = None

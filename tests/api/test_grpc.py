@@ -19,6 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from vault.he.params import SCORE_ERROR_BOUND
 from vault.testing import ServerProcess
 from vault.v1 import vault_pb2 as pb
 from vault.v1 import vault_pb2_grpc
@@ -92,7 +93,7 @@ def test_enroll_verify_identify_delete(stub, collection: str) -> None:
     scored = stub.Match(pb.MatchRequest(collection_id=collection, subject_id="s3", embedding=probe,
                                         release_scores=True))  # without TLS: every role
     assert scored.matched and scored.scores_released
-    assert abs(scored.candidates[0].score - expected) <= 0.01 + 1e-5
+    assert abs(scored.candidates[0].score - expected) <= 0.01 + SCORE_ERROR_BOUND
     assert round(scored.candidates[0].score, 2) == pytest.approx(scored.candidates[0].score, abs=1e-6)
 
     impostor = stub.Match(pb.MatchRequest(collection_id=collection, subject_id="s4", embedding=probe))

@@ -14,6 +14,7 @@ import pytest
 
 from vault.decider import DECISION_NOISE
 from vault.domain.errors import DataLoss
+from vault.he.params import SCORE_ERROR_BOUND
 from vault.keys.hsm import HsmConfig
 from vault.protector import centre
 from vault.service import Vault
@@ -151,7 +152,8 @@ def test_the_server_identifies_as_centred_cosine_predicts(world) -> None:
             # Decisions and ranks are taken on scores flooded with noise (vault.decider): a
             # probe within the noise of the threshold, or of its runner-up, is decided at random.
             best, runner_up = np.sort(scores)[-2:][::-1]
-            if abs(best - threshold) < DECISION_NOISE + 1e-4 or best - runner_up < 2 * DECISION_NOISE + 1e-4:
+            margin = DECISION_NOISE + SCORE_ERROR_BOUND
+            if abs(best - threshold) < margin or best - runner_up < 2 * margin:
                 continue
             r = gate.Match(pb.MatchRequest(collection_id=cid, embedding=probe.tolist()), timeout=60)
             assert (r.candidates[0].subject_id if r.candidates else None) == expected

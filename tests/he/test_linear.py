@@ -27,7 +27,8 @@ def test_matmul_mod_is_exact() -> None:
 
 def test_rotating_and_rescaling_a_block_rotates_its_templates(public, secret) -> None:
     """Encrypt templates under both primes, apply round(R * q1) and rescale: decrypting
-    gives R @ t at the original scale, within 1e-6."""
+    gives R @ t at the original scale, within the noise of one rounding (about 1e-4 at
+    2^17; the matrix's own rounding adds 2^-31)."""
     rng = np.random.default_rng(1)
     dim, n = 32, public.n
     moduli = public.moduli
@@ -40,16 +41,17 @@ def test_rotating_and_rescaling_a_block_rotates_its_templates(public, secret) ->
     assert down.shape == (dim, 2, 1, n)
     values = np.stack([poly.centered(secret.decrypt(ct, False)[0], moduli[0]) for ct in down])
     got = values[:, :50].T / public.params.template_scale
-    assert np.abs(got - templates @ rot.T).max() < 1e-6
-    assert np.abs(values[:, 50:]).max() < 2 ** 8  # empty slots: noise only
+    sigma = he.params.budget(public.params, reencryptions=1)["noise_sigma_units"]
+    assert np.abs(got - templates @ rot.T).max() < 6 * sigma / public.params.template_scale
+    assert np.abs(values[:, 50:]).max() < 6 * sigma  # empty slots: noise only
 
 
 def test_reencryption_lifts_a_score_prime_ciphertext_to_both_primes_under_a_new_key(
         public, secret, keypair) -> None:
     rng = np.random.default_rng(2)
     moduli = public.moduli
-    margin = 2 ** 28
-    values = rng.integers(-2 ** 27, 2 ** 27, public.n)
+    margin = public.params.lift_margin
+    values = rng.integers(-2 ** 17, 2 ** 17, public.n)
     ct = blocks.encrypt_plaintexts(public, poly.residues(values, moduli[:1])[None])  # score prime
     old = SecretKeys()
     old.load("c", 1, keypair[0], he.DEFAULT_PARAMS)
@@ -68,7 +70,7 @@ def test_reencryption_lifts_a_score_prime_ciphertext_to_both_primes_under_a_new_
         assert np.abs(poly.centered(new[level], q) - values).max() < 2 ** 9
     # Under the old key it means nothing.
     stale = poly.centered(secret.decrypt(np.ascontiguousarray(fresh[0][:, :1]), False)[0], moduli[0])
-    assert np.abs(stale - values).mean() > 2 ** 40
+    assert np.abs(stale - values).mean() > 2 ** 28
 
 
 def test_interior_masks_stay_off_the_edges() -> None:

@@ -16,6 +16,7 @@ import pytest
 from vault.block_files import BlockFiles
 from vault.domain.records import BLOCK, MIXED
 from vault.he import poly
+from vault.he.params import budget
 from vault.keys.hsm import HsmConfig
 from vault.service import Tuning, Vault
 
@@ -46,6 +47,12 @@ def _block_plaintext(vault: Vault, block_no: int) -> np.ndarray:
                      for ct in cts]) / gallery.params.template_scale
 
 
+def _coefficient_bound(vault: Vault, reencryptions: int) -> float:
+    """Six standard deviations of a stored coefficient's noise, in template units."""
+    params = vault.galleries()[0].params
+    return 6 * budget(params, reencryptions)["noise_sigma_units"] / params.template_scale
+
+
 def test_checkpoint_moves_the_journal_into_a_block_and_matching_is_unchanged(vault: Vault) -> None:
     faces = _faces(40)
     for i, f in enumerate(faces):
@@ -64,7 +71,7 @@ def test_checkpoint_moves_the_journal_into_a_block_and_matching_is_unchanged(vau
     ident_after = vault.identify("c", probe.tolist(), top_k=1, threshold=-1.0)
     assert before.matched and after.matched
     # Each released score is within 0.005 (rounding) + 0.005 (flooding) of the cosine.
-    assert abs(before.candidates[0].score - after.candidates[0].score) <= 0.02 + 1e-6
+    assert abs(before.candidates[0].score - after.candidates[0].score) <= 0.02 + 2e-3
     assert [c.subject_id for c in ident_before.candidates] == ["s7"]
     assert [c.subject_id for c in ident_after.candidates] == ["s7"]
     # The block holds exactly the protected templates, at their slots.
@@ -73,7 +80,8 @@ def test_checkpoint_moves_the_journal_into_a_block_and_matching_is_unchanged(vau
     rows = {r[0]: r[1] for r in db.execute("SELECT subject_hmac, slot FROM templates")}
     for i in (0, 7, 39):
         slot = rows[vault.integrity.subject_index("c", f"s{i}")]
-        assert np.abs(values[:, slot] - protected[i]).max() < 1e-5  # noise: a few units in 2^27
+        # Noise: the page's rescale and the fresh encryption (vault/he/params.py).
+        assert np.abs(values[:, slot] - protected[i]).max() < _coefficient_bound(vault, 1)
     # More enrollments go to new pages, and the next checkpoint fills the same block.
     vault.enroll("c", "late", _faces(1, 5)[0].tolist())
     vault.maintain(force=True)
@@ -101,9 +109,9 @@ def test_deleted_template_values_leave_the_block(vault: Vault) -> None:
     vault.maintain(force=True)
     assert gallery.blocks[0].generation == 2
     erased = _block_plaintext(vault, 0)
-    assert np.abs(erased[:, slot]).max() < 1e-5  # noise only; the values were ~0.1
+    assert np.abs(erased[:, slot]).max() < _coefficient_bound(vault, 2)  # noise only; values ~0.1
     others = [s for s in range(10) if s != slot]
-    assert np.abs(erased[:, others] - values[:, others]).max() < 1e-5
+    assert np.abs(erased[:, others] - values[:, others]).max() < _coefficient_bound(vault, 2)
     # Its values erased, the tombstone goes too: no row is left at that slot.
     assert db.execute("SELECT count(*) FROM templates WHERE slot=?", (slot,)).fetchone() == (0,)
     assert not old_file.exists()  # the old generation, zero-filled, then removed

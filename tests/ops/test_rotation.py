@@ -12,6 +12,7 @@ import pytest
 
 from vault.domain.errors import DataLoss, FailedPrecondition
 from vault.he import poly
+from vault.he.params import budget
 from vault.keys.hsm import HsmConfig
 from vault.ops.imports import ImportItem
 from vault.service import Tuning, Vault
@@ -80,7 +81,7 @@ def test_rotation_moves_every_template_under_new_keys(data: Path, hsm_config: Hs
         while vault.key_job(job.job_id).state == "running":
             now = _scores(vault, probes[:2])
             seen.append([s for s, _ in now] == [s for s, _ in before[:2]]
-                        and all(abs(a - b) <= 0.02 + 1e-6 for (_, a), (_, b) in zip(now, before)))
+                        and all(abs(a - b) <= 0.02 + 2e-3 for (_, a), (_, b) in zip(now, before)))
         _wait(vault, job.job_id)
         assert seen and all(seen)  # matched at least once while the job ran, always right
         info = vault.get_collection("c")
@@ -90,7 +91,7 @@ def test_rotation_moves_every_template_under_new_keys(data: Path, hsm_config: Hs
         after = _scores(vault, probes)
         assert [s for s, _ in after] == [s for s, _ in before]
         # Released scores: 2 decimals, flooded by up to 0.005 each time.
-        assert all(abs(a - b) <= 0.02 + 1e-6 for (_, a), (_, b) in zip(after, before))
+        assert all(abs(a - b) <= 0.02 + 2e-3 for (_, a), (_, b) in zip(after, before))
         assert vault.verify("c", "s3", single[3].tolist()).matched
         assert vault.verify("c", "b7", bulk[7].tolist()).matched
         # The old version is gone: rows, keys, files (zero-filled, then removed).
@@ -110,7 +111,9 @@ def test_rotation_moves_every_template_under_new_keys(data: Path, hsm_config: Hs
         values = np.array(values) / gallery.params.template_scale
         new = vault.protect("c", 2, DIM, bulk[7])
         old = vault.protect("c", 1, DIM, bulk[7])
-        assert np.abs(values - new).max() < 1e-5
+        # Noise: the import's encryption, the rotation's fresh one and its rescale.
+        params = gallery.params
+        assert np.abs(values - new).max() < 6 * budget(params, 2)["noise_sigma_units"] / params.template_scale
         assert np.abs(values - old).max() > 0.1
     finally:
         vault.close()

@@ -63,6 +63,8 @@ class ScoreCiphertext:
     slots: np.ndarray = field(repr=False)
     tier: int
     loc: int
+    # The same scores for the probe's low digit (HeParams.probe_low_bits), or None.
+    low: np.ndarray | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -153,8 +155,9 @@ class SecretKeys:
         for index, part in enumerate(parts):
             if part.positions.size == 0:
                 continue
-            plain = ctx.decrypt(part.data, part.ntt)[0]
-            values.append(poly.centered(plain[part.positions], q) / scale)
+            plains = [ctx.decrypt(ct, part.ntt)[0][part.positions]
+                      for ct in (part.data, part.low) if ct is not None]
+            values.append(poly.combine_digits(plains, q, params.probe_low_bits) / scale)
             groups.append(part.groups.astype(np.int64))
             origin.append(np.stack([np.full(part.slots.size, index), part.slots]))
         if not values:
@@ -194,7 +197,8 @@ class SecretKeys:
         are encrypted by ``encrypt`` (fresh public-key encryptions, possibly under another
         key pair: a key switch) and never returned. ``lift_to``: the primes of the result
         when it has more than the input (one prime in): each value, an integer in [0, q0),
-        is reduced mod each of them (the caller's mask avoided wrap-around, see
+        is reduced mod each of them, the new key's score prime too (the caller's mask
+        avoided wrap-around, see
         :func:`vault.he.poly.uniform_interior`).
         """
         ctx = self._context(collection_id, key_version)
@@ -203,9 +207,9 @@ class SecretKeys:
         target = np.zeros((moves.targets, levels, plain.shape[2]), np.uint64)
         target[moves.dst_ct, :plain.shape[1], moves.dst_pos] = plain[moves.src_ct, :, moves.src_pos]
         if lift_to:
-            if plain.shape[1] != 1 or lift_to[0] != ctx.public.moduli[0]:
+            if plain.shape[1] != 1:
                 raise ValueError("lifting starts from the score prime alone")
-            for level, q in enumerate(lift_to[1:], 1):
+            for level, q in reversed(list(enumerate(lift_to))):  # level 0, the source, last
                 target[:, level, :] = target[:, 0, :] % np.uint64(q)
         del plain
         return encrypt(target)

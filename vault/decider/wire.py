@@ -58,7 +58,8 @@ def _pack(obj: Any, bufs: list[memoryview]) -> Any:
                        "positions": _pack(np.asarray(obj.positions, np.int32), bufs),
                        "groups": _pack(np.asarray(obj.groups, np.int32), bufs),
                        "slots": None if same else _pack(obj.slots, bufs),
-                       "tier": int(obj.tier), "loc": int(obj.loc)}}
+                       "tier": int(obj.tier), "loc": int(obj.loc),
+                       "low": _pack(obj.low, bufs)}}  # the probe's low digit's scores, or None
     name = type(obj).__name__
     if dataclasses.is_dataclass(obj) and _TYPES.get(name) is type(obj):
         return {"dc": name, "f": {f.name: _pack(getattr(obj, f.name), bufs)

@@ -125,6 +125,8 @@ class CollectionGallery:
             self.prefilter.add(block.block_no, block.centroid)
 
     def install_page(self, page: Page) -> None:
+        if page.scored is None:
+            page.scored = page_ops.scored(self.ctx, page.ct)
         with self._lock:
             self.pages[page.page_no] = page
             self._next_page_no = max(self._next_page_no, page.page_no + 1)
@@ -210,9 +212,9 @@ class CollectionGallery:
             if slots.size == 0:
                 return None
             ct = block_ops.score(block, scalars, q)
-            return ScoreCiphertext(ct, ntt=False, positions=slots.astype(np.int64),
+            return ScoreCiphertext(ct[0], ntt=False, positions=slots.astype(np.int64),
                                    groups=block.groups[slots], slots=slots, tier=BLOCK,
-                                   loc=block.block_no)
+                                   loc=block.block_no, low=ct[1] if len(ct) > 1 else None)
 
         results = list(_SCORERS.map(one, chosen)) if len(chosen) > 1 else [one(c) for c in chosen]
         if cancelled is not None and cancelled():
@@ -223,7 +225,8 @@ class CollectionGallery:
         return [r for r in results if r is not None]
 
     def probe_scalars(self, probe: np.ndarray) -> np.ndarray:
-        return poly.quantise(probe, self.params.probe_scale)
+        """The probe's integer digits (k, D) for this key version's parameters."""
+        return poly.probe_digits(probe, self.params.probe_scale_bits, self.params.probe_low_bits)
 
     def score_all(self, probe: np.ndarray, cancelled: Callable[[], bool] | None = None
                   ) -> list[ScoreCiphertext]:

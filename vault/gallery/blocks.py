@@ -28,7 +28,7 @@ class Block:
     generation: int
     fill: int
     levels: int
-    residues: np.ndarray = field(repr=False)  # (D, 2, N) residues mod the score prime
+    residues: np.ndarray = field(repr=False)  # (D, 2, N) mod the score prime, see held()
     digest: bytes = field(repr=False)  # SHA-256 of the block file
     groups: np.ndarray = field(repr=False)  # (N,) int32: subject group of a live slot, else -1
     centroid: np.ndarray | None = field(default=None, repr=False)  # pre-filter sketch
@@ -65,8 +65,21 @@ def split_levels(cts: np.ndarray) -> list[np.ndarray]:
     return [np.ascontiguousarray(cts[:, :, level, :]) for level in range(cts.shape[2])]
 
 
+def held(residues: np.ndarray, q: int) -> np.ndarray:
+    """Score-prime residues (D, 2, N) as a block holds them for matching: contiguous
+    uint32 when ``q < 2^32`` (8 bytes per template-dimension), else uint64."""
+    return np.ascontiguousarray(residues, dtype=poly.residue_dtype(q))
+
+
 def score(block: Block, scalars: np.ndarray, q: int) -> np.ndarray:
-    """The score ciphertext (2, 1, N), coefficient form, at the score prime ``q``."""
-    out = np.empty((2, 1, block.residues.shape[2]), np.uint64)
-    kernels.score_block(block.residues, scalars, q, out[:, 0, :])
-    return out
+    """The score ciphertext (2, 1, N), coefficient form, at the score prime ``q``; for
+    probe digits ``scalars`` (k, D) (:func:`vault.he.poly.probe_digits`), one per digit,
+    (k, 2, 1, N), from one pass over the block."""
+    digits = np.atleast_2d(scalars)
+    out = np.empty((digits.shape[0], 2, 1, block.residues.shape[2]), np.uint64)
+    if block.residues.dtype == np.uint32:
+        kernels.score_block32(block.residues, digits, q, out[:, :, 0, :])
+    else:
+        for d in range(digits.shape[0]):
+            kernels.score_block(block.residues, digits[d], q, out[d, :, 0, :])
+    return out[0] if np.ndim(scalars) == 1 else out

@@ -3,7 +3,7 @@
 A page is one ciphertext (NTT form) whose plaintext holds up to S = N // D templates,
 template ``k`` in coefficients ``k*D .. k*D+D-1``. Enrolling one template adds a fresh
 encryption of zero and the template's plaintext to the page: one encryption and one
-ciphertext written (about 96 KiB) instead of D of each for a block.
+ciphertext written (64 KiB: both primes, see write()) instead of D of each for a block.
 
 Scoring multiplies the page by the probe polynomial ``sum_j s_j X^-j`` (pointwise in the
 NTT domain): coefficient ``k*D`` of the product is template ``k``'s score. Its other
@@ -25,7 +25,7 @@ import numpy as np
 from vault.decider import ScoreCiphertext
 from vault.domain.errors import Cancelled
 from vault.domain.records import PAGE
-from vault.he import PublicContext, kernels, poly
+from vault.he import PublicContext, kernels, linear, poly
 
 
 @dataclass
@@ -33,8 +33,11 @@ class Page:
     page_no: int
     generation: int
     fill: int
-    ct: np.ndarray = field(repr=False)  # (2, levels, N) NTT form
+    ct: np.ndarray = field(repr=False)  # (2, levels, N) NTT form, as stored
     groups: np.ndarray = field(repr=False)  # (S,) int32: subject group of a live slot, else -1
+    # (2, 1, N) NTT form at the score prime, templates at the template scale: what scoring
+    # and checkpoints read (set by the gallery when it installs the page, see scored()).
+    scored: np.ndarray | None = field(default=None, repr=False)
 
 
 def _plaintext_ntt(ctx: PublicContext, templates: np.ndarray, first_slot: int,
@@ -44,18 +47,35 @@ def _plaintext_ntt(ctx: PublicContext, templates: np.ndarray, first_slot: int,
     start = first_slot * dimension
     values[start:start + templates.size] = poly.quantise(templates.reshape(-1),
                                                          ctx.params.template_scale)
+    if levels > 1:  # lifted: times the rotation prime, so that scored() divides the noise
+        values *= ctx.moduli[1]  # |t| * 2^27 * 2^30 at most: exact in int64
     return ctx.to_ntt(poly.residues(values, ctx.level_moduli(levels)))
 
 
 def write(ctx: PublicContext, ct: np.ndarray | None, first_slot: int,
           templates: np.ndarray) -> np.ndarray:
     """A page's next state: ``ct`` (None for a new page) plus a fresh encryption of
-    ``templates`` (k, D) in slots ``first_slot..``. Nothing is modified in place."""
-    levels = ct.shape[1] if ct is not None else ctx.params.stored_levels
+    ``templates`` (k, D) in slots ``first_slot..``. Nothing is modified in place.
+
+    A page is a sum of one fresh encryption per enrollment, so its noise grows with the
+    square root of its fill (5.7x a fresh one for 32 templates at 128-d): new pages are
+    kept at both data primes with templates times q1, and :func:`scored` rescales them by
+    q1, which divides that sum by 2^30 and leaves one rounding (fresh-size) noise. Pages
+    written at one prime (before issue 14) stay at one prime."""
+    levels = ct.shape[1] if ct is not None else ctx.params.levels
     moduli = ctx.level_moduli(levels)
     zero = ctx.encrypt_zero()[:, :levels]
     zero[0] = poly.add(zero[0], _plaintext_ntt(ctx, templates, first_slot, levels), moduli)
     return zero if ct is None else poly.add(zero, ct, moduli)
+
+
+def scored(ctx: PublicContext, ct: np.ndarray) -> np.ndarray:
+    """A page as scored (2, 1, N), NTT form at the score prime: a two-prime page rescaled
+    by the rotation prime (templates back at the template scale), a one-prime page as is."""
+    if ct.shape[1] == 1:
+        return ct
+    coeff = ctx.ciphertext_from_ntt(np.ascontiguousarray(ct[:, :2]))
+    return ctx.ciphertext_to_ntt(linear.rescale(coeff, ctx.moduli))
 
 
 def score(ctx: PublicContext, pages: list[Page], scalars: np.ndarray,
@@ -66,8 +86,9 @@ def score(ctx: PublicContext, pages: list[Page], scalars: np.ndarray,
     if not pages:
         return []
     q, n = ctx.moduli[0], ctx.n
-    dimension = len(scalars)
-    probe = ctx.to_ntt(poly.residues(poly.negacyclic_reverse(scalars, n), (q,)))[0]
+    digits = np.atleast_2d(scalars)  # (k, D): one product per probe digit
+    dimension = digits.shape[1]
+    probes = [ctx.to_ntt(poly.residues(poly.negacyclic_reverse(s, n), (q,)))[0] for s in digits]
     chosen = []
     for page in pages:
         slots = (only_slots[page.page_no] if only_slots is not None
@@ -76,21 +97,27 @@ def score(ctx: PublicContext, pages: list[Page], scalars: np.ndarray,
             chosen.append((page, slots))
     if not chosen:
         return []
-    masks = poly.uniform((len(chosen), n), (q,))  # (pages, 1, N)
+    masks = poly.uniform((len(chosen) * len(probes), n), (q,))  # (pages * digits, 1, N)
     for k, (_, slots) in enumerate(chosen):
-        masks[k, 0, slots.astype(np.int64) * dimension] = 0
+        masks[k * len(probes):(k + 1) * len(probes), 0, slots.astype(np.int64) * dimension] = 0
     masks = ctx.many_to_ntt(masks)
     out = []
     for k, (page, slots) in enumerate(chosen):
         if cancelled is not None and cancelled():
             raise Cancelled("the caller cancelled or its deadline passed")
-        product = np.empty((2, 1, n), np.uint64)
-        kernels.mulmod(page.ct[0, 0], probe, q, product[0, 0])
-        kernels.mulmod(page.ct[1, 0], probe, q, product[1, 0])
-        product[0] = poly.add(product[0], masks[k], (q,))
-        out.append(ScoreCiphertext(product, ntt=True, positions=slots.astype(np.int64) * dimension,
+        held = page.scored if page.scored is not None else scored(ctx, page.ct)
+        products = []
+        for d, probe in enumerate(probes):  # each digit's product masked on its own
+            product = np.empty((2, 1, n), np.uint64)
+            kernels.mulmod(held[0, 0], probe, q, product[0, 0])
+            kernels.mulmod(held[1, 0], probe, q, product[1, 0])
+            product[0] = poly.add(product[0], masks[k * len(probes) + d], (q,))
+            products.append(product)
+        out.append(ScoreCiphertext(products[0], ntt=True,
+                                   positions=slots.astype(np.int64) * dimension,
                                    groups=page.groups[slots], slots=slots, tier=PAGE,
-                                   loc=page.page_no))
+                                   loc=page.page_no,
+                                   low=products[1] if len(products) > 1 else None))
     return out
 
 

@@ -19,8 +19,9 @@ os.environ.setdefault("NUMBA_CACHE_DIR", str(
 
 from numba import njit  # noqa: E402 - reads NUMBA_CACHE_DIR when first imported
 
-# Residues are split in halves of _SPLIT bits so that a signed probe scalar (at most
-# 2^21) times a half fits in 47 bits and D <= 1024 of them sum below 2^63.
+# score_block (score primes above 2^32, key versions from before issue 14): residues are
+# split in halves of _SPLIT bits so that a signed probe scalar (at most 2^21) times a half
+# fits in 47 bits and D <= 1024 of them sum below 2^63.
 _SPLIT = np.uint64(26)
 _MASK = np.uint64((1 << 26) - 1)
 
@@ -97,3 +98,44 @@ def score_block(block: np.ndarray, scalars: np.ndarray, q: int, out: np.ndarray)
     shift = (1 << 26) % q
     for k in range(2):
         _reduce_split(hi[k], lo[k], q, shift, out[k])
+
+
+@njit(nogil=True, cache=True)
+def score_block32(block: np.ndarray, digits: np.ndarray, q: int, out: np.ndarray) -> None:
+    """:func:`score_block` for a score prime below 2^32, one score per probe digit in the
+    same pass: ``block`` (D, 2, N) uint32, ``digits`` (k, D) signed integers
+    (|s| <= 2^20), ``out`` (k, 2, N).
+
+    Whole residues times scalars summed over D <= 1024 terms stay below 2^62: one int64
+    multiply-add per residue and digit, no split, and each residue read once.
+    """
+    dim = block.shape[0]
+    n = block.shape[2]
+    count = digits.shape[0]
+    acc = np.zeros((count, 2, n), np.int64)
+    for j in range(dim):
+        for k in range(2):
+            row = block[j, k]
+            if count == 2:
+                s0 = np.int64(digits[0, j])
+                s1 = np.int64(digits[1, j])
+                a0 = acc[0, k]
+                a1 = acc[1, k]
+                for i in range(n):
+                    c = np.int64(row[i])
+                    a0[i] += s0 * c
+                    a1[i] += s1 * c
+            else:
+                for d in range(count):
+                    s = np.int64(digits[d, j])
+                    a = acc[d, k]
+                    for i in range(n):
+                        a[i] += s * np.int64(row[i])
+    qi = np.int64(q)
+    for d in range(count):
+        for k in range(2):
+            for i in range(n):
+                v = acc[d, k, i] % qi
+                if v < 0:
+                    v += qi
+                out[d, k, i] = np.uint64(v)

@@ -26,6 +26,8 @@ def _limbs(x: np.ndarray, bits: int, count: int) -> list[np.ndarray]:
 
 
 def _mulmod_scalar(x: np.ndarray, factor: int, q: int) -> np.ndarray:
+    if q < 2 ** 32:  # exact in uint64, and no compiled kernel (the first enrollment's page)
+        return (x % np.uint64(q)) * np.uint64(factor % q) % np.uint64(q)
     out = np.empty_like(x)
     kernels.mulmod(x.reshape(-1), np.full(x.size, factor % q, np.uint64), q, out.reshape(-1))
     return out

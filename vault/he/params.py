@@ -1,46 +1,96 @@
 """CKKS parameters of one collection key version (stored with it, as JSON).
 
-Ring N = 4096 with three primes: a 50-bit *score* prime, a 30-bit *rotation* prime and a
-29-bit special prime (SEAL's key level, used only to shrink the noise of fresh
-encryptions: we never key-switch). 109 bits in all, the 128-bit-security bound of the
-homomorphic encryption standard for N = 4096 (SEAL enforces it).
+**Ring and primes.** N = 4096 with three primes: a 32-bit *score* prime q0 (SEAL picks
+4,294,828,033 = 2^32 - 139,263), a 30-bit *rotation* prime q1 and a 29-bit special prime
+(SEAL's key level, used only to shrink the noise of fresh encryptions: we never
+key-switch). 91 bits in all. Security: the homomorphic encryption standard's table
+(HomomorphicEncryption.org, 2018; ternary secret, classical, 128 bits) allows at most
+109 bits of modulus for N = 4096; 91 is below that row's bound (SEAL enforces it).
 
-Encoding is by coefficient, not by slot: a plaintext polynomial's coefficient ``i``
-holds a value scaled by ``2**template_scale_bits``. A ciphertext therefore holds N values
-(twice what slot encoding gives), its fresh noise is a few dozen units instead of a few
-thousand, and moving or erasing a value is an integer operation on coefficients, which
-commutes with masking by uniform values mod q (what the decider's blind re-encryption
-relies on, see :mod:`vault.decider`).
+**Coefficient encoding.** A plaintext polynomial's coefficient ``i`` holds a value scaled
+by ``2**template_scale_bits``. A ciphertext holds N values (twice what slot encoding
+gives), its fresh noise is a dozen units instead of thousands, and moving or erasing a
+value is an integer operation on coefficients, which commutes with masking by uniform
+values mod q (what the decider's blind re-encryption relies on, see :mod:`vault.decider`).
 
-Scores are plaintext-scalar multiply-adds of template ciphertexts with the probe scaled
-by ``2**probe_scale_bits``: a score sits at scale 2^(27+20) = 2^47 under the 50-bit prime,
-with room for the values up to 2 that a journal page's product holds.
+**Stored layout: 8 bytes per template-dimension.** Stored ciphertexts keep the score prime
+only (:attr:`HeParams.stored_levels`): a ciphertext mod q0*q1 whose plaintext is small is
+also a valid ciphertext mod q0, so the rotation prime is dropped after encryption. q0 is
+below 2^32, so c0 and c1 are stored, held in memory and streamed by the scoring kernel as
+uint32: a 512-d template is 4 KiB of residues (16 bytes per dimension with the 50-bit
+prime before). The rotation prime is used while a transform rotation runs: a blind
+re-encryption under the new key lifts the ciphertexts to both primes, the rotation (a
+linear map with 30-bit integers) is applied, and a rescale by q1 brings them back down.
 
-Stored ciphertexts keep the score prime only (:attr:`HeParams.stored_levels`): a
-ciphertext mod q0*q1 whose plaintext is small is also a valid ciphertext mod q0, so the
-rotation prime is dropped after encryption, and 8 bytes per coefficient are stored. The
-rotation prime is used while a transform rotation runs: a blind re-encryption under the
-new key lifts the ciphertexts to both primes, the rotation (a linear map with 30-bit
-integers) is applied, and a rescale by the rotation prime brings them back down.
+**Noise and precision budget** (defaults; ``Dt = 2^19`` template scale, probe in two
+digits ``hi`` at ``Dp = 2^10`` and ``lo`` at 2^6 below it (:func:`vault.he.poly.probe_digits`),
+t and p unit vectors, scores relative to a cosine of 1; :func:`budget` computes it and
+``tests/he/test_budget.py`` checks it against SEAL):
+
+- *Fresh noise*: SEAL encrypts at the special prime's level and divides by it; what is
+  left is the rounding ``r0 + r1*s`` (r uniform in [-1/2, 1/2], s ternary with 2N/3
+  non-zero coefficients): sigma_f = sqrt((1 + 2N/3) / 12) = 15.1 units per coefficient
+  (measured 15.0; the encryption's own error, divided by the 29-bit special prime, adds
+  below 0.001).
+- *Re-encryptions*: a blind re-encryption decrypts ``m + e + R`` and encrypts it afresh,
+  so the old noise stays in the plaintext and a fresh one is added: after r of them
+  (a checkpoint 1, with the page's rescale; each compaction of the block 1; each key
+  rotation 2: the fresh encryption and the rescale's rounding) sigma = sigma_f sqrt(1 + r).
+- *Accumulated over D terms*: a score is ``sum_j s_j (Dt t_j + e_j)``; the noise term
+  ``sum_j s_j e_j`` has std ``sigma * |s| = sigma * Dp``, relative ``sigma / Dt``:
+  2.9e-5 fresh, 6.4e-5 at r = 4. The probe scale cancels: it sets only the probe's
+  quantisation error. The noise floor is the template scale; the 32-bit prime bounds
+  ``Dt * Dp``, hence the second digit.
+- *Quantisation*: the probe, in two digits, to 2^-16: std sqrt(1/12) / 2^16 = 4.4e-6;
+  templates rounded to ``Dt``: 5.5e-7.
+- *Total*: std 2.9e-5 for a fresh template (6.5e-5 at r = 4, 8.6e-5 at r = 8); six
+  standard deviations (1.7e-4 fresh, 3.9e-4 at r = 4) stay far under the release
+  precision (2 decimals) and the decision noise (+-0.005).
+- *Margin to q0/2*: the high digit's score ``|sum hi_j m_j| <= Dt * Dp * (1 + 2^-10)`` +
+  noise = 2^29; the low digit's ``|sum lo_j m_j| <= 2^(6-1) * Dt * sqrt(D)``
+  (Cauchy-Schwarz, D <= 1024) = 2^29. Against q0/2 = 2^31 (at least 2^30
+  for any 32-bit prime): a factor of 4 (at least 2). The decider centres each residue in
+  (-q0/2, q0/2] and adds ``hi + lo / 2^6``.
+- *Kernel accumulators*: ``|hi_j| <= 2^10``, ``|lo_j| <= 2^5``, residues below 2^32, D <=
+  1024 terms: sums below 2^52, exact in int64 (``score_block32``, both digits in one pass
+  over the residues).
+- *Rotation's lift*: the decider sees ``m + R`` with R uniform in [M, q0 - M),
+  M = :attr:`HeParams.lift_margin` = Dt + 2^12 (above any plaintext coefficient): within
+  statistical distance 2M/q0 = 2^-12 per coefficient of uniform (2^-21 with the 50-bit
+  prime): the price of the larger template scale, paid once per coefficient and rotation,
+  to the decider only. Checkpoints and compaction stay at one prime and use masks
+  exactly uniform mod q0.
+
+Older key versions (50-bit score prime, scales 2^27 and 2^20, 16 bytes per
+template-dimension) load and match as stored: their parameters are stored with them and
+the 64-bit kernel stays. A key rotation moves a collection to the current defaults
+(:mod:`vault.ops.rotation` rescales between the two template scales).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 
-# The scoring kernel splits residues in two 26-bit halves and accumulates signed products
-# with probe scalars in int64: this bounds the score prime, the dimension and the scale.
+# The 64-bit scoring kernel splits residues in two 26-bit halves and accumulates signed
+# products with probe scalars in int64: this bounds the score prime, the dimension and the
+# probe scale. The 32-bit kernel multiplies whole residues (below 2^32).
 MAX_SCORE_PRIME_BITS = 52
+UINT32_PRIME_BITS = 32
 MAX_DIMENSION = 1024
+# Bound used for the accumulated noise of a stored ciphertext (units of the template scale
+# grid): far above six standard deviations after hundreds of re-encryptions.
+NOISE_BOUND_BITS = 12
 
 
 @dataclass(frozen=True)
 class HeParams:
     poly_modulus_degree: int = 4096
-    coeff_mod_bit_sizes: tuple[int, ...] = (50, 30, 29)
-    template_scale_bits: int = 27
-    probe_scale_bits: int = 20
+    coeff_mod_bit_sizes: tuple[int, ...] = (32, 30, 29)
+    template_scale_bits: int = 19
+    probe_scale_bits: int = 10
+    probe_low_bits: int = 6  # a second probe digit (0: none, as before issue 14)
 
     def __post_init__(self) -> None:
         bits = self.coeff_mod_bit_sizes
@@ -48,10 +98,17 @@ class HeParams:
             raise ValueError("need at least a score prime and a special prime")
         if bits[0] > MAX_SCORE_PRIME_BITS:
             raise ValueError(f"the score prime must have at most {MAX_SCORE_PRIME_BITS} bits")
-        # Scores up to 2 (journal products) plus sign must fit under the score prime.
+        # Scores up to 1 plus sign, with a factor 2 to spare, under the score prime.
         if self.template_scale_bits + self.probe_scale_bits + 2 >= bits[0]:
             raise ValueError("template and probe scales do not fit under the score prime")
-        if self.probe_scale_bits > 21:
+        # The low digit's score: |lo| <= 2^(low-1) per term, sum_j |lo_j t_j| <= 2^(low-1) *
+        # sqrt(D) (Cauchy-Schwarz, |t| = 1), sqrt(D) <= 2^5, under q0/4 > 2^(bits-3).
+        if self.probe_low_bits and (self.probe_low_bits - 1 + self.template_scale_bits + 5
+                                    > bits[0] - 3):
+            raise ValueError("the probe's low digit does not fit under the score prime")
+        # Kernel accumulators: |s| * q * D below 2^63 (the 64-bit kernel: 2^21 * 2^26 * D).
+        limit = 21 if bits[0] > UINT32_PRIME_BITS else 63 - UINT32_PRIME_BITS - 10 - 1
+        if max(self.probe_scale_bits, self.probe_low_bits) > limit:
             raise ValueError("probe scale too large for the scoring kernel's accumulators")
 
     @property
@@ -77,6 +134,12 @@ class HeParams:
     def probe_scale(self) -> float:
         return float(2 ** self.probe_scale_bits)
 
+    @property
+    def lift_margin(self) -> int:
+        """A bound on every stored plaintext coefficient (|t_j| <= 1 plus noise): masks for a
+        lift to more primes stay this far from 0 and q0."""
+        return (1 << self.template_scale_bits) + (1 << NOISE_BOUND_BITS)
+
     def page_slots(self, dimension: int) -> int:
         """Templates per journal page (template-major, ``dimension`` coefficients each)."""
         return self.poly_modulus_degree // dimension
@@ -88,7 +151,42 @@ class HeParams:
     def from_json(cls, text: str) -> HeParams:
         raw = json.loads(text)
         raw["coeff_mod_bit_sizes"] = tuple(raw["coeff_mod_bit_sizes"])
+        raw.setdefault("probe_low_bits", 0)  # stored before issue 14: one digit
         return cls(**raw)
 
 
+def fresh_noise_sigma(n: int) -> float:
+    """Std of a fresh encryption's noise per coefficient: the rounding ``r0 + r1*s`` left
+    when SEAL divides by the special prime (s ternary, 2n/3 non-zero coefficients)."""
+    return math.sqrt((1 + 2 * n / 3) / 12)
+
+
+def budget(params: HeParams, reencryptions: int = 0) -> dict[str, float]:
+    """The score error budget (relative to a cosine of 1) and the margin to q0/2, for a
+    template that went through ``reencryptions`` blind re-encryptions. See the module
+    docstring; every figure is a standard deviation except the bounds."""
+    dt, dp = params.template_scale, params.probe_scale
+    low = params.probe_low_bits
+    sigma = fresh_noise_sigma(params.poly_modulus_degree) * math.sqrt(1 + reencryptions)
+    noise = sigma / dt
+    probe_q = math.sqrt(1 / 12) / (dp * 2.0 ** low)
+    template_q = math.sqrt(1 / 12) / dt
+    total = math.sqrt(noise ** 2 + probe_q ** 2 + template_q ** 2)
+    largest = dt * dp * (1 + 2.0 ** -10) + 6 * sigma * dp
+    if low:
+        largest = max(largest, 2.0 ** (low - 1) * dt * math.sqrt(MAX_DIMENSION) * (1 + 2.0 ** -10))
+    half_q = 2.0 ** (params.coeff_mod_bit_sizes[0] - 2)  # q0 > 2^(bits-1)
+    return {"noise_sigma_units": sigma, "noise": noise, "probe_quantisation": probe_q,
+            "template_quantisation": template_q, "total": total, "bound_6_sigma": 6 * total,
+            "largest_coefficient": largest, "margin_to_half_q": half_q / largest,
+            "lift_statistical_distance": 2 * params.lift_margin / 2.0 ** (params.coeff_mod_bit_sizes[0] - 1)}
+
+
 DEFAULT_PARAMS = HeParams()
+# Six standard deviations of a score's CKKS and quantisation error after four blind
+# re-encryptions (1.6e-3 for the defaults): the tolerance of tests that compare decisions
+# or released scores with plaintext cosine.
+SCORE_ERROR_BOUND = budget(DEFAULT_PARAMS, reencryptions=4)["bound_6_sigma"]
+# The parameters of key versions written before issue 14 (16 bytes per template-dimension).
+LEGACY_PARAMS = HeParams(coeff_mod_bit_sizes=(50, 30, 29), template_scale_bits=27,
+                         probe_scale_bits=20, probe_low_bits=0)

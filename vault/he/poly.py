@@ -95,6 +95,29 @@ def quantise(values: np.ndarray, scale: float) -> np.ndarray:
     return np.rint(np.asarray(values, dtype=np.float64) * scale).astype(np.int64)
 
 
+def probe_digits(probe: np.ndarray, scale_bits: int, low_bits: int) -> np.ndarray:
+    """A probe as integer digits (k, D): ``hi = round(p * 2^scale_bits)`` and, when
+    ``low_bits`` > 0, ``lo = round((p * 2^scale_bits - hi) * 2^low_bits)`` (|lo| <=
+    2^(low_bits-1)): ``p ~ (hi + lo / 2^low_bits) / 2^scale_bits``. Each digit is scored
+    on its own, so each score stays far below q/2 while the probe keeps
+    scale_bits + low_bits bits (see vault/he/params.py)."""
+    x = np.asarray(probe, dtype=np.float64) * 2.0 ** scale_bits
+    hi = np.rint(x)
+    if low_bits == 0:
+        return hi.astype(np.int64)[None, :]
+    lo = np.rint((x - hi) * 2.0 ** low_bits)
+    return np.stack([hi, lo]).astype(np.int64)
+
+
+def combine_digits(residues: list[np.ndarray], q: int, low_bits: int) -> np.ndarray:
+    """Score numerators (at the template scale times 2^scale_bits) from the decrypted
+    residues of each digit's score: ``hi + lo / 2^low_bits``, as float64."""
+    value = centered(residues[0], q).astype(np.float64)
+    if len(residues) > 1:
+        value += centered(residues[1], q) / 2.0 ** low_bits
+    return value
+
+
 def negacyclic_reverse(scalars: np.ndarray, n: int) -> np.ndarray:
     """The polynomial ``sum_j s_j X^-j`` mod X^n + 1 (X^-j = -X^(n-j)), as int64 (n,).
 

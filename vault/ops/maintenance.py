@@ -36,6 +36,7 @@ from vault.decider import Moves
 from vault.domain.errors import DataLoss, VaultError
 from vault.domain.records import BLOCK, DELETED, LIVE, MIXED, PAGE, TemplateRow
 from vault.gallery import CollectionGallery
+from vault.gallery import pages as page_ops
 from vault.he import poly
 from vault.ops.commit import BlockCommit
 
@@ -62,7 +63,9 @@ def checkpoint(core: Core, gallery: CollectionGallery) -> int:
         # Everything live now moves; a deletion after this point leaves a tombstone.
         moving = [(i, t) for i, p in enumerate(pages) for t in rows[p.page_no]
                   if t.state == LIVE and t.slot < p.fill]
-        levels = min(p.ct.shape[1] for p in pages)
+        held = [p.scored if p.scored is not None else page_ops.scored(gallery.ctx, p.ct)
+                for p in pages]  # at the score prime, templates at the template scale
+        levels = min(h.shape[1] for h in held)
         moduli = gallery.ctx.level_moduli(levels)
         tail = gallery.mixed_tail()
         if tail is not None and tail.levels != levels:
@@ -91,7 +94,7 @@ def checkpoint(core: Core, gallery: CollectionGallery) -> int:
         fresh = None
         if count:
             fresh = blind_reencrypt(core.decider, gallery.ctx, cid, version,
-                                    np.stack([p.ct[:, :levels] for p in pages]), True, moves,
+                                    np.stack([h[:, :levels] for h in held]), True, moves,
                                     version)
 
         with BlockCommit(core, gallery) as unit:  # files, transaction, install, retire

@@ -4,18 +4,23 @@ moved under them without the original captures and without decrypting any templa
 Per block of the old key version, as a background job:
 
 1. the matcher masks the block's D ciphertexts with integers uniform in
-   [M, q0 - M), M = 2^28 above any plaintext coefficient;
+   [M, q0 - M), M = ``lift_margin`` above any plaintext coefficient;
 2. the decider decrypts them under the old secret key (it sees ``m + R``, within
-   statistical distance 2M/q0 = 2^-21 per coefficient of uniform), reduces each value
-   mod both data primes and encrypts it afresh under the **new** public key: a blind key
-   switch that also lifts the ciphertexts from the score prime to both primes;
+   statistical distance 2M/q0 = 2^-14 per coefficient of uniform, 2^-21 for a legacy
+   50-bit prime), reduces each value mod both data primes of the new key and encrypts it
+   afresh under the **new** public key: a blind key switch that also lifts the
+   ciphertexts from the score prime to both primes;
 3. the matcher subtracts the mask, applies the change of transform
-   ``round(q1 * Q_new @ Q_old.T)`` as a linear map across the D ciphertexts
-   (:mod:`vault.he.linear`), and rescales by the rotation prime q1: the templates are now
-   ``Q_new x`` (to about 2^-31) under the new key, at the score prime, as stored.
+   ``round(q1 * Q_new @ Q_old.T * Dt_new / Dt_old)`` as a linear map across the D
+   ciphertexts (:mod:`vault.he.linear`), and rescales by the rotation prime q1: the
+   templates are now ``Q_new x`` (to about 2^-31) under the new key, at the score prime,
+   at the new template scale, as stored.
 
-Each step leaves the ciphertexts as it found them (one prime, fresh-size noise), so
-rotations can follow each other without limit. Matching goes on under the old version
+The new version takes the vault's current parameters (:data:`vault.he.DEFAULT_PARAMS`):
+a rotation is also how a collection written with the 50-bit layout moves to the 32-bit
+one. Each rotation leaves the ciphertexts at one prime and adds two fresh noises (the
+encryption and the rescale's rounding) to the plaintext: see the budget in
+:mod:`vault.he.params`. Matching goes on under the old version
 while the job runs; journal pages are checkpointed into blocks before the last blocks
 move; then, in one transaction, the collection switches to the new version, its minimum
 key version rises to it, and every row of the old version is deleted (its block files
@@ -63,7 +68,7 @@ def start(core: Core, collection_id: str) -> KeyJobRow:
             launch(core, resumed)
             return resumed
         new_version = row.key_version + 1
-        params = gallery.params
+        params = core.params  # the current layout: a rotation migrates an older one
         public, sealed = core.decider.create_key(collection_id, new_version, params)
         params_json = params.to_json()
         job = KeyJobRow(uuid.uuid4().hex, collection_id, row.key_version, new_version, RUNNING, 0,
@@ -137,7 +142,7 @@ def move_block(core: Core, job: KeyJobRow, old: CollectionGallery, new: Collecti
                block_no: int) -> None:
     """Move one block to the new key version (see the module docstring)."""
     cid = job.collection_id
-    params, moduli = new.params, new.ctx.moduli
+    moduli = new.ctx.moduli
     with old.block_lock:
         block = old.blocks.get(block_no)
         if block is None or old.retired:
@@ -147,13 +152,15 @@ def move_block(core: Core, job: KeyJobRow, old: CollectionGallery, new: Collecti
         every = np.arange(n)
         moves = Moves(dim, np.repeat(np.arange(dim), n), np.tile(every, dim),
                       np.repeat(np.arange(dim), n), np.tile(every, dim))
+        # Masked at the old prime, lifted to the new key's primes (an older layout migrates).
         fresh = blind_reencrypt(core.decider, old.ctx, cid, old.key_version, cts, False, moves,
-                                new.key_version, lift_to=moduli,
-                                margin=2 ** (params.template_scale_bits + 1))
+                                new.key_version, lift_to=moduli, margin=old.params.lift_margin)
         del cts
         change = core.decider.change(cid, old.key_version, new.key_version, old.dimension)
+        # The rescale by q1 also moves the templates from the old scale to the new one.
+        scale = moduli[1] * new.params.template_scale / old.params.template_scale
         rotated = linear.rescale(linear.linear_map(
-            fresh, np.rint(change * moduli[1]).astype(np.int64), moduli), moduli)
+            fresh, np.rint(change * scale).astype(np.int64), moduli), moduli)
         del fresh
         centroid = None
         if block.centroid is not None:
