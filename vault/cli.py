@@ -151,7 +151,8 @@ def serve(args: argparse.Namespace) -> int:
         limits = AttemptLimits(args.max_failed_verifications, args.lockout_seconds)
         tuning = Tuning(routing=Routing(args.route_fraction, args.route_min_blocks),
                         journal_pages=args.journal_pages, erase_after=args.erase_after,
-                        workers=args.workers, maintenance_interval=args.maintenance_interval)
+                        workers=args.workers, maintenance_interval=args.maintenance_interval,
+                        ray=_ray_settings(args))
         vault = Vault.open(data_dir, hsm_config, limits=limits, tuning=tuning)
         vault.encryption.warm()
         return vault
@@ -217,6 +218,16 @@ def serve(args: argparse.Namespace) -> int:
     dir_lock.release()
     log.info("stopped")
     return 2 if holder.refused is not None else 0
+
+
+def _ray_settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The Ray shard settings of ``vault serve`` (None: blocks scored in process)."""
+    if not args.ray_address:
+        return None
+    from vault.gallery.shards import RaySettings
+
+    return RaySettings(address=args.ray_address, per_node=args.ray_shards_per_node,
+                       timeout=args.ray_timeout)
 
 
 def audit_verify(args: argparse.Namespace) -> int:
@@ -565,6 +576,17 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     for flag, var, kind, default, what in numbers:
         p.add_argument(flag, type=number(kind, None if flag == "--probe-radius" else 0),
                        default=env(var, default), help=f"{what} (env {var})")
+    p.add_argument("--ray-address", default=env("VAULT_RAY_ADDRESS", None),
+                   help="score blocks in Ray shards: a cluster's address (token authentication "
+                        "required: RAY_AUTH_MODE=token) or 'local' for a single-node Ray on "
+                        "127.0.0.1 (env VAULT_RAY_ADDRESS; default: in process). docs/SCALING.md")
+    p.add_argument("--ray-shards-per-node", type=number(int, 1),
+                   default=env("VAULT_RAY_SHARDS_PER_NODE", "1"),
+                   help="scoring shards per live Ray node (env VAULT_RAY_SHARDS_PER_NODE)")
+    p.add_argument("--ray-timeout", type=number(float, 0),
+                   default=env("VAULT_RAY_TIMEOUT", "30"),
+                   help="seconds a shard may take to answer before a 1:N is UNAVAILABLE "
+                        "(env VAULT_RAY_TIMEOUT)")
     p.add_argument("--workers", type=number(int, 1), default=env("VAULT_WORKERS", None),
                    help="encryption worker processes (env VAULT_WORKERS; default: one per core)")
     p.add_argument("--tls-cert", default=env("VAULT_TLS_CERT", None),

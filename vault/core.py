@@ -46,6 +46,7 @@ from vault.domain.records import (
 from vault.gallery import CollectionGallery, Routing
 from vault.gallery import blocks as block_ops
 from vault.gallery.blocks import Block
+from vault.gallery.shards import RaySettings, ShardPool
 from vault.gallery.workers import EncryptionPool
 from vault.keys import envelope
 from vault.keys.hsm import Hsm
@@ -81,6 +82,7 @@ class Tuning:
     maintenance_interval: float = 5.0
     workers: int | None = None
     import_chunk_bytes: int = 1 << 29
+    ray: RaySettings | None = None  # blocks scored in Ray shards (vault.gallery.shards)
 
 log = logs.get("vault.service")
 
@@ -134,6 +136,8 @@ class Core:
         self.audit_ref_key = self.data_key(_AUDIT_REF_KEY)
         store.live_set = LiveSet(self.data_key(_LIVE_SET_KEY), self.integrity)
         self.maintenance: threading.Thread | None = None  # vault.service starts it
+        self.shards = (ShardPool.of(self.files, self.tuning.ray).start()
+                       if self.tuning.ray is not None else None)
 
 
     def close(self) -> None:
@@ -144,6 +148,8 @@ class Core:
         for thread in list(self.job_threads.values()):
             thread.join(timeout=120)
         self.encryption.close()
+        if self.shards is not None:
+            self.shards.close()
         if self.audit is not None:
             self.audit.close()
         self.store.close()
@@ -303,6 +309,8 @@ class Core:
             self._retired_keys = [r for r in self._retired_keys if r not in keys]
         for _, cid, version in keys:
             self.decider.forget(cid, version)
+            if self.shards is not None:
+                self.shards.forget(cid, version)
             self.protector.forget(cid, version)
 
     def write_block(self, gallery: CollectionGallery, block_no: int, kind: int, generation: int,
