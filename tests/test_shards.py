@@ -199,11 +199,11 @@ def test_ray_listens_on_loopback_only_and_refuses_a_wrong_token(cluster: Cluster
     assert exposed == []
     # A driver with the wrong token is refused by the cluster's GCS.
     env = {**os.environ, "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    code = ("import ray\nray.init(address=%r, include_dashboard=False)\n"
-            "print(ray.get(ray.remote(lambda: 1).remote()))" % cluster.address)
+    code = (f"import ray\nray.init(address={cluster.address!r}, include_dashboard=False)\n"
+            "print(ray.get(ray.remote(lambda: 1).remote()))")
     try:
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                             text=True, timeout=60)
+                             text=True, timeout=60, check=False)
         assert out.returncode != 0 and "1\n" not in out.stdout
     except subprocess.TimeoutExpired:
         pass  # it never got in (it would retry forever)
@@ -258,3 +258,37 @@ def test_a_node_that_joins_takes_blocks_and_one_that_leaves_gives_them_back(
         assert [_answer(v, p) for p in probes] == answers
     finally:
         v.close()
+
+
+def test_vault_serve_with_ray_address_matches_through_the_shards(
+        cluster: Cluster, tmp_path: Path) -> None:
+    """``vault serve --ray-address``: imported blocks go to the cluster's shards, a 1:N over
+    gRPC is scored there, and a server whose Ray is not token-authenticated is refused."""
+    from vault.testing import ServerProcess
+    from vault.v1 import vault_pb2 as pb
+    from vault.v1 import vault_pb2_grpc
+
+    rng = np.random.default_rng(5)
+    faces, _ = _people(rng)
+    env = {"VAULT_RATE_LIMIT": "0", "VAULT_RAY_ADDRESS": cluster.address}
+    before = {a["ActorID"] for a in ray._private.state.actors().values()}
+    with ServerProcess(tmp_path / "data", env=env) as server:
+        stub = vault_pb2_grpc.TemplateVaultStub(server.channel())
+        stub.CreateCollection(pb.CreateCollectionRequest(collection_id="c", dimension=DIM,
+                                                         threshold=0.55), timeout=60)
+        batch = pb.ImportTemplatesRequest(collection_id="c")
+        for i, face in enumerate(faces[:400]):
+            batch.items.add(subject_id=f"s{i // 4}", embedding=face.tolist())
+        results = [r for answer in stub.ImportTemplates(iter([batch]), timeout=120)
+                   for r in answer.results]
+        assert len(results) == 400 and all(r.code == 0 for r in results)
+        answer = stub.Match(pb.MatchRequest(collection_id="c", embedding=faces[9].tolist(),
+                                            top_k=10), timeout=60)
+        assert answer.matched and "s2" in {c.subject_id for c in answer.candidates}
+        shards = [a for a in ray._private.state.actors().values()
+                  if a["ActorID"] not in before and a["State"] == "ALIVE"
+                  and a["ActorClassName"].endswith("Shard")]
+        assert len(shards) == 2
+    refused = ServerProcess(tmp_path / "plain", env={**env, "RAY_AUTH_MODE": "disabled"})
+    with pytest.raises(RuntimeError, match="token authentication"):
+        refused.start(timeout=60)

@@ -120,6 +120,7 @@ def serve(args: argparse.Namespace) -> int:
                        "listen on 127.0.0.1")
     if args.hsm_module and not any(map(os.environ.get, ("VAULT_HSM_PIN", "VAULT_HSM_PIN_FILE"))):
         raise CliError("VAULT_HSM_PIN or VAULT_HSM_PIN_FILE must be set with --hsm-module")
+    ray_settings = _ray_settings(args)
     if args.hsm_module and not Path(args.hsm_module).is_file():
         # Not a refusal: the server waits NOT_SERVING for the module (a mount, a package
         # being installed), but says which file it waits for.
@@ -152,7 +153,7 @@ def serve(args: argparse.Namespace) -> int:
         tuning = Tuning(routing=Routing(args.route_fraction, args.route_min_blocks),
                         journal_pages=args.journal_pages, erase_after=args.erase_after,
                         workers=args.workers, maintenance_interval=args.maintenance_interval,
-                        ray=_ray_settings(args))
+                        ray=ray_settings)
         vault = Vault.open(data_dir, hsm_config, limits=limits, tuning=tuning)
         vault.encryption.warm()
         return vault
@@ -226,7 +227,12 @@ def _ray_settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         return None
     from vault.gallery.shards import RaySettings
 
-    return RaySettings(address=args.ray_address, per_node=args.ray_shards_per_node,
+    mode = os.environ.get("RAY_AUTH_MODE", "token" if args.ray_address == "local" else "")
+    if mode != "token":
+        raise CliError(f"--ray-address {args.ray_address}: the Ray cluster must use token "
+                       "authentication: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN or "
+                       "RAY_AUTH_TOKEN_PATH, the same on every Ray node (docs/SCALING.md)")
+    return RaySettings(address=str(args.ray_address), per_node=args.ray_shards_per_node,
                        timeout=args.ray_timeout)
 
 

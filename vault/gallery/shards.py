@@ -22,6 +22,7 @@ answers a silent non-match for blocks it could not score.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import secrets
@@ -90,7 +91,7 @@ class Shard:
                 raise ShardDataLoss("a block file is missing or unreadable") from exc
             if digest != ref.digest:
                 raise ShardDataLoss("a block file is not the committed one")
-            cid, version, block_no, generation = ref.key
+            block_no, generation = ref.key[2], ref.key[3]
             self.blocks[ref.key] = Block(block_no, 0, generation, 0, 1, residues[0], digest,
                                          np.empty(0, np.int32))
             # Keep two generations: a match in flight may still name the previous one.
@@ -289,7 +290,7 @@ class ShardPool:
             try:
                 self.rebalance()
                 self._reload_restarted()
-            except Exception as exc:  # a cluster in trouble: the next pass tries again
+            except (Unavailable, _ray().exceptions.RayError) as exc:  # the next pass retries
                 log.warning("shard watch failed", error_type=type(exc).__name__)
 
     def _reload_restarted(self) -> None:
@@ -301,8 +302,8 @@ class ShardPool:
         for i, actor in enumerate(generation.actors):
             try:
                 _node, _pid, incarnation = ray.get(actor.where.remote(), timeout=self.timeout)
-            except Exception:
-                continue  # down: a later pass reloads it
+            except ray.exceptions.RayError:  # down: a later pass reloads it
+                continue
             name = generation.names[i]
             if self._incarnations.get(name) not in (None, incarnation):
                 self._load_all(generation, only=i)
@@ -367,10 +368,8 @@ class ShardPool:
             left = deadline - time.monotonic()
             if left <= 0:
                 for call in pending:
-                    try:
-                        ray.cancel(call)
-                    except Exception:  # an actor that is gone has nothing to cancel
-                        pass
+                    with contextlib.suppress(ray.exceptions.RayError, ValueError):
+                        ray.cancel(call)  # an actor that is gone has nothing to cancel
                 raise Unavailable("a scoring shard did not answer in time (down or "
                                   "restarting): retry")
             if cancelled is not None and cancelled():
@@ -398,7 +397,7 @@ class ShardPool:
             try:
                 node, pid, _ = ray.get(actor.where.remote(), timeout=self.timeout)
                 held = ray.get(actor.held.remote(), timeout=self.timeout)
-            except Exception:
+            except ray.exceptions.RayError:
                 node, pid, held = None, None, []
             out.append({"name": name, "node": node, "pid": pid, "blocks": held})
         return out
