@@ -157,7 +157,8 @@ def connect(address: str) -> bool:
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING",
                               "log_to_driver": False}
     if address == "local":
-        ray.init(_node_ip_address="127.0.0.1", **kwargs)
+        # Results are small (64 KiB per block scored): a small object store will do.
+        ray.init(_node_ip_address="127.0.0.1", object_store_memory=512 << 20, **kwargs)
     else:
         ray.init(address=address, **kwargs)
     return True
