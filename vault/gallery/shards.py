@@ -38,7 +38,7 @@ import numpy as np
 
 from vault import logs
 from vault.block_files import BlockFiles
-from vault.domain.errors import Cancelled, DataLoss, FailedPrecondition, Unavailable
+from vault.domain.errors import Cancelled, DataLoss, FailedPrecondition, Unavailable, VaultError
 from vault.gallery import blocks as block_ops
 from vault.gallery.blocks import Block
 
@@ -291,7 +291,7 @@ class ShardPool:
             try:
                 self.rebalance()
                 self._reload_restarted()
-            except (Unavailable, _ray().exceptions.RayError) as exc:  # the next pass retries
+            except (VaultError, _ray().exceptions.RayError) as exc:  # the next pass retries
                 log.warning("shard watch failed", error_type=type(exc).__name__)
 
     def _reload_restarted(self) -> None:
