@@ -91,6 +91,7 @@ def main() -> None:
     blocks = len(v.galleries()[0].blocks)
     try:
         base, expected = _measure(v, probes)
+        figures["decrypt_ms_per_block"] = _decrypt_ms(v, probes[0])
     finally:
         v.close()
     figures["blocks"] = blocks
@@ -121,7 +122,19 @@ def main() -> None:
         import ray
 
         ray.shutdown()
+    figures["load_average"] = [round(x, 1) for x in os.getloadavg()]  # others' work too
     _report(figures, args.out)
+
+
+def _decrypt_ms(v: Vault, probe: np.ndarray, rounds: int = 5) -> float:
+    """The decider's cost per score ciphertext (one per block scored), in the vault."""
+    gallery = v.galleries()[0]
+    scaled = probe / np.linalg.norm(probe)
+    parts = gallery.score_all(scaled)
+    t = time.perf_counter()
+    for _ in range(rounds):
+        v.decider.decide("bench", gallery.key_version, parts, 2.0, 1)
+    return (time.perf_counter() - t) / rounds / len(parts) * 1e3
 
 
 def _shard_rss(v: Vault) -> list[float]:
@@ -141,6 +154,8 @@ def _report(figures: dict, out: Path) -> None:
     (out / f"{name}.json").write_text(json.dumps(figures, indent=1))
     print(f"\n1:N over {figures['n']:,} x {figures['dim']} ({figures['blocks']} blocks, "
           f"route fraction {figures['route_fraction']}), {os.cpu_count()} cores")
+    print(f"decider: {figures['decrypt_ms_per_block']:.2f} ms per score ciphertext; load "
+          f"average {figures['load_average']}")
     print("| gallery | p50 (ms) | p95 (ms) | ratio to in-process | per-shard scan (GB/s) | same subjects |")
     print("|---|---|---|---|---|---|")
     for label, run in figures["runs"].items():
