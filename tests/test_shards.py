@@ -249,6 +249,7 @@ def test_a_node_that_joins_takes_blocks_and_one_that_leaves_gives_them_back(
         _until(lambda: len(v.shards.status()) == 3)
         joined = [s for s in v.shards.status() if s["node"] not in before]
         assert len(joined) == 1 and joined[0]["blocks"], "the new node holds no block"
+        assert sorted(len(s["blocks"]) for s in v.shards.status()) == [1, 1, 1]  # its share
         assert [_answer(v, p) for p in probes] == answers
         cluster.remove_node(node)
         _until(lambda: len(v.shards.status()) == 2

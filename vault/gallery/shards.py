@@ -11,8 +11,8 @@ enters Ray (``tests/test_shards.py`` inspects every call).
 One placement group (SPREAD) per *generation* of the shard set: ``per_node`` shards per
 live node. When the set of live nodes changes, a new generation is placed, every known
 block is loaded into it, and only then does it serve (the old one is removed): a node that
-joins takes blocks over, one that leaves gives them back. Blocks are owned by rendezvous
-hashing over the generation's shards.
+joins takes blocks over, one that leaves gives them back. Each block (by place) is owned
+by one shard of the generation, new places going to the shard that owns the fewest.
 
 Faults: a shard actor restarts (``max_restarts``) and reloads its blocks from their files
 (on the next call that names them, and eagerly from the watcher thread). A call to a shard
@@ -23,14 +23,14 @@ answers a silent non-match for blocks it could not score.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import secrets
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -111,10 +111,6 @@ class Shard:
         return [block_ops.score(self.blocks[ref.key], scalars, q) for ref in refs]
 
 
-def _weight(member: str, key: BlockKey) -> bytes:
-    return hashlib.blake2b(repr((member, key[:3])).encode(), digest_size=8).digest()
-
-
 @dataclass
 class _Generation:
     number: int
@@ -122,11 +118,26 @@ class _Generation:
     actors: list[Any]
     names: list[str]
     nodes: frozenset[str]
+    assignment: dict[tuple[str, int, int], int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def owner(self, key: BlockKey) -> int:
-        """The shard of a block: rendezvous hashing on its place (not its generation, so
-        a block's new generation stays where the old one was)."""
-        return max(range(len(self.names)), key=lambda i: _weight(self.names[i], key))
+        """The shard of a block, by its place (not its generation, so a block's new
+        generation stays where the old one was): a new place goes to the shard that owns
+        the fewest, so every shard of a generation gets its share."""
+        place = key[:3]
+        with self.lock:
+            found = self.assignment.get(place)
+            if found is None:
+                counts = Counter(self.assignment.values())
+                found = min(range(len(self.actors)), key=lambda i: (counts[i], i))
+                self.assignment[place] = found
+            return found
+
+    def release(self, collection_id: str, key_version: int) -> None:
+        with self.lock:
+            for place in [p for p in self.assignment if p[:2] == (collection_id, key_version)]:
+                del self.assignment[place]
 
 
 def _ray() -> Any:
@@ -278,7 +289,7 @@ class ShardPool:
 
     def _load_all(self, generation: _Generation, only: int | None = None) -> None:
         with self._lock:
-            refs = list(self._known.values())
+            refs = sorted(self._known.values(), key=lambda r: r.key)
         by_shard: dict[int, list[BlockRef]] = {}
         for ref in refs:
             by_shard.setdefault(generation.owner(ref.key), []).append(ref)
@@ -335,6 +346,7 @@ class ShardPool:
                 del self._known[place]
             generation = self._generation
         if generation is not None:
+            generation.release(collection_id, key_version)
             for actor in generation.actors:
                 actor.forget.remote(collection_id, key_version)
 
