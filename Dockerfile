@@ -38,7 +38,9 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY vault ./vault
 COPY docker/warm-numba.sh /usr/local/bin/vault-warm-numba
-RUN pip install --no-cache-dir .
+# VAULT_EXTRAS="[ray]": the image of docker-compose.yml, for the vault and the Ray nodes.
+ARG VAULT_EXTRAS=""
+RUN pip install --no-cache-dir ".${VAULT_EXTRAS}"
 
 USER vault
 # numba compiles the matching kernels here, at build time, into a cache the image keeps

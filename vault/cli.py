@@ -122,6 +122,7 @@ def serve(args: argparse.Namespace) -> int:
                        "listen on 127.0.0.1")
     if args.hsm_module and not any(map(os.environ.get, ("VAULT_HSM_PIN", "VAULT_HSM_PIN_FILE"))):
         raise CliError("VAULT_HSM_PIN or VAULT_HSM_PIN_FILE must be set with --hsm-module")
+    ray_settings = _ray_settings(args)
     if args.hsm_module and not Path(args.hsm_module).is_file():
         # Not a refusal: the server waits NOT_SERVING for the module (a mount, a package
         # being installed), but says which file it waits for.
@@ -158,7 +159,7 @@ def serve(args: argparse.Namespace) -> int:
         tuning = Tuning(routing=Routing(args.route_fraction, args.route_min_blocks),
                         journal_pages=args.journal_pages, erase_after=args.erase_after,
                         workers=args.workers, maintenance_interval=args.maintenance_interval,
-                        journal_quiet=args.journal_quiet)
+                        journal_quiet=args.journal_quiet, ray=ray_settings)
         decider = None
         if args.decider == "process":  # the keys live in a child process, not here
             from vault.decider.process import ProcessDecider
@@ -251,6 +252,21 @@ def serve(args: argparse.Namespace) -> int:
     dir_lock.release()
     log.info("stopped")
     return 2 if holder.refused is not None else 0
+
+
+def _ray_settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The Ray shard settings of ``vault serve`` (None: blocks scored in process)."""
+    if not args.ray_address:
+        return None
+    from vault.gallery.shards import RaySettings
+
+    mode = os.environ.get("RAY_AUTH_MODE", "token" if args.ray_address == "local" else "")
+    if mode != "token":
+        raise CliError(f"--ray-address {args.ray_address}: the Ray cluster must use token "
+                       "authentication: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN or "
+                       "RAY_AUTH_TOKEN_PATH, the same on every Ray node (docs/SCALING.md)")
+    return RaySettings(address=str(args.ray_address), per_node=args.ray_shards_per_node,
+                       timeout=args.ray_timeout)
 
 
 def audit_verify(args: argparse.Namespace) -> int:
@@ -635,6 +651,17 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                    default=env("VAULT_DECIDER", "process"),
                    help="where the secret keys, the PII key and the transforms live: a child "
                         "process of the server (default) or the server itself (env VAULT_DECIDER)")
+    p.add_argument("--ray-address", default=env("VAULT_RAY_ADDRESS", None),
+                   help="score blocks in Ray shards: a cluster's address (token authentication "
+                        "required: RAY_AUTH_MODE=token) or 'local' for a single-node Ray on "
+                        "127.0.0.1 (env VAULT_RAY_ADDRESS; default: in process). docs/SCALING.md")
+    p.add_argument("--ray-shards-per-node", type=number(int, 1),
+                   default=env("VAULT_RAY_SHARDS_PER_NODE", "1"),
+                   help="scoring shards per live Ray node (env VAULT_RAY_SHARDS_PER_NODE)")
+    p.add_argument("--ray-timeout", type=number(float, 0),
+                   default=env("VAULT_RAY_TIMEOUT", "30"),
+                   help="seconds a shard may take to answer before a 1:N is UNAVAILABLE "
+                        "(env VAULT_RAY_TIMEOUT)")
     p.add_argument("--workers", type=number(int, 1), default=env("VAULT_WORKERS", None),
                    help="encryption worker processes (env VAULT_WORKERS; default: one per core)")
     p.add_argument("--tls-cert", default=env("VAULT_TLS_CERT", None),

@@ -28,7 +28,7 @@ import numpy as np
 from vault import custody, he, logs
 from vault.attempts import AttemptLimits, Attempts
 from vault.audit import AuditLog
-from vault.block_files import BlockStore
+from vault.block_files import BlockFiles, BlockStore
 from vault.crypto import aad
 from vault.decider import Decider
 from vault.decider.keeper import PII_KEY, Keeper
@@ -47,6 +47,7 @@ from vault.domain.records import (
 from vault.gallery import CollectionGallery, Routing
 from vault.gallery import blocks as block_ops
 from vault.gallery.blocks import Block
+from vault.gallery.shards import RaySettings, ShardPool
 from vault.gallery.workers import EncryptionPool
 from vault.keys import envelope
 from vault.keys.integrity import Integrity, LiveSet
@@ -84,6 +85,7 @@ class Tuning:
     journal_quiet: float = 60.0
     workers: int | None = None
     import_chunk_bytes: int = 1 << 29
+    ray: RaySettings | None = None  # blocks scored in Ray shards (vault.gallery.shards)
 
 log = logs.get("vault.service")
 
@@ -141,7 +143,13 @@ class Core:
         self.audit_ref_key = self.data_key(_AUDIT_REF_KEY)
         store.live_set = LiveSet(self.data_key(_LIVE_SET_KEY), self.integrity)
         self.maintenance: threading.Thread | None = None  # vault.service starts it
-
+        self.shards: ShardPool | None = None
+        if self.tuning.ray is not None:
+            if not isinstance(self.files, BlockFiles):  # shards read the committed files
+                raise FailedPrecondition("Ray shards load block files: --ray-address needs the "
+                                         "block files of a data directory, not blocks kept in "
+                                         "PostgreSQL (docs/SCALING.md)")
+            self.shards = ShardPool.of(self.files, self.tuning.ray).start()
 
     def close(self) -> None:
         """Stop the background threads, wait for them, then release workers, files, token."""
@@ -152,6 +160,8 @@ class Core:
             thread.join(timeout=120)
         self.encryption.close()
         self.decider.close()
+        if self.shards is not None:
+            self.shards.close()
         if self.audit is not None:
             self.audit.close()
         self.store.close()
@@ -320,6 +330,8 @@ class Core:
             self._retired_keys = [r for r in self._retired_keys if r not in keys]
         for _, cid, version in keys:
             self.decider.forget(cid, version)
+            if self.shards is not None:
+                self.shards.forget(cid, version)
 
     def write_block(self, gallery: CollectionGallery, block_no: int, kind: int, generation: int,
                     fill: int, cts: np.ndarray, moduli: Sequence[int],

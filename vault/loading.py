@@ -79,7 +79,7 @@ def load_key_version(core: Core, key: CollectionKeyRow, dimension: int) -> Colle
     params = he.HeParams.from_json(key.he_params)
     core.decider.load(key)
     gallery = CollectionGallery(cid, version, dimension, params, key.public_context,
-                                core.tuning.routing)
+                                core.tuning.routing, core.shards)
     bad = _load_blocks(core, gallery) + _load_pages(core, gallery)
     gallery.reserve_page_numbers(core.store.max_loc(cid, version, PAGE) + 1)
     gallery.reserve_block_numbers(core.store.max_loc(cid, version, BLOCK) + 1)

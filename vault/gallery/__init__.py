@@ -21,6 +21,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -35,7 +36,12 @@ from vault.gallery.pages import Page
 from vault.gallery.prefilter import Prefilter
 from vault.he import HeParams, PublicContext, poly
 
+if TYPE_CHECKING:
+    from vault.gallery.shards import ShardPool
+
 log = logs.get("vault.gallery")
+
+_NOT_HERE = np.empty((0, 2, 0), np.uint64)  # a block's residues, when its shard holds them
 
 _SCORERS = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="score")
 
@@ -57,7 +63,8 @@ class CollectionGallery:
     """Encrypted templates of one (collection, key version)."""
 
     def __init__(self, collection_id: str, key_version: int, dimension: int,
-                 params: HeParams, public_context: bytes, routing: Routing | None = None) -> None:
+                 params: HeParams, public_context: bytes, routing: Routing | None = None,
+                 shards: ShardPool | None = None) -> None:
         self.collection_id = collection_id
         self.key_version = key_version
         self.dimension = dimension
@@ -65,6 +72,9 @@ class CollectionGallery:
         self.public_context = public_context
         self.ctx = PublicContext(public_context, params)
         self.routing = routing or Routing()
+        # Ray shards (vault.gallery.shards): blocks are scored there, not here, and their
+        # residues are not kept in this process.
+        self.shards = shards
         self.prefilter = Prefilter(dimension)
         self.blocks: dict[int, Block] = {}
         self.pages: dict[int, Page] = {}
@@ -121,6 +131,9 @@ class CollectionGallery:
                 page = self.pages.get(page_no)
                 block.groups[block_slot] = page.groups[page_slot] if page is not None else -1
             self.blocks[block.block_no] = block
+        if self.shards is not None:
+            self.shards.register(self.shards.ref(self.collection_id, self.key_version, block))
+            block.residues = _NOT_HERE
         if block.kind == CLUSTERED and block.centroid is not None:
             self.prefilter.add(block.block_no, block.centroid)
 
@@ -202,6 +215,8 @@ class CollectionGallery:
         """Score blocks on the scoring threads; ``(block, slots)`` each, slots None for
         every live slot."""
         q = self.ctx.moduli[0]
+        if self.shards is not None:
+            return self._score_on_shards(chosen, scalars, q, cancelled)
 
         def one(item: tuple[Block, np.ndarray | None]) -> ScoreCiphertext | None:
             block, slots = item
@@ -223,6 +238,24 @@ class CollectionGallery:
                      blocks_done=done, blocks_total=len(chosen))
             raise Cancelled("the caller cancelled or its deadline passed")
         return [r for r in results if r is not None]
+
+    def _score_on_shards(self, chosen: Sequence[tuple[Block, np.ndarray | None]],
+                         scalars: np.ndarray, q: int, cancelled: Callable[[], bool] | None
+                         ) -> list[ScoreCiphertext]:
+        """The same score ciphertexts as the scoring threads, computed by the Ray shards
+        that own the blocks; the slot owners never leave this process."""
+        assert self.shards is not None
+        live = []
+        for block, slots in chosen:
+            slots = np.flatnonzero(block.groups >= 0) if slots is None else slots
+            if slots.size:
+                live.append((block, slots, block.groups[slots]))
+        refs = [self.shards.ref(self.collection_id, self.key_version, b) for b, _, _ in live]
+        cts = self.shards.score(refs, scalars, q, cancelled)
+        return [ScoreCiphertext(ct[0], ntt=False, positions=slots.astype(np.int64),
+                                groups=groups, slots=slots, tier=BLOCK, loc=block.block_no,
+                                low=ct[1] if len(ct) > 1 else None)  # one per probe digit
+                for (block, slots, groups), ct in zip(live, cts, strict=True)]
 
     def probe_scalars(self, probe: np.ndarray) -> np.ndarray:
         """The probe's integer digits (k, D) for this key version's parameters."""

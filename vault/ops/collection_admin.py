@@ -95,6 +95,8 @@ def delete_collection(core: Core, collection_id: str) -> int:
                     stale.retired = True
         for version in versions:
             core.decider.forget(collection_id, version)
+            if core.shards is not None:  # crypto-shredding: the shards' copies go too
+                core.shards.forget(collection_id, version)
         core.damage_reasons.pop(collection_id, None)
         _erase_files(core, collection_id)
     try:

@@ -57,7 +57,7 @@ def create_collection(core: Core, collection_id: str, dimension: int, threshold:
         row = core.sign(CollectionRow(collection_id, dimension, threshold, 1, 1, b"",
                                       mean_bytes, policy.to_json()))
         gallery = CollectionGallery(collection_id, 1, dimension, core.params, public,
-                                    core.tuning.routing)
+                                    core.tuning.routing, core.shards)
         try:
             core.store.insert_collection(row, CollectionKeyRow(collection_id, 1, params_json,
                                                                public, sealed))

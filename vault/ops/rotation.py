@@ -76,7 +76,7 @@ def start(core: Core, collection_id: str) -> KeyJobRow:
         core.store.insert_key_version(CollectionKeyRow(collection_id, new_version, params_json,
                                                         public, sealed), job)
         core.next_galleries[collection_id] = CollectionGallery(
-            collection_id, new_version, row.dimension, params, public, core.tuning.routing)
+            collection_id, new_version, row.dimension, params, public, core.tuning.routing, core.shards)
         launch(core, job)
     log.info("key rotation started", collection_id=collection_id, version=new_version,
              blocks_total=job.blocks_total)

@@ -1,0 +1,295 @@
+"""Ray shards (vault.gallery.shards) on Ray's own multi-node test cluster: several raylets
+on 127.0.0.1, token authentication on, one CPU each, a small object store.
+
+One data directory is written once without Ray (three blocks and journal pages) and its
+1:N answers recorded; every test opens that same directory with its blocks on the shards
+and must get the same answers, or UNAVAILABLE while a shard is down, never a non-match.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from vault import logs
+from vault.domain.errors import Unavailable
+from vault.gallery.shards import BlockRef, RaySettings
+from vault.keys.hsm import HsmConfig
+from vault.ops.imports import ImportItem
+from vault.service import Tuning, Vault
+
+ray = pytest.importorskip("ray")
+from ray._private import ray_constants  # noqa: E402
+from ray._private.authentication_test_utils import reset_auth_token_state  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
+
+pytestmark = pytest.mark.timeout(240)  # a cluster that cannot form must not hang the run
+
+DIM = 128
+SLOTS = 4096
+COUNT = 2 * SLOTS + 700  # two clustered blocks and a mixed one
+SMALL_STORE = 80 * 1024 * 1024
+NODE = {"node_ip_address": "127.0.0.1", "num_cpus": 1, "object_store_memory": SMALL_STORE}
+
+
+def _people(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic faces: 4 samples of each identity around its centre (cosine ~0.7)."""
+    ids = np.arange(COUNT) // 4
+    centres = rng.standard_normal((ids.max() + 1, DIM))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    return centres[ids] + 0.65 * rng.standard_normal((COUNT, DIM)) / np.sqrt(DIM), centres
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
+                                              "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
+                      RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")  # every address on loopback
+    reset_auth_token_state()  # Ray read RAY_AUTH_MODE when it was imported
+    loopback = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False  # (read at import too): this node's IP is 127.0.0.1
+    c = Cluster(initialize_head=True, head_node_args={**NODE, "include_dashboard": False})
+    c.add_node(**NODE)
+    ray.init(address=c.address, include_dashboard=False, log_to_driver=False,
+             logging_level="WARNING")
+    try:
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        reset_auth_token_state()
+        ray_constants.ENABLE_RAY_CLUSTER = loopback
+
+
+@pytest.fixture(scope="module")
+def gallery(tmp_path_factory: pytest.TempPathFactory, hsm_config: HsmConfig
+            ) -> tuple[Path, list[list[float]], list[tuple[bool, frozenset[str]]]]:
+    """A data directory, probes, and the in-process gallery's answers to them."""
+    logs.configure()
+    data = tmp_path_factory.mktemp("shards") / "data"
+    rng = np.random.default_rng(12)
+    faces, centres = _people(rng)
+    v = Vault.open(data, hsm_config, tuning=Tuning(maintenance_interval=0, workers=0))
+    try:
+        v.create_collection("c", DIM, 0.55)
+        session = v.start_import("c")
+        session.add([ImportItem(f"p{i // 4}-{i % 4}", f.tolist()) for i, f in enumerate(faces)])
+        session.finish()
+        for k in range(3):  # journal pages stay in the vault process
+            v.enroll("c", f"late{k}", (centres[k] + 0.3 * rng.standard_normal(DIM) / 8).tolist())
+        assert len(v.galleries()[0].blocks) == 3 and v.galleries()[0].pages
+        probes = [(centres[k] + 0.65 * rng.standard_normal(DIM) / np.sqrt(DIM)).tolist()
+                  for k in (0, 1, 2, 500, 1300, 2100)]
+        probes += [rng.standard_normal(DIM).tolist() for _ in range(2)]  # nobody
+        answers = [_answer(v, p) for p in probes]
+    finally:
+        v.close()
+    assert [m for m, _ in answers] == [True] * 6 + [False] * 2
+    return data, probes, answers
+
+
+def _answer(v: Vault, probe: list[float]) -> tuple[bool, frozenset[str]]:
+    """The decision and the subjects named (every candidate: top_k 10 is above the 5
+    samples of one identity; their order and released scores carry the decider's noise)."""
+    result = v.identify("c", probe, top_k=10)
+    return result.matched, frozenset(c.subject_id for c in result.candidates)
+
+
+def _open(data: Path, hsm_config: HsmConfig, cluster: Cluster, **settings: Any) -> Vault:
+    ray_settings = RaySettings(address=cluster.address, cpus=0.1, **settings)
+    return Vault.open(data, hsm_config, tuning=Tuning(maintenance_interval=0, workers=0,
+                                                      ray=ray_settings))
+
+
+def _until(condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_shards_answer_as_the_in_process_gallery_and_see_only_public_data(
+        cluster: Cluster, gallery: Any, hsm_config: HsmConfig,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    data, probes, answers = gallery
+    sent: list[tuple[str, tuple[Any, ...]]] = []
+    real = ray.actor.ActorMethod.remote
+
+    def record(self: Any, *args: Any, **kwargs: Any) -> Any:
+        sent.append((self._method_name, args + tuple(kwargs.values())))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ray.actor.ActorMethod, "remote", record)
+    v = _open(data, hsm_config, cluster, watch_interval=0)
+    try:
+        status = v.shards.status()
+        assert len(status) == 2 and len({s["node"] for s in status}) == 2  # spread
+        assert [_answer(v, p) for p in probes] == answers
+        held = sorted(k for s in v.shards.status() for k in s["blocks"])
+        assert [k[:3] for k in held] == [("c", 1, b) for b in sorted(v.galleries()[0].blocks)]
+        # The vault keeps no block residues: they are in the shards only.
+        assert all(b.residues.size == 0 for b in v.galleries()[0].blocks.values())
+        # What went to Ray: block references, the score prime, the transformed probe.
+        secrets_held = [v.data_key("pii"), v.data_key("sketch"), v.audit_ref_key]
+        raw = [np.asarray(p) for p in probes]
+        for method, args in sent:
+            assert method in {"load", "score", "where", "held", "forget"}, method
+            for arg in args:
+                if isinstance(arg, list):
+                    assert all(isinstance(r, BlockRef) for r in arg)
+                elif isinstance(arg, np.ndarray):
+                    assert arg.dtype == np.int64 and arg.shape == (DIM,)
+                    assert max(abs(np.corrcoef(arg, r)[0, 1]) for r in raw) < 0.6  # transformed
+                else:
+                    assert isinstance(arg, int | str), type(arg)
+            blob = pickle.dumps(args)
+            assert not any(s and s in blob for s in secrets_held)
+            assert b"p1-" not in blob and b"late" not in blob  # no subject id
+        assert {m for m, _ in sent} >= {"load", "score"}
+    finally:
+        v.close()
+
+
+def _descendants(root: int) -> set[int]:
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {p for p, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _loopback(host: str) -> bool:
+    host = host.strip("[]").removeprefix("::ffff:")  # IPv4-mapped
+    return host.startswith("127.") or host == "::1"
+
+
+def test_ray_listens_on_loopback_only_and_refuses_a_wrong_token(cluster: Cluster) -> None:
+    ours = _descendants(os.getpid())
+    listening = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    exposed = [line for line in listening.splitlines()
+               if any(f"pid={p}," in line for p in ours)
+               and not _loopback(line.split()[3].rsplit(":", 1)[0])]
+    assert any("raylet" in line or "gcs_server" in line for line in listening.splitlines()
+               if any(f"pid={p}," in line for p in ours))
+    assert exposed == []
+    # A driver with the wrong token is refused by the cluster's GCS.
+    env = {**os.environ, "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    code = (f"import ray\nray.init(address={cluster.address!r}, include_dashboard=False)\n"
+            "print(ray.get(ray.remote(lambda: 1).remote()))")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, timeout=60, check=False)
+        assert out.returncode != 0 and "1\n" not in out.stdout
+    except subprocess.TimeoutExpired:
+        pass  # it never got in (it would retry forever)
+
+
+def test_a_killed_shard_is_unavailable_then_restarts_and_reloads(
+        cluster: Cluster, gallery: Any, hsm_config: HsmConfig) -> None:
+    data, probes, answers = gallery
+    v = _open(data, hsm_config, cluster, watch_interval=0.3)
+    try:
+        assert _answer(v, probes[0]) == answers[0]
+        owners = set(v.shards.owned().values())
+        victim = next(s for s in v.shards.status() if s["name"] in owners and s["blocks"])
+        os.kill(victim["pid"], signal.SIGKILL)
+        _until(lambda: not Path(f"/proc/{victim['pid']}").exists(), 10)
+        v.shards.timeout = 0.2  # down or restarting: no answer in time
+        outcomes = []
+        for p, a in zip(probes, answers, strict=True):
+            try:
+                outcomes.append(_answer(v, p) == a)
+            except Unavailable:
+                outcomes.append("unavailable")
+        assert "unavailable" in outcomes and False not in outcomes  # never a wrong answer
+        v.shards.timeout = 30.0
+
+        def reloaded() -> bool:
+            now = next(s for s in v.shards.status() if s["name"] == victim["name"])
+            return now["pid"] not in (None, victim["pid"]) and now["blocks"] == victim["blocks"]
+
+        _until(reloaded)
+        assert [_answer(v, p) for p in probes] == answers
+    finally:
+        v.close()
+
+
+def test_a_node_that_joins_takes_blocks_and_one_that_leaves_gives_them_back(
+        cluster: Cluster, gallery: Any, hsm_config: HsmConfig) -> None:
+    data, probes, answers = gallery
+    v = _open(data, hsm_config, cluster, watch_interval=0.3)
+    try:
+        before = {s["node"] for s in v.shards.status()}
+        node = cluster.add_node(**NODE)
+        _until(lambda: len(v.shards.status()) == 3)
+        joined = [s for s in v.shards.status() if s["node"] not in before]
+        assert len(joined) == 1 and joined[0]["blocks"], "the new node holds no block"
+        assert sorted(len(s["blocks"]) for s in v.shards.status()) == [1, 1, 1]  # its share
+        assert [_answer(v, p) for p in probes] == answers
+        cluster.remove_node(node)
+        _until(lambda: len(v.shards.status()) == 2
+               and all(s["node"] in before for s in v.shards.status()))
+        held = sorted(k[:3] for s in v.shards.status() for k in s["blocks"])
+        assert held == [("c", 1, b) for b in sorted(v.galleries()[0].blocks)]
+        assert [_answer(v, p) for p in probes] == answers
+    finally:
+        v.close()
+
+
+def test_vault_serve_with_ray_address_matches_through_the_shards(
+        cluster: Cluster, tmp_path: Path) -> None:
+    """``vault serve --ray-address``: imported blocks go to the cluster's shards, a 1:N over
+    gRPC is scored there, and a server whose Ray is not token-authenticated is refused."""
+    from vault.testing import ServerProcess
+    from vault.v1 import vault_pb2 as pb
+    from vault.v1 import vault_pb2_grpc
+
+    rng = np.random.default_rng(5)
+    faces, _ = _people(rng)
+    env = {"VAULT_RATE_LIMIT": "0", "VAULT_RAY_ADDRESS": cluster.address}
+    before = {a["ActorID"] for a in ray._private.state.actors().values()}
+    with ServerProcess(tmp_path / "data", env=env) as server:
+        stub = vault_pb2_grpc.TemplateVaultStub(server.channel())
+        stub.CreateCollection(pb.CreateCollectionRequest(collection_id="c", dimension=DIM,
+                                                         threshold=0.55), timeout=60)
+        batch = pb.ImportTemplatesRequest(collection_id="c")
+        for i, face in enumerate(faces[:400]):
+            batch.items.add(subject_id=f"s{i // 4}", embedding=face.tolist())
+        results = [r for answer in stub.ImportTemplates(iter([batch]), timeout=120)
+                   for r in answer.results]
+        assert len(results) == 400 and all(r.code == 0 for r in results)
+        answer = stub.Match(pb.MatchRequest(collection_id="c", embedding=faces[9].tolist(),
+                                            top_k=10), timeout=60)
+        assert answer.matched and "s2" in {c.subject_id for c in answer.candidates}
+        shards = [a for a in ray._private.state.actors().values()
+                  if a["ActorID"] not in before and a["State"] == "ALIVE"
+                  and a["ActorClassName"].endswith("Shard")]
+        assert len(shards) == 2
+    refused = ServerProcess(tmp_path / "plain", env={**env, "RAY_AUTH_MODE": "disabled"})
+    with pytest.raises(RuntimeError, match="token authentication"):
+        refused.start(timeout=60)
