@@ -266,13 +266,17 @@ def test_vault_serve_with_ray_address_matches_through_the_shards(
         cluster: Cluster, tmp_path: Path) -> None:
     """``vault serve --ray-address``: imported blocks go to the cluster's shards, a 1:N over
     gRPC is scored there, and a server whose Ray is not token-authenticated is refused."""
-    from vault.testing import ServerProcess
+    import urllib.request
+
+    from vault.testing import ServerProcess, free_port
     from vault.v1 import vault_pb2 as pb
     from vault.v1 import vault_pb2_grpc
 
     rng = np.random.default_rng(5)
     faces, _ = _people(rng)
-    env = {"VAULT_RATE_LIMIT": "0", "VAULT_RAY_ADDRESS": cluster.address}
+    metrics = f"127.0.0.1:{free_port()}"
+    env = {"VAULT_RATE_LIMIT": "0", "VAULT_RAY_ADDRESS": cluster.address,
+           "VAULT_METRICS_LISTEN": metrics}
     before = {a["ActorID"] for a in ray._private.state.actors().values()}
     with ServerProcess(tmp_path / "data", env=env) as server:
         stub = vault_pb2_grpc.TemplateVaultStub(server.channel())
@@ -291,6 +295,13 @@ def test_vault_serve_with_ray_address_matches_through_the_shards(
                   if a["ActorID"] not in before and a["State"] == "ALIVE"
                   and a["ActorClassName"].endswith("Shard")]
         assert len(shards) == 2
+        # Each shard's calls are timed, labelled by shard number and operation only.
+        text = urllib.request.urlopen(f"http://{metrics}/metrics", timeout=30).read().decode()
+        timed = [line for line in text.splitlines()
+                 if line.startswith("vault_shard_call_duration_seconds_count{")]
+        assert timed and all('operation="score"' in line for line in timed)
+        assert {line.split('shard="')[1].split('"')[0] for line in timed} <= {"0", "1"}
+        assert sum(float(line.rsplit(" ", 1)[1]) for line in timed) >= 1
     refused = ServerProcess(tmp_path / "plain", env={**env, "RAY_AUTH_MODE": "disabled"})
     with pytest.raises(RuntimeError, match="token authentication"):
         refused.start(timeout=60)

@@ -122,6 +122,9 @@ class Metrics:
             return session
 
         vault.start_import = started
+        shards = getattr(vault, "shards", None)
+        if shards is not None:  # Ray shards (vault.gallery.shards): each call's latency
+            shards.observe = lambda shard, seconds: observe_shard(shard, seconds)
 
     def instrument_maintenance(self) -> None:
         """Time every maintenance pass (the thread calls the module's run_once)."""

@@ -198,6 +198,8 @@ class ShardPool:
         self.per_node = per_node
         self.cpus = cpus
         self.timeout = timeout
+        # Told each shard call's latency (vault.api.metrics sets it when metrics are served).
+        self.observe: Callable[[int, float], None] | None = None
         self.watch_interval = watch_interval
         self._known: dict[tuple[str, int, int], BlockRef] = {}  # newest generation of each block
         self._lock = threading.Lock()
@@ -364,19 +366,27 @@ class ShardPool:
         scalars = np.ascontiguousarray(scalars, np.int64)
         calls = {i: generation.actors[i].score.remote([refs[k] for k in ks], scalars, q)
                  for i, ks in by_shard.items()}
-        answers = self._get(list(calls.values()), cancelled)
+        owners = list(calls)
+        observe = self.observe
+        answers = self._get(list(calls.values()), cancelled,
+                            None if observe is None else
+                            lambda k, seconds: observe(owners[k], seconds))
         out: list[np.ndarray] = [np.empty(0)] * len(refs)
         for ks, cts in zip(by_shard.values(), answers, strict=True):
             for k, ct in zip(ks, cts, strict=True):
                 out[k] = ct
         return out
 
-    def _get(self, calls: list[Any], cancelled: Callable[[], bool] | None = None) -> list[Any]:
-        """Wait for every call (polling ``cancelled``); map Ray's faults to ours."""
+    def _get(self, calls: list[Any], cancelled: Callable[[], bool] | None = None,
+             on_ready: Callable[[int, float], None] | None = None) -> list[Any]:
+        """Wait for every call (polling ``cancelled``); map Ray's faults to ours.
+        ``on_ready(k, seconds)``: call ``k`` answered after ``seconds`` (metrics)."""
         if not calls:
             return []
         ray = _ray()
-        deadline = time.monotonic() + self.timeout
+        started = time.monotonic()
+        deadline = started + self.timeout
+        index = {call: k for k, call in enumerate(calls)}
         pending = list(calls)
         while pending:
             left = deadline - time.monotonic()
@@ -388,7 +398,10 @@ class ShardPool:
                                   "restarting): retry")
             if cancelled is not None and cancelled():
                 raise Cancelled("the caller cancelled or its deadline passed")
-            _, pending = ray.wait(pending, num_returns=len(pending), timeout=min(left, 0.1))
+            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=min(left, 0.1))
+            if on_ready is not None:
+                for call in ready:
+                    on_ready(index[call], time.monotonic() - started)
         try:
             return list(ray.get(calls))
         except ray.exceptions.RayTaskError as exc:
