@@ -7,6 +7,7 @@ Depends on grpcio and protobuf only; the generated stubs are in :mod:`vault_clie
 from vault_client._client import (
     Candidate,
     Collection,
+    CollectionList,
     Enrolled,
     ImportReport,
     VaultClient,
@@ -14,6 +15,6 @@ from vault_client._client import (
     retry_service_config,
 )
 
-__all__ = ["Candidate", "Collection", "Enrolled", "ImportReport", "VaultClient",
+__all__ = ["Candidate", "Collection", "CollectionList", "Enrolled", "ImportReport", "VaultClient",
            "item_request_id", "retry_service_config"]
 __version__ = "0.1.0"

@@ -96,6 +96,15 @@ def _floats(embedding: Embedding) -> list[float]:
     return [float(x) for x in embedding]
 
 
+class CollectionList(list[Collection]):
+    """Collections served, by id; ``damaged`` maps each collection the vault will not
+    serve (its record failed its integrity check) to the reason, so none goes unseen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.damaged: dict[str, str] = {}
+
+
 def _collection(c: pb.Collection) -> Collection:
     return Collection(c.collection_id, c.dimension, round(c.threshold, 4), c.key_version,
                       c.template_count, c.require_purpose)
@@ -162,13 +171,15 @@ class VaultClient:
             pb.GetCollectionRequest(collection_id=collection_id), timeout=self._t(timeout)))
 
     def list_collections(self, *, page_size: int = 0,
-                         timeout: float | None = None) -> list[Collection]:
-        """Every collection, by id (all pages of ListCollections)."""
-        found, token = [], ""
+                         timeout: float | None = None) -> CollectionList:
+        """Every collection, by id (all pages of ListCollections); those the vault found
+        damaged are in the answer's ``damaged`` (id -> reason), not among the served."""
+        found, token = CollectionList(), ""
         while True:
             page = self.stub.ListCollections(pb.ListCollectionsRequest(
                 page_size=page_size, page_token=token), timeout=self._t(timeout))
             found += [_collection(c) for c in page.collections]
+            found.damaged.update({d.collection_id: d.reason for d in page.damaged})
             token = page.next_page_token
             if not token:
                 return found

@@ -6,6 +6,7 @@ the row whole again: nothing laundered it)."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import sys
@@ -52,6 +53,17 @@ def test_a_tampered_collection_row_is_listed_as_damaged(tmp_path: Path) -> None:
                               "--target", server.target], check=False, capture_output=True,
                              text=True, timeout=120)
         assert out.returncode == 1
+        # The client package says so too (damaged, with the reason; never among the served).
+        script = ("import sys\nfrom vault_client import VaultClient\n"
+                  "with VaultClient(sys.argv[1]) as c:\n"
+                  "    listed = c.list_collections(page_size=1)\n"
+                  "    print(','.join(x.collection_id for x in listed), listed.damaged)\n")
+        client_dir = Path(__file__).resolve().parents[2] / "client"
+        sdk = subprocess.run([sys.executable, "-c", script, server.target], check=False,
+                             capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "PYTHONPATH": str(client_dir)})
+        assert sdk.returncode == 0, sdk.stderr
+        assert sdk.stdout.split(" ", 1) == ["a,c", f"{{'b': '{REASON}'}}\n"]
         settings = "dimension=8 threshold=0.9 key_version=1 min_key_version=1 templates=0 "
         assert out.stdout.splitlines() == [f"a\t{settings}require_purpose=no",
                                            f"c\t{settings}require_purpose=no",
