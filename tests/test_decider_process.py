@@ -326,3 +326,39 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_group_stops_the_server_and_its_decider_once(
+        tmp_path: Path, signum: int) -> None:
+    """As a terminal (Ctrl-C) or `timeout` stops `vault serve`: the server leads its
+    process group and the signal goes to the whole group. The decider, in a session of
+    its own, is closed by the server; it is not interrupted alongside it (a traceback) or
+    killed and then restarted during the shutdown."""
+    from grpc_health.v1 import health_pb2
+
+    server = ServerProcess(tmp_path / "data", env={"VAULT_WORKERS": "1"})
+    with open(server.log_path, "ab") as log:
+        server.proc = subprocess.Popen(
+            [sys.executable, "-m", "vault", "serve", "--data-dir", str(server.data_dir),
+             "--listen", server.target], stdout=log, stderr=subprocess.STDOUT,
+            env=server._env, start_new_session=True)
+    try:
+        server.wait_health(health_pb2.HealthCheckResponse.SERVING, timeout=180)
+        child = _decider_pid(server.proc.pid)
+        os.killpg(server.proc.pid, signum)
+        server.proc.wait(timeout=120)
+        deadline = time.monotonic() + 60
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(child)
+        text = server.log_path.read_text()
+        assert "Traceback" not in text
+        events = [json.loads(line).get("event") for line in text.splitlines()
+                  if line.startswith("{")]
+        assert "stopped" in events
+        assert "the decider process ended; restarting it" not in events
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait()

@@ -53,7 +53,11 @@ class _Child:
         self.path = self.dir / "decider.sock"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "vault.decider.child", str(self.path)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True,
+            # Its own session: a Ctrl-C or a signal to the server's process group reaches
+            # the server alone, which then closes the child (it also ends when the server
+            # dies: the stdin lifeline and its parent watch), not a restart mid-shutdown.
+            start_new_session=True)
         assert self.proc.stdin is not None and self.proc.stdout is not None
         line = json.dumps({"module": config.module, "token_label": config.token_label,
                            "pin": config.pin, "workers": workers}).encode() + b"\n"
