@@ -159,7 +159,8 @@ def serve(args: argparse.Namespace) -> int:
         tuning = Tuning(routing=Routing(args.route_fraction, args.route_min_blocks),
                         journal_pages=args.journal_pages, erase_after=args.erase_after,
                         workers=args.workers, maintenance_interval=args.maintenance_interval,
-                        journal_quiet=args.journal_quiet, ray=ray_settings)
+                        journal_quiet=args.journal_quiet, ray=ray_settings,
+                        lease_ttl=args.lease_ttl, refresh_interval=args.refresh_interval)
         decider = None
         if args.decider == "process":  # the keys live in a child process, not here
             from vault.decider.process import ProcessDecider
@@ -620,6 +621,12 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
         ("--journal-quiet", "VAULT_JOURNAL_QUIET", float, "60",
          ("seconds a smaller journal may sit without enrollments before it is merged into "
           "blocks anyway; 0 never")),
+        ("--lease-ttl", "VAULT_LEASE_TTL", float, "10",
+         ("replicas on one PostgreSQL store: seconds the primary's write lease lasts "
+          "unrenewed before a standby takes it over")),
+        ("--refresh-interval", "VAULT_REFRESH_INTERVAL", float, "0.5",
+         ("replicas on one PostgreSQL store: seconds between a standby's reads of the "
+          "primary's changes (an enrollment matches there within about this)")),
         ("--route-fraction", "VAULT_ROUTE_FRACTION", float, "0.15",
          ("share of clustered blocks a 1:N match scores, nearest the probe first (1 scores "
           "them all)")),

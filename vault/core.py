@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -86,8 +86,25 @@ class Tuning:
     workers: int | None = None
     import_chunk_bytes: int = 1 << 29
     ray: RaySettings | None = None  # blocks scored in Ray shards (vault.gallery.shards)
+    # Replicas on one PostgreSQL store (vault.ops.follow): the write lease's time to live,
+    # and seconds between a standby's reads of the change feed.
+    lease_ttl: float = 10.0
+    refresh_interval: float = 0.5
 
 log = logs.get("vault.service")
+
+
+class Follower(Protocol):
+    """A replica's part (vault.ops.follow.Replica), as the operations see it."""
+
+    @property
+    def primary(self) -> bool: ...
+
+    def require_primary(self) -> None: ...
+
+    def catch_up(self, force: bool = False) -> int: ...
+
+    def close(self) -> None: ...
 
 
 class Core:
@@ -143,6 +160,9 @@ class Core:
         self.audit_ref_key = self.data_key(_AUDIT_REF_KEY)
         store.live_set = LiveSet(self.data_key(_LIVE_SET_KEY), self.integrity)
         self.maintenance: threading.Thread | None = None  # vault.service starts it
+        # Set on a PostgreSQL store (vault.ops.follow): the write lease and the change feed.
+        self.replica: Follower | None = None
+        self.feed_start = store.last_change()  # before loading: what loading may miss follows
         self.shards: ShardPool | None = None
         if self.tuning.ray is not None:
             if not isinstance(self.files, BlockFiles):  # shards read the committed files
@@ -158,6 +178,8 @@ class Core:
             self.maintenance.join(timeout=60)
         for thread in list(self.job_threads.values()):
             thread.join(timeout=120)
+        if self.replica is not None:
+            self.replica.close()
         self.encryption.close()
         self.decider.close()
         if self.shards is not None:
@@ -263,14 +285,30 @@ class Core:
             raise DataLoss("a block file changed on disk")
         return np.stack(residues, axis=2)
 
+    def may_write(self) -> bool:
+        """False on a standby replica (vault.ops.follow): it changes no gallery state."""
+        return self.replica is None or self.replica.primary
+
+    def require_primary(self) -> None:
+        """UNAVAILABLE on a standby replica: enrollments, imports, deletions, key and
+        collection administration go to the primary."""
+        if self.replica is not None:
+            self.replica.require_primary()
+
+    def catch_up(self) -> bool:
+        """A standby reads the primary's newest changes now (a request found rows its
+        memory does not have yet); True when it applied any."""
+        return self.replica is not None and self.replica.catch_up() > 0
+
     def current(self, collection_id: str,
                     damaged_ok: bool = False) -> tuple[CollectionRow, CollectionGallery]:
         """The collection's row and current gallery; ``damaged_ok``: also when its stored
         rows failed their live-set check (a deletion must still be possible)."""
         check_collection_id(collection_id)
-        with self.switch_lock:  # the row and the gallery, both before or both after a switch
-            row = self.store.collection(collection_id)
-            gallery = self.current_galleries.get(collection_id)
+        row, gallery = self._row_and_gallery(collection_id)
+        if (row is not None and (gallery is None or gallery.key_version != row.key_version)
+                and self.catch_up()):  # a standby behind the primary's switch or creation
+            row, gallery = self._row_and_gallery(collection_id)
         if row is None:
             raise NotFound("collection not found")
         if collection_id in self.damage_reasons and not (damaged_ok and gallery is not None):
@@ -282,6 +320,11 @@ class Core:
         if not damaged_ok:  # threshold, policy, reference mean: as signed, on every path
             self.release_settings(row)
         return row, gallery
+
+    def _row_and_gallery(self, collection_id: str) -> tuple[CollectionRow | None,
+                                                              CollectionGallery | None]:
+        with self.switch_lock:  # the row and the gallery, both before or both after a switch
+            return self.store.collection(collection_id), self.current_galleries.get(collection_id)
 
     def has_collection(self, collection_id: str) -> bool:
         """True when the collection is loaded (no store read)."""

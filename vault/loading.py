@@ -19,6 +19,7 @@ from vault.domain.records import (
     BlockRow,
     CollectionKeyRow,
     CollectionRow,
+    PageRow,
 )
 from vault.gallery import CollectionGallery
 from vault.gallery import pages as page_ops
@@ -106,54 +107,75 @@ def load_rotations(core: Core) -> None:
         core.next_galleries[job.collection_id] = load_key_version(core, key, current.dimension)
 
 
+def _read_block(core: Core, gallery: CollectionGallery,
+                b: BlockRow) -> tuple[np.ndarray, bytes] | None:
+    """A block generation's first prime and digest, None when it cannot be read."""
+    try:  # hashing and file reads release the GIL: several at once
+        residues, digest = core.files.read(
+            core.files.path(gallery.collection_id, gallery.key_version, b.block_no, b.generation),
+            levels=1, as_stored=True)
+    except (OSError, ValueError):
+        return None
+    return residues[0], digest
+
+
+def _checked_block(core: Core, gallery: CollectionGallery, b: BlockRow,
+                   found: tuple[np.ndarray, bytes] | None) -> Block | None:
+    """The block a row and its generation's bytes make, if the row MAC and the digest
+    agree (no slot live yet); None otherwise."""
+    if (found is None or found[1] != b.digest or not core.verified(b)
+            or found[0].shape != (gallery.dimension, 2, gallery.params.slots)
+            or found[0].dtype != residue_dtype(gallery.ctx.moduli[0])):
+        return None
+    centroid = None
+    if b.sketch is not None:
+        raw = core.sketch_key.decrypt(b.sketch, aad.sketch(gallery.collection_id,
+                                                           gallery.key_version, b.block_no))
+        centroid = np.frombuffer(raw, np.float32).copy()
+    return Block(b.block_no, b.kind, b.generation, b.fill, b.levels, found[0], b.digest,
+                 np.full(gallery.params.slots, -1, np.int32), centroid)
+
+
+def load_block(core: Core, gallery: CollectionGallery, b: BlockRow) -> Block | None:
+    """One block generation read and checked (not installed); None when it is bad."""
+    return _checked_block(core, gallery, b, _read_block(core, gallery, b))
+
+
 def _load_blocks(core: Core, gallery: CollectionGallery) -> int:
     """Install every block whose row MAC and file digest agree; returns the bad ones."""
-    cid, version = gallery.collection_id, gallery.key_version
-    rows = core.store.blocks(cid, version)
-
-    def read(b: BlockRow) -> tuple[np.ndarray, bytes] | None:
-        """The block file's first prime and digest, None when it cannot be read."""
-        try:  # hashing and file reads release the GIL: several at once
-            residues, digest = core.files.read(
-                core.files.path(cid, version, b.block_no, b.generation), levels=1,
-                as_stored=True)
-        except (OSError, ValueError):
-            return None
-        return residues[0], digest
-
+    rows = core.store.blocks(gallery.collection_id, gallery.key_version)
     with ThreadPoolExecutor(max_workers=4) as pool:
-        loaded = list(pool.map(read, rows))
+        loaded = list(pool.map(lambda b: _read_block(core, gallery, b), rows))
     bad = 0
     for b, found in zip(rows, loaded):
-        if (found is None or found[1] != b.digest or not core.verified(b)
-                or found[0].shape != (gallery.dimension, 2, gallery.params.slots)
-                or found[0].dtype != residue_dtype(gallery.ctx.moduli[0])):
+        block = _checked_block(core, gallery, b, found)
+        if block is None:
             bad += 1
-            continue
-        centroid = None
-        if b.sketch is not None:
-            raw = core.sketch_key.decrypt(b.sketch, aad.sketch(cid, version, b.block_no))
-            centroid = np.frombuffer(raw, np.float32).copy()
-        gallery.install_block(Block(b.block_no, b.kind, b.generation, b.fill, b.levels,
-                                    found[0], b.digest,
-                                    np.full(gallery.params.slots, -1, np.int32), centroid))
+        else:
+            gallery.install_block(block)
     return bad
+
+
+def load_page(core: Core, gallery: CollectionGallery, p: PageRow) -> Page | None:
+    """One journal page checked and unpacked (not installed); None when it is bad."""
+    if not core.verified(p):
+        return None
+    try:
+        levels = page_ops.packed_levels(p.ciphertext, gallery.params.slots, gallery.ctx.moduli)
+        ct = page_ops.unpack(p.ciphertext, levels, gallery.params.slots, gallery.ctx.moduli)
+    except ValueError:
+        return None
+    return Page(p.page_no, p.generation, p.fill, ct, np.full(gallery.page_slots, -1, np.int32))
 
 
 def _load_pages(core: Core, gallery: CollectionGallery) -> int:
     bad = 0
     for p in core.store.pages(gallery.collection_id, gallery.key_version):
-        if not core.verified(p):
+        page = load_page(core, gallery, p)
+        if page is None:
             bad += 1
-            continue
-        try:
-            levels = page_ops.packed_levels(p.ciphertext, gallery.params.slots, gallery.ctx.moduli)
-            ct = page_ops.unpack(p.ciphertext, levels, gallery.params.slots, gallery.ctx.moduli)
-        except ValueError:
-            bad += 1
-            continue
-        gallery.install_page(Page(p.page_no, p.generation, p.fill, ct,
-                                  np.full(gallery.page_slots, -1, np.int32)))
+        else:
+            gallery.install_page(page)
     return bad
 
 

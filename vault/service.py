@@ -67,8 +67,20 @@ class Vault(Core):
         except BaseException:
             vault.close()
             raise
+        if vault.store.engine.feeds_changes:  # PostgreSQL: replicas may share the database
+            from vault.ops.follow import Replica
+
+            vault.replica = Replica(vault, custody.node_id(data_dir), vault.feed_start,
+                                    vault.tuning.lease_ttl, vault.tuning.refresh_interval,
+                                    on_promote=vault.resume_rotations)
+            try:
+                vault.replica.start()
+            except BaseException:
+                vault.close()
+                raise
         vault.start_maintenance()
-        vault.resume_rotations()
+        if vault.may_write():
+            vault.resume_rotations()
         return vault
 
     def start_maintenance(self) -> None:

@@ -160,6 +160,13 @@ class CollectionGallery:
         """The page or block a template row names (tier, loc), if installed."""
         return self.pages.get(loc) if tier == PAGE else self.blocks.get(loc)
 
+    def set_owners(self, tier: int, loc: int, groups: np.ndarray) -> None:
+        """Replace every slot owner of a page or block at once (a replica's refresh)."""
+        with self._lock:
+            holder = self.holder(tier, loc)
+            if holder is not None:
+                holder.groups = groups
+
     def set_live(self, tier: int, loc: int, slot: int, group: int) -> None:
         """Mark a slot live for ``group``, or not live with ``group = -1`` (a deletion:
         from this moment the slot's score is never released)."""

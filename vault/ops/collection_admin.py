@@ -73,6 +73,7 @@ def delete_collection(core: Core, collection_id: str) -> int:
     zero-filled and unlinked, and the WAL is truncated. A running key rotation of it is
     FAILED_PRECONDITION (nothing is deleted). The KEK that sealed its secret contexts is
     shared: an old backup opens until the master key is rotated (docs/SECURITY.md)."""
+    core.require_primary()  # a standby replica changes no gallery state
     check_collection_id(collection_id)
     with core.create_lock:
         if core.store.collection(collection_id) is None:

@@ -26,6 +26,7 @@ log = logs.get("vault.ops.collection_key")
 
 def rotate_collection_key(core: Core, collection_id: str) -> KeyJobRow:
     """Start (or resume) moving a collection to a new transform and new CKKS keys."""
+    core.require_primary()  # a standby replica changes no gallery state
     return rotation.start(core, collection_id)
 
 
@@ -55,6 +56,7 @@ def set_min_key_version(core: Core, collection_id: str, min_key_version: int) ->
     Raising it above the current version while a rotation runs stops the collection
     (FAILED_PRECONDITION) until the rotation switches: a compromised version stops
     serving at once."""
+    core.require_primary()  # a standby replica changes no gallery state
     row, _versions, job = key_versions(core, collection_id)
     highest = job.to_version if job is not None else row.key_version
     if not row.min_key_version <= min_key_version <= highest:

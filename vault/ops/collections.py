@@ -38,6 +38,7 @@ def create_collection(core: Core, collection_id: str, dimension: int, threshold:
     is centred on it (vault.protector, wolves), so the threshold applies to the cosine
     of centred embeddings. Without one the collection is exposed to wolves.
     ``require_purpose``: every 1:N identification must give a purpose."""
+    core.require_primary()  # a standby replica changes no gallery state
     check_collection_id(collection_id)
     check_dimension(dimension)
     if threshold is None:
@@ -94,6 +95,7 @@ def update_collection(core: Core, collection_id: str, threshold: float | None = 
                       require_purpose: bool | None = None) -> CollectionInfo:
     """Change a collection's threshold or purpose requirement (the admin's call; the
     API audits it with the new values). Matches in flight finish under the old row."""
+    core.require_primary()  # a standby replica changes no gallery state
     if threshold is None and require_purpose is None:
         raise InvalidArgument("nothing to update: set threshold or require_purpose")
     threshold = None if threshold is None else check_threshold(threshold)

@@ -23,6 +23,7 @@ log = logs.get("vault.ops.delete")
 def delete_subject(core: Core, collection_id: str, subject_id: str) -> int:
     """Tombstone every template of the subject: none of them matches from now on; their
     values leave the ciphertexts within ``Tuning.erase_after`` (maintenance)."""
+    core.require_primary()  # a standby replica changes no gallery state
     _, gallery = core.current(collection_id, damaged_ok=True)
     subject_id = check_subject_id(subject_id)
     subject_hmac = core.integrity.subject_index(collection_id, subject_id)

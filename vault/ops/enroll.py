@@ -55,6 +55,7 @@ def enroll(core: Core, collection_id: str, subject_id: str, embedding: Sequence[
     1:1 against them (an attempt of ``credential``, counted like a verification), else
     PERMISSION_DENIED and nothing stored; ``allow_new_face`` (the API grants it to
     admins only) skips the check, and is audited."""
+    core.require_primary()  # a standby replica changes no gallery state
     for _ in range(3):  # a key rotation may switch versions under us: start again
         done = _enroll(core, collection_id, subject_id, embedding, request_id, credential,
                             allow_new_face)

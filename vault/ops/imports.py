@@ -75,6 +75,7 @@ class ImportSession:
     """One import stream into one collection."""
 
     def __init__(self, core: Core, collection_id: str) -> None:
+        core.require_primary()  # a standby replica changes no gallery state
         self.core = core
         self.row, self.gallery = core.current(collection_id)
         self.collection_id = collection_id

@@ -178,6 +178,10 @@ def compact(core: Core, gallery: CollectionGallery, block_no: int) -> int:
     return len(erase)
 
 
+# Change-feed rows kept for standby replicas (vault.ops.follow); one further behind reloads.
+FEED_RETENTION_SECONDS = 3600.0
+
+
 def schedule(tuning: Tuning) -> tuple[float, float]:
     """(seconds after a deletion at which its erasure starts, grace before a replaced block
     file is zero-filled and removed), so that a deletion's last byte leaves the data
@@ -211,7 +215,13 @@ def run_once(core: Core, force: bool = False,
     tuning = core.tuning
     start, grace = schedule(tuning)
     rewrote = False
-    galleries = core.galleries()
+    # A standby replica rewrites nothing: the primary checkpoints and erases for both.
+    galleries = core.galleries() if core.may_write() else []
+    if core.replica is not None and core.replica.primary:
+        try:
+            core.store.prune_changes(FEED_RETENTION_SECONDS)
+        except VaultError as exc:
+            log.warning("maintenance deferred", error_type=type(exc).__name__)
     if journals is not None:  # forget replaced key versions and deleted collections
         for gone in set(journals) - {(g.collection_id, g.key_version) for g in galleries}:
             del journals[gone]

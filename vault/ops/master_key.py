@@ -14,6 +14,7 @@ def rotate_master_key(core: Core) -> tuple[int, int, list[int]]:
     """A new KEK version; everything wrapped is rewrapped under it; old versions that
     nothing refers to any more are destroyed in the token. No template is decrypted:
     only data keys pass through. Returns (version, rewrapped, destroyed versions)."""
+    core.require_primary()  # a standby replica changes no gallery state
     with core.keys_lock:
         version = core.hsm.create_kek()
         log.info("master key version created", version=version)
@@ -24,6 +25,7 @@ def rotate_master_key(core: Core) -> tuple[int, int, list[int]]:
 def rewrap_keys(core: Core) -> tuple[int, int, list[int]]:
     """Rewrap whatever is not under the current KEK version and destroy unreferenced old
     versions (finishes a master key rotation that was interrupted)."""
+    core.require_primary()  # a standby replica changes no gallery state
     with core.keys_lock:
         return _rewrap(core, )
 

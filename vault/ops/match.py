@@ -61,14 +61,18 @@ def _check_rows(core: Core, collection_id: str, rows: list[TemplateRow]) -> None
 def held_rows(core: Core, collection_id: str, gallery: CollectionGallery,
           subject_hmac: bytes) -> tuple[list[TemplateRow], list[Held] | None]:
     """A subject's live rows (MACs checked) and the holders they name, as of one moment;
-    ([], None) for an unknown subject; DATA_LOSS when rows and memory disagree."""
-    with gallery.write_lock:  # a checkpoint moves templates under this lock
-        rows = core.store.subject_templates(collection_id, subject_hmac, gallery.key_version)
-        if not rows:
-            return rows, None
-        _check_rows(core, collection_id, rows)
-        held = gallery.resolve([(t.tier, t.loc, t.slot) for t in rows],
-                               gallery.group(subject_hmac))
+    ([], None) for an unknown subject; DATA_LOSS when rows and memory disagree (on a
+    standby replica, once it has caught up with the primary's changes)."""
+    for attempt in (0, 1):
+        with gallery.write_lock:  # a checkpoint moves templates under this lock
+            rows = core.store.subject_templates(collection_id, subject_hmac, gallery.key_version)
+            if not rows:
+                return rows, None
+            _check_rows(core, collection_id, rows)
+            held = gallery.resolve([(t.tier, t.loc, t.slot) for t in rows],
+                                   gallery.group(subject_hmac))
+        if held is not None or attempt or not core.catch_up():
+            break
     if held is None:
         log.error("integrity failure", kind="template_place", collection_id=collection_id)
         raise DataLoss("a stored template of this subject failed its integrity check")
@@ -167,9 +171,15 @@ def identify(core: Core, collection_id: str, embedding: Sequence[float], top_k: 
                          reference_mean=core.reference_mean(row))
     if observe is not None:
         observe(probe)
-    parts = gallery.score_all(probe, cancelled)
-    decided = core.decider.decide(row, parts, top_k, release_scores, threshold=override)
-    return _released(core, collection_id, gallery, decided, threshold, release_scores)
+    for attempt in (0, 1):
+        parts = gallery.score_all(probe, cancelled)
+        decided = core.decider.decide(row, parts, top_k, release_scores, threshold=override)
+        result = _released(core, collection_id, gallery, decided, threshold, release_scores)
+        # A standby may have scored subjects the primary deleted meanwhile (never named:
+        # their rows are gone); once it has caught up, the subjects behind them get a turn.
+        if attempt or len(result.candidates) == len(decided) or not core.catch_up():
+            break
+    return result
 
 
 def _released(core: Core, collection_id: str, gallery: CollectionGallery,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,10 @@ from typing import Any
 from vault.domain.errors import Unavailable
 from vault.keys.integrity import LiveSet
 from vault.storage.sqlite import SqliteEngine
+
+# The ``tier`` of a change-feed row about a collection itself (its row, key versions, jobs),
+# not about one of its pages or blocks.
+COLLECTION_CHANGE = -1
 
 
 def is_url(location: Path | str) -> bool:
@@ -48,6 +52,14 @@ class Connection:
         # Set by the vault: keys the live-set commitment every write transaction updates.
         self.live_set: LiveSet | None = None
         self._delta: dict[tuple[str, int], int] = {}
+        # This transaction's changes to what galleries hold: (collection, key version, tier,
+        # loc) of each page or block touched (COLLECTION_CHANGE: the collection's own rows).
+        # PostgreSQL publishes them in ``changes`` for replicas (vault.ops.follow).
+        self._touched: set[tuple[str, int, int, int]] = set()
+        # Set by a replicated vault (vault.storage.lease): called inside every transaction
+        # that changes gallery state, under the write lock; raises when this process no
+        # longer holds the write lease (fencing a primary that lost it).
+        self.fence: Callable[[Any], None] | None = None
         self.engine: Any
         self.path: Path | None
         if is_url(location):
@@ -76,9 +88,60 @@ class Connection:
         exception. Storage failures become :class:`ResourceExhausted` or
         :class:`Unavailable`: either way nothing was written."""
         with self._lock, self.engine.transaction() as db:
-            self._delta = {}
+            self._delta, self._touched = {}, set()
             yield db
+            if self._touched:
+                self._publish(db)
             self._commit_states(db)
+
+    def _touch(self, collection_id: str, key_version: int, tier: int, loc: int) -> None:
+        """Record that this transaction changes a page or block (or the collection)."""
+        self._touched.add((collection_id, key_version, tier, loc))
+
+    def _publish(self, db: Any) -> None:
+        """Inside a transaction that changes gallery state: fence, then feed the change."""
+        touched, self._touched = sorted(self._touched), set()
+        if self.fence is not None:
+            self.fence(db)
+        if self.engine.feeds_changes:
+            db.executemany("INSERT INTO changes (collection_id, key_version, tier, loc) "
+                           "VALUES (?,?,?,?)", touched)
+
+    def changes_since(self, seq: int) -> list[tuple[int, str, int, int, int]]:
+        """(seq, collection, key version, tier, loc) of the change feed after ``seq``, in
+        commit order (PostgreSQL; empty on SQLite, whose file has one writer)."""
+        if not self.engine.feeds_changes:
+            return []
+        return self._query("SELECT seq, collection_id, key_version, tier, loc FROM changes "
+                           "WHERE seq>? ORDER BY seq", (seq,))
+
+    def last_change(self) -> int:
+        """The newest change-feed position (0 if none)."""
+        if not self.engine.feeds_changes:
+            return 0
+        return int(self._query("SELECT COALESCE(MAX(seq), 0) FROM changes")[0][0])
+
+    def first_change(self) -> int:
+        """The oldest change-feed position still kept (0 if none)."""
+        if not self.engine.feeds_changes:
+            return 0
+        return int(self._query("SELECT COALESCE(MIN(seq), 0) FROM changes")[0][0])
+
+    def prune_changes(self, seconds: float) -> None:
+        """Drop feed rows older than ``seconds``, always keeping the newest (a standby
+        behind the oldest kept row reloads everything, vault.ops.follow)."""
+        if self.engine.feeds_changes:
+            with self._lock:
+                self.engine.execute("DELETE FROM changes WHERE at < now() - make_interval(secs => ?) "
+                                    "AND seq < (SELECT MAX(seq) FROM changes)", (seconds,))
+
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Run this thread's reads inside one consistent snapshot (PostgreSQL: a
+        REPEATABLE READ, READ ONLY transaction on the thread's reader)."""
+        self._query("SELECT 1")  # makes the thread's reader
+        with self._local.reader.snapshot():
+            yield
 
     def checkpoint_wal(self) -> None:
         """Push freed row images out of the engine's log and files (see each engine)."""

@@ -10,6 +10,7 @@ from vault.domain.records import (
     CollectionRow,
     KeyJobRow,
 )
+from vault.storage.connection import COLLECTION_CHANGE
 from vault.storage.live_set import ATTEMPT_SET, EPOCH_ROW, LiveSetLedger
 
 
@@ -34,6 +35,10 @@ class KeyRecords(LiveSetLedger):
                        (name, version, blob))
 
     # -- collections ---------------------------------------------------------------------
+
+    def _collection_changed(self, collection_id: str) -> None:
+        """This transaction changes a collection's own rows (replicas reload them)."""
+        self._touch(collection_id, 0, COLLECTION_CHANGE, 0)
 
     _COLLECTION_COLUMNS = ("collection_id, dimension, threshold, key_version, min_key_version, mac, "
                            "reference_mean, policy")
@@ -63,6 +68,7 @@ class KeyRecords(LiveSetLedger):
                 "SELECT key_version FROM collection_keys WHERE collection_id=?", (collection_id,))]
             for table in self._COLLECTION_TABLES:
                 db.execute(f"DELETE FROM {table} WHERE collection_id=?", (collection_id,))
+            self._collection_changed(collection_id)
             self._change(*EPOCH_ROW, 0)  # one more store epoch: a rollback would bring it back
         return int(templates), versions
 
@@ -75,6 +81,7 @@ class KeyRecords(LiveSetLedger):
                         row.min_key_version, row.mac, row.reference_mean, row.policy))
             self._put_collection_key(db, key)
             self._new_state(db, row.collection_id, ATTEMPT_SET)
+            self._collection_changed(row.collection_id)
 
     def _put_collection_key(self, db: Any, key: CollectionKeyRow) -> None:
         """A key version, and its (empty) live-set commitment."""
@@ -110,6 +117,7 @@ class KeyRecords(LiveSetLedger):
             db.execute(f"INSERT INTO key_jobs({self._JOB_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)",
                        (job.job_id, job.collection_id, job.from_version, job.to_version, job.state,
                         job.blocks_done, job.blocks_total, job.error))
+            self._collection_changed(key.collection_id)
 
     def key_job(self, job_id: str) -> KeyJobRow | None:
         """A rotation job by id."""
@@ -133,6 +141,8 @@ class KeyRecords(LiveSetLedger):
         """Set a job's state (and why it stopped)."""
         with self.transaction() as db:
             db.execute("UPDATE key_jobs SET state=?, error=? WHERE job_id=?", (state, error, job_id))
+            for (cid,) in db.execute("SELECT collection_id FROM key_jobs WHERE job_id=?", (job_id,)).fetchall():
+                self._collection_changed(cid)
 
     def collection_key_versions(self, collection_id: str) -> list[int]:
         """The key versions a collection holds, ascending."""
@@ -151,6 +161,7 @@ class KeyRecords(LiveSetLedger):
                 db.execute(f"DELETE FROM {table} WHERE collection_id=? AND key_version=?",
                            (cid, old_version))
             db.execute("UPDATE key_jobs SET state='done' WHERE job_id=?", (job_id,))
+            self._collection_changed(cid)
 
     def newest_key_version(self, collection_id: str) -> int:
         """The highest key version any row of the collection names."""
@@ -171,6 +182,7 @@ class KeyRecords(LiveSetLedger):
                        "policy=? WHERE collection_id=?",
                        (row.threshold, row.key_version, row.min_key_version, row.mac, row.policy,
                         row.collection_id))
+            self._collection_changed(row.collection_id)
 
     # -- wrapped blobs (master key rotation) ----------------------------------------------
 
@@ -195,6 +207,7 @@ class KeyRecords(LiveSetLedger):
                 else:
                     db.execute("UPDATE collection_keys SET sealed_secret_context=? "
                                "WHERE collection_id=? AND key_version=?", (blob, key[0], key[1]))
+                    self._collection_changed(str(key[0]))
 
     def all_block_generations(self) -> list[tuple[str, int, int, int]]:
         """(collection, key version, block, generation) of every committed block."""

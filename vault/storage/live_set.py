@@ -46,9 +46,11 @@ class LiveSetLedger(Connection):
         found = db.execute(f"SELECT {self._LEAF_COLUMNS} FROM templates WHERE template_id=? "
                            "AND key_version=? AND state=?", (template_id, key_version, LIVE)).fetchone()
         if found is not None:
+            self._touch(found[1], found[3], found[4], found[5])
             self._change(found[1], found[3], -self._template_leaf(found))
 
     def _add_template(self, t: TemplateRow) -> None:
+        self._touch(t.collection_id, t.key_version, t.tier, t.loc)
         if t.state == LIVE:
             self._change(t.collection_id, t.key_version, self._template_leaf(
                 (t.template_id, t.collection_id, t.subject_hmac, t.key_version, t.tier, t.loc,
@@ -62,6 +64,7 @@ class LiveSetLedger(Connection):
     def _forget_holder(self, db: Any, tier: int, cid: str, version: int,
                        loc: int) -> None:
         table, column = ("pages", "page_no") if tier == PAGE else ("blocks", "block_no")
+        self._touch(cid, version, tier, loc)
         found = db.execute(f"SELECT generation, mac FROM {table} WHERE collection_id=? AND "
                            f"key_version=? AND {column}=?", (cid, version, loc)).fetchone()
         if found is not None:

@@ -40,6 +40,18 @@ SCHEMA_VERSION = sqlite.SCHEMA_VERSION
 _MIGRATIONS: dict[int, tuple[str, ...]] = {}
 # The advisory lock every write transaction holds ("vault" in ASCII).
 WRITE_LOCK = 0x7661756C74
+# Tables of replication, made by every version that opens the database (the rows of the
+# other tables do not depend on them; an older vault ignores them).
+_REPLICATION = (
+    # The change feed: which pages, blocks and collections each write transaction touched.
+    # Written under WRITE_LOCK, so ``seq`` increases in commit order.
+    ("CREATE TABLE IF NOT EXISTS changes (seq BIGSERIAL PRIMARY KEY, collection_id TEXT NOT "
+     "NULL, key_version BIGINT NOT NULL, tier BIGINT NOT NULL, loc BIGINT NOT NULL, "
+     "at TIMESTAMPTZ NOT NULL DEFAULT now())"),
+    # The write lease (vault.storage.lease): who may change gallery state, and its term.
+    ("CREATE TABLE IF NOT EXISTS write_lease (name TEXT PRIMARY KEY, holder TEXT NOT NULL, "
+     "term BIGINT NOT NULL, expires_at TIMESTAMPTZ NOT NULL)"),
+)
 # How long a COMMIT whose connection was lost waits for the server to say what happened.
 RESOLVE_SECONDS = 30.0
 
@@ -122,6 +134,21 @@ class PostgresReader:
                         raise
         raise AssertionError("unreachable")
 
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """This connection's reads inside one REPEATABLE READ, READ ONLY transaction: every
+        statement sees the same committed state (a replica's refresh, vault.ops.follow)."""
+        with _storage_errors("nothing was read"):
+            if self.raw.closed or self.raw.broken:
+                self.raw = self._connect()
+            self.raw.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        try:
+            yield
+        finally:
+            with _storage_errors("nothing was read"):
+                if not self.raw.broken and self.raw.info.transaction_status != TransactionStatus.IDLE:
+                    self.raw.execute("COMMIT")
+
     def close(self) -> None:
         """Close the connection."""
         self.raw.close()
@@ -136,6 +163,7 @@ class PostgresEngine:
 
     kind = "postgresql"
     insert_order = "seq"
+    feeds_changes = True  # replicas follow the ``changes`` feed (vault.ops.follow)
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -262,6 +290,7 @@ def _migrate(db: _Db) -> None:
         for statement in _schema():
             db.execute(statement)
         db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+        _replication(db)
         return
     version = int(_one(db, "SELECT version FROM schema_version"))
     if version > SCHEMA_VERSION:
@@ -275,3 +304,9 @@ def _migrate(db: _Db) -> None:
             db.execute(statement)
         version += 1
     db.execute("UPDATE schema_version SET version=?", (version,))
+    _replication(db)
+
+
+def _replication(db: _Db) -> None:
+    for statement in _REPLICATION:
+        db.execute(statement)

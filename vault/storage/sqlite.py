@@ -184,6 +184,17 @@ class SqliteReader:
         with _storage_errors():
             return self.raw.execute(sql, args).fetchall()
 
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reads of this connection inside one read transaction (one snapshot of the WAL)."""
+        with _storage_errors():
+            self.raw.execute("BEGIN")
+        try:
+            yield
+        finally:
+            with _storage_errors():
+                self.raw.execute("COMMIT")
+
     def close(self) -> None:
         """Close the connection."""
         self.raw.close()
@@ -199,6 +210,7 @@ class SqliteEngine:
 
     kind = "sqlite"
     insert_order = "rowid"  # key_jobs in the order they were made
+    feeds_changes = False  # one process per file (DIR/server.pid): no replica to tell
 
     def __init__(self, path: Path) -> None:
         self.path = path

@@ -179,6 +179,14 @@ class TemplateRecords(AttemptRecords):
             "FROM pages WHERE collection_id=? AND key_version=? ORDER BY page_no",
             (collection_id, key_version))]
 
+    def page(self, collection_id: str, key_version: int, page_no: int) -> PageRow | None:
+        """One journal page row, None if there is none."""
+        rows = self._query(
+            "SELECT collection_id, key_version, page_no, generation, fill, ciphertext, mac "
+            "FROM pages WHERE collection_id=? AND key_version=? AND page_no=?",
+            (collection_id, key_version, page_no))
+        return PageRow(*rows[0]) if rows else None
+
     _BLOCK_COLUMNS = ("collection_id, key_version, block_no, kind, generation, levels, fill, "
                       "digest, sketch, mac")
 

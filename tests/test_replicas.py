@@ -1,0 +1,260 @@
+"""Two `vault serve` replicas on one real PostgreSQL database and one token.
+
+The primary (the write lease's holder) enrolls, deletes and rotates; the standby serves
+matches and follows the primary's writes from the change feed. Each promise is checked from
+outside, through the RPCs alone: an enrollment acknowledged by the primary matches
+through the standby within the refresh delay, a deletion acknowledged by the primary is
+never named by any match that starts after the acknowledgement (on either replica, with
+matches running in parallel), a key rotation run by the primary is served by both, and
+when the primary is killed the standby takes the lease and accepts writes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import psycopg
+import pytest
+
+from vault.testing import PostgresServer, ServerProcess
+from vault.v1 import vault_pb2 as pb
+from vault.v1 import vault_pb2_grpc
+
+DIM = 32
+TTL = 3.0  # the write lease's time to live in these tests (10 s by default)
+REFRESH = 0.3
+Code = grpc.StatusCode
+
+
+def _face(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(DIM)
+
+
+def _capture(seed: int, noise_seed: int) -> list[float]:
+    n = np.random.default_rng(10_000 + noise_seed).standard_normal(DIM)
+    return (_face(seed) + 0.3 * n).astype(np.float32).tolist()
+
+
+class Replica:
+    """A `vault serve` process on the shared database and token, with a stub."""
+
+    def __init__(self, root: Path, name: str, url: str, hsm: Path) -> None:
+        self.server = ServerProcess(root / name, hsm_dir=hsm, args=[
+            "--store", url, "--lease-ttl", str(TTL), "--refresh-interval", str(REFRESH)])
+        self.channel: grpc.Channel | None = None
+
+    def start(self) -> Replica:
+        self.server.start()
+        self.channel = self.server.channel()
+        self.stub = vault_pb2_grpc.TemplateVaultStub(self.channel)
+        return self
+
+    def stop(self, kill: bool = False) -> None:
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+        if kill:
+            self.server.kill()
+        else:
+            self.server.stop()
+
+    def identify(self, cid: str, probe: list[float], top_k: int = 3) -> list[str]:
+        r = self.stub.Match(pb.MatchRequest(collection_id=cid, embedding=probe, top_k=top_k),
+                            timeout=30)
+        return [c.subject_id for c in r.candidates]
+
+    def verify(self, cid: str, subject: str, probe: list[float]) -> bool:
+        return bool(self.stub.Match(pb.MatchRequest(collection_id=cid, subject_id=subject,
+                                                    embedding=probe), timeout=30).matched)
+
+
+def _until(check, timeout: float = 20.0):  # type: ignore[no-untyped-def]
+    """Poll ``check`` until it returns something true; that value and the seconds it took."""
+    start = time.monotonic()
+    while True:
+        found = check()
+        if found:
+            return found, time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            raise AssertionError("timed out")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def pair(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory
+         ) -> Iterator[tuple[Replica, Replica, str]]:
+    root = tmp_path_factory.mktemp("replicas")
+    url = postgres.create_database()
+    a = Replica(root, "a", url, root / "hsm").start()  # first: it makes the token, takes the lease
+    b = Replica(root, "b", url, root / "hsm").start()
+    try:
+        yield a, b, url
+    finally:
+        a.stop()
+        b.stop()
+
+
+@pytest.fixture
+def collection(pair: tuple[Replica, Replica, str]) -> str:
+    primary = _primary(pair)
+    cid = f"c-{uuid.uuid4().hex[:10]}"
+    primary.stub.CreateCollection(pb.CreateCollectionRequest(collection_id=cid, dimension=DIM,
+                                                             threshold=0.8))
+    return cid
+
+
+def _primary(pair: tuple[Replica, Replica, str]) -> Replica:
+    """Whichever replica accepts writes now (a probe write: a collection of its own)."""
+    for replica in pair[:2]:
+        if replica.channel is None:
+            continue
+        try:
+            replica.stub.CreateCollection(pb.CreateCollectionRequest(
+                collection_id=f"probe-{uuid.uuid4().hex[:8]}", dimension=DIM, threshold=0.8))
+            return replica
+        except grpc.RpcError as err:
+            assert err.code() == Code.UNAVAILABLE and "standby" in (err.details() or "")
+    raise AssertionError("no replica accepts writes")
+
+
+def _standby(pair: tuple[Replica, Replica, str]) -> Replica:
+    primary = _primary(pair)
+    return pair[1] if primary is pair[0] else pair[0]
+
+
+def test_standby_refuses_writes_and_serves_what_the_primary_enrolled(pair, collection: str) -> None:
+    primary, standby = _primary(pair), _standby(pair)
+    with pytest.raises(grpc.RpcError) as err:
+        standby.stub.Enroll(pb.EnrollRequest(collection_id=collection, subject_id="x",
+                                             embedding=_capture(1, 1)))
+    assert err.value.code() == Code.UNAVAILABLE
+    assert "standby" in (err.value.details() or "") and "primary" in (err.value.details() or "")
+    with pytest.raises(grpc.RpcError) as err:
+        standby.stub.DeleteSubject(pb.DeleteSubjectRequest(collection_id=collection, subject_id="x"))
+    assert err.value.code() == Code.UNAVAILABLE
+
+    for subject in range(4):
+        primary.stub.Enroll(pb.EnrollRequest(collection_id=collection, subject_id=f"s{subject}",
+                                             embedding=_capture(subject, subject)))
+    # 1:1 on the standby at once: its rows are read, and memory catches up with them.
+    assert standby.verify(collection, "s2", _capture(2, 50))
+    assert not standby.verify(collection, "s3", _capture(2, 51))
+    # 1:N on the standby within the refresh delay.
+    named, delay = _until(lambda: standby.identify(collection, _capture(1, 52)))
+    assert named[0] == "s1"
+    assert delay < 10 * REFRESH + 5  # about one refresh interval; generous for a loaded CI
+    info = standby.stub.GetCollection(pb.GetCollectionRequest(collection_id=collection))
+    assert info.template_count == 4
+
+
+def test_a_deletion_is_never_named_after_its_acknowledgement(pair, collection: str) -> None:
+    """Matches hammer both replicas in parallel while the primary deletes: no match that
+    started after the deletion was acknowledged names the subject, on either replica."""
+    primary, standby = _primary(pair), _standby(pair)
+    for subject in ("gone", "other"):
+        seed = 7 if subject == "gone" else 8
+        primary.stub.Enroll(pb.EnrollRequest(collection_id=collection, subject_id=subject,
+                                             embedding=_capture(seed, 1)))
+    probe = _capture(7, 2)
+    _until(lambda: standby.identify(collection, probe) == ["gone"])
+    answers: list[tuple[str, float, list[str], bool]] = []
+    stop = threading.Event()
+
+    def hammer(replica: Replica, name: str) -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            named = replica.identify(collection, probe)
+            verified = replica.verify(collection, "gone", probe)
+            answers.append((name, started, named, verified))
+
+    threads = [threading.Thread(target=hammer, args=(r, n)) for r, n in
+               ((standby, "standby"), (standby, "standby"), (primary, "primary"))]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    primary.stub.DeleteSubject(pb.DeleteSubjectRequest(collection_id=collection, subject_id="gone"))
+    acknowledged = time.monotonic()
+    time.sleep(2.0)
+    stop.set()
+    for t in threads:
+        t.join()
+    before = [a for a in answers if a[1] < acknowledged - 0.5]
+    after = [a for a in answers if a[1] > acknowledged]
+    assert any("gone" in a[2] for a in before if a[0] == "standby")  # it did match before
+    assert {a[0] for a in after} == {"standby", "primary"}
+    leaked = [a for a in after if "gone" in a[2] or a[3]]
+    assert not leaked, leaked[:3]
+    # The other subject is still there through both.
+    assert standby.identify(collection, _capture(8, 3)) == ["other"]
+
+
+def test_a_key_rotation_run_by_the_primary_is_served_by_both(pair, collection: str) -> None:
+    primary, standby = _primary(pair), _standby(pair)
+    for subject in range(3):
+        primary.stub.Enroll(pb.EnrollRequest(collection_id=collection, subject_id=f"r{subject}",
+                                             embedding=_capture(20 + subject, 1)))
+    _until(lambda: standby.identify(collection, _capture(21, 2)) == ["r1"])
+    with pytest.raises(grpc.RpcError) as err:
+        standby.stub.RotateCollectionKey(pb.RotateCollectionKeyRequest(collection_id=collection))
+    assert err.value.code() == Code.UNAVAILABLE
+    job = primary.stub.RotateCollectionKey(pb.RotateCollectionKeyRequest(collection_id=collection))
+    _until(lambda: primary.stub.GetKeyJob(pb.GetKeyJobRequest(job_id=job.job_id)).state
+           == pb.KeyJob.STATE_DONE, timeout=60)
+    for replica in (primary, standby):
+        versions, _ = _until(lambda r=replica: r.stub.ListKeyVersions(
+            pb.ListKeyVersionsRequest(collection_id=collection)).key_version == 2 and r)
+        # The templates moved with the rotation match under the new key version.
+        assert replica.identify(collection, _capture(21, 3)) == ["r1"]
+        assert replica.verify(collection, "r2", _capture(22, 4))
+        assert not replica.verify(collection, "r2", _capture(21, 5))
+
+
+def test_the_standby_takes_over_when_the_primary_dies_and_fences_it(pair, collection: str) -> None:
+    """SIGSTOP the primary past its lease (a pause, as a long GC or a cut network makes):
+    the standby takes the lease; when the old primary resumes, whatever it tries to write
+    is refused (UNAVAILABLE) and nothing of it reaches the database. Then kill it and start
+    it again: it comes back as a standby and serves what the new primary enrolled."""
+    a, b, url = pair
+    old, new = _primary(pair), _standby(pair)
+    old.stub.Enroll(pb.EnrollRequest(collection_id=collection, subject_id="before",
+                                     embedding=_capture(30, 1)))
+    assert old.server.proc is not None
+    os.kill(old.server.proc.pid, signal.SIGSTOP)
+    try:
+        def took_over() -> bool:
+            try:
+                new.stub.Enroll(pb.EnrollRequest(collection_id=collection, subject_id="after",
+                                                 embedding=_capture(31, 1)), timeout=10)
+                return True
+            except grpc.RpcError as err:
+                assert err.code() == Code.UNAVAILABLE, err.details()
+                return False
+
+        _, waited = _until(took_over, timeout=TTL * 6 + 10)
+    finally:
+        os.kill(old.server.proc.pid, signal.SIGCONT)
+    assert waited >= 0  # the lease had to expire first (about TTL after the pause)
+    with pytest.raises(grpc.RpcError) as err:
+        old.stub.Enroll(pb.EnrollRequest(collection_id=collection, subject_id="fenced",
+                                         embedding=_capture(32, 1)), timeout=30)
+    assert err.value.code() == Code.UNAVAILABLE and "standby" in (err.value.details() or "")
+    with psycopg.connect(url, autocommit=True) as conn:
+        (count,) = conn.execute("SELECT COUNT(*) FROM templates WHERE collection_id=%s",
+                                (collection,)).fetchone() or (0,)
+    assert count == 2  # "before" and "after"; nothing of the fenced primary
+    assert new.identify(collection, _capture(31, 2)) == ["after"]
+    # The old primary follows the new one: it names what was enrolled there.
+    _until(lambda: old.identify(collection, _capture(31, 3)) == ["after"])
+    old.stop(kill=True)
+    old.start()
+    assert _primary(pair) is new
+    assert old.identify(collection, _capture(30, 2)) == ["before"]
+    assert old.verify(collection, "after", _capture(31, 4))
