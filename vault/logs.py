@@ -19,7 +19,7 @@ ALLOWED_FIELDS = frozenset({
     "method", "code", "duration_ms", "peer_local",
     "collection_id", "key_version", "dimension", "count", "template_count", "blocks",
     "kind", "listen", "data_dir", "tls", "error_type", "ref", "status", "version",
-    "blocks_done", "blocks_total", "hsm_dir",
+    "blocks_done", "blocks_total", "hsm_dir", "term",
 })
 
 

@@ -131,7 +131,7 @@ def catch_up(core: Core, force: bool = False) -> int:
             for cid in sorted({c for _, c, _, t, _ in changes if t == COLLECTION_CHANGE}):
                 _refresh_collection(core, cid)
         replica.seq = changes[-1][0]
-    log.info("replica caught up", changes=len(changes))
+    log.info("replica caught up", count=len(changes))
     return len(changes)
 
 
