@@ -152,6 +152,8 @@ def _refresh_holder(core: Core, gallery: CollectionGallery, tier: int, loc: int)
     """One page or block to its committed state (gone: no live slot)."""
     cid, version = gallery.collection_id, gallery.key_version
     if tier == PAGE:
+        # Numbers are never reused (dead rows may still name them), also after a takeover.
+        gallery.reserve_page_numbers(loc + 1)
         found = core.store.page(cid, version, loc)
         page = gallery.pages.get(loc)
         if found is None:
@@ -165,6 +167,7 @@ def _refresh_holder(core: Core, gallery: CollectionGallery, tier: int, loc: int)
         page.groups = _groups(core, gallery, PAGE, loc, gallery.page_slots, page.fill)
         gallery.install_page(page)
         return
+    gallery.reserve_block_numbers(loc + 1)
     row = core.store.block(cid, version, loc)
     block = gallery.blocks.get(loc)
     if row is None:

@@ -104,7 +104,8 @@ def run(core: Core, job: KeyJobRow) -> None:
     failure marks the job failed (``rotate`` resumes it)."""
     cid = job.collection_id
     try:
-        while not core.stopping.is_set():
+        # A primary that lost the write lease leaves: the new primary resumes the job.
+        while not core.stopping.is_set() and core.may_write():
             try:
                 if _advance(core, job):
                     return
