@@ -170,7 +170,9 @@ def connect(address: str) -> bool:
                               "log_to_driver": False}
     if address == "local":
         # Results are small (64 KiB per block scored): a small object store will do.
-        ray.init(_node_ip_address="127.0.0.1", object_store_memory=512 << 20, **kwargs)
+        # address="local": a new Ray of our own, even if another runs on this machine.
+        ray.init(address="local", _node_ip_address="127.0.0.1", object_store_memory=512 << 20,
+                 **kwargs)
     else:
         ray.init(address=address, **kwargs)
     return True
