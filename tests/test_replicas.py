@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +26,7 @@ import numpy as np
 import psycopg
 import pytest
 
-from vault.testing import PostgresServer, ServerProcess
+from vault.testing import PostgresServer, ServerProcess, free_port
 from vault.v1 import vault_pb2 as pb
 from vault.v1 import vault_pb2_grpc
 
@@ -49,9 +51,11 @@ class Replica:
     def __init__(self, root: Path, name: str, url: str, hsm: Path) -> None:
         # The same probe many times, and verifications of a deleted subject: the probing
         # guard and the lockout (tested elsewhere) would refuse the hammering below.
+        self.metrics = f"127.0.0.1:{free_port()}"
         self.server = ServerProcess(root / name, hsm_dir=hsm, args=[
             "--store", url, "--lease-ttl", str(TTL), "--refresh-interval", str(REFRESH),
-            "--probe-cluster", "0", "--max-failed-verifications", "0"])
+            "--probe-cluster", "0", "--max-failed-verifications", "0",
+            "--metrics-listen", self.metrics])
         self.channel: grpc.Channel | None = None
 
     def start(self) -> Replica:
@@ -68,6 +72,12 @@ class Replica:
             self.server.kill()
         else:
             self.server.stop()
+
+    def is_primary(self) -> bool:
+        """What the replica's metrics say of its role (vault_replica_primary)."""
+        text = urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=30).read().decode()
+        (line,) = [x for x in text.splitlines() if x.startswith("vault_replica_primary ")]
+        return float(line.split()[1]) == 1.0
 
     def identify(self, cid: str, probe: list[float], top_k: int = 3) -> list[str]:
         r = self.stub.Match(pb.MatchRequest(collection_id=cid, embedding=probe, top_k=top_k),
@@ -121,17 +131,14 @@ def collection(pair: tuple[Replica, Replica, str]) -> str:
 
 
 def _primary(pair: tuple[Replica, Replica, str]) -> Replica:
-    """Whichever replica accepts writes now (a probe write: a collection of its own)."""
-    for replica in pair[:2]:
-        if replica.channel is None:
-            continue
-        try:
-            replica.stub.CreateCollection(pb.CreateCollectionRequest(
-                collection_id=f"probe-{uuid.uuid4().hex[:8]}", dimension=DIM, threshold=0.8))
-            return replica
-        except grpc.RpcError as err:
-            assert err.code() == Code.UNAVAILABLE and "standby" in (err.details() or "")
-    raise AssertionError("no replica accepts writes")
+    """The replica whose metrics say it holds the write lease (exactly one does, once a
+    takeover has settled: a resumed old primary says so until its next renewal)."""
+    def one() -> list[Replica] | None:
+        held = [r for r in pair[:2] if r.channel is not None and r.is_primary()]
+        return held if len(held) == 1 else None
+
+    found, _ = _until(one, timeout=TTL * 3)
+    return found[0]
 
 
 def _standby(pair: tuple[Replica, Replica, str]) -> Replica:
@@ -162,6 +169,24 @@ def test_standby_refuses_writes_and_serves_what_the_primary_enrolled(pair, colle
     assert delay < 10 * REFRESH + 5  # about one refresh interval; generous for a loaded CI
     info = standby.stub.GetCollection(pb.GetCollectionRequest(collection_id=collection))
     assert info.template_count == 4
+
+
+def test_a_client_given_every_replica_gets_its_writes_to_the_primary(pair, collection: str) -> None:
+    """The SDK (client/, from the source tree) with both replicas as its target: calls go
+    round them, and every enrollment lands, the standby's refusals retried on the primary."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "client"))
+    from vault_client import VaultClient
+
+    primary, standby = _primary(pair), _standby(pair)
+    target = f"ipv4:{standby.server.target},{primary.server.target}"
+    with VaultClient(target, timeout=30) as client:
+        for subject in range(6):
+            client.enroll(collection, f"c{subject}", _capture(40 + subject, 1))
+        # Counts are each replica's own (a standby's within the refresh delay).
+        _until(lambda: client.get_collection(collection).template_count == 6
+               and client.get_collection(collection).template_count == 6)
+        assert client.verify(collection, "c3", _capture(43, 2))
+    assert standby.verify(collection, "c5", _capture(45, 3))
 
 
 def test_a_deletion_is_never_named_after_its_acknowledgement(pair, collection: str) -> None:

@@ -27,9 +27,12 @@ MAX_BATCH = 256  # items per ImportTemplates message: 256 x 512 floats stays und
 Embedding = Sequence[float]
 
 
-def retry_service_config(attempts: int = 4) -> str:
-    """gRPC service config (JSON) retrying the idempotent calls on UNAVAILABLE."""
-    return json.dumps({"methodConfig": [{
+def retry_service_config(attempts: int = 4, replicas: bool = False) -> str:
+    """gRPC service config (JSON) retrying the idempotent calls on UNAVAILABLE;
+    ``replicas``: calls go round the target's addresses (a standby answers an enrollment
+    UNAVAILABLE, and the retry reaches the next replica, the primary in the end)."""
+    balance = {"loadBalancingConfig": [{"round_robin": {}}]} if replicas else {}
+    return json.dumps({**balance, "methodConfig": [{
         "name": [{"service": SERVICE, "method": m} for m in IDEMPOTENT],
         "retryPolicy": {"maxAttempts": attempts, "initialBackoff": "0.2s",
                         "maxBackoff": "3s", "backoffMultiplier": 2,
@@ -113,14 +116,19 @@ def _collection(c: pb.Collection) -> Collection:
 class VaultClient:
     """A connection to the vault. ``tls_ca`` (with ``tls_cert`` and ``tls_key``, whose
     certificate's OU values are the caller's roles) makes it mutual TLS; paths or PEM
-    bytes. ``timeout``: each call's deadline in seconds unless the call gives its own."""
+    bytes. ``timeout``: each call's deadline in seconds unless the call gives its own.
+    ``target``: one address, or the replicas of one vault (``ipv4:HOST:PORT,HOST:PORT``):
+    calls then go round them, and an enrollment a standby refuses is retried on the next."""
 
     def __init__(self, target: str = "127.0.0.1:50051", *, tls_ca: str | bytes | Path | None = None,
                  tls_cert: str | bytes | Path | None = None,
                  tls_key: str | bytes | Path | None = None, server_name: str | None = None,
                  timeout: float = DEFAULT_TIMEOUT, retry_attempts: int = 4) -> None:
         options = [("grpc.enable_retries", 1),
-                   ("grpc.service_config", retry_service_config(retry_attempts)),
+                   # Several replicas ("ipv4:HOST:PORT,HOST:PORT", or a name with several
+                   # addresses listed with commas): round robin, retried on the next one.
+                   ("grpc.service_config", retry_service_config(retry_attempts,
+                                                                replicas="," in target)),
                    ("grpc.max_send_message_length", 1 << 20)]
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))

@@ -234,8 +234,11 @@ class _VaultCollector(Collector):
                       "Journal pages waiting for a checkpoint into blocks")
         unerased = gauge("vault_maintenance_erasures_pending",
                          "Pages and blocks still holding values of deleted templates")
+        role = GaugeMetricFamily("vault_replica_primary", "1 while this replica holds the write "
+                                 "lease (or serves alone), 0 on a standby")
         vault = self._vault_of()
         if vault is not None:
+            role.add_metric([], 1 if vault.may_write() else 0)
             for row in vault.store.collections():
                 try:
                     count = vault.get_collection(row.collection_id).template_count
@@ -262,7 +265,7 @@ class _VaultCollector(Collector):
         for cid, counts in sorted(by_collection.items()):
             for state, value in zip(("received", "stored", "failed"), counts):
                 items.add_metric([cid, state], value)
-        yield from (templates, done, total, items, running, pages, unerased)
+        yield from (templates, done, total, items, running, pages, unerased, role)
 
 
 _instrumented = threading.Lock()

@@ -13,6 +13,7 @@ from vault.domain.errors import (
     NotFound,
 )
 from vault.domain.records import (
+    DONE,
     CollectionRow,
     KeyJobRow,
 )
@@ -34,9 +35,13 @@ def key_job(core: Core, job_id: str) -> KeyJobRow:
     """A key rotation job by its id (INVALID_ARGUMENT, NOT_FOUND)."""
     if not re.fullmatch(r"[0-9a-f]{32}", job_id or ""):
         raise InvalidArgument("job_id must be the 32 hexadecimal digits a rotation returned")
-    job = core.store.key_job(job_id)
+    with core.switch_lock:  # a rotation commits "done" and switches under it: done = served
+        job = core.store.key_job(job_id)
     if job is None:
         raise NotFound("key job not found")
+    current = core.current_galleries.get(job.collection_id)
+    if job.state == DONE and current is not None and current.key_version != job.to_version:
+        core.catch_up()  # a standby behind the primary's switch
     return job
 
 
