@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -25,6 +26,7 @@ import grpc
 import numpy as np
 import psycopg
 import pytest
+from grpc_health.v1 import health_pb2
 
 from vault.testing import PostgresServer, ServerProcess, free_port
 from vault.v1 import vault_pb2 as pb
@@ -294,3 +296,38 @@ def test_the_standby_takes_over_when_the_primary_dies_and_fences_it(pair, collec
     assert _primary(pair) is new
     assert old.identify(collection, _capture(30, 2)) == ["before"]
     assert old.verify(collection, "after", _capture(31, 4))
+
+
+def test_replicas_started_together_on_a_new_database_share_one_set_of_keys(
+        postgres: PostgresServer, tmp_path: Path) -> None:
+    """Both processes launched at once on an empty database: one key ceremony (the other
+    waits and uses its keys), one primary, and what one enrolls the other matches."""
+    url = postgres.create_database()
+    a, b = Replica(tmp_path, "a", url, tmp_path / "hsm"), Replica(tmp_path, "b", url, tmp_path / "hsm")
+    # The token made once, before either starts (in a child: provisioning points this
+    # process's SOFTHSM2_CONF at it, which the other tests here must not inherit).
+    make = ("import sys, pathlib; from vault.keys import softhsm; "
+            "softhsm.provision(pathlib.Path(sys.argv[1]))")
+    subprocess.run([sys.executable, "-c", make, str(tmp_path / "hsm")],
+                   check=True, capture_output=True)
+    procs = [a.server.launch(), b.server.launch()]
+    try:
+        for replica in (a, b):
+            replica.server.wait_health(health_pb2.HealthCheckResponse.SERVING, timeout=120)
+            replica.channel = replica.server.channel()
+            replica.stub = vault_pb2_grpc.TemplateVaultStub(replica.channel)
+        pair = (a, b, url)
+        primary, standby = _primary(pair), _standby(pair)
+        primary.stub.CreateCollection(pb.CreateCollectionRequest(collection_id="t", dimension=DIM,
+                                                                 threshold=0.8))
+        primary.stub.Enroll(pb.EnrollRequest(collection_id="t", subject_id="s",
+                                             embedding=_capture(60, 1)))
+        assert standby.verify("t", "s", _capture(60, 2))
+        with psycopg.connect(url, autocommit=True) as conn:
+            (keys,) = conn.execute("SELECT COUNT(*) FROM wrapped_keys").fetchone() or (0,)
+        ceremony = [r for r in (a, b) if "key ceremony" in r.server.log_path.read_text()]
+        assert len(ceremony) == 1 and keys > 0
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(timeout=30)

@@ -147,18 +147,19 @@ class Core:
         self._retired: list[tuple[float, Path, bool]] = []
         self._retired_keys: list[tuple[float, str, int]] = []
         self._retired_lock = threading.Lock()
-        new = not store.has_wrapped_keys()
-        created = hsm.ensure_keys(create=new)
-        custody.bind_token(store, hsm, new)  # a different token is refused, not half-used
-        if created:
-            log.info("key ceremony: created keys in the HSM", count=len(created))
-        self.decider.bind(lambda: store.wrapped_key(PII_KEY, 1), store.collection_key)
-        made = self.decider.init_pii(store.wrapped_key(PII_KEY, 1))
-        if made is not None:  # created and wrapped by the decider: only the blob is here
-            store.put_wrapped_key(PII_KEY, 1, made)
-        self.sketch_key = envelope.DataKey(self.data_key(_SKETCH_KEY))
-        self.audit_ref_key = self.data_key(_AUDIT_REF_KEY)
-        store.live_set = LiveSet(self.data_key(_LIVE_SET_KEY), self.integrity)
+        with store.exclusive_start():  # replicas started together: one ceremony, not two
+            new = not store.has_wrapped_keys()
+            created = hsm.ensure_keys(create=new)
+            custody.bind_token(store, hsm, new)  # a different token is refused, not half-used
+            if created:
+                log.info("key ceremony: created keys in the HSM", count=len(created))
+            self.decider.bind(lambda: store.wrapped_key(PII_KEY, 1), store.collection_key)
+            made = self.decider.init_pii(store.wrapped_key(PII_KEY, 1))
+            if made is not None:  # created and wrapped by the decider: only the blob is here
+                store.put_wrapped_key(PII_KEY, 1, made)
+            self.sketch_key = envelope.DataKey(self.data_key(_SKETCH_KEY))
+            self.audit_ref_key = self.data_key(_AUDIT_REF_KEY)
+            store.live_set = LiveSet(self.data_key(_LIVE_SET_KEY), self.integrity)
         self.maintenance: threading.Thread | None = None  # vault.service starts it
         # Set on a PostgreSQL store (vault.ops.follow): the write lease and the change feed.
         self.replica: Follower | None = None

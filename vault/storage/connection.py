@@ -143,6 +143,13 @@ class Connection:
         with self._local.reader.snapshot():
             yield
 
+    @contextmanager
+    def exclusive_start(self) -> Iterator[None]:
+        """Hold off every other vault starting on this database (PostgreSQL: a session
+        advisory lock) while this one makes or reads its keys and bindings."""
+        with self.engine.exclusive_start():
+            yield
+
     def checkpoint_wal(self) -> None:
         """Push freed row images out of the engine's log and files (see each engine)."""
         with self._lock:

@@ -52,6 +52,8 @@ _REPLICATION = (
     ("CREATE TABLE IF NOT EXISTS write_lease (name TEXT PRIMARY KEY, holder TEXT NOT NULL, "
      "term BIGINT NOT NULL, expires_at TIMESTAMPTZ NOT NULL)"),
 )
+# The advisory lock a starting vault holds while it makes or reads its keys ("start").
+START_LOCK = 0x7374617274
 # How long a COMMIT whose connection was lost waits for the server to say what happened.
 RESOLVE_SECONDS = 30.0
 
@@ -257,6 +259,21 @@ class PostgresEngine:
                                   "not come back; the outcome is unknown, writes are refused "
                                   "until the vault restarts")
             time.sleep(0.5)
+
+    @contextmanager
+    def exclusive_start(self) -> Iterator[None]:
+        """A session advisory lock on this engine's connection while a vault initialises:
+        replicas started at once on a new database make one set of keys, not one each
+        (the second finds the first's and uses them)."""
+        with _storage_errors("the database could not be reached"):
+            self._live().execute("SELECT pg_advisory_lock(%s)", (START_LOCK,))
+        try:
+            yield
+        finally:
+            try:
+                self.raw.execute("SELECT pg_advisory_unlock(%s)", (START_LOCK,))
+            except psycopg.Error:
+                pass  # the connection went, and the session lock with it
 
     def reader(self) -> PostgresReader:
         """A new read connection (one per thread, see vault.storage.connection)."""

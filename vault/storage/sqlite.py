@@ -251,6 +251,11 @@ class SqliteEngine:
                         pass
                 raise
 
+    @contextmanager
+    def exclusive_start(self) -> Iterator[None]:
+        """Nothing to hold: DIR/server.pid already keeps other vaults out of the file."""
+        yield
+
     def reader(self) -> SqliteReader:
         """A new read-only connection (one per thread, see vault.storage.connection)."""
         return SqliteReader(self.path)
