@@ -50,14 +50,15 @@ def _capture(seed: int, noise_seed: int) -> list[float]:
 class Replica:
     """A `vault serve` process on the shared database and token, with a stub."""
 
-    def __init__(self, root: Path, name: str, url: str, hsm: Path) -> None:
+    def __init__(self, root: Path, name: str, url: str, hsm: Path,
+                 extra: list[str] | None = None) -> None:
         # The same probe many times, and verifications of a deleted subject: the probing
         # guard and the lockout (tested elsewhere) would refuse the hammering below.
         self.metrics = f"127.0.0.1:{free_port()}"
         self.server = ServerProcess(root / name, hsm_dir=hsm, args=[
             "--store", url, "--lease-ttl", str(TTL), "--refresh-interval", str(REFRESH),
             "--probe-cluster", "0", "--max-failed-verifications", "0",
-            "--metrics-listen", self.metrics])
+            "--metrics-listen", self.metrics, *(extra or [])])
         self.channel: grpc.Channel | None = None
 
     def start(self) -> Replica:
