@@ -388,10 +388,18 @@ def test_block_data_changed_in_postgresql_never_reaches_a_shard(
         v.close()
 
 
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
 def test_a_node_that_joins_takes_blocks_and_one_that_leaves_gives_them_back(
-        cluster: Cluster, gallery: Any, hsm_config: HsmConfig) -> None:
-    data, probes, answers = gallery
-    v = _open(data, hsm_config, cluster, watch_interval=0.3)
+        cluster: Cluster, hsm_config: HsmConfig, store: str,
+        request: pytest.FixtureRequest) -> None:
+    """Each new generation of shards is loaded before it serves: from the block files, or
+    sent every block again from PostgreSQL."""
+    if store == "sqlite":
+        url = None
+        data, probes, answers = request.getfixturevalue("gallery")
+    else:
+        data, url, probes, answers = request.getfixturevalue("pg_gallery")
+    v = _open(data, hsm_config, cluster, store_url=url, watch_interval=0.3)
     try:
         before = {s["node"] for s in v.shards.status()}
         node = cluster.add_node(**NODE)
