@@ -254,6 +254,7 @@ class ShardPool:
         self._known: dict[tuple[str, int, int], BlockRef] = {}  # newest generation of each block
         self._lock = threading.Lock()
         self._rebalance_lock = threading.Lock()
+        self._send_lock = threading.Lock()
         self._generation: _Generation | None = None
         self._incarnations: dict[str, str] = {}
         self._started_ray = False
@@ -348,18 +349,30 @@ class ShardPool:
             by_shard.setdefault(generation.owner(ref.key), []).append(ref)
         if only is not None:
             by_shard = {i: part for i, part in by_shard.items() if i == only}
-        if not self.sends:
+        if self.sends:
+            self._send(generation, by_shard, strict=False)
+        else:
             self._get([generation.actors[i].load.remote(part) for i, part in by_shard.items()])
-            return
-        # From the store, a few blocks per shard at a time, every shard at once.
-        longest = max((len(part) for part in by_shard.values()), default=0)
-        for start in range(0, longest, _SEND_BATCH):
-            calls = []
-            for i, part in by_shard.items():
-                sent = self._fetch(part[start:start + _SEND_BATCH], strict=False)
-                if sent:
-                    calls.append(generation.actors[i].load.remote(sent))
-            self._get(calls)
+
+    def _send(self, generation: _Generation, by_shard: dict[int, list[BlockRef]],
+              strict: bool, cancelled: Callable[[], bool] | None = None) -> None:
+        """Send shards their blocks from the store, except those they already hold: a few
+        per shard at a time, every shard at once, one sender at a time (the vault holds
+        at most one batch per shard; a burst of matches after a restart reads each block
+        once)."""
+        with self._send_lock:
+            owners = list(by_shard)
+            held = self._get([generation.actors[i].held.remote() for i in owners], cancelled)
+            todo = {i: [ref for ref in by_shard[i] if ref.key not in set(has)]
+                    for i, has in zip(owners, held, strict=True)}
+            longest = max((len(part) for part in todo.values()), default=0)
+            for start in range(0, longest, _SEND_BATCH):
+                calls = []
+                for i, part in todo.items():
+                    sent = self._fetch(part[start:start + _SEND_BATCH], strict)
+                    if sent:
+                        calls.append(generation.actors[i].load.remote(sent))
+                self._get(calls, cancelled)
 
     def _fetch(self, refs: Sequence[BlockRef], strict: bool = True) -> list[BlockRef]:
         """``refs`` with their score prime's residues read from the store, the digest
@@ -463,8 +476,7 @@ class ShardPool:
             by_shard: dict[int, list[BlockRef]] = {}
             for key in exc.keys:
                 by_shard.setdefault(generation.owner(key), []).append(wanted[key])
-            self._get([generation.actors[i].load.remote(self._fetch(part))
-                       for i, part in by_shard.items()], cancelled)
+            self._send(generation, by_shard, strict=True, cancelled=cancelled)
             return self._score(generation, refs, scalars, q, cancelled)
 
     def _score(self, generation: _Generation, refs: Sequence[BlockRef], scalars: np.ndarray,
