@@ -235,6 +235,61 @@ class RaySettings:
     watch_interval: float = 1.0
 
 
+class _StoreSender:
+    """Blocks kept in the database reach the shards from the vault: read from the store,
+    checked, and sent through Ray's object store (shards need no database login)."""
+
+    def __init__(self, files: BlockStore, get: Callable[..., list[Any]]) -> None:
+        self.files = files
+        self._get = get  # ShardPool._get: waits, maps Ray's faults to ours
+        self._lock = threading.Lock()
+
+    def send(self, generation: _Generation, by_shard: dict[int, list[BlockRef]],
+              strict: bool, cancelled: Callable[[], bool] | None = None) -> None:
+        """Send shards their blocks from the store, except those they already hold: a few
+        per shard at a time, every shard at once, one sender at a time (the vault holds
+        at most one batch per shard; a burst of matches after a restart reads each block
+        once)."""
+        with self._lock:
+            owners = list(by_shard)
+            held = self._get([generation.actors[i].held.remote() for i in owners], cancelled)
+            todo = {i: [ref for ref in by_shard[i] if ref.key not in set(has)]
+                    for i, has in zip(owners, held, strict=True)}
+            longest = max((len(part) for part in todo.values()), default=0)
+            for start in range(0, longest, _SEND_BATCH):
+                calls = []
+                for i, part in todo.items():
+                    sent = self.fetch(part[start:start + _SEND_BATCH], strict)
+                    if sent:
+                        calls.append(generation.actors[i].load.remote(sent))
+                self._get(calls, cancelled)
+
+    def fetch(self, refs: Sequence[BlockRef], strict: bool = True) -> list[BlockRef]:
+        """``refs`` with their score prime's residues read from the store, the digest
+        checked against the MACed block row the vault loaded (``ref.digest``), and put in
+        Ray's object store. A block whose data is missing or not the committed one is
+        DataLoss (``strict``), or left out: its shard lacks it, and the match that names
+        it fetches it strictly."""
+        ray = _ray()
+        out = []
+        for ref in refs:
+            cid, version, block_no, generation = ref.key
+            try:
+                residues, digest = self.files.read(
+                    self.files.path(cid, version, block_no, generation), levels=1,
+                    as_stored=True)
+            except (OSError, ValueError):
+                residues, digest = [], b""
+            if digest != ref.digest:
+                log.error("integrity failure", kind="block_data_shard", collection_id=cid)
+                if strict:
+                    raise DataLoss("a block's data in the store is missing or not the "
+                                   "committed one")
+                continue
+            out.append(dataclasses.replace(ref, data=ray.put(residues[0])))
+        return out
+
+
 class ShardPool:
     """The vault's side of the shards: placement, ownership, fan-out and faults."""
 
@@ -244,6 +299,7 @@ class ShardPool:
         # Blocks in the database (BlockBlobs): the vault reads them and sends the residues;
         # block files: the shards read them.
         self.sends = not isinstance(files, BlockFiles)
+        self._sender = _StoreSender(files, self._get)
         self.address = address
         self.per_node = per_node
         self.cpus = cpus
@@ -254,7 +310,6 @@ class ShardPool:
         self._known: dict[tuple[str, int, int], BlockRef] = {}  # newest generation of each block
         self._lock = threading.Lock()
         self._rebalance_lock = threading.Lock()
-        self._send_lock = threading.Lock()
         self._generation: _Generation | None = None
         self._incarnations: dict[str, str] = {}
         self._started_ray = False
@@ -350,54 +405,9 @@ class ShardPool:
         if only is not None:
             by_shard = {i: part for i, part in by_shard.items() if i == only}
         if self.sends:
-            self._send(generation, by_shard, strict=False)
+            self._sender.send(generation, by_shard, strict=False)
         else:
             self._get([generation.actors[i].load.remote(part) for i, part in by_shard.items()])
-
-    def _send(self, generation: _Generation, by_shard: dict[int, list[BlockRef]],
-              strict: bool, cancelled: Callable[[], bool] | None = None) -> None:
-        """Send shards their blocks from the store, except those they already hold: a few
-        per shard at a time, every shard at once, one sender at a time (the vault holds
-        at most one batch per shard; a burst of matches after a restart reads each block
-        once)."""
-        with self._send_lock:
-            owners = list(by_shard)
-            held = self._get([generation.actors[i].held.remote() for i in owners], cancelled)
-            todo = {i: [ref for ref in by_shard[i] if ref.key not in set(has)]
-                    for i, has in zip(owners, held, strict=True)}
-            longest = max((len(part) for part in todo.values()), default=0)
-            for start in range(0, longest, _SEND_BATCH):
-                calls = []
-                for i, part in todo.items():
-                    sent = self._fetch(part[start:start + _SEND_BATCH], strict)
-                    if sent:
-                        calls.append(generation.actors[i].load.remote(sent))
-                self._get(calls, cancelled)
-
-    def _fetch(self, refs: Sequence[BlockRef], strict: bool = True) -> list[BlockRef]:
-        """``refs`` with their score prime's residues read from the store, the digest
-        checked against the MACed block row the vault loaded (``ref.digest``), and put in
-        Ray's object store. A block whose data is missing or not the committed one is
-        DataLoss (``strict``), or left out: its shard lacks it, and the match that names
-        it fetches it strictly."""
-        ray = _ray()
-        out = []
-        for ref in refs:
-            cid, version, block_no, generation = ref.key
-            try:
-                residues, digest = self.files.read(
-                    self.files.path(cid, version, block_no, generation), levels=1,
-                    as_stored=True)
-            except (OSError, ValueError):
-                residues, digest = [], b""
-            if digest != ref.digest:
-                log.error("integrity failure", kind="block_data_shard", collection_id=cid)
-                if strict:
-                    raise DataLoss("a block's data in the store is missing or not the "
-                                   "committed one")
-                continue
-            out.append(dataclasses.replace(ref, data=ray.put(residues[0])))
-        return out
 
     def _watch(self) -> None:
         while not self._stop.wait(self.watch_interval):
@@ -476,7 +486,7 @@ class ShardPool:
             by_shard: dict[int, list[BlockRef]] = {}
             for key in exc.keys:
                 by_shard.setdefault(generation.owner(key), []).append(wanted[key])
-            self._send(generation, by_shard, strict=True, cancelled=cancelled)
+            self._sender.send(generation, by_shard, strict=True, cancelled=cancelled)
             return self._score(generation, refs, scalars, q, cancelled)
 
     def _score(self, generation: _Generation, refs: Sequence[BlockRef], scalars: np.ndarray,
