@@ -9,6 +9,7 @@ subjects. Prints a table, writes JSON and a PNG.
 
     .venv/bin/python bench/scale_out.py --n 100000 --dim 512
     .venv/bin/python bench/scale_out.py --n 1000000 --dim 512 --workdir /big/disk  # ~20 GiB RAM
+    .venv/bin/python bench/scale_out.py --store postgresql://...  # blocks sent from the database
 
 On one machine the shards share its cores: the ratio to in-process is the fan-out
 overhead, not a speed-up; docs/SCALING.md turns the per-shard figures into a model.
@@ -38,8 +39,9 @@ SLOTS = 4096
 PER_IDENTITY = 5
 
 
-def _build(data: Path, hsm, x: np.ndarray, owner: np.ndarray) -> float:  # type: ignore[no-untyped-def]
-    v = Vault.open(data, hsm, tuning=Tuning(maintenance_interval=0))
+def _build(data: Path, hsm, x: np.ndarray, owner: np.ndarray,  # type: ignore[no-untyped-def]
+           store: str | None = None) -> float:
+    v = Vault.open(data, hsm, store_url=store, tuning=Tuning(maintenance_interval=0))
     try:
         v.create_collection("bench", x.shape[1], 0.5)
         t = time.perf_counter()
@@ -75,6 +77,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--reuse", type=Path, default=None,
                     help="a ROOT an earlier run of the same --n and --dim built (skip the import)")
+    ap.add_argument("--store", default=None, help="an empty PostgreSQL database's URL "
+                    "(default: SQLite in the data directory)")
     args = ap.parse_args()
     logs.configure()
     rng = np.random.default_rng(1)
@@ -86,15 +90,17 @@ def main() -> None:
     data = root / "data"
     built = root / f"built-n{args.n}-d{args.dim}"
     if args.reuse is None or not built.exists():
-        built.write_text(str(_build(data, hsm, x, owner)))
+        built.write_text(str(_build(data, hsm, x, owner, args.store)))
     import_s = float(built.read_text())
     print(f"gallery in {root}")
     del x
     routing = Routing(args.route_fraction, 1)
     figures: dict = {"n": args.n, "dim": args.dim, "queries": args.queries,
                      "route_fraction": args.route_fraction, "machine": machine(),
-                     "import_s": import_s, "runs": {}}
-    v = Vault.open(data, hsm, tuning=Tuning(maintenance_interval=0, routing=routing))
+                     "import_s": import_s, "store": "postgresql" if args.store else "sqlite",
+                     "runs": {}}
+    v = Vault.open(data, hsm, store_url=args.store,
+                   tuning=Tuning(maintenance_interval=0, routing=routing))
     blocks = len(v.galleries()[0].blocks)
     residue_bytes = residue_dtype(v.galleries()[0].ctx.moduli[0]).itemsize
     try:
@@ -112,8 +118,8 @@ def main() -> None:
         for count in [int(c) for c in args.shards.split(",")]:
             settings = shard_ops.RaySettings("local", per_node=count, cpus=0.01, timeout=120)
             t = time.perf_counter()
-            v = Vault.open(data, hsm, tuning=Tuning(maintenance_interval=0, routing=routing,
-                                                    ray=settings))
+            v = Vault.open(data, hsm, store_url=args.store,
+                           tuning=Tuning(maintenance_interval=0, routing=routing, ray=settings))
             placed = time.perf_counter() - t
             try:
                 run, named = _measure(v, probes)
@@ -161,18 +167,23 @@ def _shard_rss(v: Vault) -> list[float]:
 def _report(figures: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     name = f"scale_out_n{figures['n']}_d{figures['dim']}"
+    if figures.get("store") == "postgresql":
+        name += "_postgresql"
     (out / f"{name}.json").write_text(json.dumps(figures, indent=1))
     print(f"\n1:N over {figures['n']:,} x {figures['dim']} ({figures['blocks']} blocks, "
-          f"route fraction {figures['route_fraction']}), {os.cpu_count()} cores")
+          f"route fraction {figures['route_fraction']}, store {figures.get('store')}), "
+          f"{os.cpu_count()} cores")
     print(f"decider: {figures['decrypt_ms_per_block']:.2f} ms per score ciphertext; load "
           f"average {figures['load_average']}")
-    print("| gallery | p50 (ms) | p95 (ms) | ratio to in-process | per-shard scan (GB/s) | same subjects |")
-    print("|---|---|---|---|---|---|")
+    print("| gallery | p50 (ms) | p95 (ms) | ratio to in-process | per-shard scan (GB/s) | "
+          "open (s) | same subjects |")
+    print("|---|---|---|---|---|---|---|")
     for label, run in figures["runs"].items():
         ratio = run.get("ratio_to_in_process", 1.0)
         bw = run.get("per_shard_gb_s", figures["scan_bytes"] / (run["p50_ms"] / 1e3) / 1e9)
         print(f"| {label} | {run['p50_ms']:.1f} | {run['p95_ms']:.1f} | {ratio:.2f}x | "
-              f"{bw:.2f} | {run.get('same_subjects', True)} |")
+              f"{bw:.2f} | {run.get('open_s', float('nan')):.1f} | "
+              f"{run.get('same_subjects', True)} |")
     try:
         import matplotlib
 

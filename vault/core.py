@@ -28,7 +28,7 @@ import numpy as np
 from vault import custody, he, logs
 from vault.attempts import AttemptLimits, Attempts
 from vault.audit import AuditLog
-from vault.block_files import BlockFiles, BlockStore
+from vault.block_files import BlockStore
 from vault.crypto import aad
 from vault.decider import Decider
 from vault.decider.keeper import PII_KEY, Keeper
@@ -165,11 +165,7 @@ class Core:
         self.replica: Follower | None = None
         self.feed_start = store.last_change()  # before loading: what loading may miss follows
         self.shards: ShardPool | None = None
-        if self.tuning.ray is not None:
-            if not isinstance(self.files, BlockFiles):  # shards read the committed files
-                raise FailedPrecondition("Ray shards load block files: --ray-address needs the "
-                                         "block files of a data directory, not blocks kept in "
-                                         "PostgreSQL (docs/SCALING.md)")
+        if self.tuning.ray is not None:  # shards read block files, or are sent blocks from rows
             self.shards = ShardPool.of(self.files, self.tuning.ray).start()
 
     def close(self) -> None:

@@ -132,7 +132,8 @@ class CollectionGallery:
                 block.groups[block_slot] = page.groups[page_slot] if page is not None else -1
             self.blocks[block.block_no] = block
         if self.shards is not None:
-            self.shards.register(self.shards.ref(self.collection_id, self.key_version, block))
+            self.shards.register(self.shards.ref(self.collection_id, self.key_version, block),
+                                 block.residues)
             block.residues = _NOT_HERE
         if block.kind == CLUSTERED and block.centroid is not None:
             self.prefilter.add(block.block_no, block.centroid)

@@ -4,9 +4,18 @@ The vault process keeps the pre-filter, the journal pages, the slot owners (grou
 and the decider; a shard holds only what a block file holds (score-prime residues of
 ciphertexts) and scores them with the same kernel (:func:`vault.gallery.blocks.score`).
 What a shard is sent: a block's place (collection id, key version, block number,
-generation), its file's path and digest, the score prime, and the probe as quantised by the
-protector (already transformed). No secret key, PII key, transform seed or subject id ever
-enters Ray (``tests/test_shards.py`` inspects every call).
+generation) and digest, the score prime, the probe as quantised by the protector (already
+transformed), and the block's residues by one of two ways:
+
+- block files (a SQLite data directory, :class:`~vault.block_files.BlockFiles`): the file's
+  path; the shard reads the file (Ray nodes mount the data volume) and checks the digest;
+- blocks in PostgreSQL (:class:`~vault.block_files.BlockBlobs`): the vault reads the row,
+  checks its digest against the MACed block row, and sends the score prime's residues
+  through Ray's object store (``ray.put``); the shard keeps its own copy and the vault
+  drops the object once the load call is done. No database credential enters Ray.
+
+No secret key, PII key, transform seed or subject id ever enters Ray
+(``tests/test_shards.py`` inspects every call).
 
 One placement group (SPREAD) per *generation* of the shard set: ``per_node`` shards per
 live node. When the set of live nodes changes, a new generation is placed, every known
@@ -14,8 +23,9 @@ block is loaded into it, and only then does it serve (the old one is removed): a
 joins takes blocks over, one that leaves gives them back. Each block (by place) is owned
 by one shard of the generation, new places going to the shard that owns the fewest.
 
-Faults: a shard actor restarts (``max_restarts``) and reloads its blocks from their files
-(on the next call that names them, and eagerly from the watcher thread). A call to a shard
+Faults: a shard actor restarts (``max_restarts``) and reloads its blocks: from their files
+itself, or sent again by the vault from the store (on the next call that names them, and
+eagerly from the watcher thread). A call to a shard
 that is down, restarting, or slower than ``timeout`` is :class:`Unavailable`: a 1:N never
 answers a silent non-match for blocks it could not score.
 """
@@ -23,6 +33,7 @@ answers a silent non-match for blocks it could not score.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import secrets
 import threading
@@ -37,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from vault import logs
-from vault.block_files import BlockFiles
+from vault.block_files import BlockFiles, BlockStore
 from vault.domain.errors import Cancelled, DataLoss, FailedPrecondition, Unavailable, VaultError
 from vault.gallery import blocks as block_ops
 from vault.gallery.blocks import Block
@@ -47,18 +58,40 @@ log = logs.get("vault.shards")
 # (collection id, key version, block number, generation): a block generation's name.
 BlockKey = tuple[str, int, int, int]
 
+_SEND_BATCH = 4  # blocks per shard sent from the store at a time (bounds the vault's memory)
+
 
 @dataclass(frozen=True)
 class BlockRef:
-    """What a shard is told about a block: where its file is and what it must hash to."""
+    """What a shard is told about a block: where its file is (``path``; empty when the
+    vault sends the residues) and what it must hash to; ``data``, when sent: an ObjectRef
+    of the score prime's residues (D, 2, N), read and checked by the vault."""
 
     key: BlockKey
     path: str
     digest: bytes
+    data: Any = None
 
 
 class ShardDataLoss(Exception):
     """Raised in a shard: a block file is missing, unreadable or not the committed one."""
+
+
+class ShardMissing(Exception):
+    """Raised in a shard: it does not hold these blocks and cannot read them itself (they
+    are in the vault's store): the vault sends them."""
+
+    def __init__(self, keys: list[BlockKey]) -> None:
+        super().__init__(keys)
+        self.keys = keys
+
+
+class _Missing(Unavailable):
+    """A shard lacks blocks that only the vault can send (it restarted empty)."""
+
+    def __init__(self, keys: list[BlockKey]) -> None:
+        super().__init__("a scoring shard restarted and does not hold its blocks yet: retry")
+        self.keys = keys
 
 
 class Shard:
@@ -79,18 +112,30 @@ class Shard:
         return sorted(self.blocks)
 
     def load(self, refs: Sequence[BlockRef]) -> int:
-        """Read the blocks not yet held from their files (digest checked); returns how
-        many were read. Older generations of a block are dropped once a newer one is in."""
+        """Take the blocks not yet held: sent residues, or read from their files (digest
+        checked); returns how many were taken. Older generations of a block are dropped
+        once a newer one is in. :class:`ShardMissing` names blocks it can get neither way."""
         read = 0
+        missing = []
         for ref in refs:
             if ref.key in self.blocks:
                 continue
-            try:
-                residues, digest = BlockFiles.read(Path(ref.path), levels=1, as_stored=True)
-            except (OSError, ValueError) as exc:
-                raise ShardDataLoss("a block file is missing or unreadable") from exc
-            if digest != ref.digest:
-                raise ShardDataLoss("a block file is not the committed one")
+            if ref.data is not None:
+                import ray
+
+                # A private copy: the object store's is freed once the vault drops its ref
+                # (a zero-copy view would pin it, on the vault's node, for as long as held).
+                residues, digest = [np.array(ray.get(ref.data))], ref.digest
+            elif ref.path:
+                try:
+                    residues, digest = BlockFiles.read(Path(ref.path), levels=1, as_stored=True)
+                except (OSError, ValueError) as exc:
+                    raise ShardDataLoss("a block file is missing or unreadable") from exc
+                if digest != ref.digest:
+                    raise ShardDataLoss("a block file is not the committed one")
+            else:
+                missing.append(ref.key)
+                continue
             block_no, generation = ref.key[2], ref.key[3]
             self.blocks[ref.key] = Block(block_no, 0, generation, 0, 1, residues[0], digest,
                                          np.empty(0, np.int32))
@@ -98,6 +143,8 @@ class Shard:
             for older in sorted(k for k in self.blocks if k[:3] == ref.key[:3])[:-2]:
                 del self.blocks[older]
             read += 1
+        if missing:
+            raise ShardMissing(missing)
         return read
 
     def forget(self, collection_id: str, key_version: int) -> None:
@@ -190,12 +237,71 @@ class RaySettings:
     watch_interval: float = 1.0
 
 
+class _StoreSender:
+    """Blocks kept in the database reach the shards from the vault: read from the store,
+    checked, and sent through Ray's object store (shards need no database login)."""
+
+    def __init__(self, files: BlockStore, get: Callable[..., list[Any]]) -> None:
+        self.files = files
+        self._get = get  # ShardPool._get: waits, maps Ray's faults to ours
+        self._lock = threading.Lock()
+
+    def send(self, generation: _Generation, by_shard: dict[int, list[BlockRef]],
+              strict: bool, cancelled: Callable[[], bool] | None = None) -> None:
+        """Send shards their blocks from the store, except those they already hold: a few
+        per shard at a time, every shard at once, one sender at a time (the vault holds
+        at most one batch per shard; a burst of matches after a restart reads each block
+        once)."""
+        with self._lock:
+            owners = list(by_shard)
+            held = self._get([generation.actors[i].held.remote() for i in owners], cancelled)
+            todo = {i: [ref for ref in by_shard[i] if ref.key not in set(has)]
+                    for i, has in zip(owners, held, strict=True)}
+            longest = max((len(part) for part in todo.values()), default=0)
+            for start in range(0, longest, _SEND_BATCH):
+                calls = []
+                for i, part in todo.items():
+                    sent = self.fetch(part[start:start + _SEND_BATCH], strict)
+                    if sent:
+                        calls.append(generation.actors[i].load.remote(sent))
+                self._get(calls, cancelled)
+
+    def fetch(self, refs: Sequence[BlockRef], strict: bool = True) -> list[BlockRef]:
+        """``refs`` with their score prime's residues read from the store, the digest
+        checked against the MACed block row the vault loaded (``ref.digest``), and put in
+        Ray's object store. A block whose data is missing or not the committed one is
+        DataLoss (``strict``), or left out: its shard lacks it, and the match that names
+        it fetches it strictly."""
+        ray = _ray()
+        out = []
+        for ref in refs:
+            cid, version, block_no, generation = ref.key
+            try:
+                residues, digest = self.files.read(
+                    self.files.path(cid, version, block_no, generation), levels=1,
+                    as_stored=True)
+            except (OSError, ValueError):
+                residues, digest = [], b""
+            if digest != ref.digest:
+                log.error("integrity failure", kind="block_data_shard", collection_id=cid)
+                if strict:
+                    raise DataLoss("a block's data in the store is missing or not the "
+                                   "committed one")
+                continue
+            out.append(dataclasses.replace(ref, data=ray.put(residues[0])))
+        return out
+
+
 class ShardPool:
     """The vault's side of the shards: placement, ownership, fan-out and faults."""
 
-    def __init__(self, files: BlockFiles, address: str = "local", per_node: int = 1,
+    def __init__(self, files: BlockStore, address: str = "local", per_node: int = 1,
                  cpus: float = 1.0, timeout: float = 30.0, watch_interval: float = 1.0) -> None:
         self.files = files
+        # Blocks in the database (BlockBlobs): the vault reads them and sends the residues;
+        # block files: the shards read them.
+        self.sends = not isinstance(files, BlockFiles)
+        self._sender = _StoreSender(files, self._get)
         self.address = address
         self.per_node = per_node
         self.cpus = cpus
@@ -213,7 +319,7 @@ class ShardPool:
         self._watcher: threading.Thread | None = None
 
     @classmethod
-    def of(cls, files: BlockFiles, settings: RaySettings) -> ShardPool:
+    def of(cls, files: BlockStore, settings: RaySettings) -> ShardPool:
         """A pool with the given settings (not started)."""
         return cls(files, settings.address, settings.per_node, settings.cpus, settings.timeout,
                    settings.watch_interval)
@@ -298,9 +404,12 @@ class ShardPool:
         by_shard: dict[int, list[BlockRef]] = {}
         for ref in refs:
             by_shard.setdefault(generation.owner(ref.key), []).append(ref)
-        calls = [generation.actors[i].load.remote(part) for i, part in by_shard.items()
-                 if only is None or i == only]
-        self._get(calls)
+        if only is not None:
+            by_shard = {i: part for i, part in by_shard.items() if i == only}
+        if self.sends:
+            self._sender.send(generation, by_shard, strict=False)
+        else:
+            self._get([generation.actors[i].load.remote(part) for i, part in by_shard.items()])
 
     def _watch(self) -> None:
         while not self._stop.wait(self.watch_interval):
@@ -331,18 +440,26 @@ class ShardPool:
 
     def ref(self, collection_id: str, key_version: int, block: Block) -> BlockRef:
         """The reference a shard loads ``block`` by."""
-        path = self.files.path(collection_id, key_version, block.block_no, block.generation)
+        path = "" if self.sends else str(
+            self.files.path(collection_id, key_version, block.block_no, block.generation))
         return BlockRef((collection_id, key_version, block.block_no, block.generation),
-                        str(path), block.digest)
+                        path, block.digest)
 
-    def register(self, ref: BlockRef) -> None:
+    def register(self, ref: BlockRef, residues: np.ndarray | None = None) -> None:
         """A block (or its new generation) is installed: its owner loads it now, in the
-        background (a match that names it before then loads it first)."""
+        background (a match that names it before then loads it first). With blocks in
+        the store, ``residues`` (the block's score prime, as installed) are sent."""
         with self._lock:
             self._known[ref.key[:3]] = ref
             generation = self._generation
-        if generation is not None:
-            generation.actors[generation.owner(ref.key)].load.remote([ref])
+        if generation is None:
+            return
+        if self.sends:
+            if residues is None or residues.size == 0:
+                return  # sent from the store when a match names it
+            # Ray keeps the object while the call is pending; then only the shard's copy is left.
+            ref = dataclasses.replace(ref, data=_ray().put(residues))
+        generation.actors[generation.owner(ref.key)].load.remote([ref])
 
     def forget(self, collection_id: str, key_version: int) -> None:
         """A key version's blocks are no longer matched (retired or deleted)."""
@@ -362,6 +479,20 @@ class ShardPool:
         generation = self._generation
         if generation is None:
             raise Unavailable("the scoring shards are not placed")
+        try:
+            return self._score(generation, refs, scalars, q, cancelled)
+        except _Missing as exc:  # a shard restarted empty: send it its blocks, once
+            if not self.sends:
+                raise
+            wanted = {ref.key: ref for ref in refs}
+            by_shard: dict[int, list[BlockRef]] = {}
+            for key in exc.keys:
+                by_shard.setdefault(generation.owner(key), []).append(wanted[key])
+            self._sender.send(generation, by_shard, strict=True, cancelled=cancelled)
+            return self._score(generation, refs, scalars, q, cancelled)
+
+    def _score(self, generation: _Generation, refs: Sequence[BlockRef], scalars: np.ndarray,
+               q: int, cancelled: Callable[[], bool] | None) -> list[np.ndarray]:
         by_shard: dict[int, list[int]] = {}
         for k, ref in enumerate(refs):
             by_shard.setdefault(generation.owner(ref.key), []).append(k)
@@ -404,15 +535,23 @@ class ShardPool:
             if on_ready is not None:
                 for call in ready:
                     on_ready(index[call], time.monotonic() - started)
-        try:
-            return list(ray.get(calls))
-        except ray.exceptions.RayTaskError as exc:
-            if isinstance(exc.cause, ShardDataLoss):
-                log.error("integrity failure", kind="block_file_shard")
-                raise DataLoss("a block file changed on disk") from None
-            raise Unavailable("a scoring shard failed: retry") from None
-        except ray.exceptions.RayError:
-            raise Unavailable("a scoring shard is down or restarting: retry") from None
+        out, missing = [], []
+        for call in calls:
+            try:
+                out.append(ray.get(call))
+            except ray.exceptions.RayTaskError as exc:
+                if isinstance(exc.cause, ShardDataLoss):
+                    log.error("integrity failure", kind="block_file_shard")
+                    raise DataLoss("a block file changed on disk") from None
+                if isinstance(exc.cause, ShardMissing):
+                    missing.extend(exc.cause.keys)  # every shard's, to send them at once
+                    continue
+                raise Unavailable("a scoring shard failed: retry") from None
+            except ray.exceptions.RayError:
+                raise Unavailable("a scoring shard is down or restarting: retry") from None
+        if missing:
+            raise _Missing(missing)
+        return out
 
     def status(self) -> list[dict[str, Any]]:
         """Each shard of the serving generation: node, pid, blocks held (for tests and
