@@ -470,3 +470,54 @@ def test_vault_serve_with_ray_address_matches_through_the_shards(
     refused = ServerProcess(tmp_path / "plain", env={**env, "RAY_AUTH_MODE": "disabled"})
     with pytest.raises(RuntimeError, match="token authentication"):
         refused.start(timeout=60)
+
+
+def test_two_replicas_on_one_postgresql_and_one_ray_cluster(
+        cluster: Cluster, postgres: PostgresServer, tmp_path: Path) -> None:
+    """Two `vault serve` replicas on one PostgreSQL store, each with its shards on the same
+    Ray cluster: an import acknowledged by the primary (blocks, scored in Ray) matches
+    through the standby's shards; a deletion is never named by the standby after it was
+    acknowledged; a key rotation run by the primary is served through both replicas'
+    shards."""
+    from tests.test_replicas import Replica, _until
+    from vault.v1 import vault_pb2 as pb
+
+    rng = np.random.default_rng(8)
+    faces, _ = _people(rng)
+    url = postgres.create_database()
+    # Half a CPU per shard: the test cluster's nodes have one each, for two replicas.
+    extra = ["--ray-address", cluster.address, "--ray-shard-cpus", "0.5", "--rate-limit", "0"]
+    a = Replica(tmp_path, "a", url, tmp_path / "hsm", extra).start()
+    b = Replica(tmp_path, "b", url, tmp_path / "hsm", extra).start()
+    try:
+        primary, standby = (a, b) if a.is_primary() else (b, a)
+        primary.stub.CreateCollection(pb.CreateCollectionRequest(collection_id="c", dimension=DIM,
+                                                                 threshold=0.55), timeout=60)
+        batch = pb.ImportTemplatesRequest(collection_id="c")
+        for i, face in enumerate(faces[:400]):
+            batch.items.add(subject_id=f"s{i // 4}", embedding=face.tolist())
+        results = [r for answer in primary.stub.ImportTemplates(iter([batch]), timeout=120)
+                   for r in answer.results]
+        assert len(results) == 400 and all(r.code == 0 for r in results)
+        probe = faces[9].tolist()  # a capture of s2
+        _until(lambda: "s2" in standby.identify("c", probe, top_k=10), timeout=60)
+        assert "s2" in primary.identify("c", probe, top_k=10)
+        # Each replica placed its own shards on the one cluster.
+        shards = [x for x in ray._private.state.actors().values()
+                  if x["State"] == "ALIVE" and x["ActorClassName"].endswith("Shard")]
+        assert len(shards) >= 4
+        primary.stub.DeleteSubject(pb.DeleteSubjectRequest(collection_id="c", subject_id="s2"))
+        for replica in (standby, primary):
+            assert "s2" not in replica.identify("c", probe, top_k=10)
+            assert not replica.verify("c", "s2", probe)
+        job = primary.stub.RotateCollectionKey(pb.RotateCollectionKeyRequest(collection_id="c"))
+        _until(lambda: primary.stub.GetKeyJob(pb.GetKeyJobRequest(job_id=job.job_id)).state
+               == pb.KeyJob.STATE_DONE, timeout=120)
+        for replica in (primary, standby):
+            _until(lambda r=replica: r.stub.ListKeyVersions(
+                pb.ListKeyVersionsRequest(collection_id="c")).key_version == 2, timeout=60)
+            assert "s3" in replica.identify("c", faces[13].tolist(), top_k=10)
+            assert "s2" not in replica.identify("c", probe, top_k=10)
+    finally:
+        a.stop()
+        b.stop()

@@ -267,7 +267,7 @@ def _ray_settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
                        "authentication: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN or "
                        "RAY_AUTH_TOKEN_PATH, the same on every Ray node (docs/SCALING.md)")
     return RaySettings(address=str(args.ray_address), per_node=args.ray_shards_per_node,
-                       timeout=args.ray_timeout)
+                       cpus=args.ray_shard_cpus, timeout=args.ray_timeout)
 
 
 def audit_verify(args: argparse.Namespace) -> int:
@@ -665,6 +665,10 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-shards-per-node", type=number(int, 1),
                    default=env("VAULT_RAY_SHARDS_PER_NODE", "1"),
                    help="scoring shards per live Ray node (env VAULT_RAY_SHARDS_PER_NODE)")
+    p.add_argument("--ray-shard-cpus", type=number(float, 0.01),
+                   default=env("VAULT_RAY_SHARD_CPUS", "1"),
+                   help="CPUs each shard reserves on its Ray node (below 1 lets several vault "
+                        "replicas place their shards on one cluster; env VAULT_RAY_SHARD_CPUS)")
     p.add_argument("--ray-timeout", type=number(float, 0),
                    default=env("VAULT_RAY_TIMEOUT", "30"),
                    help="seconds a shard may take to answer before a 1:N is UNAVAILABLE "
