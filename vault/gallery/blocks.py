@@ -10,7 +10,9 @@ rewrite D ciphertexts each), they go to journal pages (:mod:`vault.gallery.pages
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -82,4 +84,42 @@ def score(block: Block, scalars: np.ndarray, q: int) -> np.ndarray:
     else:
         for d in range(digits.shape[0]):
             kernels.score_block(block.residues, digits[d], q, out[d, :, 0, :])
+    return out[0] if np.ndim(scalars) == 1 else out
+
+
+def score_at(block: Block, scalars: np.ndarray, q: int, slots: np.ndarray, ranges: int = 1,
+             run: Callable[[Callable[[tuple[int, int]], Any], list[tuple[int, int]]],
+                           Iterable[Any]] = map) -> np.ndarray:
+    """:func:`score` for a 1:1, whose caller reads only the coefficients ``slots``: c1 in
+    full, c0 at ``slots`` and zero elsewhere (half the bytes read). The coefficients at
+    ``slots`` decrypt to the same values as :func:`score`'s, bit for bit; the others
+    decrypt to nothing anyone reads (the decider reads declared positions only).
+
+    ``ranges``: the dimensions are split in that many ranges, summed by ``run`` (the
+    scoring threads' ``map``: the kernel releases the GIL) and added mod ``q``. Blocks
+    held as uint64 (key versions from before issue 14) take the full path.
+    """
+    if block.residues.dtype != np.uint32:
+        return score(block, scalars, q)
+    digits = np.atleast_2d(scalars)
+    count, n = digits.shape[0], block.residues.shape[2]
+    slots = np.ascontiguousarray(slots, np.int64)
+
+    def part(bounds: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        acc1 = np.zeros((count, n), np.int64)
+        acc0 = np.zeros((count, slots.size), np.int64)
+        kernels.accumulate32_at(block.residues, digits, bounds[0], bounds[1], slots, acc1, acc0)
+        return acc1, acc0
+
+    dim = block.residues.shape[0]
+    edges = np.linspace(0, dim, max(1, min(ranges, dim)) + 1).astype(int)
+    bounds = [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+    parts = list(run(part, bounds)) if len(bounds) > 1 else [part(bounds[0])]
+    # Each partial sum is a sum of some of the full sum's terms: their total stays within
+    # the full sum's int64 bound (params.py, kernel accumulators).
+    acc1 = np.sum([p[0] for p in parts], axis=0)
+    acc0 = np.sum([p[1] for p in parts], axis=0)
+    out = np.zeros((count, 2, 1, n), np.uint64)
+    out[:, 1, 0, :] = np.mod(acc1, q).astype(np.uint64)
+    out[:, 0, 0, slots] = np.mod(acc0, q).astype(np.uint64)
     return out[0] if np.ndim(scalars) == 1 else out
