@@ -231,15 +231,16 @@ class CollectionGallery:
             if slots.size == 0:
                 return None
             if at_slots:
-                ct = block_ops.score_at(block, scalars, q, slots, _THREADS, _SCORERS.map)
+                ct = block_ops.score_at(block, scalars, q, slots, 2 * _THREADS,
+                                        _SCORERS.submit, _THREADS - 1)
             else:
                 ct = block_ops.score(block, scalars, q)
             return ScoreCiphertext(ct[0], ntt=False, positions=slots.astype(np.int64),
                                    groups=block.groups[slots], slots=slots, tier=BLOCK,
                                    loc=block.block_no, low=ct[1] if len(ct) > 1 else None)
 
-        # at_slots: the blocks in turn from this thread (each spreads over the pool; a task
-        # of the pool waiting on others of it could wait for ever).
+        # at_slots: the blocks in turn from this thread, each spread over it and the pool
+        # (a task of the pool waiting on others of it could wait for ever).
         results = (list(_SCORERS.map(one, chosen)) if len(chosen) > 1 and not at_slots
                    else [one(c) for c in chosen])
         if cancelled is not None and cancelled():

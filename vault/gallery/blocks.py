@@ -10,7 +10,9 @@ rewrite D ciphertexts each), they go to journal pages (:mod:`vault.gallery.pages
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import itertools
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,37 +90,59 @@ def score(block: Block, scalars: np.ndarray, q: int) -> np.ndarray:
 
 
 def score_at(block: Block, scalars: np.ndarray, q: int, slots: np.ndarray, ranges: int = 1,
-             run: Callable[[Callable[[tuple[int, int]], Any], list[tuple[int, int]]],
-                           Iterable[Any]] = map) -> np.ndarray:
+             submit: Callable[[Callable[[], None]], Any] | None = None, helpers: int = 0
+             ) -> np.ndarray:
     """:func:`score` for a 1:1, whose caller reads only the coefficients ``slots``: c1 in
     full, c0 at ``slots`` and zero elsewhere (half the bytes read). The coefficients at
     ``slots`` decrypt to the same values as :func:`score`'s, bit for bit; the others
     decrypt to nothing anyone reads (the decider reads declared positions only).
 
-    ``ranges``: the dimensions are split in that many ranges, summed by ``run`` (the
-    scoring threads' ``map``: the kernel releases the GIL) and added mod ``q``. Blocks
-    held as uint64 (key versions from before issue 14) take the full path.
+    ``ranges``: the dimensions are split in that many ranges, summed apart and added mod
+    ``q``. The calling thread works through them, and so do up to ``helpers`` tasks given
+    to ``submit`` (the scoring threads: the kernel releases the GIL) once they start: the
+    caller never waits for a helper that has not started, so a 1:1 is never queued behind
+    the blocks of a 1:N. Blocks held as uint64 (key versions from before issue 14) take
+    the full path.
     """
     if block.residues.dtype != np.uint32:
         return score(block, scalars, q)
     digits = np.atleast_2d(scalars)
-    count, n = digits.shape[0], block.residues.shape[2]
+    count, dim, n = digits.shape[0], block.residues.shape[0], block.residues.shape[2]
     slots = np.ascontiguousarray(slots, np.int64)
-
-    def part(bounds: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-        acc1 = np.zeros((count, n), np.int64)
-        acc0 = np.zeros((count, slots.size), np.int64)
-        kernels.accumulate32_at(block.residues, digits, bounds[0], bounds[1], slots, acc1, acc0)
-        return acc1, acc0
-
-    dim = block.residues.shape[0]
     edges = np.linspace(0, dim, max(1, min(ranges, dim)) + 1).astype(int)
-    bounds = [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
-    parts = list(run(part, bounds)) if len(bounds) > 1 else [part(bounds[0])]
+    bounds = list(zip(edges[:-1].tolist(), edges[1:].tolist()))
+    parts: list[tuple[np.ndarray, np.ndarray] | BaseException | None] = [None] * len(bounds)
+    done = [threading.Event() for _ in bounds]
+    taken = itertools.count()  # next() on it is atomic: each range is taken once
+
+    def work() -> None:
+        while (i := next(taken)) < len(bounds):
+            try:
+                acc1 = np.zeros((count, n), np.int64)
+                acc0 = np.zeros((count, slots.size), np.int64)
+                kernels.accumulate32_at(block.residues, digits, bounds[i][0], bounds[i][1],
+                                        slots, acc1, acc0)
+                parts[i] = (acc1, acc0)
+            except BaseException as exc:  # handed to the caller, which raises it
+                parts[i] = exc
+            finally:
+                done[i].set()
+
+    if submit is not None:
+        for _ in range(min(helpers, len(bounds) - 1)):
+            submit(work)
+    work()
+    for event in done:
+        event.wait()  # ranges a helper took are being summed now
+    sums: list[tuple[np.ndarray, np.ndarray]] = []
+    for p in parts:
+        if not isinstance(p, tuple):
+            raise p if isinstance(p, BaseException) else RuntimeError("a range was not scored")
+        sums.append(p)
     # Each partial sum is a sum of some of the full sum's terms: their total stays within
     # the full sum's int64 bound (params.py, kernel accumulators).
-    acc1 = np.sum([p[0] for p in parts], axis=0)
-    acc0 = np.sum([p[1] for p in parts], axis=0)
+    acc1 = np.sum([p[0] for p in sums], axis=0)
+    acc0 = np.sum([p[1] for p in sums], axis=0)
     out = np.zeros((count, 2, 1, n), np.uint64)
     out[:, 1, 0, :] = np.mod(acc1, q).astype(np.uint64)
     out[:, 0, 0, slots] = np.mod(acc0, q).astype(np.uint64)
