@@ -46,6 +46,15 @@ def test_arrays_records_and_score_ciphertexts_cross_intact() -> None:
     assert got["x"].ctypes.data % 8 == 0  # read in place, aligned
 
 
+class _Sink:
+    """Counts what a frame's sender writes."""
+
+    bytes = 0
+
+    def sendall(self, piece: bytes | memoryview) -> None:
+        self.bytes += len(piece) if isinstance(piece, bytes) else piece.nbytes
+
+
 def test_score_residues_below_2_32_cross_in_half_the_bytes() -> None:
     """The 32-bit score prime's residues cross as uint32 and come back as the uint64
     values sent; residues of a wider prime cross as they are."""
@@ -58,14 +67,9 @@ def test_score_residues_below_2_32_cross_in_half_the_bytes() -> None:
     sizes = []
     for data in (narrow, wide):
         part = ScoreCiphertext(data, False, slots, np.zeros(3, np.int32), slots, 1, 0, low=data)
-        sent: list[int] = []
-
-        class Sink:
-            def sendall(self, piece: bytes | memoryview) -> None:
-                sent.append(len(piece) if isinstance(piece, bytes) else piece.nbytes)
-
-        wire.send(Sink(), {"p": part})  # type: ignore[arg-type]
-        sizes.append(sum(sent))
+        sink = _Sink()
+        wire.send(sink, {"p": part})  # type: ignore[arg-type]
+        sizes.append(sink.bytes)
         back = _roundtrip({"p": part})["p"]
         for got in (back.data, back.low):
             assert got.dtype == np.uint64 and np.array_equal(got, data)

@@ -111,7 +111,7 @@ def score_at(block: Block, scalars: np.ndarray, q: int, slots: np.ndarray, range
     slots = np.ascontiguousarray(slots, np.int64)
     edges = np.linspace(0, dim, max(1, min(ranges, dim)) + 1).astype(int)
     bounds = list(zip(edges[:-1].tolist(), edges[1:].tolist()))
-    parts: list[tuple[np.ndarray, np.ndarray] | BaseException | None] = [None] * len(bounds)
+    parts: list[tuple[np.ndarray, np.ndarray] | Exception | None] = [None] * len(bounds)
     done = [threading.Event() for _ in bounds]
     taken = itertools.count()  # next() on it is atomic: each range is taken once
 
@@ -123,7 +123,7 @@ def score_at(block: Block, scalars: np.ndarray, q: int, slots: np.ndarray, range
                 kernels.accumulate32_at(block.residues, digits, bounds[i][0], bounds[i][1],
                                         slots, acc1, acc0)
                 parts[i] = (acc1, acc0)
-            except BaseException as exc:  # handed to the caller, which raises it
+            except Exception as exc:  # noqa: BLE001 - handed to the caller, which raises it
                 parts[i] = exc
             finally:
                 done[i].set()
@@ -137,7 +137,7 @@ def score_at(block: Block, scalars: np.ndarray, q: int, slots: np.ndarray, range
     sums: list[tuple[np.ndarray, np.ndarray]] = []
     for p in parts:
         if not isinstance(p, tuple):
-            raise p if isinstance(p, BaseException) else RuntimeError("a range was not scored")
+            raise p if isinstance(p, Exception) else RuntimeError("a range was not scored")
         sums.append(p)
     # Each partial sum is a sum of some of the full sum's terms: their total stays within
     # the full sum's int64 bound (params.py, kernel accumulators).
