@@ -231,7 +231,7 @@ class CollectionGallery:
             if slots.size == 0:
                 return None
             if at_slots:
-                ct = block_ops.score_at(block, scalars, q, slots, 2 * _THREADS,
+                ct = block_ops.score_at(block, scalars, q, slots, _THREADS,
                                         _SCORERS.submit, _THREADS - 1)
             else:
                 ct = block_ops.score(block, scalars, q)
