@@ -117,3 +117,36 @@ def test_blind_reencryption_moves_values_it_never_sees(public, secret, decider) 
     expected = np.zeros(public.n, np.int64)
     expected[[3, 4]] = values[0, 10], values[1, 20]
     assert np.abs(plain - expected).max() < 2 ** 9  # fresh noise plus the carried noise
+
+
+def test_a_1_to_1_score_ciphertext_is_decided_as_the_full_one(public, decider) -> None:
+    """The 1:1 path's score ciphertexts (c0 only at the declared slots, zero elsewhere:
+    blocks.score_at) go through the decider unchanged: the same decisions and released
+    scores as the full kernel's, and an undeclared slot that would match perfectly (the
+    probe itself) is never decided on."""
+    rng = np.random.default_rng(5)
+    params, q, d = public.params, public.moduli[0], 32
+    templates = rng.standard_normal((public.n, d))
+    templates /= np.linalg.norm(templates, axis=1, keepdims=True)
+    probe = templates[9]  # slot 9 is not declared: its score of 1.0 must not come out
+    templates[100] = probe + 0.3 * templates[101]
+    templates[100] /= np.linalg.norm(templates[100])
+    plain = blocks.dimension_major_plaintexts(templates, 0, public.n, params.template_scale,
+                                              public.moduli)
+    cts = blocks.encrypt_plaintexts(public, plain)
+    block = blocks.Block(0, 1, 1, public.n, 1, blocks.held(cts[:, :, 0, :], q), b"",
+                         np.zeros(public.n, np.int32))
+    digits = poly.probe_digits(probe, params.probe_scale_bits, params.probe_low_bits)
+    slots = np.array([100, 2000], np.int64)
+    truth = templates[slots] @ probe
+
+    def part(ct: np.ndarray) -> ScoreCiphertext:
+        return ScoreCiphertext(ct[0], False, slots, np.array([4, 5], np.int32), slots, 1, 0,
+                               low=ct[1])
+
+    for ct in (blocks.score(block, digits, q), blocks.score_at(block, digits, q, slots, 2)):
+        out = decider.decide("c", 1, [part(ct)], -1.0, 2, release_scores=True)
+        assert [g.group for g in out] == [4, 5] and [g.slot for g in out] == [100, 2000]
+        for g, t in zip(out, truth):
+            assert abs(g.score - t) <= 5e-3 + NOISE_BOUND + 1e-5
+        assert decider.decide("c", 1, [part(ct)], 0.999, 1) == []

@@ -46,6 +46,36 @@ def test_arrays_records_and_score_ciphertexts_cross_intact() -> None:
     assert got["x"].ctypes.data % 8 == 0  # read in place, aligned
 
 
+class _Sink:
+    """Counts what a frame's sender writes."""
+
+    bytes = 0
+
+    def sendall(self, piece: bytes | memoryview) -> None:
+        self.bytes += len(piece) if isinstance(piece, bytes) else piece.nbytes
+
+
+def test_score_residues_below_2_32_cross_in_half_the_bytes() -> None:
+    """The 32-bit score prime's residues cross as uint32 and come back as the uint64
+    values sent; residues of a wider prime cross as they are."""
+    rng = np.random.default_rng(4)
+    narrow = rng.integers(0, 2**32, (2, 1, 4096), dtype=np.uint64)
+    narrow[1, 0, 7] = 2**32 - 1
+    wide = narrow.copy()
+    wide[0, 0, 3] = 2**32
+    slots = np.arange(3, dtype=np.int64)
+    sizes = []
+    for data in (narrow, wide):
+        part = ScoreCiphertext(data, False, slots, np.zeros(3, np.int32), slots, 1, 0, low=data)
+        sink = _Sink()
+        wire.send(sink, {"p": part})  # type: ignore[arg-type]
+        sizes.append(sink.bytes)
+        back = _roundtrip({"p": part})["p"]
+        for got in (back.data, back.low):
+            assert got.dtype == np.uint64 and np.array_equal(got, data)
+    assert sizes[0] < sizes[1] - 2 * 4 * 8192 + 1024  # two arrays of 8,192 residues, 4 bytes less each
+
+
 def test_a_frame_cannot_build_objects_or_unknown_types() -> None:
     with pytest.raises(TypeError, match="does not carry"):
         wire.send(socket.socketpair()[0], {"x": object()})

@@ -113,3 +113,100 @@ def test_encrypted_block_scores_agree_with_numpy_and_tenseal(public, secret) -> 
         assert 0.7 * expected["total"] < (ours - truth).std() < 1.3 * expected["total"]
         assert np.abs(theirs - truth).max() < 2e-5
         assert np.abs(ours - theirs).max() < expected["bound_6_sigma"] + 2e-5
+
+
+def _pool():  # the scoring threads, as the gallery passes them
+    from vault.gallery import _SCORERS
+    return _SCORERS.submit
+
+
+@pytest.mark.parametrize("ranges", [1, 2, 3, 7])
+def test_score_at_equals_the_full_kernel_at_the_slots(ranges: int) -> None:
+    """Known answers for the 1:1 path: c1 equal to the full kernel's everywhere, c0 equal
+    at the wanted slots and zero at every other coefficient, for D split in 1 to 7 ranges
+    summed by the caller and the scoring threads, at the accumulators' limits (D = 1024, residues q - 1,
+    digits +-2^20 of one sign)."""
+    q = SCORE_PRIME
+    rng = np.random.default_rng(21 + ranges)
+    d, n = 1024, 512
+    residues = rng.integers(0, q, (d, 2, n), dtype=np.uint64).astype(np.uint32)
+    residues[:, :, 5] = q - 1
+    block = blocks.Block(0, 1, 1, n, 1, residues, b"", np.zeros(n, np.int32))
+    slots = np.array([0, 5, 77, 300, n - 1], np.int64)
+    signed = rng.integers(-(1 << 20), (1 << 20) + 1, d).astype(np.int64)
+    for digits in (np.stack([signed, np.full(d, 1 << 20, np.int64)]),  # two digits
+                   np.stack([signed, -signed, np.full(d, -(1 << 20), np.int64)]),  # k = 3
+                   signed):  # one digit, (D,)
+        full = blocks.score(block, digits, q)
+        at = blocks.score_at(block, digits, q, slots, ranges, _pool(), 2)
+        assert at.shape == full.shape and at.dtype == full.dtype
+        full, at = np.atleast_3d(full).reshape(-1, 2, n), np.atleast_3d(at).reshape(-1, 2, n)
+        assert np.array_equal(at[:, 1], full[:, 1])
+        assert np.array_equal(at[:, 0, slots], full[:, 0, slots])
+        others = np.setdiff1d(np.arange(n), slots)
+        assert not at[:, 0, others].any()
+    # The slot with residues q - 1 against Python integers, for good measure.
+    got = blocks.score_at(block, signed, q, slots, ranges, _pool(), 2)
+    assert int(got[0, 0, 5]) == sum(int(s) * (q - 1) for s in signed) % q
+
+
+def test_score_at_decrypts_to_the_full_scores_under_seal(public, secret) -> None:
+    """Real ciphertexts: a block's 1:1 score ciphertexts (c0 at the wanted slots only)
+    decrypt under SEAL to the full kernel's plaintext at those slots, bit for bit, and so
+    to the cosine within the budget; the coefficients nobody declared decrypt to noise
+    unrelated to the scores (what the decider never reads)."""
+    rng = np.random.default_rng(12)
+    d, n = 64, public.n
+    params = public.params
+    q = public.moduli[0]
+    templates = unit(rng, n, d)
+    plain = blocks.dimension_major_plaintexts(templates, 0, n, params.template_scale, public.moduli)
+    cts = blocks.encrypt_plaintexts(public, plain)
+    block = blocks.Block(0, 1, 1, n, cts.shape[2], blocks.held(cts[:, :, 0, :], q),
+                         b"", np.zeros(n, np.int32))
+    slots = np.array([3, 1000, 4095], np.int64)
+    probe = unit(rng, 1, d)[0]
+    digits = poly.probe_digits(probe, params.probe_scale_bits, params.probe_low_bits)
+    full = [secret.decrypt(ct, ntt=False)[0] for ct in blocks.score(block, digits, q)]
+    at = [secret.decrypt(ct, ntt=False)[0] for ct in blocks.score_at(block, digits, q, slots, 2,
+                                                                     _pool(), 1)]
+    for f, a in zip(full, at):
+        assert np.array_equal(f[slots], a[slots])
+    scores = poly.combine_digits([a[slots] for a in at], q, params.probe_low_bits) / (
+        params.template_scale * params.probe_scale)
+    assert np.abs(scores - templates[slots] @ probe).max() < budget(params)["bound_6_sigma"]
+    others = np.setdiff1d(np.arange(n), slots)
+    assert not np.array_equal(full[0][others], at[0][others])
+
+
+def test_score_at_does_not_wait_for_busy_scoring_threads() -> None:
+    """A 1:1 whose helpers cannot start (every scoring thread busy, as under a 1:N) is
+    summed by the calling thread alone, with the same answer: it is never queued."""
+    import threading
+
+    from vault.gallery import _SCORERS, _THREADS
+    q = SCORE_PRIME
+    rng = np.random.default_rng(30)
+    d, n = 256, 1024
+    block = blocks.Block(0, 1, 1, n, 1, rng.integers(0, q, (d, 2, n), dtype=np.uint64)
+                         .astype(np.uint32), b"", np.zeros(n, np.int32))
+    digits = rng.integers(-(1 << 10), (1 << 10) + 1, (2, d)).astype(np.int64)
+    slots = np.array([1, 2, 1000], np.int64)
+    release, started = threading.Event(), threading.Semaphore(0)
+
+    def busy() -> None:
+        started.release()
+        release.wait()
+
+    blockers = [_SCORERS.submit(busy) for _ in range(_THREADS)]
+    try:
+        for _ in range(_THREADS):
+            started.acquire()
+        got = blocks.score_at(block, digits, q, slots, 4, _SCORERS.submit, _THREADS)
+    finally:
+        release.set()
+    for f in blockers:
+        f.result()
+    full = blocks.score(block, digits, q)
+    assert np.array_equal(got[:, 1], full[:, 1])
+    assert np.array_equal(got[:, 0, :, slots], full[:, 0, :, slots])

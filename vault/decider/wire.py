@@ -54,17 +54,28 @@ def _pack(obj: Any, bufs: list[memoryview]) -> Any:
         return {"m": {k: _pack(v, bufs) for k, v in obj.items()}}
     if isinstance(obj, ScoreCiphertext):  # the hot path's bulk: positions fit 32 bits,
         same = np.array_equal(obj.slots, obj.positions)  # and a block's slots are its positions
-        return {"sc": {"data": _pack(obj.data, bufs), "ntt": obj.ntt,
+        return {"sc": {"data": _pack(_narrow(obj.data), bufs), "ntt": obj.ntt,
                        "positions": _pack(np.asarray(obj.positions, np.int32), bufs),
                        "groups": _pack(np.asarray(obj.groups, np.int32), bufs),
                        "slots": None if same else _pack(obj.slots, bufs),
                        "tier": int(obj.tier), "loc": int(obj.loc),
-                       "low": _pack(obj.low, bufs)}}  # the probe's low digit's scores, or None
+                       "low": _pack(_narrow(obj.low), bufs)}}  # the low digit's scores, or None
     name = type(obj).__name__
     if dataclasses.is_dataclass(obj) and _TYPES.get(name) is type(obj):
         return {"dc": name, "f": {f.name: _pack(getattr(obj, f.name), bufs)
                                   for f in dataclasses.fields(obj)}}
     raise TypeError(f"the decider's protocol does not carry {name}")
+
+
+def _narrow(data: np.ndarray | None) -> np.ndarray | None:
+    """Residues mod a score prime below 2^32 cross as uint32 (half the bytes)."""
+    if data is not None and data.dtype == np.uint64 and data.size and int(data.max()) < 1 << 32:
+        return data.astype(np.uint32)
+    return data
+
+
+def _widen(data: np.ndarray | None) -> np.ndarray | None:
+    return data.astype(np.uint64) if data is not None and data.dtype == np.uint32 else data
 
 
 def _unpack(obj: Any, bufs: list[memoryview]) -> Any:
@@ -83,6 +94,7 @@ def _unpack(obj: Any, bufs: list[memoryview]) -> Any:
     if "sc" in obj:
         f = {k: _unpack(v, bufs) for k, v in obj["sc"].items()}
         f["positions"] = f["positions"].astype(np.int64)
+        f["data"], f["low"] = _widen(f["data"]), _widen(f["low"])
         f["slots"] = f["positions"] if f["slots"] is None else f["slots"]
         return ScoreCiphertext(**f)
     if "dc" in obj and obj["dc"] in _TYPES:

@@ -43,7 +43,8 @@ log = logs.get("vault.gallery")
 
 _NOT_HERE = np.empty((0, 2, 0), np.uint64)  # a block's residues, when its shard holds them
 
-_SCORERS = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="score")
+_THREADS = os.cpu_count() or 2
+_SCORERS = ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="score")
 
 
 class Routing:
@@ -219,9 +220,12 @@ class CollectionGallery:
     # -- matching --------------------------------------------------------------------------
 
     def _score_blocks(self, chosen: Sequence[tuple[Block, np.ndarray | None]], scalars: np.ndarray,
-                      cancelled: Callable[[], bool] | None) -> list[ScoreCiphertext]:
+                      cancelled: Callable[[], bool] | None, at_slots: bool = False
+                      ) -> list[ScoreCiphertext]:
         """Score blocks on the scoring threads; ``(block, slots)`` each, slots None for
-        every live slot."""
+        every live slot. ``at_slots`` (1:1, a few slots): c0 only at the slots, one block
+        at a time with its dimensions split over the threads
+        (:func:`vault.gallery.blocks.score_at`)."""
         q = self.ctx.moduli[0]
         if self.shards is not None:
             return self._score_on_shards(chosen, scalars, q, cancelled)
@@ -234,12 +238,19 @@ class CollectionGallery:
                 slots = np.flatnonzero(block.groups >= 0)
             if slots.size == 0:
                 return None
-            ct = block_ops.score(block, scalars, q)
+            if at_slots:
+                ct = block_ops.score_at(block, scalars, q, slots, _THREADS,
+                                        _SCORERS.submit, _THREADS - 1)
+            else:
+                ct = block_ops.score(block, scalars, q)
             return ScoreCiphertext(ct[0], ntt=False, positions=slots.astype(np.int64),
                                    groups=block.groups[slots], slots=slots, tier=BLOCK,
                                    loc=block.block_no, low=ct[1] if len(ct) > 1 else None)
 
-        results = list(_SCORERS.map(one, chosen)) if len(chosen) > 1 else [one(c) for c in chosen]
+        # at_slots: the blocks in turn from this thread, each spread over it and the pool
+        # (a task of the pool waiting on others of it could wait for ever).
+        results = (list(_SCORERS.map(one, chosen)) if len(chosen) > 1 and not at_slots
+                   else [one(c) for c in chosen])
         if cancelled is not None and cancelled():
             done = sum(r is not None for r in results)
             log.info("match abandoned: the caller is gone", collection_id=self.collection_id,
@@ -306,5 +317,5 @@ class CollectionGallery:
         chosen_blocks = [(h, slots) for _, h, slots in held if isinstance(h, Block)]
         chosen_pages = [h for _, h, _ in held if isinstance(h, Page)]
         page_slots = {h.page_no: slots for _, h, slots in held if isinstance(h, Page)}
-        return (self._score_blocks(chosen_blocks, scalars, cancelled)
+        return (self._score_blocks(chosen_blocks, scalars, cancelled, at_slots=True)
                 + page_ops.score(self.ctx, chosen_pages, scalars, page_slots))

@@ -10,7 +10,11 @@ rewrite D ciphertexts each), they go to journal pages (:mod:`vault.gallery.pages
 
 from __future__ import annotations
 
+import itertools
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -82,4 +86,64 @@ def score(block: Block, scalars: np.ndarray, q: int) -> np.ndarray:
     else:
         for d in range(digits.shape[0]):
             kernels.score_block(block.residues, digits[d], q, out[d, :, 0, :])
+    return out[0] if np.ndim(scalars) == 1 else out
+
+
+def score_at(block: Block, scalars: np.ndarray, q: int, slots: np.ndarray, ranges: int = 1,
+             submit: Callable[[Callable[[], None]], Any] | None = None, helpers: int = 0
+             ) -> np.ndarray:
+    """:func:`score` for a 1:1, whose caller reads only the coefficients ``slots``: c1 in
+    full, c0 at ``slots`` and zero elsewhere (half the bytes read). The coefficients at
+    ``slots`` decrypt to the same values as :func:`score`'s, bit for bit; the others
+    decrypt to nothing anyone reads (the decider reads declared positions only).
+
+    ``ranges``: the dimensions are split in that many ranges, summed apart and added mod
+    ``q``. The calling thread works through them, and so do up to ``helpers`` tasks given
+    to ``submit`` (the scoring threads: the kernel releases the GIL) once they start: the
+    caller never waits for a helper that has not started, so a 1:1 is never queued behind
+    the blocks of a 1:N. Blocks held as uint64 (key versions from before issue 14) take
+    the full path.
+    """
+    if block.residues.dtype != np.uint32:
+        return score(block, scalars, q)
+    digits = np.atleast_2d(scalars)
+    count, dim, n = digits.shape[0], block.residues.shape[0], block.residues.shape[2]
+    slots = np.ascontiguousarray(slots, np.int64)
+    edges = np.linspace(0, dim, max(1, min(ranges, dim)) + 1).astype(int)
+    bounds = list(zip(edges[:-1].tolist(), edges[1:].tolist()))
+    parts: list[tuple[np.ndarray, np.ndarray] | Exception | None] = [None] * len(bounds)
+    done = [threading.Event() for _ in bounds]
+    taken = itertools.count()  # next() on it is atomic: each range is taken once
+
+    def work() -> None:
+        while (i := next(taken)) < len(bounds):
+            try:
+                acc1 = np.zeros((count, n), np.int64)
+                acc0 = np.zeros((count, slots.size), np.int64)
+                kernels.accumulate32_at(block.residues, digits, bounds[i][0], bounds[i][1],
+                                        slots, acc1, acc0)
+                parts[i] = (acc1, acc0)
+            except Exception as exc:  # noqa: BLE001 - handed to the caller, which raises it
+                parts[i] = exc
+            finally:
+                done[i].set()
+
+    if submit is not None:
+        for _ in range(min(helpers, len(bounds) - 1)):
+            submit(work)
+    work()
+    for event in done:
+        event.wait()  # ranges a helper took are being summed now
+    sums: list[tuple[np.ndarray, np.ndarray]] = []
+    for p in parts:
+        if not isinstance(p, tuple):
+            raise p if isinstance(p, Exception) else RuntimeError("a range was not scored")
+        sums.append(p)
+    # Each partial sum is a sum of some of the full sum's terms: their total stays within
+    # the full sum's int64 bound (params.py, kernel accumulators).
+    acc1 = np.sum([p[0] for p in sums], axis=0)
+    acc0 = np.sum([p[1] for p in sums], axis=0)
+    out = np.zeros((count, 2, 1, n), np.uint64)
+    out[:, 1, 0, :] = np.mod(acc1, q).astype(np.uint64)
+    out[:, 0, 0, slots] = np.mod(acc0, q).astype(np.uint64)
     return out[0] if np.ndim(scalars) == 1 else out

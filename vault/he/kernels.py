@@ -139,3 +139,39 @@ def score_block32(block: np.ndarray, digits: np.ndarray, q: int, out: np.ndarray
                 if v < 0:
                     v += qi
                 out[d, k, i] = np.uint64(v)
+
+
+@njit(nogil=True, cache=True)
+def accumulate32_at(block: np.ndarray, digits: np.ndarray, start: int, stop: int,
+                    slots: np.ndarray, acc1: np.ndarray, acc0: np.ndarray) -> None:
+    """The sums of :func:`score_block32` over dimensions ``[start, stop)``, unreduced, for
+    a 1:1: c1 in full into ``acc1`` (k, N) and c0 only at ``slots`` into ``acc0`` (k, S),
+    both int64 and added to.
+
+    Decrypting coefficient i of ``c0 + c1*s`` needs all of c1 (the product with s is
+    negacyclic) but only c0[i]: half the bytes of a full scan. Partial sums over disjoint
+    ranges of D add up to the full one, within the same int64 bound (one term each).
+    """
+    n = block.shape[2]
+    count = digits.shape[0]
+    for j in range(start, stop):
+        row = block[j, 1]
+        if count == 2:
+            s0 = np.int64(digits[0, j])
+            s1 = np.int64(digits[1, j])
+            a0 = acc1[0]
+            a1 = acc1[1]
+            for i in range(n):
+                c = np.int64(row[i])
+                a0[i] += s0 * c
+                a1[i] += s1 * c
+        else:
+            for d in range(count):
+                s = np.int64(digits[d, j])
+                a = acc1[d]
+                for i in range(n):
+                    a[i] += s * np.int64(row[i])
+        for t in range(slots.shape[0]):
+            c = np.int64(block[j, 0, slots[t]])
+            for d in range(count):
+                acc0[d, t] += np.int64(digits[d, j]) * c

@@ -155,6 +155,11 @@ class Connection:
         with self._lock:
             self.engine.checkpoint_wal()
 
+    def trim_log(self) -> bool:
+        """Give back the log's space after a bulk write (see each engine); False if busy."""
+        with self._lock:
+            return bool(self.engine.trim_log())
+
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         """One read statement on this thread's read connection (made at its first read)."""
         reader = getattr(self._local, "reader", None)

@@ -284,6 +284,10 @@ class PostgresEngine:
         with _storage_errors():
             return self._live().cursor(binary=True).execute(_sql(statement), args or None).rowcount
 
+    def trim_log(self) -> bool:
+        """Nothing to trim: PostgreSQL's WAL is the server's, recycled by its checkpoints."""
+        return True
+
     def checkpoint_wal(self) -> None:
         """VACUUM the tables that held erased values: their dead row versions' space is
         freed for reuse (PostgreSQL does not zero it, see docs/SECURITY.md)."""

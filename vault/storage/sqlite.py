@@ -149,6 +149,11 @@ def _migrate(db: sqlite3.Connection) -> None:
     db.execute(f"PRAGMA user_version={SCHEMA_VERSION:d}")
 
 
+# What the WAL keeps of its high-water mark once it restarts (SQLite reuses the file
+# rather than truncating it): a bulk import's transactions grow it to hundreds of MB at a
+# million templates, which would otherwise stay at rest. Far above what ordinary writes need.
+WAL_SIZE_LIMIT = 16 << 20
+
 # Primary SQLite result codes (the low byte of an extended code).
 _SQLITE_FULL = 13
 _SQLITE_UNAVAILABLE = {5: "database is locked", 6: "table is locked", 8: "database is read-only",
@@ -220,6 +225,7 @@ class SqliteEngine:
         self.raw.execute("PRAGMA synchronous=FULL")
         self.raw.execute("PRAGMA secure_delete=ON")
         self.raw.execute("PRAGMA foreign_keys=ON")
+        self.raw.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT:d}")
         try:
             with self.transaction() as db:
                 _migrate(db)
@@ -268,3 +274,11 @@ class SqliteEngine:
             busy, _, _ = self.raw.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         if busy:
             raise Unavailable("the database was busy: its write-ahead log was not truncated")
+
+    def trim_log(self) -> bool:
+        """After a bulk write (an import): truncate the WAL to zero bytes now, rather than
+        at the next write. False when a reader kept it (it is then trimmed to
+        :data:`WAL_SIZE_LIMIT` at a later write, or by the maintenance pass)."""
+        with _storage_errors():
+            busy, _, _ = self.raw.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return not busy
