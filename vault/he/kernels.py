@@ -100,6 +100,29 @@ def score_block(block: np.ndarray, scalars: np.ndarray, q: int, out: np.ndarray)
         _reduce_split(hi[k], lo[k], q, shift, out[k])
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _add_row(row: np.ndarray, digits: np.ndarray, j: int, acc: np.ndarray) -> None:
+    """``acc[d] += digits[d, j] * row`` for every probe digit d, in int64 (the two-digit
+    case in one pass over the row)."""
+    n = row.shape[0]
+    count = digits.shape[0]
+    if count == 2:
+        s0 = np.int64(digits[0, j])
+        s1 = np.int64(digits[1, j])
+        a0 = acc[0]
+        a1 = acc[1]
+        for i in range(n):
+            c = np.int64(row[i])
+            a0[i] += s0 * c
+            a1[i] += s1 * c
+    else:
+        for d in range(count):
+            s = np.int64(digits[d, j])
+            a = acc[d]
+            for i in range(n):
+                a[i] += s * np.int64(row[i])
+
+
 @njit(nogil=True, cache=True)
 def score_block32(block: np.ndarray, digits: np.ndarray, q: int, out: np.ndarray) -> None:
     """:func:`score_block` for a score prime below 2^32, one score per probe digit in the
@@ -115,22 +138,7 @@ def score_block32(block: np.ndarray, digits: np.ndarray, q: int, out: np.ndarray
     acc = np.zeros((count, 2, n), np.int64)
     for j in range(dim):
         for k in range(2):
-            row = block[j, k]
-            if count == 2:
-                s0 = np.int64(digits[0, j])
-                s1 = np.int64(digits[1, j])
-                a0 = acc[0, k]
-                a1 = acc[1, k]
-                for i in range(n):
-                    c = np.int64(row[i])
-                    a0[i] += s0 * c
-                    a1[i] += s1 * c
-            else:
-                for d in range(count):
-                    s = np.int64(digits[d, j])
-                    a = acc[d, k]
-                    for i in range(n):
-                        a[i] += s * np.int64(row[i])
+            _add_row(block[j, k], digits, j, acc[:, k])
     qi = np.int64(q)
     for d in range(count):
         for k in range(2):
@@ -152,25 +160,9 @@ def accumulate32_at(block: np.ndarray, digits: np.ndarray, start: int, stop: int
     negacyclic) but only c0[i]: half the bytes of a full scan. Partial sums over disjoint
     ranges of D add up to the full one, within the same int64 bound (one term each).
     """
-    n = block.shape[2]
     count = digits.shape[0]
     for j in range(start, stop):
-        row = block[j, 1]
-        if count == 2:
-            s0 = np.int64(digits[0, j])
-            s1 = np.int64(digits[1, j])
-            a0 = acc1[0]
-            a1 = acc1[1]
-            for i in range(n):
-                c = np.int64(row[i])
-                a0[i] += s0 * c
-                a1[i] += s1 * c
-        else:
-            for d in range(count):
-                s = np.int64(digits[d, j])
-                a = acc1[d]
-                for i in range(n):
-                    a[i] += s * np.int64(row[i])
+        _add_row(block[j, 1], digits, j, acc1)
         for t in range(slots.shape[0]):
             c = np.int64(block[j, 0, slots[t]])
             for d in range(count):
