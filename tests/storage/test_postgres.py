@@ -249,3 +249,36 @@ def test_a_connection_killed_before_commit_writes_nothing(pg_url: str) -> None:
         assert store.wrapped_key("a", 1) == b"blob"
     finally:
         store.close()
+
+
+def test_a_lost_commit_is_resolved_by_asking_the_server(pg_url: str) -> None:
+    """What the engine concludes about a transaction whose COMMIT answer was lost: the
+    server's word for a transaction it knows; and for an xid it never assigned (a crash
+    lost the transaction before anything of it was logged, so the restarted server would
+    hand the number out again) "not committed", not another transaction's status."""
+    store = Store(pg_url)
+    try:
+        engine = store.engine
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute("BEGIN")
+            committed = conn.execute("SELECT txid_current()").fetchone()[0]  # type: ignore[index]
+            conn.execute("COMMIT")
+            conn.execute("BEGIN")
+            aborted = conn.execute("SELECT txid_current()").fetchone()[0]  # type: ignore[index]
+            conn.execute("ROLLBACK")
+            conn.execute("BEGIN")
+            running = conn.execute("SELECT txid_current()").fetchone()[0]  # type: ignore[index]
+            assert engine._outcome(committed) is True
+            assert engine._outcome(aborted) is False
+            assert engine._outcome(running) is None  # still running: wait
+            assert engine._outcome(running + 10_000) is False  # never assigned here
+            conn.execute("ROLLBACK")
+        # A write refused while an outcome was unknown goes through once it is known.
+        engine.unresolved = aborted
+        store.put_wrapped_key("k", 1, b"blob")
+        assert engine.unresolved is None and store.wrapped_key("k", 1) == b"blob"
+        engine.unresolved = committed
+        with pytest.raises(Unavailable, match="restart the vault"):
+            store.put_wrapped_key("k", 2, b"blob")
+    finally:
+        store.close()

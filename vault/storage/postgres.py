@@ -31,6 +31,7 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg.pq import TransactionStatus
 
+from vault import logs
 from vault.domain.errors import Refused, ResourceExhausted, Unavailable
 from vault.storage import sqlite
 from vault.storage.errors import CommitUnknown
@@ -38,6 +39,8 @@ from vault.storage.errors import CommitUnknown
 SCHEMA_VERSION = sqlite.SCHEMA_VERSION
 # _MIGRATIONS[v]: the statements that take a PostgreSQL database from version v to v + 1.
 _MIGRATIONS: dict[int, tuple[str, ...]] = {}
+log = logs.get("vault.storage")
+
 # The advisory lock every write transaction holds ("vault" in ASCII).
 WRITE_LOCK = 0x7661756C74
 # Tables of replication, made by every version that opens the database (the rows of the
@@ -205,8 +208,17 @@ class PostgresEngine:
         """BEGIN on a live connection: one found dead at BEGIN (nothing done yet) is
         replaced once, so the first call after a server restart does not fail."""
         if self.unresolved is not None:
-            raise Unavailable("storage unavailable: the outcome of an earlier write is unknown "
-                              "(PostgreSQL did not answer); restart the vault; nothing was written")
+            outcome = self._outcome(self.unresolved)
+            if outcome is False:  # it did not commit: memory and rows agree, carry on
+                log.info("the earlier write's outcome is known: it was not committed")
+                self.unresolved = None
+            elif outcome is True:
+                raise Unavailable("storage unavailable: an earlier write whose answer was lost "
+                                  "was committed; restart the vault to reload it; nothing was "
+                                  "written")
+            else:
+                raise Unavailable("storage unavailable: the outcome of an earlier write is "
+                                  "unknown (PostgreSQL does not answer); nothing was written")
         for attempt in (0, 1):
             conn = self._live()
             try:
@@ -243,22 +255,40 @@ class PostgresEngine:
 
     def _committed(self, xid: int) -> bool:
         """Whether transaction ``xid`` committed, asked of the server once it answers again;
-        if it does not within RESOLVE_SECONDS, writes are refused (:attr:`unresolved`)."""
+        if it does not within RESOLVE_SECONDS, writes are refused (:attr:`unresolved`) until
+        it answers (then a write that did not commit is forgotten, one that did needs a
+        restart: memory lacks it)."""
         deadline = time.monotonic() + RESOLVE_SECONDS
         while True:
-            try:
-                conn = self._live()
-                status = conn.execute("SELECT txid_status(%s)", (xid,)).fetchone()
-                if status is not None and status[0] != "in progress":
-                    return bool(status[0] == "committed")
-            except (psycopg.OperationalError, psycopg.InterfaceError, Unavailable):
-                pass
+            outcome = self._outcome(xid)
+            if outcome is not None:
+                return outcome
             if time.monotonic() > deadline:
                 self.unresolved = xid
+                log.error("storage: a write's outcome is unknown; writes refused until "
+                          "PostgreSQL answers")
                 raise CommitUnknown("storage unavailable: PostgreSQL was lost at commit and did "
                                   "not come back; the outcome is unknown, writes are refused "
-                                  "until the vault restarts")
+                                  "until it answers")
             time.sleep(0.5)
+
+    def _outcome(self, xid: int) -> bool | None:
+        """True (committed) or False (not) when the server can tell; None while it does not
+        answer or still runs the transaction. A server restarted by a crash may never have
+        logged ``xid``, and would then hand that number out again: an xid at or above the
+        next one it assigns is one it never saw (not committed), and is not asked about
+        (``txid_status`` of it would be an error, or later another transaction's status)."""
+        try:
+            found = self._live().execute(
+                # txid_current() here takes the next xid: ours is below it if assigned.
+                "SELECT CASE WHEN %s >= txid_current() THEN 'never seen' ELSE txid_status(%s) "
+                "END", (xid, xid)).fetchone()
+        except (psycopg.Error, Unavailable):
+            return None
+        status = found[0] if found is not None else None
+        if status in (None, "in progress"):
+            return None
+        return bool(status == "committed")
 
     @contextmanager
     def exclusive_start(self) -> Iterator[None]:
