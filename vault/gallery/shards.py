@@ -255,8 +255,8 @@ class _StoreSender:
         with self._lock:
             owners = list(by_shard)
             held = self._get([generation.actors[i].held.remote() for i in owners], cancelled)
-            todo = {i: [ref for ref in by_shard[i] if ref.key not in set(has)]
-                    for i, has in zip(owners, held, strict=True)}
+            todo = {i: [ref for ref in by_shard[i] if ref.key not in has]
+                    for i, has in zip(owners, map(set, held), strict=True)}
             longest = max((len(part) for part in todo.values()), default=0)
             for start in range(0, longest, _SEND_BATCH):
                 calls = []

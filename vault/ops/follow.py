@@ -159,13 +159,16 @@ def _refresh_holder(core: Core, gallery: CollectionGallery, tier: int, loc: int)
         if found is None:
             gallery.drop_pages([loc])
             return
+        groups = _groups(core, gallery, PAGE, loc, gallery.page_slots, found.fill)
         if page is None or page.generation != found.generation:
             page = loading.load_page(core, gallery, found)
             if page is None:
                 _damaged(core, gallery, "page")
                 return
-        page.groups = _groups(core, gallery, PAGE, loc, gallery.page_slots, page.fill)
-        gallery.install_page(page)
+            page.groups = groups
+            gallery.install_page(page)
+        else:
+            gallery.set_owners(PAGE, loc, groups)
         return
     gallery.reserve_block_numbers(loc + 1)
     row = core.store.block(cid, version, loc)
@@ -199,10 +202,9 @@ def _refresh_collection(core: Core, cid: str) -> None:
         with core.switch_lock:
             core.current_galleries.pop(cid, None)
             core.next_galleries.pop(cid, None)
-        for gallery in (current,):
-            if gallery is not None:
-                gallery.retired = True
-                core.retire_key_version(cid, gallery.key_version)
+        if current is not None:
+            current.retired = True
+            core.retire_key_version(cid, current.key_version)
         return
     if current is None:
         loading.load_collection(core, row)
@@ -226,7 +228,10 @@ def _refresh_collection(core: Core, cid: str) -> None:
 
 
 def _reload_all(core: Core) -> None:
-    for row in core.store.collections():
+    rows = core.store.collections()
+    for cid in set(core.current_galleries) - {row.collection_id for row in rows}:
+        _refresh_collection(core, cid)  # deleted while this replica was behind
+    for row in rows:
         current = core.current_galleries.pop(row.collection_id, None)
         loading.load_collection(core, row)
         if current is not None:

@@ -139,8 +139,7 @@ class Connection:
     def snapshot(self) -> Iterator[None]:
         """Run this thread's reads inside one consistent snapshot (PostgreSQL: a
         REPEATABLE READ, READ ONLY transaction on the thread's reader)."""
-        self._query("SELECT 1")  # makes the thread's reader
-        with self._local.reader.snapshot():
+        with self._reader().snapshot():
             yield
 
     @contextmanager
@@ -160,8 +159,8 @@ class Connection:
         with self._lock:
             return bool(self.engine.trim_log())
 
-    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
-        """One read statement on this thread's read connection (made at its first read)."""
+    def _reader(self) -> Any:
+        """This thread's read connection (made at its first read)."""
         reader = getattr(self._local, "reader", None)
         if reader is None:
             with self._readers_lock:
@@ -170,7 +169,11 @@ class Connection:
                 reader = self.engine.reader()
                 self._readers.add(reader)
             self._local.reader = reader
-        return reader.query(sql, args)  # type: ignore[no-any-return]
+        return reader
+
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        """One read statement on this thread's read connection."""
+        return self._reader().query(sql, args)  # type: ignore[no-any-return]
 
     def _commit_states(self, db: Any) -> None:
         """Called inside every write transaction before COMMIT: the live-set ledger

@@ -270,9 +270,7 @@ class SqliteEngine:
         """Copy the WAL into the main file and truncate it to zero bytes: older page images
         (a deleted row, a replaced ciphertext) leave the WAL, and the pages they were
         freed from are zeroed in the main file (``secure_delete``)."""
-        with _storage_errors():
-            busy, _, _ = self.raw.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        if busy:
+        if not self.trim_log():
             raise Unavailable("the database was busy: its write-ahead log was not truncated")
 
     def trim_log(self) -> bool:

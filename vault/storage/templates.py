@@ -172,18 +172,20 @@ class TemplateRecords(AttemptRecords):
 
     # -- pages and blocks ----------------------------------------------------------------
 
+    _PAGE_COLUMNS = "collection_id, key_version, page_no, generation, fill, ciphertext, mac"
+
     def pages(self, collection_id: str, key_version: int) -> list[PageRow]:
         """A key version's journal page rows."""
         return [PageRow(*r) for r in self._query(
-            "SELECT collection_id, key_version, page_no, generation, fill, ciphertext, mac "
-            "FROM pages WHERE collection_id=? AND key_version=? ORDER BY page_no",
+            f"SELECT {self._PAGE_COLUMNS} FROM pages WHERE collection_id=? AND key_version=? "
+            "ORDER BY page_no",
             (collection_id, key_version))]
 
     def page(self, collection_id: str, key_version: int, page_no: int) -> PageRow | None:
         """One journal page row, None if there is none."""
         rows = self._query(
-            "SELECT collection_id, key_version, page_no, generation, fill, ciphertext, mac "
-            "FROM pages WHERE collection_id=? AND key_version=? AND page_no=?",
+            f"SELECT {self._PAGE_COLUMNS} FROM pages WHERE collection_id=? AND key_version=? "
+            "AND page_no=?",
             (collection_id, key_version, page_no))
         return PageRow(*rows[0]) if rows else None
 
