@@ -294,8 +294,13 @@ class Core:
 
     def catch_up(self) -> bool:
         """A standby reads the primary's newest changes now (a request found rows its
-        memory does not have yet); True when it applied any."""
-        return self.replica is not None and self.replica.catch_up() > 0
+        memory does not have yet); True on a standby, once it is current: the changes may
+        have been applied by its refresh thread while this call waited for it, so the
+        caller looks again either way."""
+        if self.replica is None or self.replica.primary:
+            return False
+        self.replica.catch_up()
+        return True
 
     def current(self, collection_id: str,
                     damaged_ok: bool = False) -> tuple[CollectionRow, CollectionGallery]:
