@@ -12,7 +12,7 @@ from tests.he.conftest import unit
 from vault import he
 from vault.gallery import blocks
 from vault.he import poly
-from vault.he.params import DEFAULT_PARAMS, LEGACY_PARAMS, budget, fresh_noise_sigma
+from vault.he.params import DEFAULT_PARAMS, LEGACY_PARAMS, budget, check_margin, fresh_noise_sigma
 
 
 def test_fresh_noise_is_what_the_budget_assumes(public, secret) -> None:
@@ -27,10 +27,10 @@ def test_fresh_noise_is_what_the_budget_assumes(public, secret) -> None:
 def test_the_default_layout_fits_and_its_error_is_below_the_release_precision(public) -> None:
     b = budget(DEFAULT_PARAMS)
     assert public.moduli[0] < 2 ** 32  # uint32 residues
-    assert b["largest_coefficient"] < public.moduli[0] / 2 / 3.9  # a factor 4 with SEAL's prime
-    assert b["margin_to_half_q"] > 1.99  # a factor 2 for any 32-bit prime
-    assert b["bound_6_sigma"] < 2e-4 and budget(DEFAULT_PARAMS, 8)["bound_6_sigma"] < 1e-3
-    assert b["lift_statistical_distance"] < 5e-4  # 2^-11 (2^-12 with SEAL's prime)
+    assert b["largest_coefficient"] < public.moduli[0] / 2 / 1.99  # a factor 2 with SEAL's prime
+    assert budget(DEFAULT_PARAMS, q0=public.moduli[0])["margin_to_half_q"] > 1.99
+    assert b["bound_6_sigma"] < 1e-4 and budget(DEFAULT_PARAMS, 8)["bound_6_sigma"] < 3e-4
+    assert b["lift_statistical_distance"] < 5e-4  # 2^-11
 
 
 def test_probe_digits_carry_both_digits_bits() -> None:
@@ -66,7 +66,14 @@ def test_scores_at_the_worst_case_inputs_do_not_wrap(public, secret, case) -> No
 
 def test_parameters_refuse_a_low_digit_that_could_wrap() -> None:
     with pytest.raises(ValueError, match="low digit"):
-        he.HeParams(template_scale_bits=19, probe_scale_bits=10, probe_low_bits=7)
+        he.HeParams(template_scale_bits=20, probe_scale_bits=10, probe_low_bits=7)
+
+
+def test_a_context_whose_actual_score_prime_is_too_small_is_refused(keypair) -> None:
+    """The parameters' margins assume SEAL's prime near 2^32; one further below fails."""
+    with pytest.raises(ValueError, match="too small"):
+        check_margin(DEFAULT_PARAMS, 2 ** 31 + 1)
+    check_margin(DEFAULT_PARAMS, he.PublicContext(keypair[1], DEFAULT_PARAMS).moduli[0])
 
 
 def test_key_versions_stored_before_the_second_digit_keep_one() -> None:

@@ -15,7 +15,7 @@ import tenseal as ts
 from tenseal import sealapi
 
 from vault.he import _seal
-from vault.he.params import HeParams
+from vault.he.params import HeParams, check_margin
 
 
 def generate(params: HeParams) -> tuple[bytes, bytes]:
@@ -57,6 +57,7 @@ class PublicContext:
                 or [q.bit_length() for q in moduli_top] != list(params.coeff_mod_bit_sizes[:-1])):
             raise ValueError("the context does not match its stored parameters")
         self.moduli: tuple[int, ...] = tuple(moduli_top)
+        check_margin(params, self.moduli[0])
         _seal.self_check(self._seal, self._encryptor)
 
     @property

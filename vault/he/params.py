@@ -22,7 +22,7 @@ prime before). The rotation prime is used while a transform rotation runs: a bli
 re-encryption under the new key lifts the ciphertexts to both primes, the rotation (a
 linear map with 30-bit integers) is applied, and a rescale by q1 brings them back down.
 
-**Noise and precision budget** (defaults; ``Dt = 2^19`` template scale, probe in two
+**Noise and precision budget** (defaults; ``Dt = 2^20`` template scale, probe in two
 digits ``hi`` at ``Dp = 2^10`` and ``lo`` at 2^6 below it (:func:`vault.he.poly.probe_digits`),
 t and p unit vectors, scores relative to a cosine of 1; :func:`budget` computes it and
 ``tests/he/test_budget.py`` checks it against SEAL):
@@ -38,25 +38,30 @@ t and p unit vectors, scores relative to a cosine of 1; :func:`budget` computes 
   rotation 2: the fresh encryption and the rescale's rounding) sigma = sigma_f sqrt(1 + r).
 - *Accumulated over D terms*: a score is ``sum_j s_j (Dt t_j + e_j)``; the noise term
   ``sum_j s_j e_j`` has std ``sigma * |s| = sigma * Dp``, relative ``sigma / Dt``:
-  2.9e-5 fresh, 6.4e-5 at r = 4. The probe scale cancels: it sets only the probe's
+  1.4e-5 fresh, 3.2e-5 at r = 4. The probe scale cancels: it sets only the probe's
   quantisation error. The noise floor is the template scale; the 32-bit prime bounds
-  ``Dt * Dp``, hence the second digit.
+  ``Dt * Dp``, hence the second digit. (Issue 14 first took ``Dt = 2^19``, a factor 4 of
+  margin: 1:N decisions on LFW then agreed with plaintext for 99.89-99.97% of probes over
+  six key draws, 99.97-100% at ``2^20``; bench/protection.py.)
 - *Quantisation*: the probe, in two digits, to 2^-16: std sqrt(1/12) / 2^16 = 4.4e-6;
-  templates rounded to ``Dt``: 5.5e-7.
-- *Total*: std 2.9e-5 for a fresh template (6.5e-5 at r = 4, 8.6e-5 at r = 8); six
-  standard deviations (1.7e-4 fresh, 3.9e-4 at r = 4) stay far under the release
+  templates rounded to ``Dt``: 2.8e-7.
+- *Total*: std 1.5e-5 for a fresh template (3.3e-5 at r = 4, 4.4e-5 at r = 8); six
+  standard deviations (9.1e-5 fresh, 2.0e-4 at r = 4) stay far under the release
   precision (2 decimals) and the decision noise (+-0.005).
 - *Margin to q0/2*: the high digit's score ``|sum hi_j m_j| <= Dt * Dp * (1 + 2^-10)`` +
-  noise = 2^29; the low digit's ``|sum lo_j m_j| <= 2^(6-1) * Dt * sqrt(D)``
-  (Cauchy-Schwarz, D <= 1024) = 2^29. Against q0/2 = 2^31 (at least 2^30
-  for any 32-bit prime): a factor of 4 (at least 2). The decider centres each residue in
-  (-q0/2, q0/2] and adds ``hi + lo / 2^6``.
+  noise = 2^30; the low digit's ``|sum lo_j m_j| <= 2^(6-1) * Dt * sqrt(D)``
+  (Cauchy-Schwarz, D <= 1024) = 2^30. Against q0/2 = 2^31 - 69,632 (SEAL's prime): a
+  factor of 2. The score prime is the largest NTT prime of its size SEAL finds below 2^32,
+  so the margins are computed for that prime (:data:`SCORE_PRIME_FLOOR`, within 2^-12 of
+  2^bits) and checked again on the actual one when a context is made
+  (:func:`check_margin`). The decider centres each residue in (-q0/2, q0/2] and adds
+  ``hi + lo / 2^6``.
 - *Kernel accumulators*: ``|hi_j| <= 2^10``, ``|lo_j| <= 2^5``, residues below 2^32, D <=
   1024 terms: sums below 2^52, exact in int64 (``score_block32``, both digits in one pass
   over the residues).
 - *Rotation's lift*: the decider sees ``m + R`` with R uniform in [M, q0 - M),
   M = :attr:`HeParams.lift_margin` = Dt + 2^12 (above any plaintext coefficient): within
-  statistical distance 2M/q0 = 2^-12 per coefficient of uniform (2^-21 with the 50-bit
+  statistical distance 2M/q0 = 2^-11 per coefficient of uniform (2^-21 with the 50-bit
   prime): the price of the larger template scale, paid once per coefficient and rotation,
   to the decider only. Checkpoints and compaction stay at one prime and use masks
   exactly uniform mod q0.
@@ -82,13 +87,19 @@ MAX_DIMENSION = 1024
 # Bound used for the accumulated noise of a stored ciphertext (units of the template scale
 # grid): far above six standard deviations after hundreds of re-encryptions.
 NOISE_BOUND_BITS = 12
+# A score prime of b bits is at least (1 - 2^-SCORE_PRIME_GAP_BITS) * 2^b: SEAL takes the
+# largest primes = 1 mod 2N below 2^b (2^32 - 139,263 for b = 32, N = 4096). The margins
+# are computed for that floor and checked on the actual prime (check_margin).
+SCORE_PRIME_GAP_BITS = 12
+# What the largest score coefficient must stay under q0/2 by.
+MIN_MARGIN = 1.9
 
 
 @dataclass(frozen=True)
 class HeParams:
     poly_modulus_degree: int = 4096
     coeff_mod_bit_sizes: tuple[int, ...] = (32, 30, 29)
-    template_scale_bits: int = 19
+    template_scale_bits: int = 20
     probe_scale_bits: int = 10
     probe_low_bits: int = 6  # a second probe digit (0: none, as before issue 14)
 
@@ -98,13 +109,13 @@ class HeParams:
             raise ValueError("need at least a score prime and a special prime")
         if bits[0] > MAX_SCORE_PRIME_BITS:
             raise ValueError(f"the score prime must have at most {MAX_SCORE_PRIME_BITS} bits")
-        # Scores up to 1 plus sign, with a factor 2 to spare, under the score prime.
-        if self.template_scale_bits + self.probe_scale_bits + 2 >= bits[0]:
+        # Scores up to 1 plus sign, and the low digit's score (|lo| <= 2^(low-1) per term,
+        # sum_j |lo_j t_j| <= 2^(low-1) * sqrt(D), Cauchy-Schwarz, |t| = 1), a factor
+        # MIN_MARGIN under q0/2 (see the module docstring).
+        half_q = score_prime_floor(bits[0]) / 2
+        if _high_score_bound(self) * MIN_MARGIN > half_q:
             raise ValueError("template and probe scales do not fit under the score prime")
-        # The low digit's score: |lo| <= 2^(low-1) per term, sum_j |lo_j t_j| <= 2^(low-1) *
-        # sqrt(D) (Cauchy-Schwarz, |t| = 1), sqrt(D) <= 2^5, under q0/4 > 2^(bits-3).
-        if self.probe_low_bits and (self.probe_low_bits - 1 + self.template_scale_bits + 5
-                                    > bits[0] - 3):
+        if self.probe_low_bits and _low_score_bound(self) * MIN_MARGIN > half_q:
             raise ValueError("the probe's low digit does not fit under the score prime")
         # Kernel accumulators: |s| * q * D below 2^63 (the 64-bit kernel: 2^21 * 2^26 * D).
         limit = 21 if bits[0] > UINT32_PRIME_BITS else 63 - UINT32_PRIME_BITS - 10 - 1
@@ -161,10 +172,11 @@ def fresh_noise_sigma(n: int) -> float:
     return math.sqrt((1 + 2 * n / 3) / 12)
 
 
-def budget(params: HeParams, reencryptions: int = 0) -> dict[str, float]:
+def budget(params: HeParams, reencryptions: int = 0, q0: int | None = None) -> dict[str, float]:
     """The score error budget (relative to a cosine of 1) and the margin to q0/2, for a
-    template that went through ``reencryptions`` blind re-encryptions. See the module
-    docstring; every figure is a standard deviation except the bounds."""
+    template that went through ``reencryptions`` blind re-encryptions, with score prime
+    ``q0`` (default: the floor the parameters assume). See the module docstring; every
+    figure is a standard deviation except the bounds."""
     dt, dp = params.template_scale, params.probe_scale
     low = params.probe_low_bits
     sigma = fresh_noise_sigma(params.poly_modulus_degree) * math.sqrt(1 + reencryptions)
@@ -172,19 +184,41 @@ def budget(params: HeParams, reencryptions: int = 0) -> dict[str, float]:
     probe_q = math.sqrt(1 / 12) / (dp * 2.0 ** low)
     template_q = math.sqrt(1 / 12) / dt
     total = math.sqrt(noise ** 2 + probe_q ** 2 + template_q ** 2)
-    largest = dt * dp * (1 + 2.0 ** -10) + 6 * sigma * dp
+    largest = _high_score_bound(params) + 6 * sigma * dp
     if low:
-        largest = max(largest, 2.0 ** (low - 1) * dt * math.sqrt(MAX_DIMENSION) * (1 + 2.0 ** -10))
-    half_q = 2.0 ** (params.coeff_mod_bit_sizes[0] - 2)  # q0 > 2^(bits-1)
+        largest = max(largest, _low_score_bound(params))
+    prime = float(q0 or score_prime_floor(params.coeff_mod_bit_sizes[0]))
     return {"noise_sigma_units": sigma, "noise": noise, "probe_quantisation": probe_q,
             "template_quantisation": template_q, "total": total, "bound_6_sigma": 6 * total,
-            "largest_coefficient": largest, "margin_to_half_q": half_q / largest,
-            "lift_statistical_distance": 2 * params.lift_margin / 2.0 ** (params.coeff_mod_bit_sizes[0] - 1)}
+            "largest_coefficient": largest, "margin_to_half_q": prime / 2 / largest,
+            "lift_statistical_distance": 2 * params.lift_margin / prime}
+
+
+def score_prime_floor(bits: int) -> int:
+    """The least score prime of ``bits`` bits the margins assume (see SCORE_PRIME_GAP_BITS)."""
+    return (1 << bits) - (1 << (bits - SCORE_PRIME_GAP_BITS))
+
+
+def check_margin(params: HeParams, q0: int) -> None:
+    """Refuse a context whose actual score prime leaves less than MIN_MARGIN under q0/2."""
+    if budget(params, q0=q0)["margin_to_half_q"] < MIN_MARGIN:
+        raise ValueError("the score prime is too small for these template and probe scales")
+
+
+def _high_score_bound(params: HeParams) -> float:
+    """|sum_j hi_j m_j| for unit t and p: Dt * Dp, plus the high digit's rounding."""
+    return params.template_scale * params.probe_scale * (1 + 2.0 ** -10)
+
+
+def _low_score_bound(params: HeParams) -> float:
+    """|sum_j lo_j m_j| <= 2^(low-1) * Dt * sqrt(D) (Cauchy-Schwarz, D <= MAX_DIMENSION)."""
+    return (2.0 ** (params.probe_low_bits - 1) * params.template_scale
+            * math.sqrt(MAX_DIMENSION) * (1 + 2.0 ** -10))
 
 
 DEFAULT_PARAMS = HeParams()
 # Six standard deviations of a score's CKKS and quantisation error after four blind
-# re-encryptions (1.6e-3 for the defaults): the tolerance of tests that compare decisions
+# re-encryptions (2.0e-4 for the defaults): the tolerance of tests that compare decisions
 # or released scores with plaintext cosine.
 SCORE_ERROR_BOUND = budget(DEFAULT_PARAMS, reencryptions=4)["bound_6_sigma"]
 # The parameters of key versions written before issue 14 (16 bytes per template-dimension).
