@@ -160,7 +160,8 @@ def serve(args: argparse.Namespace) -> int:
                         journal_pages=args.journal_pages, erase_after=args.erase_after,
                         workers=args.workers, maintenance_interval=args.maintenance_interval,
                         journal_quiet=args.journal_quiet, ray=ray_settings,
-                        lease_ttl=args.lease_ttl, refresh_interval=args.refresh_interval)
+                        lease_ttl=args.lease_ttl, refresh_interval=args.refresh_interval,
+                        memory_reserve=int(args.memory_reserve_mb * (1 << 20)))
         decider = None
         if args.decider == "process":  # the keys live in a child process, not here
             from vault.decider.process import ProcessDecider
@@ -627,6 +628,9 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
         ("--refresh-interval", "VAULT_REFRESH_INTERVAL", float, "0.5",
          ("replicas on one PostgreSQL store: seconds between a standby's reads of the "
           "primary's changes (an enrollment matches there within about this)")),
+        ("--memory-reserve-mb", "VAULT_MEMORY_RESERVE_MB", float, "1024",
+         ("MiB of the machine's memory imports and enrollments must leave available (the "
+          "gallery is held in memory); below it they are refused, 0 never")),
         ("--route-fraction", "VAULT_ROUTE_FRACTION", float, "0.15",
          ("share of clustered blocks a 1:N match scores, nearest the probe first (1 scores "
           "them all)")),

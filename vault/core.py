@@ -52,6 +52,7 @@ from vault.gallery.workers import EncryptionPool
 from vault.keys import envelope
 from vault.keys.integrity import Integrity, LiveSet
 from vault.keys.roles import HsmRoles
+from vault.memory import MemoryGuard
 from vault.protector import prepare
 from vault.store import Store
 from vault.validation import (
@@ -75,7 +76,9 @@ class Tuning:
     ``maintenance_interval``: seconds between maintenance passes (0: none; tests call
     :meth:`Vault.maintain`). ``workers``: encryption processes (0 or 1: in process).
     ``journal_quiet``: seconds a journal below ``journal_pages`` may sit unchanged (no
-    enrollment) before a pass checkpoints it anyway (0: never).
+    enrollment) before a pass checkpoints it anyway (0: never). ``memory_reserve``: bytes
+    of the machine's memory imports and enrollments must leave available (vault.memory;
+    0: no check; blocks in Ray shards are not counted).
     """
 
     routing: Routing = field(default_factory=Routing)
@@ -90,6 +93,7 @@ class Tuning:
     # and seconds between a standby's reads of the change feed.
     lease_ttl: float = 10.0
     refresh_interval: float = 0.5
+    memory_reserve: int = 0
 
 log = logs.get("vault.service")
 
@@ -124,6 +128,7 @@ class Core:
         self.attempts = Attempts(store, self.integrity, hsm, self.limits, clock, self.event)
         self.files: BlockStore = store.block_store(data_dir / "blocks")
         self.encryption = EncryptionPool(self.tuning.workers)
+        self.memory = MemoryGuard(0 if self.tuning.ray is not None else self.tuning.memory_reserve)
         # The key holder: a child process under `vault serve`, else in this process.
         self.decider: Decider = decider or Keeper(hsm, encrypt=self.encryption.encrypt)
         self.current_galleries: dict[str, CollectionGallery] = {}  # the current key version's

@@ -104,6 +104,8 @@ def _enroll(core: Core, collection_id: str, subject_id: str, embedding: Sequence
     if existing and not allow_new_face:
         existing = _same_face(core, collection_id, row, gallery, subject_hmac, template,
                                    credential)
+    # A journal page (both polynomials at every level, uint64), should a new one be needed.
+    core.memory.require(2 * gallery.params.levels * gallery.params.slots * 8, "an enrollment")
     with gallery.write_lock:
         if gallery.retired:
             return None

@@ -212,6 +212,9 @@ def store_chunk(core: Core, gallery: CollectionGallery, chunk: list[_Pending]) -
             leftover = leftover[take:]
         new_mixed = gallery.new_block_numbers(-(-len(leftover) // n))
         targets += [(b, MIXED, None, leftover[k * n:(k + 1) * n], 0) for k, b in enumerate(new_mixed)]
+        # Every block it writes is held in memory, and one more is built at a time.
+        block_bytes = templates.shape[1] * 2 * n * poly.residue_dtype(moduli[0]).itemsize
+        core.memory.require((len(targets) + 1) * block_bytes, f"an import chunk of {len(chunk)} templates")
 
         with BlockCommit(core, gallery) as unit:  # files, transaction, install, retire
             blocks: list[Block] = []
