@@ -79,3 +79,23 @@ def test_uniform_masks_cover_the_range(public) -> None:
     r = poly.uniform((200_000,), (q,))[0].astype(np.float64) / q
     assert r.max() < 1.0 and r.min() >= 0.0
     assert abs(r.mean() - 0.5) < 0.005 and abs(r.var() - 1 / 12) < 0.002
+
+
+def test_decrypting_a_few_positions_equals_seal_decryption(public, secret) -> None:
+    """SecretContext.decrypt_at (a 1:1's path) against SEAL's whole decryption, bit for bit:
+    uniform residues up to q0 - 1 (the accumulators' extremes), a fresh encryption of
+    known values, and the first and last coefficients (the negacyclic wrap)."""
+    rng = np.random.default_rng(3)
+    q, n = public.moduli[0], public.n
+    positions = np.array([0, 1, 17, n // 2, n - 2, n - 1])
+    uniform = rng.integers(0, q, (2, 1, n), dtype=np.uint64)
+    extreme = np.full((2, 1, n), q - 1, np.uint64)
+    values = rng.integers(-(2 ** 20), 2 ** 20, n)
+    plain = (values % q).astype(np.uint64)[None, None, :]
+    from vault.gallery import blocks
+    fresh = blocks.encrypt_plaintexts(public, plain)[0][:, :1]
+    for ct in (uniform, extreme, np.ascontiguousarray(fresh)):
+        whole = secret.decrypt(ct, False)[0]
+        assert np.array_equal(secret.decrypt_at(ct, positions), whole[positions])
+    got = poly.centered(secret.decrypt_at(np.ascontiguousarray(fresh), positions), q)
+    assert np.abs(got - values[positions]).max() < 2 ** 12  # the values, plus fresh noise

@@ -129,6 +129,7 @@ class SecretContext:
         self.public = PublicContext(b"", params, _ts_context=ctx)
         self._decryptor = sealapi.Decryptor(self.public._seal, ctx.secret_key().data)
         _seal.self_check(self.public._seal, self.public._encryptor, self._decryptor)
+        self._secret: np.ndarray | None = None  # s at the score prime, coefficients in {-1, 0, 1}
 
     def decrypt(self, ct: np.ndarray, ntt: bool) -> np.ndarray:
         """The plaintext coefficients (levels, N) of a ciphertext (2, levels, N)."""
@@ -139,3 +140,23 @@ class SecretContext:
         self._decryptor.decrypt(c, plain)
         flat = _seal.plaintext_array(plain)
         return self.public.from_ntt(flat.reshape(ct.shape[1], -1))
+
+    def decrypt_at(self, ct: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Coefficients ``positions`` of the plaintext of ``ct`` (2, 1, N), coefficient form at
+        the score prime: ``c0[i] + (c1 * s)[i] mod q0``, one negacyclic row of ``s`` per
+        position, without SEAL's transforms of whole polynomials. Equal to
+        ``decrypt(ct, False)[0][positions]`` (tests/he/test_context.py); cheaper for a few
+        positions (a 1:1), dearer for many (N^2 at every position)."""
+        q, n = self.public.moduli[0], self.public.n
+        if self._secret is None:
+            unit = np.zeros((2, 1, n), np.uint64)
+            unit[1, 0, 0] = 1  # decrypts to c0 + 1 * s = s
+            s = self.decrypt(unit, False)[0].astype(np.int64)
+            self._secret = np.where(s > q // 2, s - q, s)
+        pos = np.asarray(positions, np.int64)
+        j = np.arange(n)
+        # (c1 * s)[i] = sum_j c1[j] s[i - j], with s[i - j + N] = -s[i - j] where j > i.
+        rows = self._secret[(pos[:, None] - j) % n] * np.where(j <= pos[:, None], 1, -1)
+        c0, c1 = ct[0, 0].astype(np.int64), ct[1, 0].astype(np.int64)
+        out: np.ndarray = ((c0[pos] + rows @ c1) % q).astype(np.uint64)  # |sum| < 2^44
+        return out
