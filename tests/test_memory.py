@@ -72,6 +72,12 @@ def test_a_full_node_refuses_writes_stores_nothing_and_keeps_matching(tmp_path: 
         assert refused.value.code() == Code.RESOURCE_EXHAUSTED
         assert "second" not in refused.value.details()
         assert _count(stub) == 1
+        # A key rotation would hold a second copy of every block until its switch.
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.RotateCollectionKey(pb.RotateCollectionKeyRequest(collection_id="c"))
+        assert refused.value.code() == Code.RESOURCE_EXHAUSTED and "rotation" in refused.value.details()
+        versions = stub.ListKeyVersions(pb.ListKeyVersionsRequest(collection_id="c"))
+        assert list(versions.key_versions) == [1] and not versions.HasField("job")
         # Still serving: matches of what is stored, 1:1 and 1:N.
         probe = face[people[0]]
         assert stub.Match(pb.MatchRequest(collection_id="c", subject_id="first", embedding=probe)).matched

@@ -6,7 +6,7 @@ Per block of the old key version, as a background job:
 1. the matcher masks the block's D ciphertexts with integers uniform in
    [M, q0 - M), M = ``lift_margin`` above any plaintext coefficient;
 2. the decider decrypts them under the old secret key (it sees ``m + R``, within
-   statistical distance 2M/q0 = 2^-14 per coefficient of uniform, 2^-21 for a legacy
+   statistical distance 2M/q0 = 2^-11 per coefficient of uniform, 2^-21 for a legacy
    50-bit prime), reduces each value mod both data primes of the new key and encrypts it
    afresh under the **new** public key: a blind key switch that also lifts the
    ciphertexts from the score prime to both primes;
@@ -43,7 +43,8 @@ from vault.decider import Moves
 from vault.domain.errors import FailedPrecondition, NotFound, VaultError
 from vault.domain.records import BLOCK, FAILED, LIVE, RUNNING, CollectionKeyRow, KeyJobRow
 from vault.gallery import CollectionGallery
-from vault.he import linear
+from vault.he import HeParams, linear
+from vault.he.params import UINT32_PRIME_BITS
 from vault.ops.commit import BlockCommit
 from vault.ops.maintenance import checkpoint
 
@@ -69,6 +70,9 @@ def start(core: Core, collection_id: str) -> KeyJobRow:
             return resumed
         new_version = row.key_version + 1
         params = core.params  # the current layout: a rotation migrates an older one
+        core.memory.require(len(gallery.blocks) * _block_bytes(gallery, params),
+                            "a key rotation of this collection (its new key version's blocks "
+                            "are held next to the old ones until the switch)")
         public, sealed = core.decider.create_key(collection_id, new_version, params)
         params_json = params.to_json()
         job = KeyJobRow(uuid.uuid4().hex, collection_id, row.key_version, new_version, RUNNING, 0,
@@ -81,6 +85,12 @@ def start(core: Core, collection_id: str) -> KeyJobRow:
     log.info("key rotation started", collection_id=collection_id, version=new_version,
              blocks_total=job.blocks_total)
     return job
+
+
+def _block_bytes(gallery: CollectionGallery, params: HeParams) -> int:
+    """Memory one block of ``gallery`` takes under ``params`` (c0 and c1 at the score prime)."""
+    prime_bits = params.coeff_mod_bit_sizes[0]
+    return gallery.dimension * 2 * params.slots * (4 if prime_bits <= UINT32_PRIME_BITS else 8)
 
 
 def launch(core: Core, job: KeyJobRow) -> None:
@@ -144,6 +154,8 @@ def move_block(core: Core, job: KeyJobRow, old: CollectionGallery, new: Collecti
     """Move one block to the new key version (see the module docstring)."""
     cid = job.collection_id
     moduli = new.ctx.moduli
+    # Short of memory, the job pauses (run() retries) rather than the OOM killer ending it.
+    core.memory.require(_block_bytes(new, new.params), "a key rotation's next block")
     with old.block_lock:
         block = old.blocks.get(block_no)
         if block is None or old.retired:
