@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from tests.he.conftest import unit
 from vault import he
@@ -14,15 +15,17 @@ from vault.he import linear, poly
 def test_matmul_mod_is_exact() -> None:
     rng = np.random.default_rng(0)
     for q in (1125899906826241, 1073692673):
-        m = rng.integers(-(2 ** 31) + 1, 2 ** 31, (40, 300))
-        m[0, :] = 2 ** 31 - 1
-        m[1, :] = -(2 ** 31) + 1
+        m = rng.integers(-(2 ** 36) + 1, 2 ** 36, (40, 300))
+        m[0, :] = 2 ** 36 - 1  # the bound, both signs, against residues q - 1 over D terms
+        m[1, :] = -(2 ** 36) + 1
         x = rng.integers(0, q, (300, 17), dtype=np.uint64)
         x[:, 0] = q - 1
         got = linear.matmul_mod(m, x, q)
         for i in (0, 1, 7, 39):
             for k in (0, 5, 16):
                 assert int(got[i, k]) == sum(int(a) * int(b) for a, b in zip(m[i], x[:, k])) % q
+    with pytest.raises(ValueError, match="too large"):
+        linear.matmul_mod(np.full((1, 3), 2 ** 36), np.ones((3, 1), np.uint64), 1073692673)
 
 
 def test_rotating_and_rescaling_a_block_rotates_its_templates(public, secret) -> None:

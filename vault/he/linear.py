@@ -5,9 +5,9 @@ D x D matrix of signed integers (the orthogonal change of transform, scaled by t
 rotation prime) and then divides by that prime (rescale), keeping the templates' scale.
 
 The product is computed exactly mod each prime with float64 matrix products (BLAS):
-residues are split into limbs of at most 18 bits and the matrix into limbs of 16 bits, so
-every partial product and every sum over D <= 1,024 terms stays below 2^53, where
-float64 integers are exact.
+residues are split into limbs of 17 bits and the matrix into a low limb of 16 bits and a
+signed high limb (below 2^20 for entries below 2^36), so every partial product and every
+sum over D <= 1,024 terms stays below 2^47, where float64 integers are exact.
 """
 
 from __future__ import annotations
@@ -34,9 +34,10 @@ def _mulmod_scalar(x: np.ndarray, factor: int, q: int) -> np.ndarray:
 
 
 def matmul_mod(matrix: np.ndarray, x: np.ndarray, q: int) -> np.ndarray:
-    """``matrix @ x mod q`` exactly: ``matrix`` (R, D) signed integers below 2^31 in
-    magnitude, ``x`` (D, M) residues mod ``q < 2^52``; returns (R, M) residues."""
-    if matrix.shape[1] > 1024 or np.abs(matrix).max(initial=0) >= 2 ** 31:
+    """``matrix @ x mod q`` exactly: ``matrix`` (R, D) signed integers below 2^36 in
+    magnitude (a rotation that doubles the template scale takes entries up to 2 * q1 =
+    2^31), ``x`` (D, M) residues mod ``q < 2^52``; returns (R, M) residues."""
+    if matrix.shape[1] > 1024 or np.abs(matrix).max(initial=0) >= 2 ** 36:
         raise ValueError("matrix too large for an exact product")
     res_limbs = -(-int(q - 1).bit_length() // _RES_LIMB)
     xs = _limbs(np.ascontiguousarray(x, np.uint64), _RES_LIMB, res_limbs)
@@ -46,7 +47,7 @@ def matmul_mod(matrix: np.ndarray, x: np.ndarray, q: int) -> np.ndarray:
     acc = np.zeros((m.shape[0], x.shape[1]), np.uint64)
     for mi, mat in enumerate((low, high)):
         for xi, limb in enumerate(xs):
-            part = np.rint(mat @ limb).astype(np.int64)  # exact: |part| < 2^16 * 2^18 * 2^10
+            part = np.rint(mat @ limb).astype(np.int64)  # exact: |part| < 2^20 * 2^17 * 2^10
             residue = np.mod(part, np.int64(q)).astype(np.uint64)
             shift = _MAT_LIMB * mi + _RES_LIMB * xi
             if shift:
