@@ -1,6 +1,6 @@
-"""The machine's memory, as the gallery sees it: imports and enrollments are refused
-(``RESOURCE_EXHAUSTED``) before they would leave less than a reserve free, instead of the
-kernel's OOM killer ending the vault in the middle of a write.
+"""The machine's memory, as the gallery sees it: imports, enrollments and key rotations
+are refused (``RESOURCE_EXHAUSTED``) before they would leave less than a reserve free,
+instead of the kernel's OOM killer ending the vault in the middle of a write.
 
 The gallery holds every block in memory (16 MiB per 4,096 512-d templates), so the
 largest gallery a node serves is set by its memory; the reserve keeps room for what a

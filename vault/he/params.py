@@ -52,8 +52,8 @@ t and p unit vectors, scores relative to a cosine of 1; :func:`budget` computes 
   noise = 2^30; the low digit's ``|sum lo_j m_j| <= 2^(6-1) * Dt * sqrt(D)``
   (Cauchy-Schwarz, D <= 1024) = 2^30. Against q0/2 = 2^31 - 69,632 (SEAL's prime): a
   factor of 2. The score prime is the largest NTT prime of its size SEAL finds below 2^32,
-  so the margins are computed for that prime (:data:`SCORE_PRIME_FLOOR`, within 2^-12 of
-  2^bits) and checked again on the actual one when a context is made
+  so the margins are computed for a floor within 2^-12 of 2^bits
+  (:func:`score_prime_floor`) and checked again on the actual one when a context is made
   (:func:`check_margin`). The decider centres each residue in (-q0/2, q0/2] and adds
   ``hi + lo / 2^6``.
 - *Kernel accumulators*: ``|hi_j| <= 2^10``, ``|lo_j| <= 2^5``, residues below 2^32, D <=
