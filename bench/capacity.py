@@ -16,7 +16,6 @@ and matched again. Prints a table, writes JSON and a PNG.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
@@ -25,7 +24,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from common import TRUSTED_ENV, clustered, machine, sample_of, stats, timed  # isort: skip
+from common import (TRUSTED_ENV, arguments, clustered, machine, sample_of, save_figure,  # isort: skip
+                    stats, timed)
 from vault import logs
 from vault.memory import available_bytes
 from vault.progress import Progress
@@ -188,14 +188,11 @@ def plot(r: dict, path: Path) -> None:
     ax.set_title(f"capacity: filled until refused; largest served {r['largest_served']:,}")
     ax.grid(True, alpha=0.3)
     fig.legend(loc="upper left", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arguments(__doc__)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--step", type=int, default=500_000)
     parser.add_argument("--max", type=int, default=50_000_000)

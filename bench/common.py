@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import sys
@@ -82,3 +83,17 @@ def machine() -> dict:
     return {"cpus": os.cpu_count(), "cpu": cpu, "memory_mb": mem, "platform": platform.platform(),
             "python": platform.python_version(), "versions": versions,
             "note": "shared development machine: read medians and ratios"}
+
+
+def arguments(doc: str | None) -> argparse.ArgumentParser:
+    """A benchmark's argument parser, its module docstring as the help text."""
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def save_figure(fig, path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Lay out, write as a PNG and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -16,7 +16,6 @@ result in the output folder.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
@@ -25,8 +24,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from common import (TRUSTED_ENV, clustered, dir_bytes, machine, peak_rss_mb,  # isort: skip
-                    sample_of, stats, timed)
+from common import (TRUSTED_ENV, arguments, clustered, dir_bytes, machine,  # isort: skip
+                    peak_rss_mb, sample_of, save_figure, stats, timed)
 from vault import logs
 from vault.gallery import Routing
 from vault.gallery.prefilter import balanced_clusters, sketch
@@ -293,14 +292,11 @@ def plot(folder: Path, path: Path) -> None:
     ax.set_title("1:N identification: encrypted vault vs plaintext, same machine, same run")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arguments(__doc__)
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--queries", type=int, default=200)

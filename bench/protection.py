@@ -34,7 +34,6 @@ the run, for collection "a" at key versions 1 and 2 and collection "b" at versio
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
@@ -42,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import machine  # isort: skip
+from common import arguments, machine, save_figure  # isort: skip
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "lfw-dlib128.npz"
 
@@ -408,14 +407,11 @@ def plot(r: dict, path: Path) -> None:
         ax.set_xlabel("cosine between the two templates")
         ax.legend(fontsize=8)
     fig.suptitle("Linking a face across protected templates, LFW dlib-128")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arguments(__doc__)
     parser.add_argument("--nonmated", type=int, default=200_000)
     parser.add_argument("--seed", type=int, default=2018)
     parser.add_argument("--key-pairs", type=int, default=20,
