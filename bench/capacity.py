@@ -187,7 +187,7 @@ def plot(r: dict, path: Path) -> None:
     ax2.set_ylabel("Identify p50 (ms)")
     ax.set_title(f"capacity: filled until refused; largest served {r['largest_served']:,}")
     ax.grid(True, alpha=0.3)
-    fig.legend(loc="upper left", fontsize=7)
+    fig.legend(loc="center left", bbox_to_anchor=(0.1, 0.55), fontsize=7)
     save_figure(fig, path)
 
 
