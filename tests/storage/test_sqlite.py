@@ -83,3 +83,25 @@ def test_a_version_without_migration_is_refused(tmp_path: Path) -> None:
         db.execute("PRAGMA user_version=1")
     with pytest.raises(Unavailable, match="version 1 has no migration"):
         Store(path)
+
+
+def _plan(path: Path) -> str:
+    with sqlite3.connect(path) as db:
+        return " ".join(str(r[-1]) for r in db.execute(
+            "EXPLAIN QUERY PLAN SELECT DISTINCT tier, loc FROM templates WHERE collection_id=? "
+            "AND key_version=? AND state = 2 AND erased = 0", ("c", 1)))
+
+
+def test_tombstones_are_found_without_scanning_every_template(tmp_path: Path) -> None:
+    """The maintenance pass's look for unerased tombstones reads the partial index (it
+    scanned every row: 0.6 s at a million templates, every few seconds), and a
+    version-4 database gets the index when it opens."""
+    path = tmp_path / "vault.db"
+    Store(path).close()
+    assert "templates_unerased" in _plan(path)
+    with sqlite3.connect(path) as db:
+        db.execute("DROP INDEX templates_unerased")
+        db.execute("PRAGMA user_version=4")
+    assert "templates_unerased" not in _plan(path)
+    Store(path).close()
+    assert "templates_unerased" in _plan(path) and _version(path) == 5

@@ -38,7 +38,7 @@ from vault.storage.errors import CommitUnknown
 
 SCHEMA_VERSION = sqlite.SCHEMA_VERSION
 # _MIGRATIONS[v]: the statements that take a PostgreSQL database from version v to v + 1.
-_MIGRATIONS: dict[int, tuple[str, ...]] = {}
+_MIGRATIONS: dict[int, tuple[str, ...]] = {4: (sqlite.UNERASED_INDEX,)}
 log = logs.get("vault.storage")
 
 # The advisory lock every write transaction holds ("vault" in ASCII).

@@ -10,13 +10,21 @@ from pathlib import Path
 from typing import Any
 
 from vault.domain.errors import ResourceExhausted, Unavailable
+from vault.domain.records import DELETED
 
 # The schema's version, kept in SQLite's header (PRAGMA user_version). A database at an
 # older version is brought up to it by _MIGRATIONS, in the transaction that opens it;
 # a newer one is refused (this vault would not know what the new columns mean).
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
+# Tombstones whose values are still in a ciphertext (DELETED, not yet erased):
+# the maintenance pass and the metrics look them up every few seconds, and without this
+# index each look scanned every row of the collection (0.6 s at a million, on a core).
+# Partial, so it holds only the tombstones; the query names the same literals
+# (TemplateRecords.unerased), as a partial index needs.
+UNERASED_INDEX = ("CREATE INDEX IF NOT EXISTS templates_unerased ON templates "
+                  f"(collection_id, key_version, tier, loc) WHERE state = {DELETED:d} AND erased = 0")
 # _MIGRATIONS[v]: the statements that take a database from version v to v + 1.
-_MIGRATIONS: dict[int, tuple[str, ...]] = {}
+_MIGRATIONS: dict[int, tuple[str, ...]] = {4: (UNERASED_INDEX,)}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -70,6 +78,7 @@ CREATE TABLE IF NOT EXISTS templates (
 CREATE UNIQUE INDEX IF NOT EXISTS templates_by_request ON templates (request_hmac, key_version);
 CREATE INDEX IF NOT EXISTS templates_by_subject ON templates (collection_id, subject_hmac);
 CREATE INDEX IF NOT EXISTS templates_by_place ON templates (collection_id, key_version, tier, loc, slot);
+""" + UNERASED_INDEX + """;
 CREATE TABLE IF NOT EXISTS pages (
   collection_id TEXT NOT NULL,
   key_version INTEGER NOT NULL,
