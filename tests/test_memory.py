@@ -40,7 +40,7 @@ def test_the_guard_refuses_what_would_cross_the_reserve() -> None:
     MemoryGuard(0).require(1 << 60, "anything")  # 0: never refuses
     MemoryGuard(1 << 20).require(1 << 20, "a small write")
     with pytest.raises(ResourceExhausted, match="memory is full.*nothing was stored"):
-        MemoryGuard(1 << 20).require(free, "a write of all there is")
+        MemoryGuard(1 << 20).require(free + (1 << 30), "more than there is")
 
 
 def _count(stub) -> int:  # type: ignore[no-untyped-def]
@@ -59,7 +59,7 @@ def test_a_full_node_refuses_writes_stores_nothing_and_keeps_matching(tmp_path: 
         stub.Enroll(pb.EnrollRequest(collection_id="c", subject_id="first", embedding=face[people[0]]))
     items = [pb.ImportItem(subject_id=f"s{k}", embedding=face[p], request_id=f"r{k}")
              for k, p in enumerate(people[1:])]
-    full = ServerProcess(data, env={"VAULT_MEMORY_RESERVE_MB": str(1 << 40)})  # a yottabyte
+    full = ServerProcess(data, env={"VAULT_MEMORY_RESERVE_MB": str(1 << 40)})  # 2^40 MiB: an exbibyte
     with full, full.channel() as channel:
         stub = vault_pb2_grpc.TemplateVaultStub(channel)
         with pytest.raises(grpc.RpcError) as refused:

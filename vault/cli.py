@@ -630,7 +630,8 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
           "primary's changes (an enrollment matches there within about this)")),
         ("--memory-reserve-mb", "VAULT_MEMORY_RESERVE_MB", float, "1024",
          ("MiB of the machine's memory imports and enrollments must leave available (the "
-          "gallery is held in memory); below it they are refused, 0 never")),
+          "gallery is held in memory); below it they are refused, 0 never; not applied with "
+          "--ray-address, whose shards hold the blocks on other nodes")),
         ("--route-fraction", "VAULT_ROUTE_FRACTION", float, "0.15",
          ("share of clustered blocks a 1:N match scores, nearest the probe first (1 scores "
           "them all)")),

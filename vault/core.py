@@ -77,8 +77,8 @@ class Tuning:
     :meth:`Vault.maintain`). ``workers``: encryption processes (0 or 1: in process).
     ``journal_quiet``: seconds a journal below ``journal_pages`` may sit unchanged (no
     enrollment) before a pass checkpoints it anyway (0: never). ``memory_reserve``: bytes
-    of the machine's memory imports and enrollments must leave available (vault.memory;
-    0: no check; blocks in Ray shards are not counted).
+    of the machine's memory imports, enrollments and key rotations must leave available
+    (vault.memory; 0: no check; not applied at all when Ray shards hold the blocks).
     """
 
     routing: Routing = field(default_factory=Routing)

@@ -5,7 +5,9 @@ instead of the kernel's OOM killer ending the vault in the middle of a write.
 The gallery holds every block in memory (16 MiB per 4,096 512-d templates), so the
 largest gallery a node serves is set by its memory; the reserve keeps room for what a
 running vault needs besides (an import chunk's buffers, a restart's reads, the decider).
-Blocks held by Ray shards live on other nodes and are not counted here.
+With Ray shards the blocks live on other nodes and the guard is off (vault.core). The
+cgroup read is the one mounted at /sys/fs/cgroup (a container's own); a limit set on a
+parent cgroup of a host service is not seen.
 """
 
 from __future__ import annotations

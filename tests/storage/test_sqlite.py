@@ -10,6 +10,7 @@ import pytest
 
 from vault.domain.errors import Unavailable
 from vault.storage import sqlite as schema
+from vault.storage.templates import UNERASED_QUERY
 from vault.store import Store
 
 
@@ -86,10 +87,8 @@ def test_a_version_without_migration_is_refused(tmp_path: Path) -> None:
 
 
 def _plan(path: Path) -> str:
-    with sqlite3.connect(path) as db:
-        return " ".join(str(r[-1]) for r in db.execute(
-            "EXPLAIN QUERY PLAN SELECT DISTINCT tier, loc FROM templates WHERE collection_id=? "
-            "AND key_version=? AND state = 2 AND erased = 0", ("c", 1)))
+    with sqlite3.connect(path) as db:  # the query TemplateRecords.unerased runs
+        return " ".join(str(r[-1]) for r in db.execute(f"EXPLAIN QUERY PLAN {UNERASED_QUERY}", ("c", 1)))
 
 
 def test_tombstones_are_found_without_scanning_every_template(tmp_path: Path) -> None:

@@ -133,7 +133,9 @@ class SecretKeys:
     def forget(self, collection_id: str, key_version: int) -> None:
         """Drop one key version's secret context."""
         with self._lock:
-            self._contexts.pop((collection_id, key_version), None)
+            ctx = self._contexts.pop((collection_id, key_version), None)
+        if ctx is not None:
+            ctx.wipe()
 
     def _context(self, collection_id: str, key_version: int) -> SecretContext:
         with self._lock:

@@ -148,15 +148,32 @@ class SecretContext:
         ``decrypt(ct, False)[0][positions]`` (tests/he/test_context.py); cheaper for a few
         positions (a 1:1), dearer for many (N^2 at every position)."""
         q, n = self.public.moduli[0], self.public.n
+        if not self.direct_decryption:
+            whole: np.ndarray = self.decrypt(ct, False)[0]
+            return whole[np.asarray(positions, np.int64)]
         if self._secret is None:
             unit = np.zeros((2, 1, n), np.uint64)
             unit[1, 0, 0] = 1  # decrypts to c0 + 1 * s = s
             s = self.decrypt(unit, False)[0].astype(np.int64)
-            self._secret = np.where(s > q // 2, s - q, s)
+            s[s > q // 2] -= q  # centred in place: one copy of s, wiped by wipe()
+            self._secret = s
         pos = np.asarray(positions, np.int64)
         j = np.arange(n)
         # (c1 * s)[i] = sum_j c1[j] s[i - j], with s[i - j + N] = -s[i - j] where j > i.
         rows = self._secret[(pos[:, None] - j) % n] * np.where(j <= pos[:, None], 1, -1)
         c0, c1 = ct[0, 0].astype(np.int64), ct[1, 0].astype(np.int64)
-        out: np.ndarray = ((c0[pos] + rows @ c1) % q).astype(np.uint64)  # |sum| < 2^44
+        out: np.ndarray = ((c0[pos] + rows @ c1) % q).astype(np.uint64)  # |sum| < q * N < 2^62
+        rows.fill(0)
         return out
+
+    @property
+    def direct_decryption(self) -> bool:
+        """Whether :meth:`decrypt_at` computes in int64 (N residues below q summed: q * N
+        below 2^62; the 32-bit layout, not the 50-bit one), else it decrypts whole."""
+        return self.public.moduli[0].bit_length() + self.public.n.bit_length() <= 62
+
+    def wipe(self) -> None:
+        """Zero the coefficient copy of s that :meth:`decrypt_at` keeps (on forget)."""
+        if self._secret is not None:
+            self._secret.fill(0)
+            self._secret = None

@@ -35,15 +35,15 @@ def _mulmod_scalar(x: np.ndarray, factor: int, q: int) -> np.ndarray:
 
 def matmul_mod(matrix: np.ndarray, x: np.ndarray, q: int) -> np.ndarray:
     """``matrix @ x mod q`` exactly: ``matrix`` (R, D) signed integers below 2^36 in
-    magnitude (a rotation that doubles the template scale takes entries up to 2 * q1 =
-    2^31), ``x`` (D, M) residues mod ``q < 2^52``; returns (R, M) residues."""
+    magnitude (a rotation's change of transform takes up to q1 times the ratio of its
+    template scales), ``x`` (D, M) residues mod ``q < 2^52``; returns (R, M) residues."""
     if matrix.shape[1] > 1024 or np.abs(matrix).max(initial=0) >= 2 ** 36:
         raise ValueError("matrix too large for an exact product")
     res_limbs = -(-int(q - 1).bit_length() // _RES_LIMB)
     xs = _limbs(np.ascontiguousarray(x, np.uint64), _RES_LIMB, res_limbs)
     m = np.asarray(matrix, np.int64)
     low = (m & ((1 << _MAT_LIMB) - 1)).astype(np.float64)  # in [0, 2^16)
-    high = (m >> _MAT_LIMB).astype(np.float64)  # signed, |high| <= 2^15
+    high = (m >> _MAT_LIMB).astype(np.float64)  # signed, |high| <= 2^20
     acc = np.zeros((m.shape[0], x.shape[1]), np.uint64)
     for mi, mat in enumerate((low, high)):
         for xi, limb in enumerate(xs):

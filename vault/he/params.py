@@ -20,7 +20,8 @@ below 2^32, so c0 and c1 are stored, held in memory and streamed by the scoring 
 uint32: a 512-d template is 4 KiB of residues (16 bytes per dimension with the 50-bit
 prime before). The rotation prime is used while a transform rotation runs: a blind
 re-encryption under the new key lifts the ciphertexts to both primes, the rotation (a
-linear map with 30-bit integers) is applied, and a rescale by q1 brings them back down.
+linear map with integers up to q1 times the ratio of template scales: 2^31 from 2^19 to
+2^20) is applied, and a rescale by q1 brings them back down.
 
 **Noise and precision budget** (defaults; ``Dt = 2^20`` template scale, probe in two
 digits ``hi`` at ``Dp = 2^10`` and ``lo`` at 2^6 below it (:func:`vault.he.poly.probe_digits`),
@@ -48,10 +49,10 @@ t and p unit vectors, scores relative to a cosine of 1; :func:`budget` computes 
 - *Total*: std 1.5e-5 for a fresh template (3.3e-5 at r = 4, 4.4e-5 at r = 8); six
   standard deviations (9.1e-5 fresh, 2.0e-4 at r = 4) stay far under the release
   precision (2 decimals) and the decision noise (+-0.005).
-- *Margin to q0/2*: the high digit's score ``|sum hi_j m_j| <= Dt * Dp * (1 + 2^-10)`` +
-  noise = 2^30; the low digit's ``|sum lo_j m_j| <= 2^(6-1) * Dt * sqrt(D)``
+- *Margin to q0/2*: the high digit's score ``|sum hi_j m_j| <= |hi| |m| <= (Dp +
+  sqrt(D)/2) * Dt`` (the digit's rounding, D <= 1024) + noise = 2^30 (1 + 2^-6); the low digit's ``|sum lo_j m_j| <= 2^(6-1) * Dt * sqrt(D)``
   (Cauchy-Schwarz, D <= 1024) = 2^30. Against q0/2 = 2^31 - 69,632 (SEAL's prime): a
-  factor of 2. The score prime is the largest NTT prime of its size SEAL finds below 2^32,
+  factor of 1.97. The score prime is the largest NTT prime of its size SEAL finds below 2^32,
   so the margins are computed for a floor within 2^-12 of 2^bits
   (:func:`score_prime_floor`) and checked again on the actual one when a context is made
   (:func:`check_margin`). The decider centres each residue in (-q0/2, q0/2] and adds
@@ -206,8 +207,10 @@ def check_margin(params: HeParams, q0: int) -> None:
 
 
 def _high_score_bound(params: HeParams) -> float:
-    """|sum_j hi_j m_j| for unit t and p: Dt * Dp, plus the high digit's rounding."""
-    return params.template_scale * params.probe_scale * (1 + 2.0 ** -10)
+    """|sum_j hi_j m_j| <= |hi| |m| for unit t and p: |hi| <= Dp + sqrt(D) / 2 (the
+    rounding of D values, D <= MAX_DIMENSION), |m| about Dt."""
+    return (params.template_scale
+            * (params.probe_scale + math.sqrt(MAX_DIMENSION) / 2) * (1 + 2.0 ** -10))
 
 
 def _low_score_bound(params: HeParams) -> float:

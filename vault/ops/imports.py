@@ -200,6 +200,11 @@ def store_chunk(core: Core, gallery: CollectionGallery, chunk: list[_Pending]) -
     ids = [uuid.uuid4().hex for _ in chunk]
     with gallery.block_lock:
         clusters, leftover = balanced_clusters(templates, n)
+        # Every block it writes is held in memory (at most one per cluster, the mixed tail
+        # and new mixed blocks), and one more is built at a time: checked before numbering.
+        block_bytes = templates.shape[1] * 2 * n * poly.residue_dtype(moduli[0]).itemsize
+        most = len(clusters) + 1 + -(-len(leftover) // n) + 1
+        core.memory.require(most * block_bytes, f"an import chunk of {len(chunk)} templates")
         # (block_no, kind, block it extends or None, members, first slot)
         targets: list[tuple[int, int, Block | None, np.ndarray, int]] = [(b, CLUSTERED, None, m, 0)
                    for b, m in zip(gallery.new_block_numbers(len(clusters)), clusters)]
@@ -212,9 +217,6 @@ def store_chunk(core: Core, gallery: CollectionGallery, chunk: list[_Pending]) -
             leftover = leftover[take:]
         new_mixed = gallery.new_block_numbers(-(-len(leftover) // n))
         targets += [(b, MIXED, None, leftover[k * n:(k + 1) * n], 0) for k, b in enumerate(new_mixed)]
-        # Every block it writes is held in memory, and one more is built at a time.
-        block_bytes = templates.shape[1] * 2 * n * poly.residue_dtype(moduli[0]).itemsize
-        core.memory.require((len(targets) + 1) * block_bytes, f"an import chunk of {len(chunk)} templates")
 
         with BlockCommit(core, gallery) as unit:  # files, transaction, install, retire
             blocks: list[Block] = []

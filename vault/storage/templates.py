@@ -23,6 +23,11 @@ _BLOCK_UPSERT = upsert("blocks", ("collection_id", "key_version", "block_no", "k
                        ("collection_id", "key_version", "block_no"))
 
 
+# Literals, not parameters: the partial index templates_unerased (vault.storage.sqlite) is
+# used only by a query whose terms name its own.
+UNERASED_QUERY = ("SELECT DISTINCT tier, loc FROM templates WHERE collection_id=? "
+                  f"AND key_version=? AND state = {DELETED:d} AND erased = 0")
+
 class TemplateRecords(AttemptRecords):
     """Rows about templates and their holders; every change goes through the ledger."""
 
@@ -73,10 +78,7 @@ class TemplateRecords(AttemptRecords):
     def unerased(self, collection_id: str, key_version: int) -> list[tuple[int, int]]:
         """(tier, loc) of the pages and blocks still holding values of deleted templates
         (a tombstone row stays until its values are erased, then goes)."""
-        # Literals, not parameters: the partial index templates_unerased needs them.
-        return self._query("SELECT DISTINCT tier, loc FROM templates WHERE collection_id=? "
-                           f"AND key_version=? AND state = {DELETED:d} AND erased = 0",
-                           (collection_id, key_version))
+        return self._query(UNERASED_QUERY, (collection_id, key_version))
 
     def max_loc(self, collection_id: str, key_version: int, tier: int) -> int:
         """The highest page or block number any row names (-1 if none): template rows and
