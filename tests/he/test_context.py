@@ -96,11 +96,11 @@ def test_decrypting_a_few_positions_equals_seal_decryption(public, secret) -> No
     fresh = blocks.encrypt_plaintexts(public, plain)[0][:, :1]
     for ct in (uniform, extreme, np.ascontiguousarray(fresh)):
         whole = secret.decrypt(ct, False)[0]
-        assert np.array_equal(secret.decrypt_at(ct, positions), whole[positions])
-    got = poly.centered(secret.decrypt_at(np.ascontiguousarray(fresh), positions), q)
+        assert np.array_equal(secret.decrypt_at(ct, False, positions), whole[positions])
+    got = poly.centered(secret.decrypt_at(np.ascontiguousarray(fresh), False, positions), q)
     assert np.abs(got - values[positions]).max() < 2 ** 12  # the values, plus fresh noise
     secret.wipe()  # the copy of s goes; the next call makes it again
-    assert np.array_equal(secret.decrypt_at(uniform, positions),
+    assert np.array_equal(secret.decrypt_at(uniform, False, positions),
                           secret.decrypt(uniform, False)[0][positions])
 
 
@@ -113,4 +113,4 @@ def test_the_50_bit_layout_is_decrypted_whole_where_int64_could_overflow() -> No
     assert not legacy.direct_decryption and q.bit_length() + n.bit_length() > 62
     ct = np.random.default_rng(4).integers(0, q, (2, 1, n), dtype=np.uint64)
     positions = np.array([0, 5, n - 1])
-    assert np.array_equal(legacy.decrypt_at(ct, positions), legacy.decrypt(ct, False)[0][positions])
+    assert np.array_equal(legacy.decrypt_at(ct, False, positions), legacy.decrypt(ct, False)[0][positions])

@@ -48,9 +48,6 @@ SCORE_DECIMALS = 2
 DECISION_NOISE = 0.005
 NOISE_BOUND = DECISION_NOISE  # released scores carry the decision's noise, then rounding
 MAX_TOP_K = 10
-# Up to this many declared positions, a score ciphertext is decrypted at those positions
-# alone (SecretContext.decrypt_at: a 1:1 names a subject's few slots), else whole.
-DIRECT_POSITIONS = 32
 
 
 @dataclass(frozen=True)
@@ -160,9 +157,7 @@ class SecretKeys:
         for index, part in enumerate(parts):
             if part.positions.size == 0:
                 continue
-            direct = not part.ntt and part.positions.size <= DIRECT_POSITIONS
-            plains = [ctx.decrypt_at(ct, part.positions) if direct
-                      else ctx.decrypt(ct, part.ntt)[0][part.positions]
+            plains = [ctx.decrypt_at(ct, part.ntt, part.positions)
                       for ct in (part.data, part.low) if ct is not None]
             values.append(poly.combine_digits(plains, q, params.probe_low_bits) / scale)
             groups.append(part.groups.astype(np.int64))

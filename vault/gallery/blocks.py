@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from vault.he import PublicContext, kernels, poly
+from vault.he import HeParams, PublicContext, kernels, poly
 
 
 @dataclass
@@ -36,6 +36,13 @@ class Block:
     digest: bytes = field(repr=False)  # SHA-256 of the block file
     groups: np.ndarray = field(repr=False)  # (N,) int32: subject group of a live slot, else -1
     centroid: np.ndarray | None = field(default=None, repr=False)  # pre-filter sketch
+
+
+def held_bytes(dimension: int, params: HeParams) -> int:
+    """Memory one block takes as held (c0 and c1 at the score prime, in the residue type
+    :func:`vault.he.poly.residue_dtype` gives any prime of that many bits)."""
+    itemsize = poly.residue_dtype((1 << params.coeff_mod_bit_sizes[0]) - 1).itemsize
+    return dimension * 2 * params.slots * itemsize
 
 
 def dimension_major_plaintexts(templates: np.ndarray, first_slot: int, n: int, scale: float,

@@ -17,6 +17,10 @@ from tenseal import sealapi
 from vault.he import _seal
 from vault.he.params import HeParams, check_margin
 
+# Up to this many positions, decrypt_at computes them alone (a 1:1 names a subject's few
+# slots); beyond, one whole decryption is cheaper.
+DIRECT_POSITIONS = 32
+
 
 def generate(params: HeParams) -> tuple[bytes, bytes]:
     """A fresh key pair: (secret context bytes, public context bytes).
@@ -141,23 +145,24 @@ class SecretContext:
         flat = _seal.plaintext_array(plain)
         return self.public.from_ntt(flat.reshape(ct.shape[1], -1))
 
-    def decrypt_at(self, ct: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """Coefficients ``positions`` of the plaintext of ``ct`` (2, 1, N), coefficient form at
-        the score prime: ``c0[i] + (c1 * s)[i] mod q0``, one negacyclic row of ``s`` per
-        position, without SEAL's transforms of whole polynomials. Equal to
-        ``decrypt(ct, False)[0][positions]`` (tests/he/test_context.py); cheaper for a few
-        positions (a 1:1), dearer for many (N^2 at every position)."""
+    def decrypt_at(self, ct: np.ndarray, ntt: bool, positions: np.ndarray) -> np.ndarray:
+        """Coefficients ``positions`` of the plaintext of ``ct`` (2, 1, N) at the score prime,
+        equal to ``decrypt(ct, ntt)[0][positions]`` (tests/he/test_context.py). For a few
+        positions of a coefficient-form ciphertext (a 1:1: at most DIRECT_POSITIONS) each is
+        ``c0[i] + (c1 * s)[i] mod q0``, one negacyclic row of ``s``, without SEAL's
+        transforms of whole polynomials; for many (N^2 at every position), in NTT form, or
+        where int64 could overflow, SEAL decrypts the whole."""
         q, n = self.public.moduli[0], self.public.n
-        if not self.direct_decryption:
-            whole: np.ndarray = self.decrypt(ct, False)[0]
-            return whole[np.asarray(positions, np.int64)]
+        pos = np.asarray(positions, np.int64)
+        if ntt or pos.size > DIRECT_POSITIONS or not self.direct_decryption:
+            whole: np.ndarray = self.decrypt(ct, ntt)[0]
+            return whole[pos]
         if self._secret is None:
             unit = np.zeros((2, 1, n), np.uint64)
             unit[1, 0, 0] = 1  # decrypts to c0 + 1 * s = s
             s = self.decrypt(unit, False)[0].astype(np.int64)
             s[s > q // 2] -= q  # centred in place: one copy of s, wiped by wipe()
             self._secret = s
-        pos = np.asarray(positions, np.int64)
         j = np.arange(n)
         # (c1 * s)[i] = sum_j c1[j] s[i - j], with s[i - j + N] = -s[i - j] where j > i.
         rows = self._secret[(pos[:, None] - j) % n] * np.where(j <= pos[:, None], 1, -1)

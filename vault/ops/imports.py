@@ -202,9 +202,9 @@ def store_chunk(core: Core, gallery: CollectionGallery, chunk: list[_Pending]) -
         clusters, leftover = balanced_clusters(templates, n)
         # Every block it writes is held in memory (at most one per cluster, the mixed tail
         # and new mixed blocks), and one more is built at a time: checked before numbering.
-        block_bytes = templates.shape[1] * 2 * n * poly.residue_dtype(moduli[0]).itemsize
         most = len(clusters) + 1 + -(-len(leftover) // n) + 1
-        core.memory.require(most * block_bytes, f"an import chunk of {len(chunk)} templates")
+        core.memory.require(most * block_ops.held_bytes(templates.shape[1], params),
+                            f"an import chunk of {len(chunk)} templates")
         # (block_no, kind, block it extends or None, members, first slot)
         targets: list[tuple[int, int, Block | None, np.ndarray, int]] = [(b, CLUSTERED, None, m, 0)
                    for b, m in zip(gallery.new_block_numbers(len(clusters)), clusters)]

@@ -43,8 +43,8 @@ from vault.decider import Moves
 from vault.domain.errors import FailedPrecondition, NotFound, VaultError
 from vault.domain.records import BLOCK, FAILED, LIVE, RUNNING, CollectionKeyRow, KeyJobRow
 from vault.gallery import CollectionGallery
-from vault.he import HeParams, linear
-from vault.he.params import UINT32_PRIME_BITS
+from vault.gallery import blocks as block_ops
+from vault.he import linear
 from vault.ops.commit import BlockCommit
 from vault.ops.maintenance import checkpoint
 
@@ -70,7 +70,7 @@ def start(core: Core, collection_id: str) -> KeyJobRow:
             return resumed
         new_version = row.key_version + 1
         params = core.params  # the current layout: a rotation migrates an older one
-        core.memory.require(len(gallery.blocks) * _block_bytes(gallery, params),
+        core.memory.require(len(gallery.blocks) * block_ops.held_bytes(gallery.dimension, params),
                             "a key rotation of this collection (its new key version's blocks "
                             "are held next to the old ones until the switch)")
         public, sealed = core.decider.create_key(collection_id, new_version, params)
@@ -85,12 +85,6 @@ def start(core: Core, collection_id: str) -> KeyJobRow:
     log.info("key rotation started", collection_id=collection_id, version=new_version,
              blocks_total=job.blocks_total)
     return job
-
-
-def _block_bytes(gallery: CollectionGallery, params: HeParams) -> int:
-    """Memory one block of ``gallery`` takes under ``params`` (c0 and c1 at the score prime)."""
-    prime_bits = params.coeff_mod_bit_sizes[0]
-    return gallery.dimension * 2 * params.slots * (4 if prime_bits <= UINT32_PRIME_BITS else 8)
 
 
 def launch(core: Core, job: KeyJobRow) -> None:
@@ -155,7 +149,7 @@ def move_block(core: Core, job: KeyJobRow, old: CollectionGallery, new: Collecti
     cid = job.collection_id
     moduli = new.ctx.moduli
     # Short of memory, the job pauses (run() retries) rather than the OOM killer ending it.
-    core.memory.require(_block_bytes(new, new.params), "a key rotation's next block")
+    core.memory.require(block_ops.held_bytes(new.dimension, new.params), "a key rotation's next block")
     with old.block_lock:
         block = old.blocks.get(block_no)
         if block is None or old.retired:
