@@ -50,10 +50,14 @@ def test_each_thread_has_its_own_reader_gone_with_it_or_closed_with_the_store(
         tmp_path: Path) -> None:
     store = Store(tmp_path / "vault.db")
     ids: list[int] = []
+    # All three readers alive at once: an id is only unique among living objects, and a
+    # finished thread's reader is freed (its address may be handed to the next one).
+    all_read = threading.Barrier(3, timeout=30)
 
     def read() -> None:
         store.has_wrapped_keys()
         ids.append(id(store._local.reader))
+        all_read.wait()
 
     threads = [threading.Thread(target=read) for _ in range(3)]
     for t in threads:
