@@ -34,6 +34,46 @@ def test_available_memory_is_the_smaller_of_the_kernels_and_the_cgroups(tmp_path
     assert available_bytes(tmp_path / "none", tmp_path / "none") is None
 
 
+def test_a_limit_on_any_cgroup_above_the_process_is_seen_v2_and_v1(tmp_path: Path) -> None:
+    """A host service: its own cgroup sets no limit, its slice does (MemoryMax on a parent);
+    the smallest headroom on the way up is the one that counts."""
+    proc, cgroup = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text("MemAvailable: 20000000 kB\n")
+    kernel = 20_000_000 * 1024
+
+    def limits(directory: Path, limit: str, used: int, cache: int, v1: bool = False) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        names = (("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+                 if v1 else ("memory.max", "memory.current", "inactive_file"))
+        (directory / names[0]).write_text(limit + "\n")
+        (directory / names[1]).write_text(f"{used}\n")
+        (directory / "memory.stat").write_text(f"anon 5\n{names[2]} {cache}\n")
+
+    (proc / "self" / "cgroup").write_text("0::/vault.slice/vault.service\n")
+    limits(cgroup, "max", 0, 0)
+    limits(cgroup / "vault.slice" / "vault.service", "max", 1 << 30, 0)
+    assert available_bytes(proc, cgroup) == kernel
+    limits(cgroup / "vault.slice", str(4 << 30), 3 << 30, 256 << 20)
+    assert available_bytes(proc, cgroup) == (1 << 30) + (256 << 20)  # the slice's
+    limits(cgroup / "vault.slice" / "vault.service", str(2 << 30), 1900 << 20, 0)
+    assert available_bytes(proc, cgroup) == 148 << 20  # the service's own, smaller still
+
+    # cgroup v1 (hybrid): the memory controller's own tree, "no limit" a huge number
+    (proc / "self" / "cgroup").write_text("4:memory:/jobs/job7\n0::/\n")
+    unlimited = str((1 << 63) - 4096)
+    limits(cgroup / "memory", unlimited, 8 << 30, 0, v1=True)
+    limits(cgroup / "memory" / "jobs" / "job7", unlimited, 1 << 30, 0, v1=True)
+    assert available_bytes(proc, cgroup) == kernel
+    limits(cgroup / "memory" / "jobs", str(3 << 30), 2 << 30, 100 << 20, v1=True)
+    assert available_bytes(proc, cgroup) == (1 << 30) + (100 << 20)
+
+    # a membership path not visible here (no cgroup namespace): the mount's own limit
+    (proc / "self" / "cgroup").write_text("0::/elsewhere/not-mounted\n")
+    limits(cgroup, str(10 << 30), 9 << 30, 0)
+    assert available_bytes(proc, cgroup) == 1 << 30
+
+
 def test_the_guard_refuses_what_would_cross_the_reserve() -> None:
     free = available_bytes()
     assert free is not None  # Linux
