@@ -46,6 +46,14 @@ def test_releases_best_per_group_flooded_rounded_and_only_what_was_asked(public,
     assert decider.decide("c", 1, [part], 0.98, 5) == []
 
 
+def test_a_slot_deleted_while_it_was_scored_is_never_released(public, decider) -> None:
+    # Owner -1: deleted between the choice of slots and the decision. Its 0.99 neither
+    # comes out (as group -1, which once read as the newest subject) nor hides the next.
+    part = _score_part(public, np.array([0.99, 0.95, 0.50]), [0, 1, 2], [-1, 4, 5])
+    assert [g.group for g in decider.decide("c", 1, [part], 0.9, 3)] == [4]
+    assert [g.group for g in decider.decide("c", 1, [part], -1.0, 1)] == [4]
+
+
 def test_decisions_only_unless_scores_are_granted_and_top_k_is_capped(public, decider) -> None:
     values = np.linspace(0.5, 0.99, 40)
     part = _score_part(public, values, range(40), range(40))

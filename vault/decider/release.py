@@ -171,7 +171,8 @@ class SecretKeys:
         # decides nothing and never leaves.
         with self._lock:
             value = value + self._rng.uniform(-DECISION_NOISE, DECISION_NOISE, size=value.size)
-        keep = np.flatnonzero(value >= threshold)
+        # A slot deleted while it was scored arrives with owner -1: never released.
+        keep = np.flatnonzero((value >= threshold) & (group >= 0))
         chosen = keep[_top_groups(value[keep], group[keep], top_k)]
         released: list[float | None] = [None] * chosen.size
         if release_scores:

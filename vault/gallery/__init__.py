@@ -32,7 +32,7 @@ from vault.domain.records import BLOCK, CLUSTERED, MIXED, PAGE
 from vault.gallery import blocks as block_ops
 from vault.gallery import pages as page_ops
 from vault.gallery.blocks import Block
-from vault.gallery.pages import Page
+from vault.gallery.pages import Page, live_owners
 from vault.gallery.prefilter import Prefilter
 from vault.he import HeParams, PublicContext, poly
 
@@ -112,6 +112,9 @@ class CollectionGallery:
             return found
 
     def subject(self, group: int) -> bytes:
+        """The subject HMAC of a slot owner (a group number at or above 0)."""
+        if group < 0:  # -1 marks a slot not live; as an index it would name the newest subject
+            raise LookupError("a slot that is not live has no subject")
         with self._lock:
             return self._subjects[group]
 
@@ -234,8 +237,7 @@ class CollectionGallery:
             block, slots = item
             if cancelled is not None and cancelled():
                 return None
-            if slots is None:
-                slots = np.flatnonzero(block.groups >= 0)
+            slots, groups = live_owners(block.groups.copy(), slots)
             if slots.size == 0:
                 return None
             if at_slots:
@@ -244,7 +246,7 @@ class CollectionGallery:
             else:
                 ct = block_ops.score(block, scalars, q)
             return ScoreCiphertext(ct[0], ntt=False, positions=slots.astype(np.int64),
-                                   groups=block.groups[slots], slots=slots, tier=BLOCK,
+                                   groups=groups, slots=slots, tier=BLOCK,
                                    loc=block.block_no, low=ct[1] if len(ct) > 1 else None)
 
         # at_slots: the blocks in turn from this thread, each spread over it and the pool
@@ -265,10 +267,10 @@ class CollectionGallery:
         that own the blocks; the slot owners never leave this process."""
         assert self.shards is not None
         live = []
-        for block, slots in chosen:
-            slots = np.flatnonzero(block.groups >= 0) if slots is None else slots
+        for block, given in chosen:
+            slots, groups = live_owners(block.groups.copy(), given)
             if slots.size:
-                live.append((block, slots, block.groups[slots]))
+                live.append((block, slots, groups))
         refs = [self.shards.ref(self.collection_id, self.key_version, b) for b, _, _ in live]
         cts = self.shards.score(refs, scalars, q, cancelled)
         return [ScoreCiphertext(ct[0], ntt=False, positions=slots.astype(np.int64),

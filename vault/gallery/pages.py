@@ -78,6 +78,18 @@ def scored(ctx: PublicContext, ct: np.ndarray) -> np.ndarray:
     return ctx.ciphertext_to_ntt(linear.rescale(coeff, ctx.moduli))
 
 
+def live_owners(owners: np.ndarray, slots: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """A holder's live slots and their owners, or the given ``slots`` and their owners
+    as they are now (-1 for one deleted since: the decider never releases it; scoring it
+    anyway keeps a 1:1's cost), from one read of the owner array (pass a copy). A deletion
+    marks a slot -1 in place and a replica's refresh swaps the array: slots and owners
+    read apart could disagree, and a slot freed mid-search was once named as the newest
+    subject (group -1 read as an index)."""
+    chosen = np.flatnonzero(owners >= 0) if slots is None else slots
+    return chosen, owners[chosen]
+
+
 def score(ctx: PublicContext, pages: list[Page], scalars: np.ndarray,
           only_slots: dict[int, np.ndarray] | None = None,
           cancelled: Callable[[], bool] | None = None) -> list[ScoreCiphertext]:
@@ -91,18 +103,18 @@ def score(ctx: PublicContext, pages: list[Page], scalars: np.ndarray,
     probes = [ctx.to_ntt(poly.residues(poly.negacyclic_reverse(s, n), (q,)))[0] for s in digits]
     chosen = []
     for page in pages:
-        slots = (only_slots[page.page_no] if only_slots is not None
-                 else np.flatnonzero(page.groups >= 0))
+        slots, groups = live_owners(page.groups.copy(),
+                                    None if only_slots is None else only_slots[page.page_no])
         if slots.size:
-            chosen.append((page, slots))
+            chosen.append((page, slots, groups))
     if not chosen:
         return []
     masks = poly.uniform((len(chosen) * len(probes), n), (q,))  # (pages * digits, 1, N)
-    for k, (_, slots) in enumerate(chosen):
+    for k, (_, slots, _) in enumerate(chosen):
         masks[k * len(probes):(k + 1) * len(probes), 0, slots.astype(np.int64) * dimension] = 0
     masks = ctx.many_to_ntt(masks)
     out = []
-    for k, (page, slots) in enumerate(chosen):
+    for k, (page, slots, groups) in enumerate(chosen):
         if cancelled is not None and cancelled():
             raise Cancelled("the caller cancelled or its deadline passed")
         held = page.scored if page.scored is not None else scored(ctx, page.ct)
@@ -115,7 +127,7 @@ def score(ctx: PublicContext, pages: list[Page], scalars: np.ndarray,
             products.append(product)
         out.append(ScoreCiphertext(products[0], ntt=True,
                                    positions=slots.astype(np.int64) * dimension,
-                                   groups=page.groups[slots], slots=slots, tier=PAGE,
+                                   groups=groups, slots=slots, tier=PAGE,
                                    loc=page.page_no,
                                    low=products[1] if len(products) > 1 else None))
     return out
