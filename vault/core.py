@@ -213,6 +213,16 @@ class Core:
         """Whether every row's MAC holds, checked in one token call."""
         return self.integrity.check_all([(row.mac, row.mac_fields()) for row in rows])
 
+    def check_stored(self, collection_id: str, rows: Sequence[TemplateRow]) -> None:
+        """Before stored template rows are signed afresh (moved by a checkpoint, rotated
+        to a new key version): DATA_LOSS, the collection damaged, unless every MAC holds,
+        so that a row forged in the database is never laundered by a new MAC."""
+        if not self.verified_all(rows):
+            message = ("a stored template failed its integrity check: nothing was moved "
+                       "or signed afresh")
+            self.damage(collection_id, "template", message)
+            raise DataLoss(message)
+
     def seal_sketch(self, collection_id: str, key_version: int, block_no: int,
                     centroid: np.ndarray) -> bytes:
         """A block's pre-filter centroid, sealed under the sketch data key."""

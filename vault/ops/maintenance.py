@@ -118,7 +118,9 @@ def checkpoint(core: Core, gallery: CollectionGallery) -> int:
                 erased: list[tuple[str, int]] = []
                 moved_ids = {t.template_id: places[k] for k, (_, t) in enumerate(moving)}
                 for p in pages:
-                    for t in store.templates_in(cid, version, PAGE, p.page_no):
+                    stored = store.templates_in(cid, version, PAGE, p.page_no)
+                    core.check_stored(cid, stored)
+                    for t in stored:
                         if t.template_id in moved_ids:
                             b, slot = moved_ids[t.template_id]
                             changed.append(core.sign(replace(t, tier=BLOCK, loc=block_nos[b],

@@ -40,7 +40,7 @@ from vault import logs
 from vault.core import Core
 from vault.crypto.reencrypt import blind_reencrypt
 from vault.decider import Moves
-from vault.domain.errors import FailedPrecondition, NotFound, VaultError
+from vault.domain.errors import DataLoss, FailedPrecondition, NotFound, VaultError
 from vault.domain.records import BLOCK, FAILED, LIVE, RUNNING, CollectionKeyRow, KeyJobRow
 from vault.gallery import CollectionGallery
 from vault.gallery import blocks as block_ops
@@ -114,6 +114,8 @@ def run(core: Core, job: KeyJobRow) -> None:
                 if _advance(core, job):
                     return
             except VaultError as exc:
+                if isinstance(exc, DataLoss):
+                    raise  # damaged data does not heal by waiting: the job fails
                 log.warning("key rotation paused", collection_id=cid, error_type=type(exc).__name__)
                 core.stopping.wait(RETRY_SECONDS)
     except Exception as exc:  # noqa: BLE001 - the job must record why it stopped
@@ -181,8 +183,10 @@ def move_block(core: Core, job: KeyJobRow, old: CollectionGallery, new: Collecti
             if replaced is not None:  # an earlier move of this block (a resumed job)
                 unit.replaces(block_no, replaced.generation)
             with old.write_lock:  # deletions meanwhile are in the rows read here
+                stored = core.store.templates_in(cid, old.key_version, BLOCK, block_no)
+                core.check_stored(cid, stored)
                 rows = [core.sign(dataclasses.replace(t, key_version=new.key_version, mac=b""))
-                        for t in core.store.templates_in(cid, old.key_version, BLOCK, block_no)]
+                        for t in stored]
                 sketch = (core.seal_sketch(cid, new.key_version, block_no, centroid)
                           if centroid is not None else None)
                 done = len(new.blocks) + (0 if block_no in new.blocks else 1)
@@ -212,6 +216,15 @@ def switch(core: Core, job: KeyJobRow, old: CollectionGallery, new: CollectionGa
             if row is None:
                 raise NotFound("collection not found")
             core.release_settings(row)  # a tampered row is DATA_LOSS, never signed afresh
+            # The set moved is the set committed to: a row deleted, restored from an older
+            # copy or replayed (valid MACs each) is not carried into the new version.
+            committed = core.store.live_set_state(cid, old.key_version)
+            if committed is None or core.store.live_set_digest(cid, old.key_version) != committed[1]:
+                message = ("collection record failed its integrity check: stored templates, "
+                           "pages or blocks were deleted, restored or replayed; the key "
+                           "rotation did not switch")
+                core.damage(cid, "live_set", message)
+                raise DataLoss(message)
             current = core.sign(dataclasses.replace(
                 row, key_version=new.key_version,
                 min_key_version=max(row.min_key_version, new.key_version), mac=b""))
