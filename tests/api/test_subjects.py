@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -94,6 +96,40 @@ def test_an_enroller_cannot_attach_an_impostor_face_to_an_existing_subject(world
     audit.close()
     assert ("response", "enroll-svc", "PERMISSION_DENIED") in entries
     assert ("new_face", "admin", "OK allow_new_face") in entries
+
+
+def test_an_import_held_open_cannot_attach_a_face_to_a_subject_enrolled_meanwhile(world) -> None:
+    """An enroller opens an import with an item for a subject not yet enrolled, holds the
+    stream open while that subject is enrolled through Enroll, then closes it: the item
+    is refused (it was checked as a first enrollment, no longer true), nothing stored."""
+    server, pki, faces = world
+    enroll, gate = _stub(server, pki, "enroll-svc"), _stub(server, pki, "gate")
+    read, enrolled = threading.Event(), threading.Event()
+
+    def stream():  # type: ignore[no-untyped-def]
+        yield pb.ImportTemplatesRequest(collection_id="c", items=[
+            pb.ImportItem(subject_id="held", embedding=faces["p5"][0])])
+        read.set()  # the server has taken the item (gRPC asks for the next one)
+        enrolled.wait(60)
+
+    replies: list[pb.ImportResult] = []
+    importer = threading.Thread(target=lambda: replies.extend(
+        r for m in enroll.ImportTemplates(stream(), timeout=120) for r in m.results))
+    importer.start()
+    assert read.wait(60)
+    time.sleep(0.5)  # the item is read and buffered
+    assert _call(enroll.Enroll, pb.EnrollRequest(collection_id="c", subject_id="held",
+                                                 embedding=faces["p4"][0]))[0] == Code.OK
+    before = _count(server)
+    enrolled.set()
+    importer.join(120)
+    (reply,) = replies
+    assert reply.code == Code.PERMISSION_DENIED.value[0] and "enrolled by another call" in reply.message
+    assert _count(server) == before  # nothing stored for it
+    verify = lambda face: _call(gate.Match, pb.MatchRequest(  # noqa: E731
+        collection_id="c", subject_id="held", embedding=face))[2].matched
+    assert not verify(faces["p5"][1])  # the importer's face does not pass as the subject
+    assert verify(faces["p4"][1])
 
 
 def test_an_unknown_subject_answers_like_a_non_match_to_a_matcher(world) -> None:

@@ -88,6 +88,7 @@ class ImportSession:
         self._next_index = 0
         self._mean = core.reference_mean(self.row)
         self._new_subjects: set[bytes] = set()  # first enrolled by this stream
+        self._stored_subjects: set[bytes] = set()  # of those, the ones a chunk stored
         self.stored = 0
         self.failed = 0
 
@@ -173,14 +174,19 @@ class ImportSession:
 
     def _flush(self, count: int) -> list[ImportResult]:
         chunk, self._buffer = self._buffer[:count], self._buffer[count:]
-        ids = store_chunk(self.core, self.gallery, chunk)
-        self.stored += len(chunk)
+        ids, enrolled = store_chunk(self.core, self.gallery, chunk, self._stored_subjects)
+        refused = {p.index for p in chunk if p.subject_hmac in enrolled}
+        self._stored_subjects.update(p.subject_hmac for p in chunk if p.index not in refused)
+        self.stored += len(chunk) - len(refused)
         done = {p.index: template_id for p, template_id in zip(chunk, ids)}
         version = self.gallery.key_version
-        results = [ImportResult(p.index, done[p.index], version) for p in chunk]
+        results = [self._failed(p.index, _enrolled_meanwhile()) if p.index in refused
+                   else ImportResult(p.index, done[p.index], version) for p in chunk]
         waiting = []
         for index, first in self._followers:
-            if first.index in done:
+            if first.index in refused:
+                results.append(self._failed(index, _enrolled_meanwhile()))
+            elif first.index in done:
                 results.append(ImportResult(index, done[first.index], version, replayed=True))
             else:
                 waiting.append((index, first))
@@ -191,8 +197,18 @@ class ImportSession:
         return results
 
 
-def store_chunk(core: Core, gallery: CollectionGallery, chunk: list[_Pending]) -> list[str]:
-    """Encrypt and store one chunk; returns the template ids, in chunk order."""
+def _enrolled_meanwhile() -> PermissionDenied:
+    return PermissionDenied(
+        "subject_id was enrolled by another call while this import was under way: add "
+        "faces to it with Enroll, which checks them against its templates; nothing was "
+        "stored for this item")
+
+
+def store_chunk(core: Core, gallery: CollectionGallery, chunk: list[_Pending],
+                stored_by_caller: set[bytes]) -> tuple[list[str], set[bytes]]:
+    """Encrypt and store one chunk; returns the template ids, in chunk order, and the
+    subjects refused because another call enrolled them after the caller checked
+    (``stored_by_caller``: subjects the caller's own earlier chunks stored)."""
     cid, version = gallery.collection_id, gallery.key_version
     params, ctx = gallery.params, gallery.ctx
     n, moduli = params.slots, ctx.level_moduli(params.stored_levels)
@@ -259,12 +275,19 @@ def store_chunk(core: Core, gallery: CollectionGallery, chunk: list[_Pending]) -
                 # A request id committed meanwhile by another call: that call's answer stands;
                 # the values encrypted here for it are stored as a deleted template, erased later.
                 taken = core.store.existing_requests([p.request_hmac for p in chunk if p.request_hmac])
+                # A subject enrolled by another call since this one checked (an Enroll, a
+                # parallel import): a face added to it unchecked would pass as it. Stored
+                # as a deleted template too, and refused.
+                enrolled = core.store.enrolled_subjects(cid, sorted(
+                    {p.subject_hmac for p in chunk} - stored_by_caller))
                 for i, p in enumerate(chunk):
                     if p.request_hmac in taken:
                         rows[i] = template_row(i, False)
                         answered = core.store.template_by_request(p.request_hmac)
                         assert answered is not None  # it is in ``taken``
                         ids[i] = answered.template_id
+                    elif p.subject_hmac in enrolled:
+                        rows[i] = template_row(i, False)
                 live = [p for p, row in zip(chunk, rows) if row.state == LIVE]
                 sealed_ids = core.seal_subjects(cid, [(p.subject_hmac, p.subject_id) for p in live])
                 subjects = [(cid, p.subject_hmac, s) for p, s in zip(live, sealed_ids, strict=True)]
@@ -275,7 +298,7 @@ def store_chunk(core: Core, gallery: CollectionGallery, chunk: list[_Pending]) -
                     if row.state == LIVE:
                         gallery.set_live(BLOCK, row.loc, row.slot, gallery.group(row.subject_hmac))
     log.info("import chunk stored", collection_id=cid, count=len(chunk), blocks=len(blocks))
-    return ids
+    return ids, enrolled
 
 
 __all__ = ["ImportItem", "ImportResult", "ImportSession"]

@@ -52,6 +52,17 @@ class TemplateRecords(AttemptRecords):
                 tuple(part)))
         return found
 
+    def enrolled_subjects(self, collection_id: str, subject_hmacs: list[bytes]) -> set[bytes]:
+        """Which of these subjects have a live template in the collection."""
+        found: set[bytes] = set()
+        for start in range(0, len(subject_hmacs), 500):
+            part = subject_hmacs[start:start + 500]
+            found.update(r[0] for r in self._query(
+                "SELECT DISTINCT subject_hmac FROM templates WHERE collection_id=? AND state=? "
+                f"AND subject_hmac IN ({','.join('?' * len(part))})",
+                (collection_id, LIVE, *part)))
+        return found
+
     def subject_templates(self, collection_id: str, subject_hmac: bytes,
                           key_version: int | None = None) -> list[TemplateRow]:
         """The live template rows of a subject: of one key version, or of every version
