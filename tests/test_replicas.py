@@ -339,3 +339,48 @@ def test_replicas_started_together_on_a_new_database_share_one_set_of_keys(
         for p in procs:
             p.terminate()
             p.wait(timeout=30)
+
+
+def test_a_lockout_holds_across_replicas_under_parallel_tries(
+        postgres: PostgresServer, tmp_path: Path) -> None:
+    """One credential tries an impostor face on one subject, 8 calls at once on each of two
+    replicas: at most 5 are evaluated in all (the attempts in flight are counted in the
+    shared database, not by each replica), and the subject is then locked on both."""
+    url = postgres.create_database()
+    lockout = ["--max-failed-verifications", "5"]  # the default, which the fixture turns off
+    a = Replica(tmp_path, "a", url, tmp_path / "hsm", extra=lockout).start()
+    b = Replica(tmp_path, "b", url, tmp_path / "hsm", extra=lockout).start()
+    try:
+        primary, standby = _primary((a, b, url)), _standby((a, b, url))
+        primary.stub.CreateCollection(pb.CreateCollectionRequest(collection_id="c", dimension=DIM,
+                                                                 threshold=0.8))
+        primary.stub.Enroll(pb.EnrollRequest(collection_id="c", subject_id="target",
+                                             embedding=_capture(60, 1)))
+        _until(lambda: standby.verify("c", "target", _capture(60, 2)))  # a success counts nothing
+        start = threading.Barrier(16)
+        outcomes: list[object] = []
+
+        def attempt(replica: Replica) -> None:
+            start.wait(30)
+            try:
+                reply = replica.stub.Match(pb.MatchRequest(
+                    collection_id="c", subject_id="target", embedding=_capture(61, 1)), timeout=60)
+                outcomes.append("matched" if reply.matched else "evaluated")
+            except grpc.RpcError as err:
+                outcomes.append(err.code())
+
+        threads = [threading.Thread(target=attempt, args=(r,)) for r in (a, b) * 8]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert 1 <= outcomes.count("evaluated") <= 5, outcomes
+        assert outcomes.count("evaluated") + outcomes.count(Code.RESOURCE_EXHAUSTED) == 16, outcomes
+        for replica in (a, b):  # locked for this credential, on both, even the genuine face
+            with pytest.raises(grpc.RpcError) as err:
+                replica.stub.Match(pb.MatchRequest(collection_id="c", subject_id="target",
+                                                   embedding=_capture(60, 3)), timeout=60)
+            assert err.value.code() == Code.RESOURCE_EXHAUSTED
+    finally:
+        a.stop()
+        b.stop()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,6 +47,11 @@ class AttemptLimits:
     alert_credentials: int = 3
 
 
+# How long an attempt in flight counts on a shared store if its replica never settles it
+# (it died mid-evaluation): far above any verification's deadline.
+IN_FLIGHT_SECONDS = 120.0
+
+
 @dataclass(frozen=True)
 class Reservation:
     """One reserved attempt, to be settled with its outcome."""
@@ -53,6 +59,7 @@ class Reservation:
     collection_id: str
     subject_hmac: bytes
     credential_hmac: bytes
+    shared_id: str | None = None  # its row in a shared store's attempts in flight
 
 
 class Attempts:
@@ -67,9 +74,9 @@ class Attempts:
         self._clock = clock
         self._on_event = on_event  # (kind, collection, subject_hmac, outcome): audited
         self._lock = threading.RLock()
-        # Attempts being evaluated, per (collection, subject, credential): in memory, since
-        # one server serves a data directory (server.pid) and an evaluation whose answer
-        # never left (a crash) gives nothing away.
+        # Attempts being evaluated, per (collection, subject, credential): in memory where
+        # one server serves a data directory (server.pid; an evaluation whose answer never
+        # left, a crash, gives nothing away); in the store where replicas share it.
         self._inflight: dict[tuple[str, bytes, bytes], int] = {}
 
     def credential_index(self, collection_id: str, credential: str) -> bytes:
@@ -110,20 +117,37 @@ class Attempts:
                 raise DataLoss("the attempt records of this collection failed their integrity "
                                "check (one was deleted or restored): 1:1 verification stays "
                                "refused until an administrator unlocks a subject")
+            if self._store.shared_attempts:
+                # Other replicas evaluate attempts too: the check and the reservation in one
+                # write transaction of the shared store, which every replica's writes wait on.
+                shared_id = uuid.uuid4().hex
+                self._store.reserve_attempt(
+                    shared_id, collection_id, subject_hmac, cred, now, IN_FLIGHT_SECONDS,
+                    lambda rows, inflight: self._refuse_if_full(
+                        self._row(rows, collection_id, subject_hmac, cred, now), inflight, now))
+                return Reservation(collection_id, subject_hmac, cred, shared_id)
             row = self._row(stored, collection_id, subject_hmac, cred, now)
-            wait = row.locked_until - now
-            if wait > 0:
-                raise ResourceExhausted("too many failed verifications for this subject: "
-                                        f"locked, retry in {math.ceil(wait)} s")
-            if self._failures(row, now) + self._inflight.get(key, 0) >= self.limits.max_failures:
-                raise ResourceExhausted("too many verifications of this subject in flight "
-                                        "or failed: retry later")
+            self._refuse_if_full(row, self._inflight.get(key, 0), now)
             self._inflight[key] = self._inflight.get(key, 0) + 1
         return Reservation(collection_id, subject_hmac, cred)
+
+    def _refuse_if_full(self, row: AttemptRow, inflight: int, now: float) -> None:
+        """RESOURCE_EXHAUSTED when the pair is locked, or its recorded failures and its
+        attempts in flight reach the limit."""
+        wait = row.locked_until - now
+        if wait > 0:
+            raise ResourceExhausted("too many failed verifications for this subject: "
+                                    f"locked, retry in {math.ceil(wait)} s")
+        if self._failures(row, now) + inflight >= self.limits.max_failures:
+            raise ResourceExhausted("too many verifications of this subject in flight "
+                                    "or failed: retry later")
 
     def release(self, reservation: Reservation | None) -> None:
         """Give back an attempt whose answer never left (the call failed or was cancelled)."""
         if reservation is None:
+            return
+        if reservation.shared_id is not None:
+            self._store.release_attempt(reservation.shared_id)
             return
         key = (reservation.collection_id, reservation.subject_hmac, reservation.credential_hmac)
         with self._lock:

@@ -209,6 +209,36 @@ class AttemptRecords(LiveSetLedger):
             f"SELECT {self._ATTEMPT_COLUMNS} FROM verify_attempts "
             "WHERE collection_id=? AND subject_hmac=?", (collection_id, subject_hmac))]
 
+    @property
+    def shared_attempts(self) -> bool:
+        """Whether other replicas evaluate attempts on this store (PostgreSQL): then the
+        attempts in flight are counted in it (:meth:`reserve_attempt`), not in memory."""
+        return bool(self.engine.kind == "postgresql")
+
+    def reserve_attempt(self, reservation: str, collection_id: str, subject_hmac: bytes,
+                        credential_hmac: bytes, now: float, ttl: float,
+                        check: Callable[[list[AttemptRow], int], None]) -> None:
+        """Record one attempt in flight for the pair, in one write transaction (every
+        replica's writers hold the same lock) with ``check(subject's rows, attempts in
+        flight for the pair)``, which raises to refuse: nothing is then recorded."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM attempts_in_flight WHERE expires < ?", (now,))
+            rows = [AttemptRow(*r) for r in db.execute(
+                f"SELECT {self._ATTEMPT_COLUMNS} FROM verify_attempts "
+                "WHERE collection_id=? AND subject_hmac=?", (collection_id, subject_hmac))]
+            (inflight,) = db.execute(
+                "SELECT COUNT(*) FROM attempts_in_flight WHERE collection_id=? AND "
+                "subject_hmac=? AND credential_hmac=?",
+                (collection_id, subject_hmac, credential_hmac)).fetchone()
+            check(rows, int(inflight))
+            db.execute("INSERT INTO attempts_in_flight VALUES (?,?,?,?,?)",
+                       (reservation, collection_id, subject_hmac, credential_hmac, now + ttl))
+
+    def release_attempt(self, reservation: str) -> None:
+        """Forget an attempt in flight (settled, or its answer never left)."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM attempts_in_flight WHERE reservation=?", (reservation,))
+
     def update_attempts(self, collection_id: str, subject_hmac: bytes,
                         change: Callable[[list[AttemptRow]], AttemptRow | None]) -> None:
         """Read a subject's attempt rows and write the row ``change`` returns, in one

@@ -54,6 +54,13 @@ _REPLICATION = (
     # The write lease (vault.storage.lease): who may change gallery state, and its term.
     ("CREATE TABLE IF NOT EXISTS write_lease (name TEXT PRIMARY KEY, holder TEXT NOT NULL, "
      "term BIGINT NOT NULL, expires_at TIMESTAMPTZ NOT NULL)"),
+    # 1:1 attempts being evaluated, by every replica (vault.attempts): counted against the
+    # lockout with the recorded failures. ``expires``: a replica that died mid-evaluation.
+    ("CREATE TABLE IF NOT EXISTS attempts_in_flight (reservation TEXT PRIMARY KEY, "
+     "collection_id TEXT NOT NULL, subject_hmac BYTEA NOT NULL, credential_hmac BYTEA NOT "
+     "NULL, expires DOUBLE PRECISION NOT NULL)"),
+    ("CREATE INDEX IF NOT EXISTS attempts_in_flight_by_pair ON attempts_in_flight "
+     "(collection_id, subject_hmac, credential_hmac)"),
 )
 # The advisory lock a starting vault holds while it makes or reads its keys ("start").
 START_LOCK = 0x7374617274
