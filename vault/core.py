@@ -213,16 +213,6 @@ class Core:
         """Whether every row's MAC holds, checked in one token call."""
         return self.integrity.check_all([(row.mac, row.mac_fields()) for row in rows])
 
-    def check_stored(self, collection_id: str, rows: Sequence[TemplateRow]) -> None:
-        """Before stored template rows are signed afresh (moved by a checkpoint, rotated
-        to a new key version): DATA_LOSS, the collection damaged, unless every MAC holds,
-        so that a row forged in the database is never laundered by a new MAC."""
-        if not self.verified_all(rows):
-            message = ("a stored template failed its integrity check: nothing was moved "
-                       "or signed afresh")
-            self.damage(collection_id, "template", message)
-            raise DataLoss(message)
-
     def seal_sketch(self, collection_id: str, key_version: int, block_no: int,
                     centroid: np.ndarray) -> bytes:
         """A block's pre-filter centroid, sealed under the sketch data key."""
@@ -336,6 +326,7 @@ class Core:
             raise FailedPrecondition("collection key version is below its minimum")
         if not damaged_ok:  # threshold, policy, reference mean: as signed, on every path
             self.release_settings(row)
+            check_revision(self, row, gallery)
         return row, gallery
 
     def _row_and_gallery(self, collection_id: str) -> tuple[CollectionRow | None,
@@ -413,3 +404,21 @@ class Core:
         return self.sign(BlockRow(gallery.collection_id, gallery.key_version, block.block_no,
                                   block.kind, block.generation, block.levels, block.fill, digest,
                                   sketch, b""))
+
+
+def check_revision(core: Core, row: CollectionRow, gallery: CollectionGallery | None) -> None:
+    """DATA_LOSS when a collection row older than one this gallery has served is what
+    the store holds: a valid copy of the row put back (a lowered threshold, a purpose
+    requirement dropped, an older minimum key version). A row read just before an
+    update committed is older too, but the store then holds the newer one."""
+    if gallery is None:
+        return
+    if row.revision >= gallery.row_revision:
+        gallery.row_revision = row.revision
+        return
+    stored = core.store.collection(row.collection_id)
+    if stored is None or stored.revision < gallery.row_revision:
+        message = ("collection record failed its integrity check: an older copy of it "
+                   "was put back")
+        core.damage(row.collection_id, "collection_replayed", message)
+        raise DataLoss(message)

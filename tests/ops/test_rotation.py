@@ -293,3 +293,40 @@ def test_a_paused_rotation_stays_one_job_in_one_thread(
         assert not threads[0].is_alive() and not vault.job_threads
     finally:
         vault.close()
+
+
+def test_a_failed_rotation_resumes_after_the_minimum_was_raised_to_its_target(
+        data: Path, hsm_config: HsmConfig, monkeypatch) -> None:
+    """The minimum raised to the rotation's target stops the collection until the switch;
+    if the job then fails (here: one block move raises, as a lost decider would), the
+    rotation that lifts the stop must still resume, or the collection is stuck for good."""
+    from vault.ops import rotation
+
+    real, failures = rotation.move_block, [RuntimeError("the decider went away")]
+
+    def fails_once(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if failures:
+            raise failures.pop()
+        return real(*args, **kwargs)
+
+    vault = _open(data, hsm_config)
+    try:
+        single, bulk = _populate(vault, 2 * N)
+        gallery = vault.galleries()[0]
+        with gallery.block_lock:  # the job cannot move a block while this is held
+            monkeypatch.setattr(rotation, "move_block", fails_once)
+            job = vault.rotate_collection_key("c")
+            vault.set_min_key_version("c", 2)
+        deadline = time.monotonic() + 60
+        while vault.key_job(job.job_id).state == "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert vault.key_job(job.job_id).state == "failed"
+        with pytest.raises(FailedPrecondition, match="below its minimum"):
+            vault.verify("c", "s1", single[1].tolist())
+        assert vault.rotate_collection_key("c").job_id == job.job_id  # resumed, not refused
+        _wait(vault, job.job_id)
+        assert vault.verify("c", "b3", bulk[3].tolist()).matched
+        assert vault.verify("c", "s1", single[1].tolist()).matched
+    finally:
+        vault.close()

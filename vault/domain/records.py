@@ -39,11 +39,16 @@ class CollectionRow:
     reference_mean: bytes | None = None
     # Release settings (vault.service.CollectionPolicy as JSON; '' = defaults), under the MAC.
     policy: str = ""
+    # One more at every write of the row, so that an older copy put back is told from the
+    # current one (vault.core.Core.current; a leaf of the live set from revision 1 on).
+    # 0: a row written before revisions, whose MAC does not cover one.
+    revision: int = 0
 
     def mac_fields(self) -> tuple[str, *tuple[Field, ...]]:
         """What this row's MAC (keyed in the HSM) covers: every field but the MAC."""
-        return ("collection", self.collection_id, self.dimension, float(self.threshold).hex(),
-                self.key_version, self.min_key_version, self.reference_mean, self.policy)
+        fields = ("collection", self.collection_id, self.dimension, float(self.threshold).hex(),
+                  self.key_version, self.min_key_version, self.reference_mean, self.policy)
+        return (*fields, self.revision) if self.revision else fields
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,8 @@ class CollectionGallery:
         # Set when a key rotation has replaced this key version: writers that acquire its
         # locks afterwards must start again on the collection's new gallery.
         self.retired = False
+        # The highest collection row revision served with this gallery (vault.core).
+        self.row_revision = 0
         # Set at load when a block or page failed its checks: 1:N answers DATA_LOSS.
         self.damaged = False
 

@@ -99,6 +99,11 @@ class LiveSet:
         """The leaf of one journal page (tier 0) or block (tier 1) row."""
         return self._leaf("live-holder", collection_id, key_version, tier, loc, generation, mac)
 
+    def collection_row(self, collection_id: str, key_version: int, revision: int,
+                       mac: bytes) -> int:
+        """The leaf of a collection's row in the live set of its current key version."""
+        return self._leaf("collection-row", collection_id, key_version, revision, mac)
+
     def attempt(self, collection_id: str, subject_hmac: bytes, credential_hmac: bytes,
                 mac: bytes) -> int:
         """The leaf of one attempt-limit row (a collection's attempt set: key version -1)."""

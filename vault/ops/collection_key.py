@@ -6,7 +6,7 @@ import dataclasses
 import re
 
 from vault import logs
-from vault.core import Core
+from vault.core import Core, check_revision
 from vault.domain.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -73,7 +73,12 @@ def set_min_key_version(core: Core, collection_id: str, min_key_version: int) ->
         if stored is None:
             raise NotFound("collection not found")
         core.release_settings(stored)  # a tampered row is DATA_LOSS, never signed afresh
-        updated = core.sign(dataclasses.replace(stored, min_key_version=min_key_version, mac=b""))
+        gallery = core.current_galleries.get(collection_id)
+        check_revision(core, stored, gallery)  # and so is an older copy put back
+        updated = core.sign(dataclasses.replace(stored, min_key_version=min_key_version,
+                                                revision=stored.revision + 1, mac=b""))
         core.store.update_collection(updated)
+        if gallery is not None:
+            gallery.row_revision = max(gallery.row_revision, updated.revision)
     log.info("minimum key version set", collection_id=collection_id, version=min_key_version)
     return updated

@@ -56,7 +56,7 @@ def create_collection(core: Core, collection_id: str, dimension: int, threshold:
         params_json = core.params.to_json()
         policy = CollectionPolicy(require_purpose=bool(require_purpose))
         row = core.sign(CollectionRow(collection_id, dimension, threshold, 1, 1, b"",
-                                      mean_bytes, policy.to_json()))
+                                      mean_bytes, policy.to_json(), revision=1))
         gallery = CollectionGallery(collection_id, 1, dimension, core.params, public,
                                     core.tuning.routing, core.shards)
         try:
@@ -108,7 +108,8 @@ def update_collection(core: Core, collection_id: str, threshold: float | None = 
             policy = dataclasses.replace(policy, require_purpose=bool(require_purpose))
         updated = core.sign(dataclasses.replace(
             row, threshold=row.threshold if threshold is None else threshold,
-            policy=policy.to_json(), mac=b""))
+            policy=policy.to_json(), revision=row.revision + 1, mac=b""))
         core.store.update_collection(updated)
+        gallery.row_revision = max(gallery.row_revision, updated.revision)
     log.info("collection updated", collection_id=collection_id)
     return get_collection(core, collection_id)

@@ -20,7 +20,8 @@ import numpy as np
 
 from vault import logs
 from vault.core import Core
-from vault.domain.errors import VaultError
+from vault.domain.errors import DataLoss, VaultError
+from vault.domain.records import TemplateRow
 from vault.gallery import CollectionGallery
 from vault.gallery.blocks import Block
 from vault.storage.errors import CommitUnknown
@@ -75,3 +76,14 @@ class BlockCommit:
                     self._core.files.remove(path, erase=True)
                 except VaultError:  # the medium is out: the start-up sweep removes it
                     log.warning("a block generation no row names was left for the sweep")
+
+
+def check_stored(core: Core, collection_id: str, rows: Sequence[TemplateRow]) -> None:
+    """Before stored template rows are signed afresh (moved by a checkpoint, rotated
+    to a new key version): DATA_LOSS, the collection damaged, unless every MAC holds,
+    so that a row forged in the database is never laundered by a new MAC."""
+    if not core.verified_all(rows):
+        message = ("a stored template failed its integrity check: nothing was moved "
+                   "or signed afresh")
+        core.damage(collection_id, "template", message)
+        raise DataLoss(message)

@@ -38,7 +38,7 @@ from vault.domain.records import BLOCK, DELETED, LIVE, MIXED, PAGE, TemplateRow
 from vault.gallery import CollectionGallery
 from vault.gallery import pages as page_ops
 from vault.he import poly
-from vault.ops.commit import BlockCommit
+from vault.ops.commit import BlockCommit, check_stored
 
 log = logs.get("vault.maintenance")
 
@@ -119,7 +119,7 @@ def checkpoint(core: Core, gallery: CollectionGallery) -> int:
                 moved_ids = {t.template_id: places[k] for k, (_, t) in enumerate(moving)}
                 for p in pages:
                     stored = store.templates_in(cid, version, PAGE, p.page_no)
-                    core.check_stored(cid, stored)
+                    check_stored(core, cid, stored)
                     for t in stored:
                         if t.template_id in moved_ids:
                             b, slot = moved_ids[t.template_id]

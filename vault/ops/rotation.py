@@ -37,15 +37,23 @@ import uuid
 import numpy as np
 
 from vault import logs
-from vault.core import Core
+from vault.core import Core, check_revision
 from vault.crypto.reencrypt import blind_reencrypt
 from vault.decider import Moves
 from vault.domain.errors import DataLoss, FailedPrecondition, NotFound, VaultError
-from vault.domain.records import BLOCK, FAILED, LIVE, RUNNING, CollectionKeyRow, KeyJobRow
+from vault.domain.records import (
+    BLOCK,
+    FAILED,
+    LIVE,
+    RUNNING,
+    CollectionKeyRow,
+    CollectionRow,
+    KeyJobRow,
+)
 from vault.gallery import CollectionGallery
 from vault.gallery import blocks as block_ops
 from vault.he import linear
-from vault.ops.commit import BlockCommit
+from vault.ops.commit import BlockCommit, check_stored
 from vault.ops.maintenance import checkpoint
 
 log = logs.get("vault.rotation")
@@ -58,9 +66,16 @@ def start(core: Core, collection_id: str) -> KeyJobRow:
     """Create the next key version of a collection and start moving templates to it.
 
     A failed job for the collection is resumed rather than started again."""
-    row, gallery = core.current(collection_id)
+    try:
+        current: tuple[CollectionRow, CollectionGallery] | None = core.current(collection_id)
+    except FailedPrecondition:
+        # Below its minimum key version (raised to this job's target while it ran): the
+        # collection serves nothing until the job switches, so a failed one may resume.
+        current = None
     with core.jobs_lock:
         job = core.store.unfinished_job(collection_id)
+        if current is None and job is None:
+            current = core.current(collection_id)  # refused, as it was
         if job is not None:
             if job.state == RUNNING and job.job_id in core.job_threads:
                 raise FailedPrecondition("a key rotation is already running for this collection")
@@ -68,6 +83,8 @@ def start(core: Core, collection_id: str) -> KeyJobRow:
             core.store.finish_job(job.job_id, RUNNING)
             launch(core, resumed)
             return resumed
+        assert current is not None
+        row, gallery = current
         new_version = row.key_version + 1
         params = core.params  # the current layout: a rotation migrates an older one
         core.memory.require(len(gallery.blocks) * block_ops.held_bytes(gallery.dimension, params),
@@ -184,7 +201,7 @@ def move_block(core: Core, job: KeyJobRow, old: CollectionGallery, new: Collecti
                 unit.replaces(block_no, replaced.generation)
             with old.write_lock:  # deletions meanwhile are in the rows read here
                 stored = core.store.templates_in(cid, old.key_version, BLOCK, block_no)
-                core.check_stored(cid, stored)
+                check_stored(core, cid, stored)
                 rows = [core.sign(dataclasses.replace(t, key_version=new.key_version, mac=b""))
                         for t in stored]
                 sketch = (core.seal_sketch(cid, new.key_version, block_no, centroid)
@@ -216,6 +233,7 @@ def switch(core: Core, job: KeyJobRow, old: CollectionGallery, new: CollectionGa
             if row is None:
                 raise NotFound("collection not found")
             core.release_settings(row)  # a tampered row is DATA_LOSS, never signed afresh
+            check_revision(core, row, old)  # and so is an older copy put back
             # The set moved is the set committed to: a row deleted, restored from an older
             # copy or replayed (valid MACs each) is not carried into the new version.
             committed = core.store.live_set_state(cid, old.key_version)
@@ -227,9 +245,11 @@ def switch(core: Core, job: KeyJobRow, old: CollectionGallery, new: CollectionGa
                 raise DataLoss(message)
             current = core.sign(dataclasses.replace(
                 row, key_version=new.key_version,
-                min_key_version=max(row.min_key_version, new.key_version), mac=b""))
+                min_key_version=max(row.min_key_version, new.key_version),
+                revision=row.revision + 1, mac=b""))
             with core.switch_lock:
                 core.store.switch_key_version(current, old.key_version, job.job_id)
+                new.row_revision = current.revision
                 old.retired = True
                 core.install_current(cid, new)
         for block in old.blocks.values():

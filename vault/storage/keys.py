@@ -41,7 +41,7 @@ class KeyRecords(LiveSetLedger):
         self._touch(collection_id, 0, COLLECTION_CHANGE, 0)
 
     _COLLECTION_COLUMNS = ("collection_id, dimension, threshold, key_version, min_key_version, mac, "
-                           "reference_mean, policy")
+                           "reference_mean, policy, revision")
 
     def collection(self, collection_id: str) -> CollectionRow | None:
         """A collection row as stored (its MAC is checked by the caller)."""
@@ -76,10 +76,12 @@ class KeyRecords(LiveSetLedger):
         """A new collection with its first key version, in one transaction."""
         with self.transaction() as db:
             db.execute("INSERT INTO collections(collection_id, dimension, threshold, key_version, "
-                       "min_key_version, mac, reference_mean, policy) VALUES (?,?,?,?,?,?,?,?)",
+                       "min_key_version, mac, reference_mean, policy, revision) "
+                       "VALUES (?,?,?,?,?,?,?,?,?)",
                        (row.collection_id, row.dimension, row.threshold, row.key_version,
-                        row.min_key_version, row.mac, row.reference_mean, row.policy))
+                        row.min_key_version, row.mac, row.reference_mean, row.policy, row.revision))
             self._put_collection_key(db, key)
+            self._add_collection_row(row.collection_id, row.key_version, row.revision, row.mac)
             self._new_state(db, row.collection_id, ATTEMPT_SET)
             self._collection_changed(row.collection_id)
 
@@ -155,8 +157,11 @@ class KeyRecords(LiveSetLedger):
         MAC); every row of the old version goes; the job is done."""
         cid = row.collection_id
         with self.transaction() as db:
-            db.execute("UPDATE collections SET key_version=?, min_key_version=?, mac=? "
-                       "WHERE collection_id=?", (row.key_version, row.min_key_version, row.mac, cid))
+            # The old version's commitment goes below, the row's leaf with it.
+            db.execute("UPDATE collections SET key_version=?, min_key_version=?, mac=?, revision=? "
+                       "WHERE collection_id=?",
+                       (row.key_version, row.min_key_version, row.mac, row.revision, cid))
+            self._add_collection_row(cid, row.key_version, row.revision, row.mac)
             for table in ("templates", "blocks", "pages", "collection_keys", "collection_state"):
                 db.execute(f"DELETE FROM {table} WHERE collection_id=? AND key_version=?",
                            (cid, old_version))
@@ -178,10 +183,12 @@ class KeyRecords(LiveSetLedger):
     def update_collection(self, row: CollectionRow) -> None:
         """Replace a collection row (already MACed by the caller)."""
         with self.transaction() as db:
+            self._forget_collection_row(db, row.collection_id)
             db.execute("UPDATE collections SET threshold=?, key_version=?, min_key_version=?, mac=?, "
-                       "policy=? WHERE collection_id=?",
+                       "policy=?, revision=? WHERE collection_id=?",
                        (row.threshold, row.key_version, row.min_key_version, row.mac, row.policy,
-                        row.collection_id))
+                        row.revision, row.collection_id))
+            self._add_collection_row(row.collection_id, row.key_version, row.revision, row.mac)
             self._collection_changed(row.collection_id)
 
     # -- wrapped blobs (master key rotation) ----------------------------------------------

@@ -70,6 +70,25 @@ class LiveSetLedger(Connection):
         if found is not None:
             self._change(cid, version, -self._holder_leaf(cid, version, tier, loc, *found))
 
+    def _collection_leaf(self, collection_id: str, key_version: int, revision: int,
+                         mac: bytes) -> int:
+        """A collection row's leaf in its key version's set (none before revisions)."""
+        assert self.live_set is not None
+        return self.live_set.collection_row(collection_id, key_version, revision, mac) if revision else 0
+
+    def _forget_collection_row(self, db: Any, collection_id: str) -> None:
+        """Take the stored collection row out of its commitment (before it is replaced)."""
+        found = db.execute("SELECT key_version, revision, mac FROM collections WHERE "
+                           "collection_id=?", (collection_id,)).fetchone()
+        if found is not None and found[1]:
+            self._change(collection_id, found[0], -self._collection_leaf(collection_id, *found))
+
+    def _add_collection_row(self, collection_id: str, key_version: int, revision: int,
+                            mac: bytes) -> None:
+        if revision:
+            self._change(collection_id, key_version,
+                         self._collection_leaf(collection_id, key_version, revision, mac))
+
     def _new_state(self, db: Any, collection_id: str, key_version: int) -> None:
         assert self.live_set is not None
         digest = bytes(32)
@@ -133,6 +152,10 @@ class LiveSetLedger(Connection):
                          for loc, generation, mac in self._query(
                              f"SELECT {column}, generation, mac FROM {table} WHERE collection_id=? "
                              "AND key_version=?", args))
+        total += sum(self._collection_leaf(collection_id, key_version, revision, mac)
+                     for revision, mac in self._query(
+                         "SELECT revision, mac FROM collections WHERE collection_id=? AND "
+                         "key_version=?", args))
         return LiveSet.add(bytes(32), total)
 
     def subjects_missing(self, collection_id: str, key_version: int) -> int:

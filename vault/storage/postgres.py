@@ -38,7 +38,10 @@ from vault.storage.errors import CommitUnknown
 
 SCHEMA_VERSION = sqlite.SCHEMA_VERSION
 # _MIGRATIONS[v]: the statements that take a PostgreSQL database from version v to v + 1.
-_MIGRATIONS: dict[int, tuple[str, ...]] = {4: (sqlite.UNERASED_INDEX,)}
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    4: (sqlite.UNERASED_INDEX,),
+    5: (sqlite.REVISION_COLUMN.replace("INTEGER", "BIGINT"),),
+}
 log = logs.get("vault.storage")
 
 # The advisory lock every write transaction holds ("vault" in ASCII).

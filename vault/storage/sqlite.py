@@ -15,7 +15,7 @@ from vault.domain.records import DELETED
 # The schema's version, kept in SQLite's header (PRAGMA user_version). A database at an
 # older version is brought up to it by _MIGRATIONS, in the transaction that opens it;
 # a newer one is refused (this vault would not know what the new columns mean).
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 # Tombstones whose values are still in a ciphertext (DELETED, not yet erased):
 # the maintenance pass and the metrics look them up every few seconds, and without this
 # index each look scanned every row of the collection (0.6 s at a million, on a core).
@@ -24,7 +24,9 @@ SCHEMA_VERSION = 5
 UNERASED_INDEX = ("CREATE INDEX IF NOT EXISTS templates_unerased ON templates "
                   f"(collection_id, key_version, tier, loc) WHERE state = {DELETED:d} AND erased = 0")
 # _MIGRATIONS[v]: the statements that take a database from version v to v + 1.
-_MIGRATIONS: dict[int, tuple[str, ...]] = {4: (UNERASED_INDEX,)}
+# 5 -> 6: a collection row's revision (vault.domain.records.CollectionRow).
+REVISION_COLUMN = "ALTER TABLE collections ADD COLUMN revision INTEGER NOT NULL DEFAULT 0"
+_MIGRATIONS: dict[int, tuple[str, ...]] = {4: (UNERASED_INDEX,), 5: (REVISION_COLUMN,)}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -45,7 +47,8 @@ CREATE TABLE IF NOT EXISTS collections (
   min_key_version INTEGER NOT NULL,
   mac BLOB NOT NULL,
   reference_mean BLOB,
-  policy TEXT NOT NULL DEFAULT ''
+  policy TEXT NOT NULL DEFAULT '',
+  revision INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS collection_keys (
   collection_id TEXT NOT NULL,
