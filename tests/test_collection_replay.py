@@ -49,6 +49,15 @@ def _put_back(data: Path, row: dict[str, object]) -> None:
         db.close()
 
 
+def _alice_enrolled(channel: grpc.Channel, face: list[float], threshold: float):  # type: ignore[no-untyped-def]
+    """A stub, collection "c" created with ``threshold`` and "alice" enrolled in it."""
+    stub = vault_pb2_grpc.TemplateVaultStub(channel)
+    stub.CreateCollection(pb.CreateCollectionRequest(collection_id="c", dimension=128,
+                                                     threshold=threshold))
+    stub.Enroll(pb.EnrollRequest(collection_id="c", subject_id="alice", embedding=face))
+    return stub
+
+
 def _code(call) -> Code:  # type: ignore[no-untyped-def]
     try:
         call()
@@ -62,10 +71,7 @@ def test_an_older_copy_of_the_collection_row_is_refused_running_and_after_a_rest
     face = lfw["emb"][0].tolist()
     data = tmp_path / "data"
     with ServerProcess(data, env=ENV) as server, server.channel() as channel:
-        stub = vault_pb2_grpc.TemplateVaultStub(channel)
-        stub.CreateCollection(pb.CreateCollectionRequest(collection_id="c", dimension=128,
-                                                         threshold=0.5))
-        stub.Enroll(pb.EnrollRequest(collection_id="c", subject_id="alice", embedding=face))
+        stub = _alice_enrolled(channel, face, threshold=0.5)
         search = lambda: stub.Match(pb.MatchRequest(collection_id="c", embedding=face))  # noqa: E731
         verify = lambda: stub.Match(pb.MatchRequest(  # noqa: E731
             collection_id="c", subject_id="alice", embedding=face))
@@ -92,10 +98,7 @@ def test_matches_during_updates_are_never_taken_for_a_replay(tmp_path: Path, lfw
     face = lfw["emb"][0].tolist()
     data = tmp_path / "data"
     with ServerProcess(data, env=ENV) as server, server.channel() as channel:
-        stub = vault_pb2_grpc.TemplateVaultStub(channel)
-        stub.CreateCollection(pb.CreateCollectionRequest(collection_id="c", dimension=128,
-                                                         threshold=0.6))
-        stub.Enroll(pb.EnrollRequest(collection_id="c", subject_id="alice", embedding=face))
+        stub = _alice_enrolled(channel, face, threshold=0.6)
         stop, codes = threading.Event(), []
 
         def hammer() -> None:

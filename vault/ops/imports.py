@@ -107,6 +107,10 @@ class ImportSession:
             except VaultError as exc:
                 results.append(self._failed(index, exc))
         if valid:
+            # Held until their chunk is stored: a stream buffers up to a chunk, and several
+            # streams at once could take a full node past its reserve before any chunk.
+            self.core.memory.require(len(valid) * self.row.dimension * 16,
+                                     f"an import's next {len(valid)} items")
             protected = self.core.decider.transform(self.collection_id, self.row.key_version,
                                                     self.row.dimension,
                                                     np.stack([x for _, _, x in valid]))
