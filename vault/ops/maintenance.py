@@ -117,10 +117,11 @@ def checkpoint(core: Core, gallery: CollectionGallery) -> int:
                 changed: list[TemplateRow] = []
                 erased: list[tuple[str, int]] = []
                 moved_ids = {t.template_id: places[k] for k, (_, t) in enumerate(moving)}
+                stored = {p.page_no: store.templates_in(cid, version, PAGE, p.page_no)
+                          for p in pages}
+                check_stored(core, cid, [t for rows in stored.values() for t in rows])
                 for p in pages:
-                    stored = store.templates_in(cid, version, PAGE, p.page_no)
-                    check_stored(core, cid, stored)
-                    for t in stored:
+                    for t in stored[p.page_no]:
                         if t.template_id in moved_ids:
                             b, slot = moved_ids[t.template_id]
                             changed.append(core.sign(replace(t, tier=BLOCK, loc=block_nos[b],

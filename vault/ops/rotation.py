@@ -36,7 +36,7 @@ import uuid
 
 import numpy as np
 
-from vault import logs
+from vault import loading, logs
 from vault.core import Core, check_revision
 from vault.crypto.reencrypt import blind_reencrypt
 from vault.decider import Moves
@@ -234,15 +234,11 @@ def switch(core: Core, job: KeyJobRow, old: CollectionGallery, new: CollectionGa
                 raise NotFound("collection not found")
             core.release_settings(row)  # a tampered row is DATA_LOSS, never signed afresh
             check_revision(core, row, old)  # and so is an older copy put back
-            # The set moved is the set committed to: a row deleted, restored from an older
-            # copy or replayed (valid MACs each) is not carried into the new version.
-            committed = core.store.live_set_state(cid, old.key_version)
-            if committed is None or core.store.live_set_digest(cid, old.key_version) != committed[1]:
-                message = ("collection record failed its integrity check: stored templates, "
-                           "pages or blocks were deleted, restored or replayed; the key "
-                           "rotation did not switch")
-                core.damage(cid, "live_set", message)
-                raise DataLoss(message)
+            # The set moved is the set committed to, as at load: a row deleted, restored
+            # from an older copy or replayed (valid MACs each) is not carried forward.
+            loading.check_live_set(core, cid, old.key_version)
+            if cid in core.damage_reasons:
+                raise DataLoss(core.damage_reasons[cid])
             current = core.sign(dataclasses.replace(
                 row, key_version=new.key_version,
                 min_key_version=max(row.min_key_version, new.key_version),

@@ -110,8 +110,7 @@ class AttemptRecords(LiveSetLedger):
         leaves out of the collection's attempt set; returns the change of its digest (None:
         no row deleted)."""
         rows = [AttemptRow(*r) for r in db.execute(
-            f"SELECT {self._ATTEMPT_COLUMNS} FROM verify_attempts "
-            "WHERE collection_id=? AND subject_hmac=?", (collection_id, subject_hmac))]
+            self._SUBJECT_ROWS, (collection_id, subject_hmac))]
         if only is not None:
             rows = [r for r in rows if r.credential_hmac == only.credential_hmac
                     and r.mac == only.mac]
@@ -203,11 +202,11 @@ class AttemptRecords(LiveSetLedger):
     _ATTEMPT_COLUMNS = ("collection_id, subject_hmac, credential_hmac, failures, since, "
                         "locked_until, mac")
     _SET_ROWS = f"SELECT {_ATTEMPT_COLUMNS} FROM verify_attempts WHERE collection_id=?"
+    _SUBJECT_ROWS = _SET_ROWS + " AND subject_hmac=?"
 
     def attempt_rows(self, collection_id: str, subject_hmac: bytes) -> list[AttemptRow]:
         return [AttemptRow(*r) for r in self._query(
-            f"SELECT {self._ATTEMPT_COLUMNS} FROM verify_attempts "
-            "WHERE collection_id=? AND subject_hmac=?", (collection_id, subject_hmac))]
+            self._SUBJECT_ROWS, (collection_id, subject_hmac))]
 
     @property
     def shared_attempts(self) -> bool:
@@ -224,8 +223,7 @@ class AttemptRecords(LiveSetLedger):
         with self.transaction() as db:
             db.execute("DELETE FROM attempts_in_flight WHERE expires < ?", (now,))
             rows = [AttemptRow(*r) for r in db.execute(
-                f"SELECT {self._ATTEMPT_COLUMNS} FROM verify_attempts "
-                "WHERE collection_id=? AND subject_hmac=?", (collection_id, subject_hmac))]
+                self._SUBJECT_ROWS, (collection_id, subject_hmac))]
             (inflight,) = db.execute(
                 "SELECT COUNT(*) FROM attempts_in_flight WHERE collection_id=? AND "
                 "subject_hmac=? AND credential_hmac=?",
@@ -246,8 +244,7 @@ class AttemptRecords(LiveSetLedger):
         with self.transaction() as db:
             before = self._attempt_state(db, collection_id)
             rows = [AttemptRow(*r) for r in db.execute(
-                f"SELECT {self._ATTEMPT_COLUMNS} FROM verify_attempts "
-                "WHERE collection_id=? AND subject_hmac=?", (collection_id, subject_hmac))]
+                self._SUBJECT_ROWS, (collection_id, subject_hmac))]
             row = change(rows)
             if row is None:
                 return
